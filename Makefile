@@ -1,0 +1,38 @@
+# mlamoe: `make compile TARGET=ascend|ort-cpu|ort-cuda [MODEL=small|<checkpoint dir>] [OUT=dist/...]`
+#         `make test` (the fast suite CI runs), `make test-slow`, `make bench`.
+# Each target sets up .venv with the pinned dependencies (constraints.txt) by itself.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TARGET ?= ascend
+MODEL  ?= small
+QUANT  ?=
+SOC    ?= Ascend910B3
+OUT    ?= dist/$(notdir $(MODEL))-$(TARGET)
+EXTRA  ?=
+
+.PHONY: venv test test-slow compile bench clean
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+compile: $(STAMP)
+	$(BIN)/mlamoe compile --model $(MODEL) --target $(TARGET) --out $(OUT) --force \
+		$(if $(QUANT),--quant $(QUANT)) $(if $(filter ascend,$(TARGET)),--soc $(SOC)) $(EXTRA)
+
+bench: $(STAMP)
+	$(BIN)/mlamoe bench --model $(MODEL) --target ort-cpu
+
+clean:
+	rm -rf dist .pytest_cache

@@ -1,0 +1,42 @@
+"""DeepSeek-V2/V3 reference models in PyTorch and their Hugging Face checkpoint I/O.
+
+Public API:
+    models.load(path_or_preset, seed=0, attention="naive") -> eval-mode DeepseekForCausalLM
+    models.save(model, dir, fp8=False, max_shard_bytes=None) -> Path
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .checkpoint import CheckpointSource, load_checkpoint, save_checkpoint
+from .config import DeepseekConfig
+from .decoder import DeepseekForCausalLM
+from .errors import CheckpointError, ConfigError, MlamoeError
+from .generation import greedy_generate
+from .presets import CONFIG_ONLY, PRESETS, build_preset, preset_config
+
+__all__ = ["load", "save", "load_config", "DeepseekConfig", "DeepseekForCausalLM", "greedy_generate",
+           "PRESETS", "CONFIG_ONLY", "MlamoeError", "ConfigError", "CheckpointError", "CheckpointSource"]
+
+
+def load(path_or_preset: str | os.PathLike, seed: int = 0, attention: str = "naive") -> DeepseekForCausalLM:
+    """A preset name or a Hugging Face checkpoint folder -> eval-mode model (fp32)."""
+    p = Path(path_or_preset)
+    if p.is_dir() or os.sep in str(path_or_preset) or (p.exists()):
+        return load_checkpoint(p, attention)
+    return build_preset(str(path_or_preset), seed, attention)
+
+
+def load_config(path_or_preset: str | os.PathLike) -> DeepseekConfig:
+    """Config alone (works for the config-only presets and never reads weights)."""
+    p = Path(path_or_preset)
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise CheckpointError(f"{p}: no config.json; a Hugging Face checkpoint folder needs config.json")
+        return DeepseekConfig.from_json(p / "config.json")
+    return preset_config(str(path_or_preset))
+
+
+def save(model: DeepseekForCausalLM, path: str | os.PathLike, **kw) -> Path:
+    return save_checkpoint(model, path, **kw)

@@ -1,0 +1,286 @@
+"""Hugging Face checkpoint I/O: config.json + safetensors (one file or shards with an index).
+
+- Never unpickles: a folder holding only .bin/.pt/.pth/.ckpt/.pkl weights is refused.
+- Loads tensor by tensor into preallocated parameters, so at most one extra tensor is in memory.
+- FP8 (DeepSeek-V3/R1): `W.weight` in float8_e4m3fn plus `W.weight_scale_inv` [ceil(out/128),
+  ceil(in/128)] fp32; dequantized = fp8 * scale_inv per 128x128 block. The raw FP8 bytes stay
+  reachable through `model.checkpoint.raw_fp8(name)` for the quantization stage.
+- Tensors of layers >= num_hidden_layers (V3's MTP layer 61) are ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import DeepseekConfig
+from .decoder import DeepseekForCausalLM
+from .errors import CheckpointError
+from .rope import inv_freq
+
+FP8_BLOCK = 128
+FP8_MAX = 448.0
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+# Names a model may carry that the reference does not use.
+_IGNORED_RE = re.compile(r"(rotary_emb\.inv_freq)$")
+
+
+@dataclasses.dataclass
+class CheckpointSource:
+    """Where a loaded model's weights came from; reads raw tensors again on demand."""
+    path: Path
+    weight_map: dict[str, str]  # tensor name -> file name (relative to path)
+    fp8_names: tuple[str, ...]  # weights stored as fp8 e4m3 with a weight_scale_inv
+
+    def read(self, name: str) -> torch.Tensor:
+        with safe_open(self.path / self.weight_map[name], "pt") as f:
+            return f.get_tensor(name)
+
+    def raw_fp8(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float8_e4m3fn weight, fp32 weight_scale_inv) exactly as stored."""
+        return self.read(name), self.read(name[: -len("weight")] + "weight_scale_inv")
+
+
+def fp8_block_dequantize(w: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+    out, inp = w.shape
+    s = scale_inv.float().repeat_interleave(FP8_BLOCK, 0)[:out].repeat_interleave(FP8_BLOCK, 1)[:, :inp]
+    return w.float() * s
+
+
+def fp8_block_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 [out, in] -> (e4m3 [out, in], scale_inv [ceil(out/128), ceil(in/128)]) with amax/448 scales."""
+    out, inp = w.shape
+    bo, bi = -(-out // FP8_BLOCK), -(-inp // FP8_BLOCK)
+    padded = torch.zeros(bo * FP8_BLOCK, bi * FP8_BLOCK)
+    padded[:out, :inp] = w.float()
+    blocks = padded.view(bo, FP8_BLOCK, bi, FP8_BLOCK)
+    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
+    scale = amax / FP8_MAX
+    q = (blocks / scale[:, None, :, None]).view_as(padded)[:out, :inp].to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def _fp8_eligible(name: str) -> bool:
+    """DeepSeek's practice: embeddings, lm_head, norms and the router gate stay unquantized."""
+    return (name.endswith("proj.weight") or name.endswith("proj_with_mqa.weight")) and ".mlp.gate." not in name
+
+
+def _resolve_weight_files(path: Path) -> dict[str, str] | None:
+    """Return tensor name -> file from the index, or None to scan every *.safetensors file."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r}); it needs a 'weight_map' "
+                                  "object mapping tensor names to shard files") from None
+        missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+        if missing:
+            raise CheckpointError(f"{index}: names shard file(s) that do not exist: {', '.join(missing)}")
+        return weight_map
+    return None
+
+
+def _open(path: Path):
+    try:
+        return safe_open(path, "pt")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); the file is truncated or "
+                              "corrupt: copy or re-save it") from None
+
+
+def _scan(path: Path) -> dict[str, str]:
+    weight_map = _resolve_weight_files(path)
+    files = sorted(p.name for p in path.glob("*.safetensors"))
+    if weight_map is None:
+        if not files:
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise CheckpointError(
+                    f"{path}: holds only pickle weights ({', '.join(pickles)}); pickle checkpoints are refused "
+                    "(loading one can run arbitrary code). Convert it to safetensors on a trusted machine "
+                    "(e.g. transformers' save_pretrained(..., safe_serialization=True)) and load that.")
+            raise CheckpointError(f"{path}: no model.safetensors or *.safetensors shards found")
+        weight_map = {}
+        for name in files:
+            with _open(path / name) as f:
+                for key in f.keys():
+                    weight_map[key] = name
+    else:
+        for name in sorted(set(weight_map.values())):
+            with _open(path / name) as f:
+                keys = set(f.keys())
+            absent = [k for k, v in weight_map.items() if v == name and k not in keys]
+            if absent:
+                raise CheckpointError(f"{path / name}: the index lists {absent[0]!r} in this shard but it is not "
+                                      "there; the index and shards do not match")
+    return weight_map
+
+
+def _check_file_sizes(path: Path, files: set[str]) -> None:
+    """safetensors maps files lazily; catch truncation before reading garbage."""
+    for name in sorted(files):
+        p = path / name
+        raw = p.read_bytes()[:8] if p.stat().st_size >= 8 else b""
+        if len(raw) < 8:
+            raise CheckpointError(f"{p}: truncated ({p.stat().st_size} bytes): not a safetensors file")
+        header_len = int.from_bytes(raw, "little")
+        with open(p, "rb") as fh:
+            fh.seek(8)
+            try:
+                header = json.loads(fh.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise CheckpointError(f"{p}: corrupt safetensors header; copy or re-save the file") from None
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if p.stat().st_size < 8 + header_len + end:
+            raise CheckpointError(f"{p}: truncated: the header needs {8 + header_len + end} bytes, the file has "
+                                  f"{p.stat().st_size}; copy the file again")
+
+
+def empty_model(cfg: DeepseekConfig, attention: str = "naive") -> DeepseekForCausalLM:
+    """Allocate without initialising (weights are about to be overwritten)."""
+    with torch.device("meta"):
+        model = DeepseekForCausalLM(cfg, attention)
+    model = model.to_empty(device="cpu")
+    model.rope_inv_freq = inv_freq(cfg)
+    return model
+
+
+def load_checkpoint(path: str | os.PathLike, attention: str = "naive") -> DeepseekForCausalLM:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder (expected config.json + *.safetensors)")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint folder needs config.json "
+                              "beside its safetensors files")
+    cfg = DeepseekConfig.from_json(path / "config.json")
+    weight_map = _scan(path)
+    _check_file_sizes(path, set(weight_map.values()))
+
+    def kept(name: str) -> bool:
+        m = _LAYER_RE.match(name)
+        return not (m and int(m.group(1)) >= cfg.num_hidden_layers) and not _IGNORED_RE.search(name)
+
+    available = {k: v for k, v in weight_map.items() if kept(k)}
+    model = empty_model(cfg, attention)
+    expected = model.state_dict()
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    scales = {k for k in available if k.endswith(".weight_scale_inv")}
+    missing = sorted(set(expected) - set(available))
+    extra = sorted(set(available) - set(expected) - scales)
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing, e.g. {', '.join(missing[:3])}; "
+                              "the checkpoint does not match its config.json")
+    if extra:
+        raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s), e.g. {', '.join(extra[:3])}; "
+                              "the checkpoint does not match its config.json (wrong num_hidden_layers, "
+                              "n_routed_experts or q_lora_rank?)")
+    orphan = sorted(s for s in scales if s[: -len("_scale_inv")] not in expected)
+    if orphan:
+        raise CheckpointError(f"{path}: weight_scale_inv without its weight: {', '.join(orphan[:3])}")
+
+    fp8_names = []
+    by_file: dict[str, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(available[name], []).append(name)
+    with torch.no_grad():
+        for fname in sorted(by_file):
+            with _open(path / fname) as f:
+                for name in by_file[fname]:
+                    t = f.get_tensor(name)
+                    target = expected[name]
+                    where = f"{path / fname}: tensor {name!r}"
+                    if t.dtype not in SUPPORTED_DTYPES:
+                        raise CheckpointError(f"{where} has dtype {t.dtype}; supported: fp32, bf16, fp16, fp8 e4m3")
+                    if tuple(t.shape) != tuple(target.shape):
+                        raise CheckpointError(f"{where} has shape {list(t.shape)}, the config implies "
+                                              f"{list(target.shape)}")
+                    if t.dtype == torch.float8_e4m3fn:
+                        sname = name + "_scale_inv"
+                        if sname not in available:
+                            raise CheckpointError(f"{where} is fp8 but {sname!r} is missing")
+                        with _open(path / available[sname]) as fs:
+                            s = fs.get_tensor(sname)
+                        want = [-(-t.shape[0] // FP8_BLOCK), -(-t.shape[1] // FP8_BLOCK)]
+                        if list(s.shape) != want:
+                            raise CheckpointError(f"{path / available[sname]}: tensor {sname!r} has shape "
+                                                  f"{list(s.shape)}, 128x128 blocks of {list(t.shape)} need {want}")
+                        t = fp8_block_dequantize(t, s)
+                        fp8_names.append(name)
+                    target.copy_(t.to(target.dtype))
+                    del t
+    if cfg.fp8 and not fp8_names:
+        raise CheckpointError(f"{path / 'config.json'}: quantization_config says fp8 but no tensor is stored as "
+                              "float8_e4m3fn")
+    model.checkpoint = CheckpointSource(path, dict(available), tuple(sorted(fp8_names)))
+    return model.eval()
+
+
+def save_checkpoint(model: DeepseekForCausalLM, path: str | os.PathLike, *, fp8: bool = False,
+                    max_shard_bytes: int | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Write config.json + safetensors (sharded with an index past max_shard_bytes).
+
+    fp8=True stores DeepSeek-V3-style 128x128 block FP8 weights with weight_scale_inv.
+    The folder is written beside the target and renamed, so a failed save leaves nothing.
+    """
+    path = Path(path)
+    if path.exists() and any(path.iterdir()):
+        raise CheckpointError(f"{path}: exists and is not empty; choose a new folder")
+    cfg = dataclasses.replace(model.config)
+    if fp8:
+        cfg.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                   "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        t = t.detach().contiguous()
+        if fp8 and _fp8_eligible(name):
+            q, s = fp8_block_quantize(t)
+            tensors[name], tensors[name + "_scale_inv"] = q, s
+        elif name.endswith("e_score_correction_bias") or ".mlp.gate." in name:
+            tensors[name] = t.float()  # router stays fp32 (transformers keeps it so too)
+        else:
+            tensors[name] = t.to(dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        cfg.to_json(tmp / "config.json")
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name in sorted(tensors):
+            nbytes = tensors[name].numel() * tensors[name].element_size()
+            if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = tensors[name]
+            size += nbytes
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / fname, metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
