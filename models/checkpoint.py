@@ -151,8 +151,10 @@ def empty_model(cfg: DeepseekConfig, attention: str = "naive") -> DeepseekForCau
     """Allocate without initialising (weights are about to be overwritten)."""
     with torch.device("meta"):
         model = DeepseekForCausalLM(cfg, attention)
-    model = model.to_empty(device="cpu")
+    model = model.to_empty(device="cpu").requires_grad_(False)  # an inference reference
     model.rope_inv_freq = inv_freq(cfg)
+    if cfg.tie_word_embeddings:  # to_empty allocates each occurrence of a shared parameter separately
+        model.lm_head.weight = model.model.embed_tokens.weight
     return model
 
 

@@ -14,6 +14,8 @@ from .config import DeepseekConfig
 from .norm import RMSNorm
 from .rope import apply_rope
 
+LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm (not config.rms_norm_eps)
+
 
 class MLA(nn.Module):
     def __init__(self, cfg: DeepseekConfig):
@@ -28,10 +30,12 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(h, H * cfg.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            # The latent norms use eps 1e-6 whatever rms_norm_eps says (DeepSeek's reference code and
+            # transformers build them without the config's eps).
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
-        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, h, bias=bias)
 

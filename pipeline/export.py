@@ -1,0 +1,148 @@
+"""Export stage: an eager DeepSeek model -> ONNX `prefill` and `decode` graphs (torch.onnx.export, dynamo).
+
+Graph IO (per layer i):
+  inputs : input_ids int64 [batch, seq] (decode: [batch, 1]),
+           past.{i}.c_kv [batch, past, kv_lora_rank], past.{i}.k_pe [batch, past, rope]   (latent layout)
+           past.{i}.key [batch, H, past, nope+rope],  past.{i}.value [batch, H, past, v]  (expanded layout)
+  outputs: logits fp32 [batch, seq, vocab], present.{i}.* = past.{i}.* with this step appended.
+Positions are past + arange(seq): a fresh prompt passes caches with past = 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+from torch.export import Dim
+
+from models.decoder import CACHE_LAYOUTS, DeepseekForCausalLM
+from models.errors import MlamoeError
+from passes.cleanup import cleanup
+
+GRAPHS = ("prefill", "decode")
+CACHE_NAMES = {"latent": ("c_kv", "k_pe"), "expanded": ("key", "value")}
+# Past the protobuf limit weights must live in external data; we switch a little earlier.
+EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)
+
+
+class ExportError(MlamoeError):
+    pass
+
+
+def cache_names(num_layers: int, layout: str, prefix: str) -> list[str]:
+    return [f"{prefix}.{i}.{k}" for i in range(num_layers) for k in CACHE_NAMES[layout]]
+
+
+def cache_shapes(cfg, layout: str, batch="batch", length="past") -> list[list]:
+    """Symbolic shape of each cache tensor of one layer, in CACHE_NAMES order."""
+    if layout == "latent":
+        return [[batch, length, cfg.kv_lora_rank], [batch, length, cfg.qk_rope_head_dim]]
+    H = cfg.num_attention_heads
+    return [[batch, H, length, cfg.qk_head_dim], [batch, H, length, cfg.v_head_dim]]
+
+
+class CausalLMGraph(torch.nn.Module):
+    """Flat-tensor wrapper the exporter traces: (input_ids, *past) -> (logits, *present)."""
+
+    def __init__(self, model: DeepseekForCausalLM, layout: str):
+        super().__init__()
+        self.model, self.layout = model, layout
+
+    def forward(self, input_ids, *past):
+        cache = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, present = self.model.step(input_ids, cache, self.layout)
+        return (logits, *[t for layer in present for t in layer])
+
+
+def example_inputs(model: DeepseekForCausalLM, graph: str, layout: str, batch: int = 2, seq: int = 3, past: int = 2):
+    """Inputs to trace with. Sizes avoid 0/1 so the exporter keeps those axes symbolic."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1 if graph == "decode" else seq), generator=g)
+    cache = model.empty_cache(batch, layout)
+    with torch.no_grad():
+        _, cache = model.step(torch.randint(0, model.config.vocab_size, (batch, past), generator=g), cache, layout)
+    return (ids, *[t for layer in cache for t in layer])
+
+
+def export_graph(model: DeepseekForCausalLM, graph: str, layout: str = "latent", verbose: bool = False) -> ir.Model:
+    """Trace one graph and return it as an onnx-ir model (opset 20, fp32)."""
+    if graph not in GRAPHS:
+        raise ExportError(f"unknown graph {graph!r}: expected one of {GRAPHS}")
+    if layout not in CACHE_LAYOUTS:
+        raise ExportError(f"unknown cache layout {layout!r}: expected one of {CACHE_LAYOUTS}")
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    batch = Dim("batch", min=1, max=1024)
+    past = Dim("past", min=0, max=cfg.max_position_embeddings)
+    seq_axis = 2 if layout == "expanded" else 1
+    ids_shape = {0: batch} if graph == "decode" else {0: batch, 1: Dim("seq", min=1, max=cfg.max_position_embeddings)}
+    dynamic = {"input_ids": ids_shape, "past": tuple({0: batch, seq_axis: past} for _ in range(2 * L))}
+    args = example_inputs(model, graph, layout)
+    wrapper = CausalLMGraph(model, layout).eval()
+    sink = io.StringIO()
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(sink)
+    try:
+        with quiet, warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            logging.getLogger("torch").setLevel(logging.ERROR)
+            program = torch.onnx.export(
+                wrapper, args, dynamo=True, dynamic_shapes=dynamic, optimize=False,
+                input_names=["input_ids", *cache_names(L, layout, "past")],
+                output_names=["logits", *cache_names(L, layout, "present")], verbose=False)
+    except Exception as e:  # the exporter's own errors are long; keep its summary line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"torch.onnx.export failed for the {graph} graph ({layout} cache): {first}") from e
+    model_ir = cleanup(program.model)
+    model_ir.graph.name = f"{graph}"
+    model_ir.producer_name = "mlamoe"
+    model_ir.producer_version = ""
+    return model_ir
+
+
+def specialize_decode(prefill: ir.Model) -> ir.Model:
+    """The decode graph: the prefill graph with input_ids fixed to [batch, 1].
+
+    Exporting the same function twice costs as much again (the MoE expert loop dominates export
+    time); specialising the traced prefill graph gives the same computation for one new token.
+    """
+    decode = ir.from_proto(ir.to_proto(prefill))
+    ids = decode.graph.inputs[0]
+    if ids.name != "input_ids" or ids.shape is None or len(ids.shape) != 2:
+        raise ExportError("specialize_decode: the first graph input must be input_ids [batch, seq]")
+    ids.shape = ir.Shape([ids.shape[0], 1])
+    for out in decode.graph.outputs:  # the dims the exporter named after seq
+        if out.shape is not None:
+            out.shape = ir.Shape([1 if str(d) == "seq" else "past + 1" if str(d) == "past + seq" else d
+                                  for d in out.shape])
+    decode.graph.name = "decode"
+    return cleanup(decode)
+
+
+def export_graphs(model: DeepseekForCausalLM, layout: str = "latent") -> dict[str, ir.Model]:
+    """Both graphs, prefill traced once and decode specialised from it."""
+    prefill = export_graph(model, "prefill", layout)
+    return {"prefill": prefill, "decode": specialize_decode(prefill)}
+
+
+def weights_bytes(model_ir: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model_ir.graph.initializers.values() if v.const_value is not None)
+
+
+def save_graph(model_ir: ir.Model, path: Path) -> list[Path]:
+    """Save a graph; weights go to `<name>.onnx.data` beside it when the model is large.
+
+    Returns the files written (the .onnx and, if any, its external data file).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    external = weights_bytes(model_ir) > EXTERNAL_DATA_THRESHOLD
+    data_name = path.name + ".data"
+    if (path.parent / data_name).exists():
+        os.remove(path.parent / data_name)
+    ir.save(model_ir, path, external_data=data_name if external else None)
+    return [path] + ([path.parent / data_name] if external else [])

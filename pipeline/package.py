@@ -1,0 +1,499 @@
+"""The hand-off package: atomic staging, manifest with per-file sha256, deterministic tar.gz,
+hash re-verification and safe extraction.
+
+A package is a folder (plus a `.tar.gz` of it) whose `manifest.json` lists every other file with
+its sha256 and size. Typical build:
+
+    with staging(out_dir, force=force) as tmp:      # .{name}.partial-<pid>-XXXX beside out_dir
+        ...write onnx/, golden/, reports/, README.md into tmp...
+        write_manifest(tmp, meta)
+    make_tarball(out_dir, out_dir.parent / f"{out_dir.name}.tar.gz")
+    verify_package(out_dir)
+
+- Nothing half-written is ever at `out_dir`: the folder is built under a temporary name in the same
+  parent and renamed into place only when the `with` body finished without an exception.
+- A run killed with SIGKILL leaves `.{name}.partial-<pid>-XXXX`; its name can never be mistaken for
+  the package (verify refuses it) and the next `staging()` of the same name deletes it.
+- Same inputs -> byte-identical manifest.json and .tar.gz (sorted keys/members, zeroed metadata).
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import json
+import math
+import os
+import secrets
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+from models.errors import MlamoeError
+
+MANIFEST_SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+_CHUNK = 1 << 20
+_PARTIAL = ".partial-"
+_OLD = ".old-"
+
+
+class PackageError(MlamoeError):
+    """A package cannot be built, read, extracted or verified. `problems` lists each finding."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems or [])
+
+
+# --------------------------------------------------------------------------------------- hashing
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+    except OSError as e:
+        raise PackageError(f"{path}: cannot be read for hashing ({e.strerror or e})") from e
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------- staging
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, owned by someone else
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, symlink or folder tree; best effort."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError:
+        pass
+
+
+def _clean_stale(parent: Path, name: str) -> None:
+    """Delete `.{name}.partial-*` / `.{name}.old-*` left by killed runs.
+
+    Ours are named `.{name}.partial-<pid>-<random>`; one whose pid is still alive belongs to a
+    concurrent build and is left alone. Anything unparseable is stale by definition.
+    """
+    try:
+        entries = os.listdir(parent)
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        for marker in (_PARTIAL, _OLD):
+            prefix = f".{name}{marker}"
+            if entry.startswith(prefix):
+                pid_s = entry[len(prefix):].split("-", 1)[0]
+                if pid_s.isdigit() and _pid_alive(int(pid_s)):
+                    continue
+                _remove(parent / entry)
+
+
+def is_partial_name(name: str) -> bool:
+    """True for the names staging() uses for unfinished builds."""
+    return name.startswith(".") and (_PARTIAL in name or _OLD in name)
+
+
+@contextlib.contextmanager
+def staging(out_dir: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh folder beside `out_dir`; on success it atomically becomes `out_dir`.
+
+    On any exception (KeyboardInterrupt included) the temporary folder is removed, `out_dir` is left
+    as it was (with force, the old package survives a failed build) and the exception re-raised.
+    """
+    out_dir = Path(out_dir)
+    name = out_dir.name
+    if name in ("", ".", ".."):
+        raise PackageError(f"{out_dir}: not a usable package folder name; pass a path like dist/mypackage")
+    if (out_dir.exists() or out_dir.is_symlink()) and not force:
+        raise PackageError(f"{out_dir} exists; pass --force to replace it")
+    parent = out_dir.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PackageError(f"{parent}: cannot create the output folder ({e.strerror or e}); "
+                           "choose an --out under a writable folder") from e
+    _clean_stale(parent, name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}{_PARTIAL}{os.getpid()}-", dir=parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0o700; the package must be readable like any folder
+        yield tmp
+        _install(tmp, out_dir, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _install(tmp: Path, out_dir: Path, force: bool) -> None:
+    aside: Path | None = None
+    if out_dir.exists() or out_dir.is_symlink():
+        if not force:
+            raise PackageError(f"{out_dir} exists (created while this build ran); pass --force to replace it")
+        aside = out_dir.parent / f".{out_dir.name}{_OLD}{os.getpid()}-{secrets.token_hex(4)}"
+        os.replace(out_dir, aside)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if aside is not None:
+            with contextlib.suppress(OSError):
+                os.replace(aside, out_dir)  # put the old package back
+        raise
+    if aside is not None:
+        _remove(aside)
+
+
+# ------------------------------------------------------------------------------------- file table
+def _scan(root: Path) -> tuple[list[str], list[str], list[str]]:
+    """(dirs, files, problems) under root as sorted POSIX relative paths. Symlinks and special
+    files are problems; nothing is followed."""
+    dirs: list[str] = []
+    files: list[str] = []
+    problems: list[str] = []
+
+    def walk(d: Path, rel: str) -> None:
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as e:
+            problems.append(f"{rel or '.'}: cannot be listed ({e.strerror or e})")
+            return
+        for e in entries:
+            r = f"{rel}/{e.name}" if rel else e.name
+            if e.is_symlink():
+                problems.append(f"{r}: is a symlink; a package holds only regular files "
+                                "(copy the target in instead)")
+            elif e.is_dir(follow_symlinks=False):
+                dirs.append(r)
+                walk(Path(e.path), r)
+            elif e.is_file(follow_symlinks=False):
+                files.append(r)
+            else:
+                problems.append(f"{r}: is not a regular file (device, fifo or socket); remove it")
+
+    walk(Path(root), "")
+    return sorted(dirs), sorted(files), problems
+
+
+def file_table(root: str | os.PathLike) -> list[dict]:
+    """Every regular file under root except the top-level manifest.json, sorted by path:
+    [{"path": "onnx/decode.onnx", "sha256": hex, "size": bytes}, ...]."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PackageError(f"{root}: not a folder; a package is a folder of files")
+    _, files, problems = _scan(root)
+    if problems:
+        raise PackageError(f"{root}: cannot be packaged:\n  " + "\n  ".join(problems), problems)
+    table = []
+    for rel in files:
+        if rel == MANIFEST_NAME:
+            continue
+        p = root / rel
+        table.append({"path": rel, "sha256": sha256_file(p), "size": p.stat().st_size})
+    return table
+
+
+# --------------------------------------------------------------------------------------- manifest
+def _json_problem(value, where: str) -> str | None:
+    """First value that strict, deterministic JSON cannot hold, named by its key path."""
+    if value is None or isinstance(value, (bool, str, int)):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where} = {value!r} (store it as null or a string)"
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"{where} has a non-string key {k!r} (use str keys)"
+            if (p := _json_problem(v, f"{where}.{k}" if where else k)) is not None:
+                return p
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            if (p := _json_problem(v, f"{where}[{i}]")) is not None:
+                return p
+        return None
+    t = type(value)
+    return f"{where} is a {t.__module__}.{t.__qualname__} (convert it to int/float/str/list/dict first)"
+
+
+def write_manifest(root: str | os.PathLike, meta: dict) -> dict:
+    """Write root/manifest.json = {"schema_version", **meta, "files": file_table(root)} with sorted
+    keys and indent 2 (deterministic); return it."""
+    root = Path(root)
+    if not isinstance(meta, dict):
+        raise PackageError(f"manifest metadata must be a dict, got {type(meta).__name__}")
+    if "files" in meta:
+        raise PackageError("manifest metadata has a 'files' key; it is computed by write_manifest, drop it")
+    if meta.get("schema_version", MANIFEST_SCHEMA_VERSION) != MANIFEST_SCHEMA_VERSION:
+        raise PackageError(f"manifest metadata says schema_version {meta['schema_version']!r}; this version "
+                           f"writes {MANIFEST_SCHEMA_VERSION}, drop the key")
+    if (p := _json_problem(meta, "")) is not None:
+        raise PackageError(f"{root / MANIFEST_NAME}: metadata cannot be written as JSON: {p}")
+    manifest = {"schema_version": MANIFEST_SCHEMA_VERSION, **meta, "files": file_table(root)}
+    text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    dst = root / MANIFEST_NAME
+    tmp = root / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, dst)
+    return manifest
+
+
+def read_manifest(root: str | os.PathLike) -> dict:
+    """Load and check root/manifest.json (schema version, a "files" list)."""
+    path = Path(root) / MANIFEST_NAME
+    if not path.is_file():
+        raise PackageError(f"{path}: missing; {root} is not a package (build one with `mlamoe compile`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PackageError(f"{path}: not valid JSON ({e}); the file is damaged, rebuild the package") from e
+    if not isinstance(manifest, dict):
+        raise PackageError(f"{path}: top level is a {type(manifest).__name__}, expected an object; rebuild the package")
+    version = manifest.get("schema_version")
+    if version != MANIFEST_SCHEMA_VERSION:
+        raise PackageError(f"{path}: schema_version is {version!r}, this mlamoe reads {MANIFEST_SCHEMA_VERSION}; "
+                           "rebuild the package or use the mlamoe version that built it")
+    if not isinstance(manifest.get("files"), list):
+        raise PackageError(f"{path}: no 'files' list; the manifest is incomplete, rebuild the package")
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------- tarball
+def make_tarball(root: str | os.PathLike, tar_path: str | os.PathLike, arcname: str | None = None) -> Path:
+    """Deterministic .tar.gz of `root`: one top-level folder (`arcname`, default root.name), sorted
+    members, mtime 0, uid/gid 0, no owner names, modes 0o644/0o755, gzip header without name/mtime.
+    Written beside tar_path under a temporary name, then renamed into place."""
+    root = Path(root)
+    tar_path = Path(tar_path)
+    top = arcname or root.name
+    if not root.is_dir():
+        raise PackageError(f"{root}: not a folder; make_tarball packs a package folder")
+    if not top or "/" in top or top in (".", ".."):
+        raise PackageError(f"{root}: {top!r} is not usable as the archive's top-level folder name")
+    if tar_path.resolve().is_relative_to(root.resolve()):
+        raise PackageError(f"{tar_path}: inside the folder it archives ({root}); write it beside the folder")
+    dirs, files, problems = _scan(root)
+    if problems:
+        raise PackageError(f"{root}: cannot be archived:\n  " + "\n  ".join(problems), problems)
+    members = sorted([(d, True) for d in dirs] + [(f, False) for f in files])
+
+    def info(name: str, is_dir: bool, size: int = 0) -> tarfile.TarInfo:
+        ti = tarfile.TarInfo(name)
+        ti.type = tarfile.DIRTYPE if is_dir else tarfile.REGTYPE
+        ti.mode = 0o755 if is_dir else 0o644
+        ti.size = size
+        ti.mtime = 0
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        return ti
+
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(tar_path.parent, tar_path.name)  # temp archives of killed runs
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{tar_path.name}{_PARTIAL}{os.getpid()}-", dir=tar_path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as raw, \
+                gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz, \
+                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            tar.addfile(info(top, True))
+            for rel, is_dir in members:
+                if is_dir:
+                    tar.addfile(info(f"{top}/{rel}", True))
+                    continue
+                with open(root / rel, "rb") as f:
+                    tar.addfile(info(f"{top}/{rel}", False, os.fstat(f.fileno()).st_size), f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, tar_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return tar_path
+
+
+# ------------------------------------------------------------------------------------- extraction
+def _member_parts(name: str) -> list[str] | None:
+    """Path components of a member name, or None if absolute / has '..'."""
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return None
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        return None
+    return parts
+
+
+def safe_extract(tar_path: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Extract a package archive into dest and return the package root (dest/<top folder>).
+
+    Every member is checked before anything is written: no absolute paths, no '..', nothing that
+    resolves outside dest, only regular files and folders (no links, devices, fifos), exactly one
+    top-level folder. tarfile's "data" filter then runs as a second line of defence."""
+    tar_path = Path(tar_path)
+    dest = Path(dest)
+    where = str(tar_path)
+    try:
+        tar = tarfile.open(tar_path, mode="r:*")
+    except FileNotFoundError as e:
+        raise PackageError(f"{where}: does not exist") from e
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise PackageError(f"{where}: not a readable .tar.gz ({e}); the archive is damaged or truncated, "
+                           "copy it again") from e
+    with tar:
+        try:
+            members = tar.getmembers()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise PackageError(f"{where}: archive is damaged or truncated ({e}); copy it again") from e
+        dest.mkdir(parents=True, exist_ok=True)
+        dest_real = os.path.realpath(dest)
+        tops: set[str] = set()
+        top_dirs: set[str] = set()
+        seen: set[str] = set()
+        keep: list[tarfile.TarInfo] = []
+        for m in members:
+            bad = f"{where}: refusing member {m.name!r}"
+            parts = _member_parts(m.name)
+            if parts is None:
+                raise PackageError(f"{bad}: absolute path or '..' component would write outside the "
+                                   "destination; this archive is not a package (or was tampered with)")
+            target = os.path.realpath(os.path.join(dest_real, *parts)) if parts else dest_real
+            if os.path.commonpath([dest_real, target]) != dest_real:
+                raise PackageError(f"{bad}: resolves outside the destination {dest}")
+            if m.issym() or m.islnk():
+                raise PackageError(f"{bad}: is a {'symlink' if m.issym() else 'hardlink'} (to {m.linkname!r}); "
+                                   "a package holds only regular files and folders")
+            if not (m.isreg() or m.isdir()):
+                raise PackageError(f"{bad}: is a device, fifo or other special file; "
+                                   "a package holds only regular files and folders")
+            if not parts:
+                continue  # the "./" entry of tars made with `tar -C dir .`
+            key = "/".join(parts)
+            if key in seen:
+                raise PackageError(f"{bad}: appears twice in the archive; a package lists each file once")
+            seen.add(key)
+            tops.add(parts[0])
+            if len(parts) > 1 or m.isdir():
+                top_dirs.add(parts[0])
+            if len(parts) == 1 and not m.isdir():
+                raise PackageError(f"{bad}: a file at the archive's top level; a package archive holds "
+                                   "exactly one folder")
+            keep.append(m)
+        if len(tops) != 1:
+            found = ", ".join(sorted(tops)[:5]) or "nothing"
+            raise PackageError(f"{where}: expected exactly one top-level folder, found {len(tops)} ({found}); "
+                               "archive the package folder itself (make_tarball / `tar czf x.tar.gz pkg/`)")
+        top = tops.pop()
+        root = dest / top
+        if root.exists() or root.is_symlink():
+            raise PackageError(f"{root}: already exists; extract into an empty folder or remove it first")
+        try:
+            tar.extractall(dest, members=keep, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise PackageError(f"{where}: extraction failed ({e}); the archive is damaged or unsafe") from e
+    return root
+
+
+# ----------------------------------------------------------------------------------- verification
+def _noop() -> None:
+    pass
+
+
+def open_package(path: str | os.PathLike, tmp_root: str | os.PathLike | None = None
+                 ) -> tuple[Path, dict, Callable[[], None]]:
+    """A package folder or .tar.gz -> (root, manifest, cleanup). An archive is safely extracted into
+    a new temporary folder (under tmp_root, default $TMPDIR) that cleanup() removes. Hashes are not
+    checked here: use verify_package."""
+    path = Path(path)
+    if is_partial_name(path.name):
+        raise PackageError(f"{path}: an unfinished build left by an interrupted run, not a package; "
+                           "delete it and rerun compile")
+    if path.is_dir():
+        return path, read_manifest(path), _noop
+    if not path.exists():
+        raise PackageError(f"{path}: does not exist; pass a package folder or its .tar.gz")
+    if not path.is_file():
+        raise PackageError(f"{path}: neither a package folder nor a .tar.gz")
+    tmp = Path(tempfile.mkdtemp(prefix="mlamoe-package-", dir=tmp_root))
+
+    def cleanup() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    try:
+        root = safe_extract(path, tmp)
+        return root, read_manifest(root), cleanup
+    except BaseException:
+        cleanup()
+        raise
+
+
+def _check_files(root: Path, manifest: dict) -> list[str]:
+    problems: list[str] = []
+    listed: set[str] = set()
+    for i, entry in enumerate(manifest["files"]):
+        if not (isinstance(entry, dict) and isinstance(entry.get("path"), str)
+                and isinstance(entry.get("sha256"), str) and isinstance(entry.get("size"), int)):
+            problems.append(f"{MANIFEST_NAME}: files[{i}] is malformed (needs path, sha256, size); rebuild the package")
+            continue
+        rel, want_sha, want_size = entry["path"], entry["sha256"].lower(), entry["size"]
+        parts = _member_parts(rel)
+        if not parts or "/".join(parts) != rel or "\\" in rel:
+            problems.append(f"{rel}: unsafe or non-normal path in {MANIFEST_NAME}; the manifest was tampered with")
+            continue
+        if rel in listed:
+            problems.append(f"{rel}: listed twice in {MANIFEST_NAME}; rebuild the package")
+            continue
+        listed.add(rel)
+        p = root / rel
+        if p.is_symlink() or not p.exists():
+            if not p.is_symlink():
+                problems.append(f"{rel}: missing (listed in {MANIFEST_NAME}): the package is incomplete; "
+                                "copy it again or rebuild it")
+            continue  # a symlink is reported by the scan below
+        if not p.is_file():
+            problems.append(f"{rel}: not a regular file (listed in {MANIFEST_NAME} as one); rebuild the package")
+            continue
+        size = p.stat().st_size
+        if size != want_size:
+            problems.append(f"{rel}: size mismatch (expected {want_size} bytes, got {size}): the file was "
+                            "truncated or modified after packaging")
+            continue
+        got = sha256_file(p)
+        if got != want_sha:
+            problems.append(f"{rel}: sha256 mismatch (expected {want_sha[:12]}.., got {got[:12]}..): the file "
+                            "was modified after packaging")
+    _, files, scan_problems = _scan(root)
+    problems.extend(scan_problems)
+    for rel in files:
+        if rel != MANIFEST_NAME and rel not in listed:
+            problems.append(f"{rel}: unlisted file (present but not in {MANIFEST_NAME}): it was added after "
+                            "packaging; remove it or rebuild the package")
+    return problems
+
+
+def verify_package(path: str | os.PathLike, tmp_root: str | os.PathLike | None = None) -> list[str]:
+    """Re-hash every file of a package folder or .tar.gz against its manifest. Returns [] when all
+    match; otherwise raises PackageError listing each problem by file (also in `.problems`)."""
+    root, manifest, cleanup = open_package(path, tmp_root)
+    try:
+        problems = _check_files(root, manifest)
+    finally:
+        cleanup()
+    if problems:
+        raise PackageError(f"{path}: package verification failed ({len(problems)} problem"
+                           f"{'s' if len(problems) != 1 else ''}):\n  " + "\n  ".join(problems), problems)
+    return []

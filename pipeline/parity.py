@@ -1,0 +1,654 @@
+"""Parity: the one comparator every stage uses, its budgets, and its reports.
+
+A stage produces ``actual`` outputs for the same inputs a trusted ``reference`` saw (eager PyTorch,
+the previous stage's ONNX, fp32 before quantization, ...). :func:`compare` checks that both have
+the same output names and shapes and computes, per output, the statistics deployment people read.
+It then judges them against the stage's :class:`Budget` from the one table :data:`BUDGETS`.
+
+What is computed (all in float64, whatever the arrays' dtypes):
+
+- Polygraphy's rule: an element fails only if ``|a - r| > atol`` AND ``|a - r| > rtol * |r|``;
+  ``n_failing`` counts such elements plus every non-finite mismatch (below). Any failing element
+  fails the output.
+- ``max_abs`` / ``mean_abs``: of ``|a - r|``.
+- ``max_rel`` / ``mean_rel``: of ``|a - r| / max(|r|, REL_FLOOR)``. ``REL_FLOOR`` (1e-6, absolute)
+  only avoids division by zero; near-zero references make these numbers large, which is why they
+  are reported but never judged (the Polygraphy rule is what judges elementwise error).
+- ``cosine``: ``<a, r> / (||a|| ||r||)`` over the flattened output; 1.0 when both are all zero,
+  0.0 when exactly one is.
+- ``rel_euclid``: ``||a - r||_2 / ||r||_2`` (msit's relative Euclidean distance); 0.0 when both
+  are zero, inf when only the reference is.
+- For outputs named in ``logits_outputs`` (vocabulary on the last axis): ``top1_agreement``, the
+  fraction of positions (all leading axes flattened) whose argmax agrees, and ``kl``, the mean
+  over positions of ``KL(softmax(ref) || softmax(actual))`` from log-softmax in float64.
+
+Non-finite values: the error statistics above (max/mean abs/rel, cosine, rel_euclid) are taken over
+the positions where both arrays are finite; an empty set gives the values of perfect agreement
+(0 errors, cosine 1). Non-finite values are judged separately: a position where either side is
+non-finite is a mismatch unless both hold the same value (same-signed inf, or NaN in both); such
+mismatches count in ``n_failing``. ``nan_or_inf`` is True when ``actual`` is non-finite where the
+reference is finite. ``top1_agreement``/``kl`` use the full arrays (a NaN there shows as NaN).
+
+Limits are inclusive: an output passes when ``cosine >= min_cosine``, ``kl <= max_kl``,
+``top1 >= min_top1``, ``rel_euclid <= max_rel_euclid`` (msit writes ``cosine > 0.99``; equality
+has measure zero). A NaN statistic always fails its limit. ``max_kl`` and ``min_top1`` apply only
+to logits outputs; ``min_cosine`` and ``max_rel_euclid`` to every output.
+
+Reports: :meth:`ParityReport.to_dict` (JSON-safe; non-finite floats become the strings "NaN",
+"Infinity", "-Infinity"), :meth:`ParityReport.to_markdown`, and :func:`write_reports`, which
+writes ``parity.json`` and ``parity.md`` deterministically (sorted keys, floats rounded to
+``JSON_SIGNIFICANT_DIGITS`` significant digits). Pass/fail is always decided on unrounded numbers.
+
+This module uses numpy only (no torch), so every stage and ``mlamoe verify`` can import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.errors import MlamoeError
+
+__all__ = [
+    "BUDGETS",
+    "Budget",
+    "JSON_SIGNIFICANT_DIGITS",
+    "OutputStats",
+    "ParityError",
+    "ParityReport",
+    "REL_FLOOR",
+    "budget_for",
+    "compare",
+    "write_reports",
+]
+
+REL_FLOOR = 1e-6
+"""Absolute floor on |reference| in the denominator of max_rel / mean_rel (avoids x/0)."""
+
+JSON_SIGNIFICANT_DIGITS = 6
+"""Significant digits of every float in parity.json (fixed formatting, byte-stable files)."""
+
+SCHEMA_VERSION = 1
+
+
+class ParityError(MlamoeError):
+    """A stage's outputs are outside its parity budget. ``report`` holds the full numbers."""
+
+    def __init__(self, message: str, report: ParityReport | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a stage may change in its outputs (see the module docstring for the exact rules)."""
+
+    atol: float
+    rtol: float  # Polygraphy rule: an element fails only if |a-r| > atol AND |a-r| > rtol*|r|
+    min_cosine: float | None = None  # per output
+    max_kl: float | None = None  # mean KL(ref || actual) of next-token softmax, logits outputs only
+    min_top1: float | None = None  # top-1 agreement fraction, logits outputs only
+    max_rel_euclid: float | None = None  # ||a-r||_2 / ||r||_2 (msit's relative Euclidean distance)
+
+    def describe(self) -> str:
+        """One line, e.g. ``atol 0.0001, rtol 0.001, cosine >= 0.99999, top-1 >= 1.0``."""
+        parts = [f"atol {self.atol!r}", f"rtol {self.rtol!r}"]
+        if self.min_cosine is not None:
+            parts.append(f"cosine >= {self.min_cosine!r}")
+        if self.max_rel_euclid is not None:
+            parts.append(f"rel euclid <= {self.max_rel_euclid!r}")
+        if self.min_top1 is not None:
+            parts.append(f"top-1 >= {self.min_top1!r}")
+        if self.max_kl is not None:
+            parts.append(f"KL <= {self.max_kl!r}")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+# fp32 stages change only the order of float32 operations (export tracing, graph rewrites, ORT CPU
+# kernels, splitting experts across ranks): errors stay at accumulated-rounding level, so argmax
+# must not move at all. Elementwise atol/rtol already bound KL and rel euclid far below anything
+# meaningful, so those are reported but not separately limited.
+_FP32 = Budget(atol=1e-4, rtol=1e-3, min_cosine=0.99999, min_top1=1.0)
+
+BUDGETS: dict[str, Budget] = {
+    "export": _FP32,  # ORT CPU running the exported graphs vs eager PyTorch
+    "passes": _FP32,  # after every pass, vs the graph before it (fusions are exact rewrites)
+    # Weight-only INT8 (per-output-channel scales, fp activations): weight error is <= 0.4% of each
+    # channel's max and averages out in the matmuls. atol/rtol are only a guard against gross
+    # per-element errors (a wrong scale, a transposed weight); the distribution-level numbers judge.
+    # rel euclid 0.05 and cosine 0.999 are consistent (equal norms: rel ~ sqrt(2 (1 - cos))).
+    # Top-1 may flip where the reference's top two logits are nearly tied, hence 0.9, not 1.0.
+    "quantize-int8": Budget(
+        atol=0.1, rtol=0.1, min_cosine=0.999, max_kl=0.01, min_top1=0.9, max_rel_euclid=0.05
+    ),
+    # W8A8 (activations quantized too: static for MLA, per-token dynamic for MoE experts, as served
+    # on Ascend) and FP8 E4M3 (3 mantissa bits, ~3% rounding per element, block/tensor scales):
+    # roughly twice the INT8 weight-only error, the regime msit's cosine-0.99 rule was written for;
+    # we keep cosine 0.995 / rel euclid 0.1 (consistent pair) and KL 0.02 (4x msit's fp16 limit).
+    "quantize-w8a8": Budget(
+        atol=0.25, rtol=0.25, min_cosine=0.995, max_kl=0.02, min_top1=0.8, max_rel_euclid=0.1
+    ),
+    "quantize-fp8": Budget(
+        atol=0.25, rtol=0.25, min_cosine=0.995, max_kl=0.02, min_top1=0.8, max_rel_euclid=0.1
+    ),
+    "target-ort-cpu": _FP32,  # the packaged session config on ORT CPU, fp32
+    # fp16 compute (11-bit significand, eps 9.8e-4) with fp32 accumulation: ~1e-3 relative error
+    # after a few layers; atol/rtol 2e-2 leaves ~10x margin. Near-tied logits may flip: top-1 0.99.
+    "target-ort-cuda-fp16": Budget(
+        atol=2e-2, rtol=2e-2, min_cosine=0.9998, max_kl=1e-3, min_top1=0.99, max_rel_euclid=0.02
+    ),
+    # Ascend force_fp16 emulated on ORT: judged by msit's own accuracy thresholds (REFERENCE.md 3):
+    # cosine > 0.99, relative Euclidean distance < 0.05, KL < 0.005. msit has no top-1 rule. The
+    # elementwise atol/rtol (5e-2, looser than CUDA since Ascend cubes may also accumulate in fp16)
+    # only guard against gross errors so the msit numbers decide, as they do on device.
+    "ascend-fp16-emulation": Budget(
+        atol=5e-2, rtol=5e-2, min_cosine=0.99, max_kl=0.005, max_rel_euclid=0.05
+    ),
+    "partition": _FP32,  # per-rank expert graphs recombined vs the unpartitioned graph
+}
+
+
+def budget_for(stage: str) -> Budget:
+    """The budget of ``stage``: ``BUDGETS[stage]``, else that of the part before the first "/"
+    (so ``"passes/fuse-latent-kv"`` reports under its own name with the ``passes`` budget)."""
+    if stage in BUDGETS:
+        return BUDGETS[stage]
+    head = stage.split("/", 1)[0]
+    if head in BUDGETS:
+        return BUDGETS[head]
+    known = ", ".join(sorted(BUDGETS))
+    raise ValueError(f"no parity budget for stage {stage!r}; known stages: {known} "
+                     "(a 'STAGE/detail' name uses STAGE's budget), or pass budget= explicitly")
+
+
+@dataclass
+class OutputStats:
+    """Statistics of one output. Numbers are None when not computable (missing output, shape
+    mismatch) and top1_agreement/kl are None for outputs not declared as logits."""
+
+    name: str
+    shape: tuple[int, ...] | None  # actual's shape (reference's when actual lacks the output)
+    dtype: str | None  # actual's dtype (reference's when actual lacks the output)
+    max_abs: float | None = None
+    mean_abs: float | None = None
+    max_rel: float | None = None
+    mean_rel: float | None = None
+    cosine: float | None = None
+    rel_euclid: float | None = None
+    n_failing: int = 0
+    n_elements: int = 0
+    top1_agreement: float | None = None
+    kl: float | None = None
+    nan_or_inf: bool = False
+    passed: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": None if self.shape is None else [int(d) for d in self.shape],
+            "dtype": self.dtype,
+            "n_elements": int(self.n_elements),
+            "n_failing": int(self.n_failing),
+            "max_abs": _json_float(self.max_abs),
+            "mean_abs": _json_float(self.mean_abs),
+            "max_rel": _json_float(self.max_rel),
+            "mean_rel": _json_float(self.mean_rel),
+            "cosine": _json_float(self.cosine),
+            "rel_euclid": _json_float(self.rel_euclid),
+            "top1_agreement": _json_float(self.top1_agreement),
+            "kl": _json_float(self.kl),
+            "nan_or_inf": bool(self.nan_or_inf),
+            "passed": bool(self.passed),
+            "reasons": list(self.reasons),
+        }
+
+
+@dataclass
+class ParityReport:
+    """The outcome of one comparison. ``passed`` is True when every output passed and every
+    token comparison that the budget makes binding (see :meth:`add_tokens`) passed."""
+
+    stage: str
+    budget: Budget
+    outputs: list[OutputStats] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs) and all(
+            t["passed"] for t in self.extra.get("tokens", {}).values()
+        )
+
+    def add_tokens(self, name: str, reference_tokens: Any, actual_tokens: Any) -> dict[str, Any]:
+        """Record a token-for-token comparison (e.g. greedy generation) under
+        ``extra["tokens"][name]``; returns the record.
+
+        Tokens are 1-D ``[steps]`` or 2-D ``[batch, steps]``; a step mismatches when any batch row
+        differs there, and a length difference mismatches at the shorter length. The record holds
+        ``equal``, ``first_mismatch`` (step index or None), ``n_steps_reference``/``_actual``,
+        ``n_equal_steps`` (agreeing prefix), ``binding`` and ``passed``. Tokens are binding only
+        when the budget demands exact top-1 agreement (``min_top1 == 1.0``); otherwise a
+        mismatch is recorded for the reader but does not fail the report (quantized/fp16 stages
+        may legitimately diverge after a near-tie, and then stay diverged).
+        """
+        tokens = self.extra.setdefault("tokens", {})
+        if name in tokens:
+            raise ValueError(f"tokens {name!r} already recorded in the {self.stage!r} report")
+        ref = _as_token_matrix(reference_tokens, "reference_tokens")
+        act = _as_token_matrix(actual_tokens, "actual_tokens")
+        n_ref, n_act = ref.shape[1], act.shape[1]
+        first: int | None = None
+        detail = ""
+        if ref.shape[0] != act.shape[0]:
+            first = 0
+            detail = f"batch {ref.shape[0]} in reference vs {act.shape[0]} in actual"
+        else:
+            n = min(n_ref, n_act)
+            differs = np.flatnonzero((ref[:, :n] != act[:, :n]).any(axis=0))
+            if differs.size:
+                first = int(differs[0])
+                row = int(np.flatnonzero(ref[:, first] != act[:, first])[0])
+                where = f"row {row}, " if ref.shape[0] > 1 else ""
+                detail = (f"{where}reference token {int(ref[row, first])}, "
+                          f"actual {int(act[row, first])}")
+            elif n_ref != n_act:
+                first = n
+                detail = f"reference has {n_ref} steps, actual {n_act}"
+        binding = self.budget.min_top1 is not None and self.budget.min_top1 >= 1.0
+        record: dict[str, Any] = {
+            "equal": first is None,
+            "first_mismatch": first,
+            "n_steps_reference": int(n_ref),
+            "n_steps_actual": int(n_act),
+            "n_equal_steps": int(min(n_ref, n_act) if first is None else first),
+            "binding": bool(binding),
+            "passed": bool(first is None or not binding),
+            "reason": None,
+        }
+        if first is not None:
+            record["reason"] = (
+                f"tokens {name!r} differ: first mismatch at step {first} ({detail}); "
+                f"{record['n_equal_steps']} of {n_ref} reference steps equal"
+                + ("" if binding else " (informational: budget min_top1 < 1.0)")
+            )
+        tokens[name] = record
+        return record
+
+    def failure_reasons(self) -> list[str]:
+        """Every reason this report fails, each prefixed by what it is about."""
+        out = [f"output {o.name!r}: {r}" for o in self.outputs if not o.passed for r in o.reasons]
+        out += [t["reason"] for t in self.extra.get("tokens", {}).values() if not t["passed"]]
+        return out
+
+    def raise_if_failed(self) -> ParityReport:
+        """Raise :class:`ParityError` naming the stage, each failing output and its numbers."""
+        if self.passed:
+            return self
+        lines = [f"parity failed at stage {self.stage!r} (budget: {self.budget.describe()}):"]
+        for o in self.outputs:
+            if not o.passed:
+                lines.append(f"  output {o.name!r} {_shape_str(o.shape)}: " + "; ".join(o.reasons))
+        for t in self.extra.get("tokens", {}).values():
+            if not t["passed"]:
+                lines.append(f"  {t['reason']}")
+        raise ParityError("\n".join(lines), report=self)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (Python floats; non-finite floats as strings), fixed key order."""
+        return {
+            "stage": self.stage,
+            "passed": self.passed,
+            "budget": self.budget.to_dict(),
+            "outputs": [o.to_dict() for o in self.outputs],
+            "extra": _jsonable(self.extra),
+        }
+
+    def to_markdown(self) -> str:
+        b = self.budget
+        lines = [
+            f"### Stage `{self.stage}`: {'PASS' if self.passed else 'FAIL'}",
+            "",
+            f"Budget: {b.describe()}.",
+            "",
+            "| output | shape | max abs | mean abs | max rel | cosine | rel euclid | top-1 | KL | pass |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for o in self.outputs:
+            lines.append("| " + " | ".join([
+                f"`{o.name}`",
+                _shape_str(o.shape),
+                _md(o.max_abs, ".2e"),
+                _md(o.mean_abs, ".2e"),
+                _md(o.max_rel, ".2e"),
+                _md_vs(o.cosine, b.min_cosine, 6),
+                _md_vs(o.rel_euclid, b.max_rel_euclid, 3),
+                _md_vs(o.top1_agreement, b.min_top1, 4),
+                _md_vs(o.kl, b.max_kl, 3),
+                "PASS" if o.passed else "FAIL",
+            ]) + " |")
+        if not self.outputs:
+            lines.append("| (no outputs) | | | | | | | | | |")
+        tokens = self.extra.get("tokens", {})
+        if tokens:
+            lines += ["", "| tokens | steps (ref/actual) | equal | first mismatch | pass |",
+                      "|---|---|---|---|---|"]
+            for name, t in tokens.items():
+                fm = "-" if t["first_mismatch"] is None else str(t["first_mismatch"])
+                lines.append(f"| `{name}` | {t['n_steps_reference']}/{t['n_steps_actual']} | "
+                             f"{'yes' if t['equal'] else 'no'} | {fm} | "
+                             f"{'PASS' if t['passed'] else 'FAIL'} |")
+        notes = [f"- `{o.name}`: {r}" for o in self.outputs for r in o.reasons]
+        notes += [f"- {t['reason']}" for t in tokens.values() if t["reason"]]
+        if notes:
+            lines += ["", "Reasons:", ""] + notes
+        return "\n".join(lines) + "\n"
+
+
+def compare(
+    stage: str,
+    reference: Mapping[str, Any],
+    actual: Mapping[str, Any],
+    *,
+    logits_outputs: Iterable[str] = (),
+    budget: Budget | None = None,
+) -> ParityReport:
+    """Compare ``actual`` outputs with ``reference`` under ``budget`` (default: the stage's).
+
+    Outputs are reported in the reference's order, then any output only ``actual`` has. A missing
+    or extra output, a shape mismatch or a non-numeric array is a failing output with a reason,
+    not an exception. A name in ``logits_outputs`` that the reference lacks is a caller error
+    (ValueError). Empty dicts give a report with no outputs, which passes (useful for reports
+    holding only :meth:`ParityReport.add_tokens` results).
+    """
+    if budget is None:
+        budget = budget_for(stage)
+    logits = set(logits_outputs)
+    unknown = sorted(logits - set(reference))
+    if unknown:
+        raise ValueError(f"logits_outputs {unknown} are not reference outputs "
+                         f"(reference has {sorted(reference)})")
+    outputs: list[OutputStats] = []
+    for name, ref in reference.items():
+        ref = np.asarray(ref)
+        if name not in actual:
+            outputs.append(OutputStats(
+                name=name, shape=tuple(ref.shape), dtype=str(ref.dtype), n_elements=int(ref.size),
+                reasons=[f"missing from actual outputs (reference has shape {_shape_str(ref.shape)})"],
+            ))
+            continue
+        outputs.append(_compare_one(name, ref, np.asarray(actual[name]), budget, name in logits))
+    for name, act in actual.items():
+        if name not in reference:
+            act = np.asarray(act)
+            outputs.append(OutputStats(
+                name=name, shape=tuple(act.shape), dtype=str(act.dtype), n_elements=int(act.size),
+                reasons=["not a reference output (actual has it, reference does not)"],
+            ))
+    return ParityReport(stage=stage, budget=budget, outputs=outputs)
+
+
+def write_reports(reports: Sequence[ParityReport], folder: Path) -> tuple[Path, Path]:
+    """Write ``folder/parity.json`` and ``folder/parity.md``; returns their paths.
+
+    Deterministic: sorted keys, two-space indent, every float rounded to
+    ``JSON_SIGNIFICANT_DIGITS`` significant digits, so the same numbers give byte-identical files.
+    Each file is written to a temporary name and renamed into place (never half-written).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"schema": SCHEMA_VERSION, "stages": [_round_floats(r.to_dict()) for r in reports]}
+    text = json.dumps(doc, sort_keys=True, indent=2, allow_nan=False, ensure_ascii=True) + "\n"
+    n_pass = sum(r.passed for r in reports)
+    overall = "PASS" if n_pass == len(reports) else "FAIL"
+    md = [
+        "# Parity report",
+        "",
+        f"Overall: **{overall}** ({n_pass} of {len(reports)} stages passed)",
+        "",
+    ]
+    for r in reports:
+        md += [r.to_markdown()]
+    json_path, md_path = folder / "parity.json", folder / "parity.md"
+    _write_atomic(json_path, text)
+    _write_atomic(md_path, "\n".join(md))
+    return json_path, md_path
+
+
+# --------------------------------------------------------------------------------------------
+# internals
+
+
+def _compare_one(name: str, ref: np.ndarray, act: np.ndarray, budget: Budget,
+                 is_logits: bool) -> OutputStats:
+    stats = OutputStats(name=name, shape=tuple(act.shape), dtype=str(act.dtype),
+                        n_elements=int(act.size))
+    if ref.shape != act.shape:
+        stats.reasons.append(f"shape {_shape_str(act.shape)} differs from reference "
+                             f"{_shape_str(ref.shape)}")
+        return stats
+    try:
+        r = ref.astype(np.float64)
+        a = act.astype(np.float64)
+    except (TypeError, ValueError) as e:
+        stats.reasons.append(f"not numeric (reference {ref.dtype}, actual {act.dtype}): {e}")
+        return stats
+
+    finite_r, finite_a = np.isfinite(r), np.isfinite(a)
+    both = finite_r & finite_a
+    with np.errstate(invalid="ignore", over="ignore"):
+        same = (a == r) | (np.isnan(a) & np.isnan(r))
+    nonfinite_mismatch = ~both & ~same
+    new_nonfinite = int(np.count_nonzero(finite_r & ~finite_a))
+    stats.nan_or_inf = new_nonfinite > 0
+
+    rf, af = r[both], a[both]
+    d = np.abs(af - rf)
+    if d.size:
+        rel = d / np.maximum(np.abs(rf), REL_FLOOR)
+        stats.max_abs, stats.mean_abs = float(d.max()), float(d.mean())
+        stats.max_rel, stats.mean_rel = float(rel.max()), float(rel.mean())
+    else:
+        stats.max_abs = stats.mean_abs = stats.max_rel = stats.mean_rel = 0.0
+    stats.cosine = _cosine(af, rf)
+    stats.rel_euclid = _rel_euclid(af, rf)
+
+    fails = (d > budget.atol) & (d > budget.rtol * np.abs(rf))
+    n_poly = int(np.count_nonzero(fails))
+    stats.n_failing = n_poly + int(np.count_nonzero(nonfinite_mismatch))
+
+    n_agree = n_pos = 0
+    if is_logits:
+        if r.ndim == 0:
+            stats.reasons.append("declared as logits but is a scalar (needs a vocabulary axis)")
+        else:
+            stats.top1_agreement, n_agree, n_pos = _top1(r, a)
+            stats.kl = _mean_kl(r, a)
+
+    # ---- judge
+    if stats.nan_or_inf:
+        stats.reasons.append(f"{new_nonfinite} non-finite values (NaN/Inf) in actual where the "
+                             f"reference is finite, of {stats.n_elements} elements")
+    other_nonfinite = int(np.count_nonzero(nonfinite_mismatch)) - new_nonfinite
+    if other_nonfinite:
+        stats.reasons.append(f"{other_nonfinite} elements where the reference is non-finite "
+                             f"and actual differs, of {stats.n_elements} elements")
+    if n_poly:
+        worst_flat = int(np.argmax(np.where(fails, d, -1.0)))
+        pos = np.flatnonzero(both)[worst_flat]
+        idx = tuple(int(i) for i in np.unravel_index(pos, r.shape))
+        stats.reasons.append(
+            f"max_abs {float(d[worst_flat]):.2e} exceeds atol {budget.atol!r} at {n_poly} of "
+            f"{stats.n_elements} elements (Polygraphy rule: |a-r| > atol and > rtol*|r|, "
+            f"rtol {budget.rtol!r}); worst at index {idx}: reference {float(rf[worst_flat]):.6g}, "
+            f"actual {float(af[worst_flat]):.6g}")
+    if budget.min_cosine is not None and not (stats.cosine >= budget.min_cosine):
+        stats.reasons.append(
+            f"cosine {_fmt_vs(stats.cosine, budget.min_cosine)} < {budget.min_cosine!r}")
+    if budget.max_rel_euclid is not None and not (stats.rel_euclid <= budget.max_rel_euclid):
+        stats.reasons.append(f"rel_euclid {_fmt_vs(stats.rel_euclid, budget.max_rel_euclid)} "
+                             f"> {budget.max_rel_euclid!r}")
+    if stats.top1_agreement is not None and budget.min_top1 is not None \
+            and not (stats.top1_agreement >= budget.min_top1):
+        stats.reasons.append(
+            f"top-1 agreement {_fmt_vs(stats.top1_agreement, budget.min_top1)} "
+            f"({n_agree} of {n_pos} positions) < {budget.min_top1!r}")
+    if stats.kl is not None and budget.max_kl is not None and not (stats.kl <= budget.max_kl):
+        stats.reasons.append(f"KL {_fmt_vs(stats.kl, budget.max_kl)} > {budget.max_kl!r}")
+    stats.passed = not stats.reasons
+    return stats
+
+
+def _cosine(a: np.ndarray, r: np.ndarray) -> float:
+    na, nr = float(np.linalg.norm(a)), float(np.linalg.norm(r))
+    if na == 0.0 and nr == 0.0:
+        return 1.0
+    if na == 0.0 or nr == 0.0:
+        return 0.0
+    # Normalise first: avoids overflow of the product for large-magnitude outputs.
+    c = float(np.dot(a / na, r / nr))
+    return max(-1.0, min(1.0, c))
+
+
+def _rel_euclid(a: np.ndarray, r: np.ndarray) -> float:
+    num, den = float(np.linalg.norm(a - r)), float(np.linalg.norm(r))
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def _top1(r: np.ndarray, a: np.ndarray) -> tuple[float, int, int]:
+    v = r.shape[-1]
+    rr, aa = r.reshape(-1, v), a.reshape(-1, v)
+    n_pos = rr.shape[0]
+    if n_pos == 0 or v == 0:
+        return 1.0, 0, n_pos
+    agree = int(np.count_nonzero(np.argmax(rr, axis=-1) == np.argmax(aa, axis=-1)))
+    return agree / n_pos, agree, n_pos
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    m = np.max(x, axis=-1, keepdims=True)
+    z = x - m
+    return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+
+
+def _mean_kl(r: np.ndarray, a: np.ndarray) -> float:
+    v = r.shape[-1]
+    rr, aa = r.reshape(-1, v), a.reshape(-1, v)
+    if rr.shape[0] == 0 or v == 0:
+        return 0.0
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        lr, la = _log_softmax(rr), _log_softmax(aa)
+        p = np.exp(lr)
+        terms = np.where(p > 0, p * (lr - la), 0.0)  # 0 * log(0/q) = 0
+        per_pos = np.maximum(terms.sum(axis=-1), 0.0)  # clamp rounding below 0; NaN stays NaN
+    return float(per_pos.mean())
+
+
+def _as_token_matrix(tokens: Any, what: str) -> np.ndarray:
+    t = np.asarray(tokens)
+    if t.ndim == 1:
+        t = t[None, :]
+    if t.ndim != 2:
+        raise ValueError(f"{what} must be [steps] or [batch, steps], got shape {t.shape}")
+    if t.size and not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"{what} must be integer token ids, got dtype {t.dtype}")
+    return t.astype(np.int64)
+
+
+def _shape_str(shape: Sequence[int] | None) -> str:
+    if shape is None:
+        return "-"
+    return "[" + "x".join(str(int(d)) for d in shape) + "]"
+
+
+def _fmt_vs(value: float, limit: float, min_digits: int = 3) -> str:
+    """``value`` with the fewest significant digits (>= min_digits) that keep it on the same
+    side of ``limit`` (so "cosine 0.9999899 < 0.99999", not "cosine 1 < 0.99999")."""
+    if not math.isfinite(value):
+        return str(value)
+
+    def side(x: float) -> int:
+        return (x > limit) - (x < limit)
+
+    for p in range(min_digits, 18):
+        s = f"{value:.{p}g}"
+        if side(float(s)) == side(value):
+            return s
+    return repr(value)
+
+
+def _md(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _md_vs(value: float | None, limit: float | None, min_digits: int) -> str:
+    if value is None:
+        return "-"
+    if limit is None:
+        return f"{value:.{min_digits}g}"
+    return _fmt_vs(value, limit, min_digits)
+
+
+def _json_float(x: float | None) -> float | str | None:
+    if x is None:
+        return None
+    x = float(x)
+    if math.isnan(x):
+        return "NaN"
+    if math.isinf(x):
+        return "Infinity" if x > 0 else "-Infinity"
+    return x
+
+
+def _jsonable(obj: Any) -> Any:
+    """Turn numpy scalars/arrays, tuples and non-finite floats into plain JSON values."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return _json_float(float(obj))
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"parity report extra holds a {type(obj).__name__}, not JSON-serialisable")
+
+
+def _round_floats(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _round_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_round_floats(v) for v in obj]
+    if isinstance(obj, float):
+        return float(f"{obj:.{JSON_SIGNIFICANT_DIGITS}g}")
+    return obj
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8", newline="\n")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

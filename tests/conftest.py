@@ -1,0 +1,43 @@
+"""Shared test setup. Keep it small: module-specific fixtures belong in their test files."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))  # makes `import hf_reference` work from every test file
+
+# The models under test are tiny: one intra-op thread is as fast alone and far faster when the
+# 2-core CI machine is shared (OpenMP threads spin against each other). MLAMOE_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("MLAMOE_TEST_THREADS", "1")))
+
+# The transformers reference configurations the models/ tests run against (tests/hf_reference.py).
+# v3: sigmoid + noaux_tc router, non-zero e_score_correction_bias, 4 groups keep 2, q_lora_rank set, YaRN.
+# v2: softmax + group_limited_greedy router, 4 groups keep 2, plain q_proj, YaRN with mscale 0.707.
+# v2-greedy: as v2 with the plain greedy router (config.json has n_group/topk_group null).
+HF_KINDS = {
+    "v3": ("v3", {}),
+    "v2": ("v2", {"topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2}),
+    "v2-greedy": ("v2", {}),
+}
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory):
+    """{kind: (transformers model in eval mode, folder it was save_pretrained into)}, built once.
+
+    Tests must treat both as read-only (copy the folder before corrupting it).
+    """
+    import hf_reference
+    out = {}
+    for kind, (family, over) in HF_KINDS.items():
+        model = hf_reference.hf_model(family, **over)
+        path = tmp_path_factory.mktemp(f"hf_{kind}")
+        model.save_pretrained(path)
+        out[kind] = (model, path)
+    return out
