@@ -1,1 +1,21 @@
-"""passes package."""
+"""ONNX graph passes (onnx-ir passes and onnxscript rewriter rules). A pass never depends on a
+target; targets list pass names from PASSES in the order they want them."""
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx_ir as ir
+
+from .cleanup import CleanupPass
+
+
+def _latent_kv_fusion() -> ir.passes.PassBase:
+    from .latent_kv_fusion import LatentKVFusionPass
+    return LatentKVFusionPass()
+
+
+# name -> factory of a fresh pass instance
+PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
+    "cleanup": CleanupPass,
+    "latent-kv-fusion": _latent_kv_fusion,
+}

@@ -1,0 +1,138 @@
+"""mlamoe: compile DeepSeek-class (MLA + MoE) checkpoints into verified deployment packages."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from models.errors import MlamoeError
+
+
+class _Group(click.Group):
+    """Print our errors as one clear line, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MlamoeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option("0.1.0", prog_name="mlamoe")
+def main():
+    """Compile DeepSeek-class (MLA + MoE) models into verified deployment packages.
+
+    \b
+    Typical use:
+      mlamoe compile --model small --target ort-cpu --out dist/small-ort-cpu
+      mlamoe verify dist/small-ort-cpu.tar.gz
+      mlamoe generate dist/small-ort-cpu --prompt-ids 1,2,3 --max-new-tokens 8 --json
+    """
+
+
+def _targets_help() -> str:
+    from targets import PLANNED, PROFILES
+    return f"deployment target: {', '.join(PROFILES)} (planned: {', '.join(PLANNED)})"
+
+
+@main.command()
+@click.option("--model", "model_spec", default="small", show_default=True,
+              help="a preset (tiny, tiny-v2, small, medium) or a Hugging Face checkpoint folder")
+@click.option("--target", default="ort-cpu", show_default=True, help=_targets_help())
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="package folder to create (default dist/<model>-<target>); a .tar.gz is written beside it")
+@click.option("--force", is_flag=True, help="replace --out if it exists")
+@click.option("--quant", default=None, help="quantization scheme (default: the target's first; ort-cpu: none)")
+@click.option("--seed", default=0, show_default=True, help="seed of a preset's weights and of the golden inputs")
+@click.option("--no-cache", is_flag=True, help="recompute every stage (default: reuse unchanged stages from "
+                                               "$MLAMOE_CACHE or ~/.cache/mlamoe)")
+@click.option("--soc", default=None, help="Ascend soc_version (ascend target only)")
+def compile(model_spec, target, out, force, quant, seed, no_cache, soc):
+    """Build a verified package: load, export, passes, quantize, target, package."""
+    from .compile import compile_package
+    if soc and target != "ascend":
+        raise click.BadParameter("--soc applies to --target ascend only", param_hint="--soc")
+    out = out or Path("dist") / f"{Path(model_spec).name}-{target}"
+    path = compile_package(model_spec, target, out, force=force, quant=quant, seed=seed, use_cache=not no_cache)
+    click.echo(f"package: {path}\narchive: {path.parent / (path.name + '.tar.gz')}")
+
+
+@main.command()
+@click.argument("package", type=click.Path(exists=True, path_type=Path))
+@click.option("--hashes-only", is_flag=True, help="check file hashes only, do not re-run golden data")
+def verify(package, hashes_only):
+    """Re-check every file's sha256, then re-run the golden data where the runtime is present."""
+    from .verify import verify_full
+    ok, lines = verify_full(package, hashes_only=hashes_only)
+    for line in lines:
+        click.echo(line)
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@click.argument("package", type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
+def inspect(package, as_json):
+    """Show what a package holds: model, target, stages with parity, IO, files."""
+    from .package import open_package
+    root, manifest, cleanup = open_package(package)
+    try:
+        if as_json:
+            click.echo(json.dumps(manifest, indent=2, sort_keys=True))
+            return
+        from .inspect import describe
+        click.echo(describe(manifest))
+    finally:
+        cleanup()
+
+
+@main.command()
+@click.argument("source")
+@click.option("--prompt-ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
+@click.option("--max-new-tokens", default=16, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="seed of a preset's weights")
+@click.option("--json", "as_json", is_flag=True, help='print {"tokens": [...], "step_logits": [[...], ...]}')
+def generate(source, prompt_ids, max_new_tokens, seed, as_json):
+    """Greedy generation from a PACKAGE (its runtime) or a preset / checkpoint folder (eager)."""
+    try:
+        prompt = [int(x) for x in prompt_ids.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{prompt_ids!r}: expected comma-separated integers", param_hint="--prompt-ids")
+    if not prompt:
+        raise click.BadParameter("needs at least one token id", param_hint="--prompt-ids")
+    p = Path(source)
+    if (p / "manifest.json").is_file() or p.name.endswith(".tar.gz"):
+        from .ort_runtime import PackageRuntime
+        from .package import open_package
+        root, manifest, cleanup = open_package(p)
+        try:
+            vocab = manifest["io"]["vocab_size"]
+            _check_ids(prompt, vocab)
+            tokens, logits = PackageRuntime(root, manifest=manifest).generate(prompt, max_new_tokens)
+        finally:
+            cleanup()
+        tokens, logits = tokens[0].tolist(), logits[0]
+    else:
+        import models
+        model = models.load(source, seed=seed)
+        _check_ids(prompt, model.config.vocab_size)
+        t, lg = models.greedy_generate(model, prompt, max_new_tokens)
+        tokens, logits = t[0].tolist(), lg[0].numpy()
+    if as_json:
+        click.echo(json.dumps({"tokens": tokens, "step_logits": [[float(v) for v in row] for row in logits]}))
+    else:
+        click.echo(" ".join(map(str, tokens)))
+
+
+def _check_ids(prompt, vocab):
+    bad = [t for t in prompt if not 0 <= t < vocab]
+    if bad:
+        raise click.BadParameter(f"token id(s) {bad} outside the vocabulary [0, {vocab})", param_hint="--prompt-ids")
+
+
+if __name__ == "__main__":
+    main()

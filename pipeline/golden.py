@@ -1,0 +1,77 @@
+"""Golden data: fixed inputs and the eager reference's outputs, used by every parity check and
+shipped in the package for re-verification on the target."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.decoder import DeepseekForCausalLM
+from models.generation import greedy_generate
+
+from .export import CACHE_NAMES
+
+
+@dataclasses.dataclass
+class GoldenCase:
+    name: str  # prefill | prefill-chunk | decode
+    graph: str  # which graph runs it
+    inputs: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Golden:
+    cases: list[GoldenCase]
+    prompt: np.ndarray  # [1, S] for greedy generation
+    tokens: np.ndarray  # [1, N] eager greedy tokens
+    step_logits: np.ndarray  # [1, N, vocab]
+
+
+def _flat(cache, layout: str, prefix: str) -> dict[str, np.ndarray]:
+    names = CACHE_NAMES[layout]
+    return {f"{prefix}.{i}.{n}": t.numpy() for i, layer in enumerate(cache) for n, t in zip(names, layer)}
+
+
+@torch.no_grad()
+def make_golden(model: DeepseekForCausalLM, layout: str = "latent", batch: int = 2, prompt_len: int = 8,
+                chunk_len: int = 4, gen_tokens: int = 32, seed: int = 0) -> Golden:
+    g = torch.Generator().manual_seed(seed)
+    V = model.config.vocab_size
+    prompt = torch.randint(0, V, (batch, prompt_len), generator=g)
+    chunk = torch.randint(0, V, (batch, chunk_len), generator=g)
+    empty = model.empty_cache(batch, layout)
+    logits, present = model.step(prompt, empty, layout)
+    cases = [GoldenCase("prefill", "prefill", {"input_ids": prompt.numpy(), **_flat(empty, layout, "past")},
+                        {"logits": logits.numpy(), **_flat(present, layout, "present")})]
+    logits_c, present_c = model.step(chunk, present, layout)
+    cases.append(GoldenCase("prefill-chunk", "prefill", {"input_ids": chunk.numpy(), **_flat(present, layout, "past")},
+                            {"logits": logits_c.numpy(), **_flat(present_c, layout, "present")}))
+    nxt = logits_c[:, -1].argmax(-1, keepdim=True)
+    logits_d, present_d = model.step(nxt, present_c, layout)
+    cases.append(GoldenCase("decode", "decode", {"input_ids": nxt.numpy(), **_flat(present_c, layout, "past")},
+                            {"logits": logits_d.numpy(), **_flat(present_d, layout, "present")}))
+    gen_prompt = prompt[:1]
+    tokens, step_logits = greedy_generate(model, gen_prompt, gen_tokens, layout)
+    return Golden(cases, gen_prompt.numpy(), tokens.numpy(), step_logits.numpy())
+
+
+def save_golden(golden: Golden, folder: Path, root: Path) -> dict:
+    """Write .npy files under folder; return the manifest's "golden" section (paths relative to root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def put(name: str, arr: np.ndarray) -> str:
+        path = folder / f"{name}.npy"
+        np.save(path, np.ascontiguousarray(arr), allow_pickle=False)
+        return path.relative_to(root).as_posix()
+
+    cases = []
+    for c in golden.cases:
+        cases.append({"name": c.name, "graph": c.graph,
+                      "inputs": {k: put(f"{c.name}.in.{k}", v) for k, v in c.inputs.items()},
+                      "outputs": {k: put(f"{c.name}.out.{k}", v) for k, v in c.outputs.items()}})
+    return {"cases": cases,
+            "greedy": {"prompt": put("greedy.prompt", golden.prompt), "tokens": put("greedy.tokens", golden.tokens),
+                       "step_logits": put("greedy.step_logits", golden.step_logits), "must_match": True}}

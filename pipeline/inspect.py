@@ -1,0 +1,38 @@
+"""`mlamoe inspect`: a human summary of a package's manifest."""
+from __future__ import annotations
+
+
+def describe(manifest: dict) -> str:
+    m, t, io = manifest["model"], manifest["target"], manifest["io"]
+    cfg, cache = m["config"], io["cache"]
+    out = [f"model     {m['source']} ({m['kind']}, {cfg['model_type']}, {m['parameters']:,} parameters)",
+           f"          weights sha256 {m['weights_sha256']}",
+           f"target    {t['name']}: {t['description']}; quantization {t['quantization']}",
+           f"toolchain " + ", ".join(f"{k} {v}" for k, v in sorted(manifest["toolchain"].items())),
+           f"cache     {cache['layout']}: {cache['values_per_token_per_layer']} values = "
+           f"{cache['bytes_per_token_per_layer']} bytes per token per layer, {cache['num_layers']} layers",
+           "", "stages"]
+    for s in manifest["stages"]:
+        parity = s.get("parity") or []
+        verdict = ("-" if not parity else "PASS" if all(p["passed"] for p in parity) else "FAIL")
+        out.append(f"  {s['name']:<28} {verdict:<5} {s['seconds']:>8.2f} s{'  (cached)' if s.get('cached') else ''}"
+                   f"  {len(parity)} parity report(s)")
+    out.append("")
+    out.append("io")
+    for g, spec in io["graphs"].items():
+        out.append(f"  {g} ({spec['file']})")
+        for kind in ("inputs", "outputs"):
+            shown = spec[kind][:3]
+            more = len(spec[kind]) - len(shown)
+            for v in shown:
+                out.append(f"    {kind[:-1]:<6} {v['name']:<22} {v['dtype']:<8} {v['shape']}")
+            if more > 0:
+                out.append(f"    ... {more} more {kind} (past./present. cache tensors per layer)")
+    files = manifest["files"]
+    out += ["", f"files     {len(files)} files, {sum(f['size'] for f in files):,} bytes"]
+    ver = manifest.get("verification", {})
+    for v in ver.get("verified_here", []):
+        out.append(f"verified  {v}")
+    for v in ver.get("not_verified", []):
+        out.append(f"NOT verified  {v}")
+    return "\n".join(out)

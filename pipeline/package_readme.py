@@ -1,0 +1,63 @@
+"""The README.md written into every package, for the team that receives it."""
+from __future__ import annotations
+
+from .parity import ParityReport
+
+
+def package_readme(manifest: dict, reports: list[ParityReport]) -> str:
+    m, t, io = manifest["model"], manifest["target"], manifest["io"]
+    cfg, cache = m["config"], io["cache"]
+    lines = [
+        f"# {m['source']} for {t['name']}",
+        "",
+        f"Compiled by mlamoe {manifest['mlamoe_version']} from a {m['kind']} "
+        f"({cfg['model_type']}, {m['parameters']:,} parameters; weights sha256 `{m['weights_sha256'][:16]}…`).",
+        f"Target: {t['description']}. Quantization: {t['quantization']}.",
+        "",
+        "## Contents",
+        "",
+        "| path | what |",
+        "|---|---|",
+        "| `manifest.json` | schema version, model config and hashes, toolchain, stages with parity, IO spec, "
+        "sha256 and size of every file |",
+        "| `onnx/prefill.onnx`, `onnx/decode.onnx` | the graphs (prefill: any prompt length, optional past cache; "
+        "decode: one token per sequence) |",
+        "| `runtime/ort_runtime.py` | a runner needing only numpy + onnxruntime (greedy generation, golden re-check) |",
+        "| `golden/` | inputs and expected outputs (.npy) of the eager fp32 reference |",
+        "| `reports/parity.json`, `reports/parity.md` | every stage's parity numbers |",
+        "",
+        "## Inputs and outputs",
+        "",
+        "- `input_ids` int64 `[batch, seq]` (decode: `[batch, 1]`).",
+    ]
+    for spec in cache["per_layer"]:
+        lines.append(f"- `past.{{layer}}.{spec['name']}` float32 `{spec['shape']}` for layer 0..{cache['num_layers'] - 1}; "
+                     f"the graph returns `present.{{layer}}.{spec['name']}` with this step appended (feed it back as past).")
+    lines += [
+        f"- `logits` float32 `[batch, seq, {io['vocab_size']}]`.",
+        f"- Cache layout `{cache['layout']}`: {cache['values_per_token_per_layer']} values "
+        f"({cache['bytes_per_token_per_layer']} bytes) per token per layer, {cache['bytes_per_token']} bytes per token.",
+        "- Positions are `past + arange(seq)`; a new prompt passes caches with `past = 0`.",
+        "",
+        "## Run and verify",
+        "",
+        "```",
+        "pip install onnxruntime numpy",
+        "python runtime/ort_runtime.py verify-golden          # re-run golden inputs, compare",
+        "python runtime/ort_runtime.py generate --prompt-ids 1,2,3 --max-new-tokens 16",
+        "sha256sum -c <(python -c \"import json;[print(f['sha256'],f['path']) for f in json.load(open('manifest.json'))['files']]\")",
+        "```",
+        "With the compiler installed, `mlamoe verify <this folder or .tar.gz>` checks every hash and re-runs the golden data.",
+        "",
+        "## What was verified, and what was not",
+        "",
+    ]
+    lines += [f"- Verified: {v}" for v in manifest["verification"]["verified_here"]]
+    lines += [f"- Not verified: {v}" for v in manifest["verification"]["not_verified"]] or []
+    lines += ["", "## Parity summary", "", "| stage | passed | worst max abs | min cosine |", "|---|---|---|---|"]
+    for r in reports:
+        finite = [o for o in r.outputs if o.max_abs == o.max_abs]
+        worst = max((o.max_abs for o in finite), default=0.0)
+        cos = min((o.cosine for o in finite if o.cosine is not None), default=1.0)
+        lines.append(f"| {r.stage} | {'yes' if r.passed else 'NO'} | {worst:.2e} | {cos:.6f} |")
+    return "\n".join(lines) + "\n"

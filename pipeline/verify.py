@@ -1,0 +1,66 @@
+"""`mlamoe verify`: hashes first, then the golden data on the target's runtime where it exists."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from models.errors import MlamoeError
+
+from .package import PackageError, open_package, verify_package
+from .parity import compare
+
+
+def verify_full(path: Path, hashes_only: bool = False) -> tuple[bool, list[str]]:
+    lines: list[str] = []
+    try:
+        verify_package(path)
+    except PackageError as e:
+        return False, [f"FAIL hashes: {p}" for p in (e.problems or [str(e)])]
+    root, manifest, cleanup = open_package(path)
+    try:
+        lines.append(f"ok   hashes: {len(manifest['files'])} files match manifest.json")
+        if hashes_only:
+            return True, lines
+        target = manifest["target"]["name"]
+        if target not in ("ort-cpu",):
+            lines.append(f"skip golden re-run: the {target} runtime is not available here (hashes only)")
+            return True, lines
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            lines.append("skip golden re-run: onnxruntime is not installed (hashes only)")
+            return True, lines
+        from .ort_runtime import PackageRuntime
+        rt = PackageRuntime(root, manifest=manifest)
+        golden = manifest["golden"]
+        stage = golden["tolerance"]["stage"]
+        ok = True
+        for case in golden["cases"]:
+            feeds = {n: np.load(root / f) for n, f in case["inputs"].items()}
+            sess = rt.sessions[case["graph"]]
+            got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+            ref = {n: np.load(root / f) for n, f in case["outputs"].items()}
+            report = compare(f"verify/{case['name']}", ref, got, logits_outputs=["logits"],
+                             budget=_budget(stage))
+            ok &= report.passed
+            lines.append(("ok   " if report.passed else "FAIL ") + f"golden {case['name']}: " +
+                         (f"max abs {max(o.max_abs for o in report.outputs):.2e}" if report.passed
+                          else "; ".join(report.failure_reasons())))
+        gen = golden["greedy"]
+        want = np.load(root / gen["tokens"])
+        tokens, _ = rt.generate(np.load(root / gen["prompt"]), want.shape[1])
+        same = np.array_equal(tokens, want)
+        ok &= same or not gen.get("must_match", True)
+        lines.append(("ok   " if same else "FAIL ") + f"greedy generation: {want.shape[1]} tokens "
+                     + ("equal to the golden tokens" if same else "differ from the golden tokens"))
+        return bool(ok), lines
+    except MlamoeError:
+        raise
+    finally:
+        cleanup()
+
+
+def _budget(stage: str):
+    from .parity import budget_for
+    return budget_for(stage)

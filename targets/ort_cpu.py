@@ -1,0 +1,37 @@
+"""ONNX Runtime on CPU: fp32 graphs, offline-optimised by ORT, with session settings and a runtime."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+from .base import TargetProfile
+
+PROFILE = TargetProfile(
+    name="ort-cpu",
+    description="ONNX Runtime CPUExecutionProvider, fp32, dynamic batch/sequence/cache axes",
+    opset=(17, 23),
+    passes=("cleanup",),
+    quant_schemes=("none",),
+    dynamic_shapes=True,
+)
+
+# Offline optimisation level: "extended" fusions are portable across CPUs (unlike the layout
+# transforms of ORT_ENABLE_ALL, which ORT applies again at load time anyway).
+OFFLINE_LEVEL = "extended"
+
+
+def session_config(threads: int | None = None) -> dict:
+    return {"graph_optimization_level": "all", "intra_op_num_threads": threads or 0, "inter_op_num_threads": 1}
+
+
+def optimize_offline(src: Path, dst: Path) -> None:
+    """Let ORT apply its graph optimisations once and save the result (the package's graphs)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3
+    if (src.parent / (src.name + ".data")).exists():
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name", dst.name + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
