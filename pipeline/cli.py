@@ -128,6 +128,22 @@ def generate(source, prompt_ids, max_new_tokens, seed, as_json):
         click.echo(" ".join(map(str, tokens)))
 
 
+@main.command()
+@click.option("--model", "model_spec", default="small", show_default=True, help="preset or checkpoint folder")
+@click.option("--target", default="ort-cpu", show_default=True, help="target to compile and time")
+@click.option("--package", type=click.Path(exists=True, path_type=Path), default=None,
+              help="time an existing package instead of compiling one")
+@click.option("--threads", default=2, show_default=True, help="intra-op threads for ORT and torch alike")
+@click.option("--cache-lengths", default="128,1024,4096", show_default=True, help="decode cache lengths")
+@click.option("--json", "as_json", is_flag=True, help="print the raw results as JSON")
+def bench(model_spec, target, package, threads, cache_lengths, as_json):
+    """Time prefill and decode of a package against eager PyTorch (same threads, one run)."""
+    from .bench import format_bench, run_bench
+    lengths = [int(x) for x in cache_lengths.split(",")]
+    r = run_bench(model_spec, target, threads, lengths, package)
+    click.echo(json.dumps(r, indent=2, sort_keys=True) if as_json else format_bench(r))
+
+
 def _check_ids(prompt, vocab):
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:

@@ -145,4 +145,15 @@ def save_graph(model_ir: ir.Model, path: Path) -> list[Path]:
     if (path.parent / data_name).exists():
         os.remove(path.parent / data_name)
     ir.save(model_ir, path, external_data=data_name if external else None)
+    check_graph(path)
     return [path] + ([path.parent / data_name] if external else [])
+
+
+def check_graph(path: Path) -> None:
+    """ONNX's checker on a saved graph (by path, so external data and >2 GB models work)."""
+    import onnx
+    try:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ExportError(f"{path}: the graph fails ONNX's checker: {first}") from None

@@ -1,0 +1,88 @@
+"""`mlamoe bench`: prefill tokens/s and decode ms/token of a compiled package against eager PyTorch,
+measured in one run with the same thread count, plus cache bytes per token for both cache layouts.
+
+Numbers are medians of repeated runs after warm-up; decode is timed on a synthetic cache of the
+requested length (the cost of a decode step depends on the cache's length, not its values).
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import models
+
+from .compile import cache_spec, compile_package
+from .ort_runtime import PackageRuntime
+
+
+def _median_ms(fn, repeat: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def synthetic_cache(cfg, length: int, batch: int = 1, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, length, cfg.kv_lora_rank, generator=g),
+             torch.randn(batch, length, cfg.qk_rope_head_dim, generator=g)) for _ in range(cfg.num_hidden_layers)]
+
+
+def bench_package(package: Path, model, threads: int, cache_lengths=(128, 1024, 4096), prompt_len: int = 128,
+                  repeat: int = 10) -> dict:
+    cfg = model.config
+    torch.set_num_threads(threads)
+    rt = PackageRuntime(package, threads=threads)
+    ids = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    empty_np = rt.empty_cache(1)
+    empty_t = model.empty_cache(1)
+    res = {"threads": threads, "prompt_len": prompt_len, "prefill": {}, "decode_ms": {}}
+    with torch.no_grad():
+        ort_ms = _median_ms(lambda: rt.run("prefill", ids.numpy(), empty_np), max(3, repeat // 3))
+        eager_ms = _median_ms(lambda: model.step(ids, empty_t), max(3, repeat // 3))
+        res["prefill"] = {"package_tokens_per_s": prompt_len / ort_ms * 1e3, "eager_tokens_per_s": prompt_len / eager_ms * 1e3}
+        tok = torch.tensor([[7]])
+        for L in cache_lengths:
+            cache = synthetic_cache(cfg, L)
+            feeds = {f"past.{i}.{n}": t.numpy() for i, (c, k) in enumerate(cache) for n, t in (("c_kv", c), ("k_pe", k))}
+            ort_d = _median_ms(lambda: rt.run("decode", tok.numpy(), feeds), repeat)
+            eager_d = _median_ms(lambda: model.step(tok, cache), repeat)
+            res["decode_ms"][str(L)] = {"package": ort_d, "eager": eager_d, "eager_over_package": eager_d / ort_d}
+    latent, expanded = cache_spec(cfg, "latent"), cache_spec(cfg, "expanded")
+    res["cache_bytes_per_token"] = {"latent": latent["bytes_per_token"], "expanded": expanded["bytes_per_token"],
+                                    "latent_over_expanded": latent["bytes_per_token"] / expanded["bytes_per_token"]}
+    return res
+
+
+def run_bench(model_spec: str, target: str, threads: int, cache_lengths, package: Path | None = None,
+              progress=None) -> dict:
+    model = models.load(model_spec)
+    with tempfile.TemporaryDirectory(prefix="mlamoe-bench-") as tmp:
+        if package is None:
+            package = compile_package(model_spec, target, Path(tmp) / "pkg", progress=progress)
+        result = bench_package(Path(package), model, threads, cache_lengths)
+    result["model"], result["target"] = model_spec, target
+    return result
+
+
+def format_bench(r: dict) -> str:
+    lines = [f"model {r['model']}  target {r['target']}  threads {r['threads']}  (medians; same threads for both)", "",
+             f"prefill ({r['prompt_len']} tokens)      package {r['prefill']['package_tokens_per_s']:10.1f} tok/s   "
+             f"eager {r['prefill']['eager_tokens_per_s']:10.1f} tok/s   ratio "
+             f"{r['prefill']['package_tokens_per_s'] / r['prefill']['eager_tokens_per_s']:.2f}x", "",
+             "decode ms/token   cache len   package     eager   eager/package"]
+    for L, d in r["decode_ms"].items():
+        lines.append(f"                  {int(L):>9}  {d['package']:8.2f}  {d['eager']:8.2f}   {d['eager_over_package']:6.2f}x")
+    c = r["cache_bytes_per_token"]
+    lines += ["", f"cache bytes/token (fp32, all layers): latent {c['latent']:,}  expanded {c['expanded']:,}  "
+                  f"latent/expanded {c['latent_over_expanded']:.4f}"]
+    return "\n".join(lines)
