@@ -50,14 +50,18 @@ def _targets_help() -> str:
 @click.option("--seed", default=0, show_default=True, help="seed of a preset's weights and of the golden inputs")
 @click.option("--no-cache", is_flag=True, help="recompute every stage (default: reuse unchanged stages from "
                                                "$MLAMOE_CACHE or ~/.cache/mlamoe)")
-@click.option("--soc", default=None, help="Ascend soc_version (ascend target only)")
-def compile(model_spec, target, out, force, quant, seed, no_cache, soc):
+@click.option("--soc", default=None, help="Ascend soc_version, e.g. Ascend910B3 (ascend target only; default Ascend910B3)")
+@click.option("--precision", default=None, help="Ascend precision mode (default mixed_float16; e.g. force_fp16)")
+@click.option("--require-om", is_flag=True, help="ascend: fail if atc is not installed (default: package without .om)")
+def compile(model_spec, target, out, force, quant, seed, no_cache, soc, precision, require_om):
     """Build a verified package: load, export, passes, quantize, target, package."""
     from .compile import compile_package
-    if soc and target != "ascend":
-        raise click.BadParameter("--soc applies to --target ascend only", param_hint="--soc")
+    for flag, value in (("--soc", soc), ("--precision", precision), ("--require-om", require_om)):
+        if value and target != "ascend":
+            raise click.BadParameter(f"{flag} applies to --target ascend only", param_hint=flag)
     out = out or Path("dist") / f"{Path(model_spec).name}-{target}"
-    path = compile_package(model_spec, target, out, force=force, quant=quant, seed=seed, use_cache=not no_cache)
+    path = compile_package(model_spec, target, out, force=force, quant=quant, seed=seed, use_cache=not no_cache,
+                           soc=soc, precision=precision, require_om=require_om)
     click.echo(f"package: {path}\narchive: {path.parent / (path.name + '.tar.gz')}")
 
 

@@ -30,7 +30,7 @@ from targets.base import TargetProfile
 from . import ort_runtime
 from .export import CACHE_NAMES, export_graphs, save_graph
 from .golden import Golden, make_golden, save_golden
-from .package import make_tarball, staging, write_manifest
+from .package import make_tarball, sha256_file, staging, write_manifest
 from .parity import compare, write_reports
 from .stages import StageRecord, StageRunner
 
@@ -111,8 +111,12 @@ def _load_graphs(folder: Path) -> dict[str, ir.Model]:
 
 def compile_package(model_spec: str, target: str, out: str | Path, *, force: bool = False, quant: str | None = None,
                     seed: int = 0, cache_dir: Path | None = None, use_cache: bool = True,
-                    layout: str = "latent", gen_tokens: int = 32, progress=None) -> Path:
+                    layout: str = "latent", gen_tokens: int = 32, progress=None, soc: str | None = None,
+                    precision: str | None = None, require_om: bool = False) -> Path:
     profile: TargetProfile = get_profile(target)
+    if profile.name == "ascend":
+        from targets.ascend.profile import make_profile
+        make_profile(soc or "Ascend910B3", precision or "mixed_float16")  # a bad --soc fails before any work
     quant = quant or profile.quant_schemes[0]
     if quant not in profile.quant_schemes:
         raise CompileError(f"--quant {quant}: target {target!r} supports {', '.join(profile.quant_schemes)}")
@@ -137,6 +141,16 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
     load.seconds = round(time.perf_counter() - t, 3)
     runner.records.append(load)
     runner.progress(f"[load] {model_spec}: {cfg.param_count():,} parameters")
+    base_manifest = {
+        "mlamoe_version": VERSION,
+        "model": {"source": load.params["model"], "kind": kind, "seed": load.params["seed"],
+                  "config": cfg.to_hf_dict(), "config_sha256": load.inputs["config"],
+                  "weights_sha256": load.inputs["weights"], "parameters": cfg.param_count()},
+        "toolchain": runner.versions,
+    }
+    if profile.name == "ascend":
+        return _compile_ascend(model, profile, out, force, runner, load, base_manifest, seed, started,
+                               soc or "Ascend910B3", precision or "mixed_float16", require_om)
     golden = make_golden(model, layout, gen_tokens=gen_tokens, seed=seed)
 
     with tempfile.TemporaryDirectory(prefix="mlamoe-work-") as work_s, staging(out, force) as pkg:
@@ -202,13 +216,9 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
         io = {"vocab_size": cfg.vocab_size, "cache": cache_spec(cfg, layout),
               "graphs": {g: {"file": f"onnx/{g}.onnx", **graph_io(pkg / "onnx" / f"{g}.onnx")} for g in GRAPHS}}
         manifest = {
-            "mlamoe_version": VERSION,
-            "model": {"source": load.params["model"], "kind": kind, "seed": load.params["seed"],
-                      "config": cfg.to_hf_dict(), "config_sha256": load.inputs["config"],
-                      "weights_sha256": load.inputs["weights"], "parameters": cfg.param_count()},
+            **base_manifest,
             "target": {"name": profile.name, "description": profile.description, "providers": list(profile.providers),
                        "session": session, "quantization": quant, "runtime": "runtime/ort_runtime.py"},
-            "toolchain": runner.versions,
             "io": io,
             "golden": golden_section,
         }
@@ -236,5 +246,47 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
         (pkg / "README.md").write_text(package_readme(manifest, runner.reports))
         write_manifest(pkg, manifest)
         runner.progress(f"[package] {out} ({time.time() - started:.1f} s in all)")
+    make_tarball(out, out.parent / f"{out.name}.tar.gz")
+    return out
+
+
+def _compile_ascend(model, profile: TargetProfile, out: Path, force: bool, runner: StageRunner, load: StageRecord,
+                    base_manifest: dict, seed: int, started: float, soc: str, precision: str, require_om: bool) -> Path:
+    """The ascend flow (targets/ascend/flow.py): static-shape graphs, profile check, fp32 and fp16-emulated
+    parity, the atc build script (run when atc is installed) and the on-device kit."""
+    from targets.ascend.flow import build_ascend
+    with staging(out, force) as pkg:
+        rec = StageRecord(f"target/{profile.name}", {"soc_version": soc, "precision": precision,
+                                                     "require_om": require_om}, dict(load.inputs))
+        t = time.perf_counter()
+        build = build_ascend(model, pkg, soc_version=soc, precision_mode=precision, require_om=require_om,
+                             seed=seed, progress=runner.progress)
+        for r in build.reports:
+            runner.add_report(rec, r)
+        rec.notes.append(f"seconds per step: {build.seconds}")
+        rec.notes.append(build.atc.status)
+        rec.seconds = round(time.perf_counter() - t, 3)
+        rec.outputs = {p.relative_to(pkg).as_posix(): sha256_file(p) for p in sorted((pkg / "onnx").rglob("*"))
+                       if p.is_file()}
+        runner.records.append(rec)
+        write_reports(runner.reports, pkg / "reports")
+        runner.records.append(StageRecord("package", {"tarball": True}, dict(rec.outputs)))
+        manifest = {
+            **base_manifest,
+            "target": {"name": profile.name, "description": profile.description, "quantization": "none",
+                       "soc_version": soc, "precision": precision},
+            "ascend": build.manifest,
+            "stages": [r.to_dict() for r in runner.records],
+            "parity": {"passed": all(r.passed for r in runner.reports),
+                       "reports": ["reports/parity.json", "reports/parity.md"]},
+            "verification": build.manifest["verification"],
+        }
+        m = base_manifest["model"]
+        head = (f"# {m['source']} for Huawei Ascend ({soc})\n\nCompiled by mlamoe {VERSION} from a {m['kind']} "
+                f"({m['config']['model_type']}, {m['parameters']:,} parameters; weights sha256 "
+                f"`{m['weights_sha256'][:16]}…`). ATC status: **{build.atc.status}**.\n\n")
+        (pkg / "README.md").write_text(head + build.readme)
+        write_manifest(pkg, manifest)
+        runner.progress(f"[package] {out} ({time.time() - started:.1f} s in all); {build.atc.status}")
     make_tarball(out, out.parent / f"{out.name}.tar.gz")
     return out

@@ -3,15 +3,23 @@ from __future__ import annotations
 
 
 def describe(manifest: dict) -> str:
-    m, t, io = manifest["model"], manifest["target"], manifest["io"]
-    cfg, cache = m["config"], io["cache"]
+    m, t = manifest["model"], manifest["target"]
+    cfg = m["config"]
     out = [f"model     {m['source']} ({m['kind']}, {cfg['model_type']}, {m['parameters']:,} parameters)",
            f"          weights sha256 {m['weights_sha256']}",
            f"target    {t['name']}: {t['description']}; quantization {t['quantization']}",
-           f"toolchain " + ", ".join(f"{k} {v}" for k, v in sorted(manifest["toolchain"].items())),
-           f"cache     {cache['layout']}: {cache['values_per_token_per_layer']} values = "
-           f"{cache['bytes_per_token_per_layer']} bytes per token per layer, {cache['num_layers']} layers",
-           "", "stages"]
+           f"toolchain " + ", ".join(f"{k} {v}" for k, v in sorted(manifest["toolchain"].items()))]
+    if "io" in manifest:
+        cache = manifest["io"]["cache"]
+        out.append(f"cache     {cache['layout']}: {cache['values_per_token_per_layer']} values = "
+                   f"{cache['bytes_per_token_per_layer']} bytes per token per layer, {cache['num_layers']} layers")
+    if "ascend" in manifest:
+        a = manifest["ascend"]
+        out.append(f"ascend    {a['soc_version']}, {a['precision']}, opset {a['opset']}, om: {a['om']['status']}")
+        for g, spec in a["graphs"].items():
+            out.append(f"          {g}: {spec['file']} batch {spec['batch']} seq {spec['seq']} cache {spec['max_cache']} "
+                       f"MoE {spec['moe_form']}")
+    out += ["", "stages"]
     for s in manifest["stages"]:
         parity = s.get("parity") or []
         verdict = ("-" if not parity else "PASS" if all(p["passed"] for p in parity) else "FAIL")
@@ -19,7 +27,7 @@ def describe(manifest: dict) -> str:
                    f"  {len(parity)} parity report(s)")
     out.append("")
     out.append("io")
-    for g, spec in io["graphs"].items():
+    for g, spec in manifest.get("io", {}).get("graphs", {}).items():
         out.append(f"  {g} ({spec['file']})")
         for kind in ("inputs", "outputs"):
             shown = spec[kind][:3]

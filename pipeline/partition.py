@@ -19,7 +19,9 @@ in a calibration run, `routing_stats`; uniform when there are no statistics):
      layers, by at most one expert in total when the layers rotate evenly.
   3. Longest-processing-time greedy (Graham's LPT): replicas in decreasing load order, each to the
      least-loaded rank that still has a free slot and does not already hold that expert
-     (ties: lowest rank index). Deterministic.
+     (ties: lowest rank index), then a local search that swaps a replica of the most loaded rank
+     with a lighter one elsewhere while that lowers the maximum (LPT alone is blind to the slot
+     quota: with uniform load it leaves the ranks holding an extra slot overloaded). Deterministic.
   Reported per layer: expected tokens per rank and `imbalance` = max / mean rank load (1.0 is perfect).
 
 `contiguous_plan` is the naive baseline: experts split in contiguous blocks (rank r holds experts
@@ -200,7 +202,32 @@ def _lpt(load: np.ndarray, reps: np.ndarray, quota: np.ndarray) -> list[list[int
         r = min(ok, key=lambda r: (rank_load[r], r))
         held[r].append(e)
         rank_load[r] += share
+    _refine(held, load / reps)
     return [sorted(h) for h in held]
+
+
+def _refine(held: list[list[int]], share: np.ndarray, max_iter: int = 1000) -> None:
+    """Local search after LPT: swap one replica of the most loaded rank with a lighter replica on
+    another rank while that lowers the pair's maximum (slot counts unchanged). Deterministic."""
+    for _ in range(max_iter):
+        loads = np.array([share[h].sum() if h else 0.0 for h in held])
+        top = int(np.argmax(loads))
+        best = None  # (new pair max, a, r, b)
+        for a in held[top]:
+            for r, h in enumerate(held):
+                if r == top or a in h:
+                    continue
+                for b in h:
+                    if share[b] >= share[a] or b in held[top]:
+                        continue
+                    pair_max = max(loads[top] - share[a] + share[b], loads[r] + share[a] - share[b])
+                    if pair_max < loads[top] - 1e-12 and (best is None or pair_max < best[0] - 1e-12):
+                        best = (pair_max, a, r, b)
+        if best is None:
+            return
+        _, a, r, b = best
+        held[top][held[top].index(a)] = b
+        held[r][held[r].index(b)] = a
 
 
 def _layer_entry(layer: int, load: np.ndarray, rank_experts: list[list[int]]) -> dict:
@@ -327,6 +354,25 @@ def validate_plan(plan: dict, cfg: DeepseekConfig, model_hash: str | None = None
             raise PartitionError(f"partition plan does not cover every expert: layer {L['layer']} has no rank for "
                                  f"experts {missing}")
     return plan
+
+
+def save_plan(plan: dict, path) -> Path:
+    """Write partition.json (sorted keys, stable bytes)."""
+    path = Path(path)
+    path.write_text(json.dumps(plan, indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def load_plan(path, cfg: DeepseekConfig | None = None, model_hash: str | None = None) -> dict:
+    """Read partition.json; validated against `cfg` (and `model_hash`) when given."""
+    path = Path(path)
+    if not path.is_file():
+        raise PartitionError(f"{path}: partition plan not found; create it with `mlamoe plan`")
+    try:
+        plan = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PartitionError(f"{path}: not valid JSON ({e})") from None
+    return validate_plan(plan, cfg, model_hash) if cfg is not None else plan
 
 
 # ---- CLI -------------------------------------------------------------------------------------------

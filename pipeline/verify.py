@@ -23,13 +23,15 @@ def verify_full(path: Path, hashes_only: bool = False) -> tuple[bool, list[str]]
         if hashes_only:
             return True, lines
         target = manifest["target"]["name"]
-        if target not in ("ort-cpu",):
-            lines.append(f"skip golden re-run: the {target} runtime is not available here (hashes only)")
-            return True, lines
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
             lines.append("skip golden re-run: onnxruntime is not installed (hashes only)")
+            return True, lines
+        if target == "ascend":
+            return _verify_ascend(root, manifest, lines)
+        if target != "ort-cpu":
+            lines.append(f"skip golden re-run: the {target} runtime is not available here (hashes only)")
             return True, lines
         from .ort_runtime import PackageRuntime
         rt = PackageRuntime(root, manifest=manifest)
@@ -64,3 +66,30 @@ def verify_full(path: Path, hashes_only: bool = False) -> tuple[bool, list[str]]
 def _budget(stage: str):
     from .parity import budget_for
     return budget_for(stage)
+
+
+def _verify_ascend(root: Path, manifest: dict, lines: list[str]) -> tuple[bool, list[str]]:
+    """No NPU here: re-run the golden cases on the packaged fp32 ONNX graphs with ORT CPU (what the
+    .om is built from), at the fp32 export budget. The .om itself is checked on device by the kit."""
+    import json
+
+    import onnxruntime as ort
+    cases = json.loads((root / manifest["ascend"]["kit"]["golden"]).read_text())["cases"]
+    ok = True
+    sessions: dict[str, ort.InferenceSession] = {}
+    for case in cases:
+        if case["onnx"] not in sessions:
+            sessions[case["onnx"]] = ort.InferenceSession(str(root / case["onnx"]), providers=["CPUExecutionProvider"])
+        sess = sessions[case["onnx"]]
+        feeds = {n: np.load(root / f) for n, f in case["inputs"].items()}
+        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        ref = {n: np.load(root / f) for n, f in case["outputs"].items()}
+        report = compare(f"verify/{case['name']}", ref, got, logits_outputs=case.get("logits_outputs", ["logits"]),
+                         budget=_budget("export"))
+        ok &= report.passed
+        lines.append(("ok   " if report.passed else "FAIL ") + f"golden {case['name']} ({case['onnx']} on ORT CPU, fp32): "
+                     + (f"max abs {max(o.max_abs for o in report.outputs):.2e}" if report.passed
+                        else "; ".join(report.failure_reasons())))
+    om = manifest["ascend"]["om"]["status"]
+    lines.append(f"note ascend .om: {om}; on the device run `python3 ascend/kit/verify_on_device.py`")
+    return bool(ok), lines

@@ -4,10 +4,11 @@ from __future__ import annotations
 from models.errors import MlamoeError
 
 from .base import TargetProfile
+from .ascend.profile import PROFILE as ASCEND
 from .ort_cpu import PROFILE as ORT_CPU
 
-PROFILES: dict[str, TargetProfile] = {p.name: p for p in (ORT_CPU,)}
-PLANNED = ("ascend", "ort-cuda")
+PROFILES: dict[str, TargetProfile] = {p.name: p for p in (ORT_CPU, ASCEND)}
+PLANNED = ("ort-cuda",)
 
 
 class TargetError(MlamoeError):

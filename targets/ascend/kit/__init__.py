@@ -1,0 +1,143 @@
+"""The on-device verification kit put into an ascend package.
+
+    write_golden(model, specs, package_dir)  -> golden/ascend/*.npy + golden/ascend/cases.json
+    install_kit(package_dir)                 -> ascend/kit/verify_on_device.py (standalone, numpy only)
+    kit_readme(config, cases, verified_here, not_verified) -> Markdown for the package README
+
+Golden cases are defined entirely by the eager fp32 model (never by an emulation): for each prefill
+bucket a right-padded prompt (the padded positions are ordinary tokens, so eager gives every
+output), and a decode step at a position inside the cache, its input cache = eager's, zero-padded
+to the fixed length M.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..static_export import INDEX_DTYPE, StaticGraphSpec, input_names, output_names
+
+KIT_FILE = Path(__file__).resolve().parent / "verify_on_device.py"
+GOLDEN_DIR = "golden/ascend"
+
+
+def _pad(t: torch.Tensor, M: int) -> np.ndarray:
+    out = np.zeros((t.shape[0], M, t.shape[2]), np.float32)
+    out[:, : t.shape[1]] = t.numpy()
+    return out
+
+
+@torch.no_grad()
+def golden_cases(model, specs: list[StaticGraphSpec], seed: int = 0) -> list[dict]:
+    """[{name, graph, inputs: {name: array}, outputs: {name: array}}] from the eager model."""
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    g = torch.Generator().manual_seed(seed + 1234)
+    cases = []
+    for spec in specs:
+        B, S, M = spec.batch, spec.seq, spec.max_cache
+        if spec.kind == "prefill":
+            ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g)
+            logits, present = model.step(ids, model.empty_cache(B))
+            past = [(torch.zeros(B, 0, cfg.kv_lora_rank), torch.zeros(B, 0, cfg.qk_rope_head_dim))] * L
+            pos = 0
+        else:
+            pos = min(M - 1, max(1, M // 2))
+            ctx = torch.randint(0, cfg.vocab_size, (B, pos), generator=g)
+            _, past = model.step(ctx, model.empty_cache(B))
+            ids = torch.randint(0, cfg.vocab_size, (B, 1), generator=g)
+            logits, present = model.step(ids, past)
+        inputs = {"input_ids": ids.numpy().astype(INDEX_DTYPE), "position": np.full((B,), pos, INDEX_DTYPE)}
+        outputs = {"logits": logits.numpy()}
+        for i in range(L):
+            inputs[f"past.{i}.c_kv"], inputs[f"past.{i}.k_pe"] = _pad(past[i][0], M), _pad(past[i][1], M)
+            outputs[f"present.{i}.c_kv"], outputs[f"present.{i}.k_pe"] = _pad(present[i][0], M), _pad(present[i][1], M)
+        cases.append({"name": spec.name, "graph": spec.name, "position": pos, "inputs": inputs, "outputs": outputs,
+                      "input_order": input_names(L), "output_order": output_names(L)})
+    return cases
+
+
+def write_golden(model, specs: list[StaticGraphSpec], package_dir: Path, seed: int = 0) -> dict:
+    """Save the cases as .npy + cases.json; -> the cases.json document (paths package-relative)."""
+    package_dir = Path(package_dir)
+    folder = package_dir / GOLDEN_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = {"schema": 1, "reference": "eager PyTorch fp32", "thresholds": {"min_cosine": 0.99, "max_rel_euclid": 0.05,
+                                                                          "max_kl": 0.005}, "cases": []}
+    for c in golden_cases(model, specs, seed):
+        entry = {"name": c["name"], "graph": c["graph"], "position": c["position"], "onnx": f"onnx/{c['graph']}.onnx",
+                 "om": f"ascend/om/{c['graph']}.om", "input_order": c["input_order"],
+                 "output_order": c["output_order"], "logits_outputs": ["logits"], "inputs": {}, "outputs": {}}
+        for kind in ("inputs", "outputs"):
+            for n, arr in c[kind].items():
+                p = folder / f"{c['name']}.{'in' if kind == 'inputs' else 'out'}.{n}.npy"
+                np.save(p, np.ascontiguousarray(arr), allow_pickle=False)
+                entry[kind][n] = p.relative_to(package_dir).as_posix()
+        doc["cases"].append(entry)
+    (folder / "cases.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    return doc
+
+
+def install_kit(package_dir: Path) -> str:
+    dst = Path(package_dir) / "ascend" / "kit" / "verify_on_device.py"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(KIT_FILE, dst)
+    dst.chmod(0o755)
+    return dst.relative_to(package_dir).as_posix()
+
+
+def compare_commands(cases_doc: dict) -> list[str]:
+    out = []
+    for c in cases_doc["cases"]:
+        ins = ",".join(c["inputs"][n] for n in c["input_order"])
+        out.append(f"msit debug compare -gm {c['onnx']} -om {c['om']} -i {ins} -o ascend/compare/{c['name']}")
+    return out
+
+
+def kit_readme(atc_config: dict, cases_doc: dict, atc_status: str, verified_here: list[str],
+               not_verified: list[str]) -> str:
+    g_lines = "\n".join(f"| `{g['name']}` | `{g['onnx']}` | `{g['input_shape'] if len(g['input_shape']) < 90 else g['input_shape'][:87] + '...'}` |"
+                        for g in atc_config["graphs"])
+    cmds = "\n".join(compare_commands(cases_doc))
+    here = "\n".join(f"- {v}" for v in verified_here) or "- (nothing)"
+    there = "\n".join(f"- {v}" for v in not_verified) or "- (nothing)"
+    return f"""## Ascend (CANN / ATC)
+
+.om status: **{atc_status}**. soc_version `{atc_config['soc_version']}`,
+`{atc_config['precision']['flag']}={atc_config['precision']['mode']}`.
+
+| graph | ONNX (opset 18, static shapes) | --input_shape |
+|---|---|---|
+{g_lines}
+
+Build on a host with the CANN toolkit (`source /usr/local/Ascend/ascend-toolkit/set_env.sh`; no NPU needed):
+
+    bash ascend/build_om.sh check   # atc --mode=3 pre-checks only
+    bash ascend/build_om.sh         # pre-check + build ascend/om/*.om (logs in ascend/logs/)
+
+Another soc_version: replace `--soc_version=` in `ascend/build_om.sh` (the graphs do not depend on it).
+
+Verify on the NPU (numpy + ais_bench or msit):
+
+    python3 ascend/kit/verify_on_device.py --device 0
+
+It runs each golden case of `golden/ascend/cases.json` through the .om and applies msit's
+thresholds: cosine > 0.99, relative Euclidean distance < 0.05, KL < 0.005 (logits).
+Per-op debugging (ONNX on CPU vs OM on NPU, layer by layer):
+
+    {cmds.replace(chr(10), chr(10) + '    ')}
+
+Runtime contract: `input_ids` int32 [B, S], `position` int32 [B] (index of input_ids[:, 0] in the
+cache), caches `past.{{i}}.c_kv` / `past.{{i}}.k_pe` fp32 [B, M, .] -> `present.*` (same shape, rows
+position..position+S-1 written). Prefill: right-pad the prompt to a bucket, read logits at
+len-1, then decode at position = len. Keep position + S <= M.
+
+Verified here:
+{here}
+
+Must be verified on the Ascend host:
+{there}
+"""
