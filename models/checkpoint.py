@@ -279,6 +279,9 @@ def save_checkpoint(model: DeepseekForCausalLM, path: str | os.PathLike, *, fp8:
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a checkpoint folder is meant to be shared
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         if path.exists():
             path.rmdir()
         os.replace(tmp, path)

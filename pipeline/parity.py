@@ -100,7 +100,8 @@ class Budget:
 
     def describe(self) -> str:
         """One line, e.g. ``atol 0.0001, rtol 0.001, cosine >= 0.99999, top-1 >= 1.0``."""
-        parts = [f"atol {self.atol!r}", f"rtol {self.rtol!r}"]
+        parts = ([f"atol {self.atol!r}", f"rtol {self.rtol!r}"] if math.isfinite(self.atol)
+                 else ["elementwise not judged"])
         if self.min_cosine is not None:
             parts.append(f"cosine >= {self.min_cosine!r}")
         if self.max_rel_euclid is not None:
@@ -112,7 +113,9 @@ class Budget:
         return ", ".join(parts)
 
     def to_dict(self) -> dict[str, float | None]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """None for a limit that is not judged (including an infinite atol/rtol)."""
+        return {f.name: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
 
 
 # fp32 stages change only the order of float32 operations (export tracing, graph rewrites, ORT CPU
@@ -148,12 +151,11 @@ BUDGETS: dict[str, Budget] = {
     "target-ort-cuda-fp16": Budget(
         atol=2e-2, rtol=2e-2, min_cosine=0.9998, max_kl=1e-3, min_top1=0.99, max_rel_euclid=0.02
     ),
-    # Ascend force_fp16 emulated on ORT: judged by msit's own accuracy thresholds (REFERENCE.md 3):
-    # cosine > 0.99, relative Euclidean distance < 0.05, KL < 0.005. msit has no top-1 rule. The
-    # elementwise atol/rtol (5e-2, looser than CUDA since Ascend cubes may also accumulate in fp16)
-    # only guard against gross errors so the msit numbers decide, as they do on device.
+    # Ascend fp16 emulated on ORT: judged by msit's own accuracy thresholds alone (REFERENCE.md 3):
+    # cosine > 0.99, relative Euclidean distance < 0.05, KL < 0.005, per output tensor. msit has no
+    # elementwise or top-1 rule, so atol/rtol are not binding here (the numbers are still reported).
     "ascend-fp16-emulation": Budget(
-        atol=5e-2, rtol=5e-2, min_cosine=0.99, max_kl=0.005, max_rel_euclid=0.05
+        atol=math.inf, rtol=math.inf, min_cosine=0.99, max_kl=0.005, max_rel_euclid=0.05
     ),
     "partition": _FP32,  # per-rank expert graphs recombined vs the unpartitioned graph
 }

@@ -1,0 +1,326 @@
+"""Quantization, common part: find the linear layers of an exported graph, classify them, account bytes.
+
+The schemes live one per file and all build on this module:
+    passes/quant_int8.py  INT8 weight-only, `com.microsoft.MatMulNBits` bits=8 (ONNX Runtime)
+    passes/quant_fp8.py   FP8 E4M3 128x128-block weights, blocked `DequantizeLinear` (opset 21)
+    passes/quant_w8a8.py  W8A8: per-channel INT8 weights, per-token dynamic / static activations (QDQ)
+:func:`quantize` runs one scheme by name (what `compile --quant` calls).
+
+Finding linear layers (names never matter, only the graph):
+  A *linear site* is a `MatMul` whose second input is an fp32 initializer of rank 2 ([in, out]),
+  or a `Transpose(perm=[1, 0])` of one, or a `Gemm(transA=0, alpha=beta=1)` whose second input is
+  such an initializer ([out, in] with transB=1, [in, out] otherwise). Its weight is always handed
+  to the schemes in the checkpoint's orientation `[out, in]` (`LinearSite.weight_oi`).
+Roles (each site gets one):
+  "lm_head"  the linear producing a logits output (through Reshape/Cast/Identity/Squeeze only)
+  "router"   the MoE gate: its output feeds Sigmoid/Softmax that reaches TopK within a few
+             elementwise/shape ops (never through another MatMul/Gemm); an expert's SwiGLU gate
+             (x * sigmoid(x)) never reaches TopK that way, so it is not mistaken for the router
+  "mlp"      part of a SwiGLU block: gate/up (feeding Mul(x*Sigmoid(x), up)) or down (its input
+             is that product) -- dense MLP, routed and shared experts
+  "attention" every other linear (the MLA projections q_a/q_b/q, kv_a, kv_b, o_proj)
+Embedding tables (Gather) and norm weights (Mul) are never linear sites, so never quantized.
+`exclude` takes roles and/or fnmatch patterns matched against the node name or the initializer
+name (a user's override; matching never depends on names otherwise). Default: lm_head, router.
+
+Weights used by anything other than linear sites (e.g. an lm_head tied to the embedding table)
+are left as they are.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from models.errors import MlamoeError
+
+ROLES = ("attention", "mlp", "router", "lm_head")
+DEFAULT_EXCLUDE = ("lm_head", "router")
+SCHEMES = ("none", "int8", "w8a8", "fp8")
+METADATA_KEY = "mlamoe.quantization"
+
+_PASS_THROUGH = {"Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten"}
+_ROUTER_SEARCH_DEPTH = 6
+
+
+class QuantizationError(MlamoeError):
+    pass
+
+
+@dataclasses.dataclass
+class LinearSite:
+    node: ir.Node  # MatMul or Gemm
+    weight: ir.Value  # the fp32 initializer
+    transpose: ir.Node | None  # Transpose(weight) feeding a MatMul, if any
+    weight_is_oi: bool  # initializer stored [out, in] (Gemm transB=1 or MatMul behind a Transpose)
+    role: str = "attention"
+
+    @property
+    def weight_oi(self) -> np.ndarray:
+        """The weight as fp32 [out, in] (the checkpoint's orientation)."""
+        w = self.weight.const_value.numpy()
+        return np.ascontiguousarray(w if self.weight_is_oi else w.T, dtype=np.float32)
+
+    @property
+    def activation(self) -> ir.Value:
+        return self.node.inputs[0]
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0] if self.weight_is_oi else self.weight.shape[1])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1] if self.weight_is_oi else self.weight.shape[0])
+
+
+@dataclasses.dataclass
+class QuantReport:
+    """What a quantization pass did. Bytes count initializer storage (data + scales + zero points)."""
+    scheme: str
+    quantized: list[dict] = dataclasses.field(default_factory=list)  # per site: node, weight, role, shape, bytes
+    skipped: list[dict] = dataclasses.field(default_factory=list)  # per site: node, weight, role, reason
+    linear_bytes_before: int = 0  # fp32 bytes of the linear weights that were quantized
+    linear_bytes_after: int = 0  # their quantized storage (data + scales + zero points)
+    weights_bytes_before: int = 0  # every initializer of the graph
+    weights_bytes_after: int = 0
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def linear_ratio(self) -> float:
+        return self.linear_bytes_after / self.linear_bytes_before if self.linear_bytes_before else 1.0
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["linear_ratio"] = self.linear_ratio
+        return d
+
+    def summary(self) -> str:
+        return (f"{self.scheme}: {len(self.quantized)} linear weights quantized "
+                f"({self.linear_bytes_before:,} -> {self.linear_bytes_after:,} bytes, "
+                f"{self.linear_ratio:.4f}x), {len(self.skipped)} kept fp32; all weights "
+                f"{self.weights_bytes_before:,} -> {self.weights_bytes_after:,} bytes")
+
+
+def initializer_bytes(graph: ir.Graph) -> int:
+    return sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
+
+
+def _const(v: ir.Value | None) -> bool:
+    return v is not None and v.is_initializer() and v.const_value is not None
+
+
+def _attr(node: ir.Node, name: str, default):
+    a = node.attributes.get(name)
+    return default if a is None else a.value
+
+
+def _site(node: ir.Node) -> LinearSite | None:
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return None
+    b = node.inputs[1]
+    if node.op_type == "MatMul" and node.domain == "":
+        if _const(b) and b.dtype == ir.DataType.FLOAT and len(b.shape) == 2:
+            return LinearSite(node, b, None, False)
+        p = b.producer()
+        if (p is not None and p.op_type == "Transpose" and p.domain == "" and _const(p.inputs[0])
+                and p.inputs[0].dtype == ir.DataType.FLOAT and len(p.inputs[0].shape) == 2
+                and list(_attr(p, "perm", [1, 0])) == [1, 0] and len(b.uses()) == 1):
+            return LinearSite(node, p.inputs[0], p, True)
+        return None
+    if node.op_type == "Gemm" and node.domain == "":
+        if (_attr(node, "transA", 0) != 0 or _attr(node, "alpha", 1.0) != 1.0 or _attr(node, "beta", 1.0) != 1.0
+                or not _const(b) or b.dtype != ir.DataType.FLOAT or len(b.shape) != 2):
+            return None
+        return LinearSite(node, b, None, bool(_attr(node, "transB", 0)))
+    return None
+
+
+def _is_silu_product(node: ir.Node) -> ir.Value | None:
+    """Mul(a, Sigmoid(a)) -> a (the SiLU input), else None."""
+    if node.op_type != "Mul" or len(node.inputs) != 2:
+        return None
+    x, y = node.inputs
+    for a, s in ((x, y), (y, x)):
+        p = s.producer() if s is not None else None
+        if p is not None and p.op_type == "Sigmoid" and p.inputs[0] is a:
+            return a
+    return None
+
+
+def _reaches_topk(start: ir.Value) -> bool:
+    frontier, seen = [(start, 0)], set()
+    while frontier:
+        v, depth = frontier.pop()
+        for user, _ in v.uses():
+            if id(user) in seen or user.op_type in ("MatMul", "Gemm"):
+                continue
+            seen.add(id(user))
+            if user.op_type == "TopK":
+                return True
+            if depth + 1 < _ROUTER_SEARCH_DEPTH:
+                frontier.extend((o, depth + 1) for o in user.outputs)
+    return False
+
+
+def _lm_head_nodes(graph: ir.Graph, logits_outputs: Sequence[str]) -> set[int]:
+    out = set()
+    for v in graph.outputs:
+        if v.name not in logits_outputs:
+            continue
+        p = v.producer()
+        while p is not None and p.op_type in _PASS_THROUGH:
+            p = p.inputs[0].producer() if p.inputs and p.inputs[0] is not None else None
+        if p is not None and p.op_type in ("MatMul", "Gemm"):
+            out.add(id(p))
+    return out
+
+
+def find_linear_sites(graph: ir.Graph, logits_outputs: Sequence[str] = ("logits",)) -> list[LinearSite]:
+    """Every linear site of `graph` in graph order, each with its role (module docstring)."""
+    sites = [s for n in graph for s in [_site(n)] if s is not None]
+    names = [v.name for v in graph.outputs]
+    heads = _lm_head_nodes(graph, [n for n in logits_outputs if n in names] or names[:1])
+    swiglu_in: dict[int, str] = {}  # id(value) -> "gate"/"up" for SwiGLU operands; id(product) -> "product"
+    for n in graph:
+        if n.op_type != "Mul" or len(n.inputs) != 2:
+            continue
+        for silu, other in ((n.inputs[0], n.inputs[1]), (n.inputs[1], n.inputs[0])):
+            p = silu.producer() if silu is not None else None
+            a = _is_silu_product(p) if p is not None else None
+            if a is not None and other is not None:
+                swiglu_in[id(a)] = "gate"
+                swiglu_in[id(other)] = "up"
+                swiglu_in[id(n.outputs[0])] = "product"
+    for s in sites:
+        out = s.node.outputs[0]
+        if id(s.node) in heads:
+            s.role = "lm_head"
+        elif any(u.op_type in ("Sigmoid", "Softmax") and _reaches_topk(u.outputs[0]) for u, _ in out.uses()):
+            s.role = "router"
+        elif id(out) in swiglu_in or swiglu_in.get(id(s.activation)) == "product":
+            s.role = "mlp"
+        else:
+            s.role = "attention"
+    return sites
+
+
+def _excluded(site: LinearSite, exclude: Iterable[str]) -> str | None:
+    for pat in exclude:
+        if pat == site.role:
+            return f"role {site.role} excluded"
+        if pat not in ROLES and (fnmatch.fnmatchcase(site.node.name or "", pat)
+                                 or fnmatch.fnmatchcase(site.weight.name or "", pat)):
+            return f"matches exclude pattern {pat!r}"
+    return None
+
+
+def select_sites(graph: ir.Graph, exclude: Iterable[str] = DEFAULT_EXCLUDE, logits_outputs=("logits",),
+                 report: QuantReport | None = None) -> list[list[LinearSite]]:
+    """Sites to quantize, grouped by weight initializer (one group per weight, in graph order).
+
+    A weight is skipped (kept fp32, recorded in `report.skipped`) when one of its sites is
+    excluded or when anything other than a linear site uses it.
+    """
+    exclude = tuple(exclude)
+    unknown = [p for p in exclude if not isinstance(p, str)]
+    if unknown:
+        raise QuantizationError(f"exclude entries must be roles ({', '.join(ROLES)}) or name patterns, got {unknown}")
+    sites = find_linear_sites(graph, logits_outputs)
+    groups: dict[int, list[LinearSite]] = {}
+    for s in sites:
+        groups.setdefault(id(s.weight), []).append(s)
+    chosen = []
+    for group in groups.values():
+        w = group[0].weight
+        reason = next((r for s in group for r in [_excluded(s, exclude)] if r), None)
+        users = {id(u) for u, _ in w.uses()}
+        linear_users = {id(s.transpose or s.node) for s in group}
+        if reason is None and users != linear_users:
+            reason = "weight also used by non-linear nodes"
+        if reason is None and len({s.weight_is_oi for s in group}) != 1:
+            reason = "weight used in two orientations"
+        if reason:
+            if report is not None:
+                report.skipped.extend({"node": s.node.name, "weight": w.name, "role": s.role, "reason": reason}
+                                      for s in group)
+            continue
+        chosen.append(group)
+    return chosen
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
+    tensor = array if isinstance(array, ir.TensorProtocol) else ir.tensor(array)
+    base, i = name, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    tensor.name = name
+    v = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(v)
+    return v
+
+
+def const_bytes(values: Iterable[ir.Value]) -> int:
+    return sum(v.const_value.nbytes for v in values)
+
+
+def set_opset(model: ir.Model, domain: str, version: int) -> None:
+    """Require at least `version` of `domain` (the default domain's ops used here are unchanged 20 -> 21)."""
+    if model.opset_imports.get(domain, 0) < version:
+        model.opset_imports[domain] = version
+        if model.graph.opset_imports.get(domain, 0) < version:
+            model.graph.opset_imports[domain] = version
+
+
+def remove_if_unused(graph: ir.Graph, *values: ir.Value) -> None:
+    for v in values:
+        if v is None:
+            continue
+        p = v.producer()
+        if p is not None and not any(o.uses() for o in p.outputs) and not any(o.is_graph_output() for o in p.outputs):
+            graph.remove(p, safe=True)
+        if v.is_initializer() and not v.uses() and not v.is_graph_output():
+            graph.initializers.pop(v.name, None)
+
+
+def record(model: ir.Model, report: QuantReport) -> None:
+    """Store the report's summary in the model's metadata (goes into the saved ONNX file)."""
+    model.metadata_props[METADATA_KEY] = json.dumps(
+        {"scheme": report.scheme, "n_quantized": len(report.quantized), "n_skipped": len(report.skipped),
+         "linear_bytes_before": report.linear_bytes_before, "linear_bytes_after": report.linear_bytes_after,
+         "weights_bytes_before": report.weights_bytes_before, "weights_bytes_after": report.weights_bytes_after},
+        sort_keys=True)
+
+
+def quantize(model_ir: ir.Model, scheme: str, *, model=None, calibration: dict[str, float] | None = None,
+             exclude: Iterable[str] = DEFAULT_EXCLUDE, **options) -> QuantReport:
+    """Quantize `model_ir` in place with `scheme` and return the report.
+
+    scheme "int8": options block_size (default 128, capped at each layer's in_features), symmetric.
+    scheme "fp8" : `model` (the eager model) lets an FP8 checkpoint's bytes pass through unchanged.
+    scheme "w8a8": `calibration` ({activation name: amax}, from passes.quant_w8a8.calibrate) gives
+                   static per-tensor scales to the attention projections; without it they are dynamic too.
+    scheme "none": nothing (an empty report).
+    """
+    if scheme == "none":
+        rep = QuantReport("none")
+        rep.weights_bytes_before = rep.weights_bytes_after = initializer_bytes(model_ir.graph)
+        return rep
+    if scheme == "int8":
+        from .quant_int8 import Int8WeightOnlyPass
+        p = Int8WeightOnlyPass(exclude=exclude, **options)
+    elif scheme == "fp8":
+        from .quant_fp8 import Fp8WeightPass
+        p = Fp8WeightPass(model=model, exclude=exclude, **options)
+    elif scheme == "w8a8":
+        from .quant_w8a8 import W8A8Pass
+        p = W8A8Pass(calibration=calibration, exclude=exclude, **options)
+    else:
+        raise QuantizationError(f"unknown quantization scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    p(model_ir)
+    return p.report
