@@ -14,8 +14,19 @@ def _latent_kv_fusion() -> ir.passes.PassBase:
     return LatentKVFusionPass()
 
 
+def _moe(form: str, **kw) -> Callable[[], ir.passes.PassBase]:
+    def make() -> ir.passes.PassBase:
+        from .moe_lowering import MoELoweringPass
+        # inside compile: exact dispatch (capacity = all tokens) and no extra graph outputs
+        return MoELoweringPass(form, **kw)
+    return make
+
+
 # name -> factory of a fresh pass instance
 PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
     "cleanup": CleanupPass,
     "latent-kv-fusion": _latent_kv_fusion,
+    "moe-ort-fused": _moe("ort-fused", report_dropped=False),
+    "moe-static-gather": _moe("static-gather", report_dropped=False),
+    "moe-static": _moe("static", capacity_factor=None, report_dropped=False),
 }

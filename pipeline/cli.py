@@ -148,6 +148,25 @@ def bench(model_spec, target, package, threads, cache_lengths, as_json):
     click.echo(json.dumps(r, indent=2, sort_keys=True) if as_json else format_bench(r))
 
 
+@main.command()
+@click.option("--model", "model_spec", required=True,
+              help="preset (incl. config-only deepseek-v3-671b, deepseek-v2-lite) or checkpoint folder")
+@click.option("--ranks", type=int, required=True, help="expert-parallel ranks (devices)")
+@click.option("--redundant", type=int, default=0, show_default=True, help="extra replicas of the hottest experts")
+@click.option("--stats", "stats_path", default=None, help="routing statistics (.npy or routing_stats.json); "
+                                                          "default: uniform expert load")
+@click.option("--bytes-per-param", default=2, show_default=True, help="weight bytes per parameter (bf16 = 2)")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="write partition.json here")
+@click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
+def plan(model_spec, ranks, redundant, stats_path, bytes_per_param, out, as_json):
+    """Expert-parallel partition plan and per-device memory, from config shapes alone."""
+    from .partition import plan_command, save_plan
+    p, text = plan_command(model_spec, ranks, redundant, stats_path, bytes_per_param=bytes_per_param)
+    if out:
+        save_plan(p, out)
+    click.echo(json.dumps(p, indent=1, sort_keys=True) if as_json else text)
+
+
 def _check_ids(prompt, vocab):
     bad = [t for t in prompt if not 0 <= t < vocab]
     if bad:

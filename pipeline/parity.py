@@ -127,24 +127,18 @@ _FP32 = Budget(atol=1e-4, rtol=1e-3, min_cosine=0.99999, min_top1=1.0)
 BUDGETS: dict[str, Budget] = {
     "export": _FP32,  # ORT CPU running the exported graphs vs eager PyTorch
     "passes": _FP32,  # after every pass, vs the graph before it (fusions are exact rewrites)
-    # Weight-only INT8 (per-output-channel scales, fp activations): weight error is <= 0.4% of each
-    # channel's max and averages out in the matmuls. atol/rtol are only a guard against gross
-    # per-element errors (a wrong scale, a transposed weight); the distribution-level numbers judge.
-    # rel euclid 0.05 and cosine 0.999 are consistent (equal norms: rel ~ sqrt(2 (1 - cos))).
-    # Top-1 may flip where the reference's top two logits are nearly tied, hence 0.9, not 1.0.
-    "quantize-int8": Budget(
-        atol=0.1, rtol=0.1, min_cosine=0.999, max_kl=0.01, min_top1=0.9, max_rel_euclid=0.05
-    ),
-    # W8A8 (activations quantized too: static for MLA, per-token dynamic for MoE experts, as served
-    # on Ascend) and FP8 E4M3 (3 mantissa bits, ~3% rounding per element, block/tensor scales):
-    # roughly twice the INT8 weight-only error, the regime msit's cosine-0.99 rule was written for;
-    # we keep cosine 0.995 / rel euclid 0.1 (consistent pair) and KL 0.02 (4x msit's fp16 limit).
-    "quantize-w8a8": Budget(
-        atol=0.25, rtol=0.25, min_cosine=0.995, max_kl=0.02, min_top1=0.8, max_rel_euclid=0.1
-    ),
-    "quantize-fp8": Budget(
-        atol=0.25, rtol=0.25, min_cosine=0.995, max_kl=0.02, min_top1=0.8, max_rel_euclid=0.1
-    ),
+    # Quantized graphs vs eager fp32, inside `compile`. The packages we build in CI have random
+    # weights: one near-tie routing decision flipped by quantization moves that token's logits by
+    # O(1), so elementwise rules and top-1 say nothing there (they are reported, not judged). These
+    # budgets catch gross errors (a wrong scale, a transposed or unquantized-but-rescaled weight gives
+    # cosine << 0.9); each scheme's exactness is tested against numpy, and its accuracy (perplexity,
+    # top-1) is judged on the trained-small model (tests/test_quant_trained.py), where it means
+    # something. rel euclid ~ sqrt(2 (1 - cos)) for equal norms, so the pairs below are consistent.
+    # FP8 gets the loosest bound: E4M3 keeps 3 mantissa bits, and a tiny model's weights are each a
+    # single 128x128 block sharing one scale.
+    "quantize-int8": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.99, max_kl=0.05, max_rel_euclid=0.15),
+    "quantize-w8a8": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.98, max_kl=0.05, max_rel_euclid=0.2),
+    "quantize-fp8": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.95, max_kl=0.1, max_rel_euclid=0.32),
     "target-ort-cpu": _FP32,  # the packaged session config on ORT CPU, fp32
     # fp16 compute (11-bit significand, eps 9.8e-4) with fp32 accumulation: ~1e-3 relative error
     # after a few layers; atol/rtol 2e-2 leaves ~10x margin. Near-tied logits may flip: top-1 0.99.

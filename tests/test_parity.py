@@ -227,7 +227,7 @@ def test_raise_if_failed_names_stage_output_and_numbers():
     assert isinstance(e.value, MlamoeError)
     msg = str(e.value)
     assert "'quantize-int8'" in msg and "'y'" in msg
-    assert "rel_euclid 0.2 > 0.05" in msg  # ||(0,1)|| / ||(3,4)|| = 0.2
+    assert "rel_euclid 0.2 > 0.15" in msg  # ||(0,1)|| / ||(3,4)|| = 0.2; quantize-int8 allows 0.15
     assert e.value.report is bad
 
 
@@ -274,7 +274,7 @@ def test_add_tokens_equal_and_length_and_batch():
 
 
 def test_add_tokens_informational_when_budget_allows_top1_flips():
-    r = compare("quantize-int8", {}, {})  # min_top1 0.9
+    r = compare("quantize-int8", {}, {})  # no top-1 limit: tokens are informational
     rec = r.add_tokens("greedy", [1, 2, 3], [1, 4, 4])
     assert rec["first_mismatch"] == 1 and not rec["binding"] and rec["passed"]
     assert r.passed
