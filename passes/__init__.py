@@ -22,6 +22,18 @@ def _moe(form: str, **kw) -> Callable[[], ir.passes.PassBase]:
     return make
 
 
+def graphs_for(name: str) -> tuple[str, ...]:
+    """Which of the exported graphs a pass runs on (the others pass through unchanged).
+
+    latent-kv-fusion: decode only, unless latent_kv_fusion.PREFILL_FUSION (measured: the naive form
+    is faster for prompts past a few hundred tokens; see that module).
+    """
+    if name == "latent-kv-fusion":
+        from .latent_kv_fusion import graph_forms
+        return tuple(g for g, form in graph_forms().items() if form)
+    return ("prefill", "decode")
+
+
 # name -> factory of a fresh pass instance
 PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
     "cleanup": CleanupPass,

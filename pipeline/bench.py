@@ -57,10 +57,32 @@ def bench_package(package: Path, model, threads: int, cache_lengths=(128, 1024, 
             ort_d = _median_ms(lambda: rt.run("decode", tok.numpy(), feeds), repeat)
             eager_d = _median_ms(lambda: model.step(tok, cache), repeat)
             res["decode_ms"][str(L)] = {"package": ort_d, "eager": eager_d, "eager_over_package": eager_d / ort_d}
-    latent, expanded = cache_spec(cfg, "latent"), cache_spec(cfg, "expanded")
+    latent = rt.manifest["io"]["cache"]  # what the package declares (its IO spec)
+    expanded = cache_spec(cfg, "expanded")
     res["cache_bytes_per_token"] = {"latent": latent["bytes_per_token"], "expanded": expanded["bytes_per_token"],
+                                    "latent_per_layer": latent["bytes_per_token_per_layer"],
                                     "latent_over_expanded": latent["bytes_per_token"] / expanded["bytes_per_token"]}
     return res
+
+
+def cache_table(cfg, dtype_bytes: int = 2, context: int = 2**20) -> dict:
+    """Cache size per token per layer and for a whole context: latent vs naive MLA vs textbook MHA."""
+    H, L = cfg.num_attention_heads, cfg.num_hidden_layers
+    rows = {"latent (c_kv + k_pe)": cfg.latent_cache_width,
+            "naive MLA (K nope+rope, V per head)": cfg.expanded_cache_width,
+            "textbook MHA 2*n_h*d_h": 2 * H * cfg.v_head_dim}
+    return {name: {"elements": n, "bytes": n * dtype_bytes, "bytes_all_layers": n * dtype_bytes * L,
+                   "bytes_context": n * dtype_bytes * L * context} for name, n in rows.items()}
+
+
+def format_cache_table(table: dict, name: str, dtype: str = "bf16", context: int = 2**20) -> str:
+    latent = table["latent (c_kv + k_pe)"]["elements"]
+    lines = [f"cache per token per layer at {name} dims ({dtype}; context {context:,} tokens)",
+             f"  {'form':<38}{'elements':>10}{'bytes':>10}{'all layers':>14}{'context':>14}  vs latent"]
+    for form, r in table.items():
+        lines.append(f"  {form:<38}{r['elements']:>10,}{r['bytes']:>10,}{r['bytes_all_layers'] / 2**10:>11.1f} KiB"
+                     f"{r['bytes_context'] / 2**30:>11.1f} GiB  {r['elements'] / latent:8.2f}x")
+    return "\n".join(lines)
 
 
 def run_bench(model_spec: str, target: str, threads: int, cache_lengths, package: Path | None = None,

@@ -139,13 +139,39 @@ def generate(source, prompt_ids, max_new_tokens, seed, as_json):
               help="time an existing package instead of compiling one")
 @click.option("--threads", default=2, show_default=True, help="intra-op threads for ORT and torch alike")
 @click.option("--cache-lengths", default="128,1024,4096", show_default=True, help="decode cache lengths")
+@click.option("--suite", type=click.Choice(["package", "latent-kv", "moe", "quant", "cache-table", "all"]),
+              default="package", show_default=True,
+              help="package: package vs eager; latent-kv: (a) expanded / (b) latent / (c) fused decode; "
+                   "moe: dynamic vs ort-fused MoE decode; quant: int8 MatMulNBits vs fp32 decode; "
+                   "cache-table: cache sizes at DeepSeek-V3 671B dims")
 @click.option("--json", "as_json", is_flag=True, help="print the raw results as JSON")
-def bench(model_spec, target, package, threads, cache_lengths, as_json):
-    """Time prefill and decode of a package against eager PyTorch (same threads, one run)."""
-    from .bench import format_bench, run_bench
+def bench(model_spec, target, package, threads, cache_lengths, suite, as_json):
+    """Time prefill and decode (package vs eager, attention forms, MoE forms, int8), one run per suite."""
+    from . import bench as b
+    results, texts = {}, []
     lengths = [int(x) for x in cache_lengths.split(",")]
-    r = run_bench(model_spec, target, threads, lengths, package)
-    click.echo(json.dumps(r, indent=2, sort_keys=True) if as_json else format_bench(r))
+    if suite in ("package", "all"):
+        results["package"] = r = b.run_bench(model_spec, target, threads, lengths, package)
+        texts.append(b.format_bench(r))
+    if suite in ("latent-kv", "all"):
+        from .benchmarks.latent_kv import bench_decode_forms, format_table
+        kv_lengths = lengths if cache_lengths != "128,1024,4096" else [1024, 8192, 32768]
+        results["latent_kv"] = r = bench_decode_forms(model_spec, kv_lengths, threads)
+        texts.append(format_table(r))
+    if suite in ("moe", "all"):
+        from .benchmarks.moe import bench_moe_decode, format_bench_moe
+        results["moe"] = r = bench_moe_decode(model_spec, threads)
+        texts.append(format_bench_moe(r))
+    if suite in ("quant", "all"):
+        from .benchmarks.quant import bench_int8_decode
+        results["quant"] = r = bench_int8_decode(model_spec, threads)
+        texts.append(json.dumps(r, indent=2, sort_keys=True))
+    if suite in ("cache-table", "latent-kv", "all"):
+        from models import preset_config
+        table = b.cache_table(preset_config("deepseek-v3-671b"))
+        results["cache_table_671b"] = table
+        texts.append(b.format_cache_table(table, "DeepSeek-V3 671B"))
+    click.echo(json.dumps(results, indent=2, sort_keys=True) if as_json else "\n\n".join(texts))
 
 
 @main.command()

@@ -21,7 +21,7 @@ import onnxruntime as ort
 import models
 from models.config import DeepseekConfig
 from models.errors import MlamoeError
-from passes import PASSES
+from passes import PASSES, graphs_for
 from passes.cleanup import cleanup
 from targets import get_profile
 from targets import ort_cpu
@@ -206,7 +206,13 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
             src_dir, dst_dir = prev_dir, work / f"pass{i}-{name}"
 
             def do_pass(d: Path, rec: StageRecord, name=name, src_dir=src_dir) -> None:
+                wanted = graphs_for(name)
                 for g, m in _load_graphs(src_dir).items():
+                    if g not in wanted:
+                        for f in src_dir.glob(f"{g}.onnx*"):  # the graph and its external data, if any
+                            shutil.copyfile(f, d / f.name)
+                        rec.notes.append(f"{g}: left unchanged ({name} runs on {', '.join(wanted)})")
+                        continue
                     p = PASSES[name]()
                     result = p(m)
                     cleanup(result.model)

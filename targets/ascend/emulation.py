@@ -21,6 +21,8 @@ agreement is recorded (informational under this budget, as msit has no top-1 rul
 """
 from __future__ import annotations
 
+import dataclasses
+import re
 import tempfile
 from pathlib import Path
 
@@ -28,9 +30,9 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from pipeline.parity import ParityReport, compare
+from pipeline.parity import ParityError, ParityReport, compare
 
-from .static_export import StaticGraphSpec, StaticRunner, ort_sessions
+from .static_export import INDEX_DTYPE, StaticGraphSpec, StaticRunner, ort_sessions
 
 STAGE = "ascend-fp16-emulation"
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
@@ -115,16 +117,360 @@ def emulation_graphs(graphs: dict[str, tuple[StaticGraphSpec, Path]], keep_fp32:
     return out
 
 
+# ------------------------------------------------------------------------------------ routing
+MAX_FLIPPED_FRACTION = 0.10
+"""A report fails when more than this fraction of the token positions its outputs depend on had a
+routing flip: rare near-ties are expected under fp16, a router that drifts on many tokens is not."""
+
+MAX_FLIP_MARGIN = 1e-2
+"""A flip is a near-tie only when the fp32 margin of the decision that flipped (the k-th minus the
+(k+1)-th score ranked by that TopK in the fp32 graph) is at most this; fp16 rounding moves router
+scores by ~1e-4..1e-3, so a larger margin overturned is a precision error and fails the report."""
+
+_ROUTER_SCOPE = re.compile(r"(?:^|/)routers\.(\d+)/")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutingDecision:
+    """A TopK whose indices the graph uses: the router's group TopK or its expert TopK."""
+
+    node: str  # TopK node name (the same in a graph and its fp16 twin)
+    layer: int | str  # decoder layer, from the node's `routers.{i}/` scope (else the node name)
+    kind: str  # "experts" (the last decision of its layer) or "groups"
+    indices: str  # value name of the indices output
+    scores: str  # value name of the ranked input (choice scores)
+    axis: int
+    k: int
+
+
+def _decision_nodes(model: ir.Model) -> list[tuple[ir.Node, int | str, int, int]]:
+    found = []
+    for node in model.graph:
+        if node.op_type != "TopK" or len(node.outputs) < 2:
+            continue
+        idx = node.outputs[1]
+        if not idx.uses() and not idx.is_graph_output():
+            continue  # e.g. the per-group top-2, whose values alone make the group score
+        axis = node.attributes.get_int("axis", -1)
+        dim = idx.shape[axis] if idx.shape is not None else None
+        if not isinstance(dim, int):
+            kv = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
+            if kv is None:
+                raise ValueError(f"TopK {node.name!r}: k is neither static in its output shape nor a constant")
+            dim = int(kv.numpy().reshape(-1)[0])
+        m = _ROUTER_SCOPE.search(node.name or "")
+        found.append((node, int(m.group(1)) if m else (node.name or f"topk{len(found)}"), axis, dim))
+    return found
+
+
+def routing_decisions(model: ir.Model) -> list[RoutingDecision]:
+    """The routing TopK nodes of `model`, in graph order (group TopK before expert TopK per layer)."""
+    found = _decision_nodes(model)
+    last = {layer: node.name for node, layer, _, _ in found}
+    return [RoutingDecision(node.name, layer, "experts" if last[layer] == node.name else "groups",
+                            node.outputs[1].name, node.inputs[0].name, axis, k) for node, layer, axis, k in found]
+
+
+def expose_routing(model: ir.Model, scores: bool = True) -> list[RoutingDecision]:
+    """Add every routing TopK's indices (and, with scores, its ranked input) to `model`'s graph
+    outputs, in place (use it on a copy kept for the comparison); -> the decisions."""
+    g = model.graph
+    present = {id(v) for v in g.outputs}
+    for node, _, _, _ in _decision_nodes(model):
+        for v in (node.outputs[1], node.inputs[0] if scores else None):
+            if v is not None and id(v) not in present and not v.is_initializer():
+                g.outputs.append(v)
+                present.add(id(v))
+    return routing_decisions(model)
+
+
+@dataclasses.dataclass
+class RoutingCall:
+    """One graph run's routing: indices [B, S, k] (and ranked scores [B, S, n]) per TopK node."""
+
+    graph: str
+    position: np.ndarray  # [B], position of the first row
+    seq: int
+    indices: dict[str, np.ndarray]
+    scores: dict[str, np.ndarray]
+
+
+def _rows(x: np.ndarray, axis: int, B: int, S: int, node: str) -> np.ndarray:
+    x = np.moveaxis(np.asarray(x), axis, -1)
+    if x.ndim != 2 or x.shape[0] != B * S:
+        raise ValueError(f"routing TopK {node!r}: output {list(x.shape)} is not [batch*seq = {B * S}, k]")
+    return x.reshape(B, S, -1)
+
+
+class RoutingRunner(StaticRunner):
+    """A StaticRunner over graphs with routing outputs (expose_routing): every run appends a
+    RoutingCall to `calls`; prefill / decode / generate return what StaticRunner's do."""
+
+    def __init__(self, sessions: dict, specs: dict[str, StaticGraphSpec], cfg,
+                 decisions: dict[str, list[RoutingDecision]]):
+        super().__init__(sessions, specs, cfg)
+        self.decisions = decisions
+        self.calls: list[RoutingCall] = []
+
+    def _run(self, name: str, ids: np.ndarray, position: np.ndarray, cache: dict) -> tuple[np.ndarray, dict]:
+        sess = self.sessions[name]
+        feeds = {"input_ids": ids.astype(INDEX_DTYPE), "position": position.astype(INDEX_DTYPE), **cache}
+        res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        B, S = ids.shape
+        call = RoutingCall(name, position.astype(np.int64).copy(), S, {}, {})
+        for d in self.decisions.get(name, []):
+            call.indices[d.node] = _rows(res[d.indices], d.axis, B, S, d.node)
+            if d.scores in res:
+                call.scores[d.node] = _rows(res[d.scores], d.axis, B, S, d.node)
+        self.calls.append(call)
+        present = {k.replace("present.", "past.", 1): v for k, v in res.items() if k.startswith("present.")}
+        return res["logits"], present
+
+
+def _margins(scores: np.ndarray, k: int) -> np.ndarray:
+    """k-th minus (k+1)-th largest along the last axis (inf when nothing ranks below the k-th)."""
+    s = -np.sort(-scores.astype(np.float64), axis=-1)
+    if s.shape[-1] <= k:
+        return np.full(s.shape[:-1], np.inf)
+    with np.errstate(invalid="ignore"):
+        m = s[..., k - 1] - s[..., k]
+    return np.nan_to_num(m, nan=0.0, posinf=np.inf)
+
+
+def _pair_decisions(ref: list[RoutingDecision], act: list[RoutingDecision], graph: str):
+    if [d.node for d in ref] == [d.node for d in act] or len(ref) == len(act):
+        return list(zip(ref, act))  # by name, else by order (both come from the same export)
+    raise ValueError(f"{graph}: the fp32 graph has {len(ref)} routing TopK nodes, its fp16 twin {len(act)}")
+
+
+class _RoutingTrace:
+    """Per (batch row, absolute position) of one trajectory: the routing flips (one per router
+    layer whose decision differs, fp32 static graph vs fp16; empty when every layer agreed)."""
+
+    def __init__(self, ref: RoutingRunner, act: RoutingRunner):
+        self.ref, self.act = ref, act
+        self.layers = 0
+        self.positions: dict[tuple[int, int], list[dict]] = {}
+        self.new: list[tuple[int, int]] = []  # positions the last add() found flipped
+
+    def add(self, rc: RoutingCall, ac: RoutingCall, n_valid: int) -> None:
+        """Compare two runs of the same graph on the same inputs; rows >= n_valid (padding) are skipped."""
+        if rc.graph != ac.graph or rc.seq != ac.seq or not np.array_equal(rc.position, ac.position):
+            raise ValueError(f"routing calls differ: {rc.graph} at {rc.position.tolist()} vs "
+                             f"{ac.graph} at {ac.position.tolist()}")
+        layers: dict = {}
+        for dr, da in _pair_decisions(self.ref.decisions.get(rc.graph, []), self.act.decisions.get(ac.graph, []),
+                                      rc.graph):
+            layers.setdefault(dr.layer, []).append((dr, da))
+        self.layers = max(self.layers, len(layers))
+        B = rc.position.shape[0]
+        for b in range(B):
+            for s in range(n_valid):
+                self.positions[(b, int(rc.position[b]) + s)] = []
+        for layer, pairs in layers.items():
+            er, ea = pairs[-1]  # the expert TopK: the sets the flip record shows
+            done = np.zeros((B, rc.seq), bool)
+            for dr, da in pairs:
+                r, a = rc.indices[dr.node], ac.indices[da.node]
+                differ = (np.sort(r, axis=-1) != np.sort(a, axis=-1)).any(axis=-1) & ~done
+                done |= differ
+                differ[:, n_valid:] = False
+                if not differ.any():
+                    continue
+                margins = _margins(rc.scores[dr.node], dr.k) if dr.node in rc.scores else None
+                for b, s in zip(*np.nonzero(differ)):
+                    self.positions[(int(b), int(rc.position[b]) + int(s))].append({
+                        "batch": int(b), "position": int(rc.position[b]) + int(s), "layer": layer,
+                        "decided_by": dr.kind, "topk": dr.node,
+                        "margin": None if margins is None else float(margins[b, s]),
+                        "experts_reference": sorted(int(i) for i in rc.indices[er.node][b, s]),
+                        "experts_actual": sorted(int(i) for i in ac.indices[ea.node][b, s])})
+
+        # a flip is a consequence, not a near-tie of its own, when this token's state had already
+        # diverged: an earlier layer flipped at this position, or at an earlier position (whose
+        # cache rows this token attends to from the next layer on)
+        self.new = sorted({(f["batch"], f["position"]) for bp, fl in self.positions.items() for f in fl
+                           if bp[1] >= int(rc.position[bp[0]]) and bp[1] < int(rc.position[bp[0]]) + n_valid})
+        for b, p in self.new:
+            for f in self.positions[(b, p)]:
+                causes = [g for (gb, gp), gl in self.positions.items() if gb == b and gp <= p for g in gl
+                          if isinstance(g["layer"], int) and isinstance(f["layer"], int) and g["layer"] < f["layer"]]
+                first = min(causes, key=lambda g: (g["layer"], g["position"]), default=None)
+                f["follows"] = None if first is None else {"position": first["position"], "layer": first["layer"]}
+
+    def flipped(self, b: int, p: int) -> bool:
+        return bool(self.positions.get((b, p)))
+
+    def first_layer(self, b: int, p: int):
+        """The first router layer that flipped at (b, p) (None: none, or layers without an order)."""
+        layers = [f["layer"] for f in self.positions.get((b, p), [])]
+        return min(layers) if layers and all(isinstance(x, int) for x in layers) else None
+
+    def repair(self, cache16: dict, reference_cache, num_layers: int) -> list[dict]:
+        """Reset the cache rows that the last call's flipped tokens wrote after their first flip
+        (layers > the first flipped router layer; every layer when layers have no order) to the
+        reference's rows, in place; -> what was replaced. Later decode steps then measure fp16
+        error, not the consequence of a discrete decision that went the other way."""
+        done = []
+        for b, p in self.new:
+            first = self.first_layer(b, p)
+            layers = [i for i in range(num_layers) if first is None or i > first]
+            for i in layers:
+                for j, part in enumerate(("c_kv", "k_pe")):
+                    key = f"past.{i}.{part}"
+                    if not cache16[key].flags.writeable:
+                        cache16[key] = cache16[key].copy()
+                    cache16[key][b, p] = reference_cache[i][j][b, p].numpy()
+            if layers:
+                done.append({"batch": b, "position": p, "layers": layers})
+        return done
+
+
+@dataclasses.dataclass
+class EmulationReport(ParityReport):
+    """A ParityReport whose outputs are judged over the positions whose routing agreed with the
+    fp32 graphs; it also fails on extra["routing"]["reasons"] (too many flips, a flip that was
+    not a near-tie)."""
+
+    def _routing_reasons(self) -> list[str]:
+        return list(self.extra.get("routing", {}).get("reasons", []))
+
+    @property
+    def passed(self) -> bool:
+        return super().passed and not self._routing_reasons()
+
+    def failure_reasons(self) -> list[str]:
+        return super().failure_reasons() + [f"routing: {r}" for r in self._routing_reasons()]
+
+    def raise_if_failed(self) -> ParityReport:
+        if self.passed:
+            return self
+        try:
+            ParityReport.raise_if_failed(self)
+        except ParityError as e:
+            raise ParityError("\n".join([str(e)] + [f"  routing: {r}" for r in self._routing_reasons()]),
+                              report=self) from None
+        return self
+
+    def to_markdown(self) -> str:
+        text = super().to_markdown()
+        rt = self.extra.get("routing")
+        if not rt:
+            return text
+        lines = ["", f"Routing vs the fp32 graphs: {rt['summary']}"]
+        lines += [f"- routing: {r}" for r in rt.get("reasons", [])]
+        return text + "\n".join(lines) + "\n"
+
+
+def _flip_text(f: dict) -> str:
+    m = "?" if f["margin"] is None else f"{f['margin']:.2g}"
+    where = f"row {f['batch']} " if f["batch"] else ""
+    after = (f", after the flip at position {f['follows']['position']} layer {f['follows']['layer']}"
+             if f.get("follows") else "")
+    return (f"{where}position {f['position']} layer {f['layer']}: experts {f['experts_reference']} -> "
+            f"{f['experts_actual']} ({f['decided_by']} TopK, fp32 margin {m}{after})")
+
+
+def _judge(stage: str, ref: dict, act: dict, logits_outputs: list[str], trace: _RoutingTrace | None,
+           rows: np.ndarray) -> ParityReport:
+    """compare() over the rows (leading [B, T] axes of every array; rows[b, t] = absolute position)
+    whose routing agreed in every layer; flipped rows are excluded and recorded, the unmasked
+    numbers kept as information. Without a trace: plain compare()."""
+    if trace is None:
+        return compare(stage, ref, act, logits_outputs=logits_outputs)
+    B = rows.shape[0]
+    keep = np.array([[not trace.flipped(b, int(p)) for p in rows[b]] for b in range(B)], bool).reshape(rows.shape)
+    last = rows.max(axis=1)
+    context = [(b, p) for (b, p) in trace.positions if p <= last[b]]
+    flips = [f for bp in sorted(context) for f in trace.positions[bp]]
+    flipped = sorted({(f["batch"], f["position"]) for f in flips})
+    excluded = [(b, int(p)) for b in range(B) for p, k in zip(rows[b], keep[b]) if not k]
+    n_ctx = len(context)
+    if keep.all():
+        rep = compare(stage, ref, act, logits_outputs=logits_outputs)
+        unmasked = None
+    elif keep.any():
+        rep = compare(stage, {k: np.asarray(v)[keep] for k, v in ref.items()},
+                      {k: np.asarray(v)[keep] for k, v in act.items()}, logits_outputs=logits_outputs)
+        unmasked = compare(stage, ref, act, logits_outputs=logits_outputs)
+    else:  # every row of this report flipped: nothing left to judge
+        rep = compare(stage, {}, {})
+        unmasked = compare(stage, ref, act, logits_outputs=logits_outputs)
+    reasons = []
+    if n_ctx and len(flipped) / n_ctx > MAX_FLIPPED_FRACTION:
+        reasons.append(f"expert choice flipped at {len(flipped)} of {n_ctx} token positions "
+                       f"({100 * len(flipped) / n_ctx:.1f}% > {100 * MAX_FLIPPED_FRACTION:g}%): more than "
+                       "occasional near-ties")
+    for f in flips:  # a flip that follows an earlier one is a consequence: its margin is not judged
+        if not f.get("follows") and f["margin"] is not None and not f["margin"] <= MAX_FLIP_MARGIN:
+            reasons.append(f"{_flip_text(f)}: margin > {MAX_FLIP_MARGIN:g}, not a near-tie")
+    roots = [f for f in flips if not f.get("follows")]
+    margins = [f["margin"] for f in roots if f["margin"] is not None]
+    n_rows = int(rows.size)
+    summary = (f"{n_rows - len(excluded)} of {n_rows} rows judged; " +
+               ("no routing flip" if not flips else
+                f"{len(flipped)} of {n_ctx} positions flipped ({'; '.join(_flip_text(f) for f in flips)})") +
+               (f"; excluded from the thresholds: positions {[p for _, p in excluded]}" if excluded else ""))
+    record = {
+        "reference": "fp32 static graphs on ORT CPU (same inputs)",
+        "n_positions": n_ctx,
+        "n_decisions": n_ctx * trace.layers,
+        "n_flipped_decisions": len(flips),
+        "n_root_flips": len(roots),
+        "flipped_positions": sorted({p for _, p in flipped}),
+        "excluded_positions": [p for _, p in excluded],
+        "excluded_rows": [[b, p] for b, p in excluded],
+        "n_rows": n_rows,
+        "n_rows_judged": n_rows - len(excluded),
+        "min_margin_of_flips": min(margins) if margins else None,
+        "max_margin_of_flips": max(margins) if margins else None,
+        "max_flipped_fraction": MAX_FLIPPED_FRACTION,
+        "max_flip_margin": MAX_FLIP_MARGIN,
+        "flips": flips,
+        "reasons": reasons,
+        "summary": summary,
+    }
+    if unmasked is not None:
+        record["unmasked"] = {o.name: {"cosine": o.cosine, "rel_euclid": o.rel_euclid, "kl": o.kl,
+                                       "passed": o.passed, "reasons": list(o.reasons)} for o in unmasked.outputs}
+    out = EmulationReport(stage=rep.stage, budget=rep.budget, outputs=rep.outputs, extra=dict(rep.extra))
+    out.extra["routing"] = record
+    return out
+
+
+# ------------------------------------------------------------------------------------ runs
 def emulate(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], keep_fp32: dict[str, list[str]],
             prompt_len: int | None = None, decode_steps: int = 4, gen_tokens: int = 16, seed: int = 0,
-            work: Path | None = None, stage: str = STAGE) -> list[ParityReport]:
+            work: Path | None = None, stage: str = STAGE, routing_aware: bool = True) -> list[ParityReport]:
     """fp16 emulation vs eager fp32: reports for the prefill (logits + cache rows), each decode step
-    and greedy generation (tokens recorded), under BUDGETS[stage]."""
+    and greedy generation (tokens recorded), under BUDGETS[stage].
+
+    routing_aware: every routing TopK's indices (and, in the fp32 graphs, its scores) become extra
+    outputs of comparison-only copies of the fp32 static graphs and their fp16 twins; both run on
+    the same inputs, and token positions whose expert choice differs in any layer are excluded from
+    the thresholds and recorded (extra["routing"]); see compare_runs."""
     specs = {n: s for n, (s, _) in graphs.items()}
     with tempfile.TemporaryDirectory(prefix="mlamoe-emul-") as tmp:
-        paths = emulation_graphs(graphs, keep_fp32, Path(work) if work else Path(tmp))
-        runner = StaticRunner(ort_sessions(paths), specs, model.config)
-        return compare_runs(model, runner, stage, prompt_len, decode_steps, gen_tokens, seed)
+        folder = Path(work) if work else Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        p16, p32, d16, d32 = {}, {}, {}, {}
+        for name, (_, path) in graphs.items():
+            m32 = ir.load(path)
+            m16 = to_fp16(m32, keep_fp32.get(name, []))
+            if routing_aware:
+                d16[name] = expose_routing(m16, scores=False)
+                d32[name] = expose_routing(m32, scores=True)
+                p32[name] = folder / f"{name}.fp32.routing.onnx"
+                ir.save(m32, p32[name])
+            p16[name] = folder / f"{name}.fp16.onnx"
+            ir.save(m16, p16[name])
+            del m32, m16
+        if routing_aware:
+            runner = RoutingRunner(ort_sessions(p16), specs, model.config, d16)
+            ref = RoutingRunner(ort_sessions(p32), specs, model.config, d32)
+        else:
+            runner, ref = StaticRunner(ort_sessions(p16), specs, model.config), None
+        return compare_runs(model, runner, stage, prompt_len, decode_steps, gen_tokens, seed, routing_ref=ref)
 
 
 def static_parity(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], stage: str = "export/ascend-static",
@@ -136,28 +482,51 @@ def static_parity(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], stage:
     return compare_runs(model, runner, stage, prompt_len, decode_steps, gen_tokens, seed)
 
 
+def make_prompt(cfg, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """The prompt compare_runs uses: [batch, length] token ids from torch.Generator(seed)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (batch, length), generator=g)
+
+
 @torch.no_grad()
 def compare_runs(model, runner: StaticRunner, stage: str, prompt_len: int | None = None, decode_steps: int = 4,
-                 gen_tokens: int = 16, seed: int = 0) -> list[ParityReport]:
+                 gen_tokens: int = 16, seed: int = 0, routing_ref: RoutingRunner | None = None) -> list[ParityReport]:
     """Eager vs `runner` on one prompt: prefill in the smallest bucket (prompt = 3/4 of it by
     default, so padding is exercised), `decode_steps` steps each fed the runner's own cache, then
-    greedy generation of `gen_tokens` tokens."""
+    greedy generation of `gen_tokens` tokens.
+
+    With routing_ref (the fp32 static graphs as a RoutingRunner; `runner` a RoutingRunner too), the
+    reference graphs run the same trajectory (same tokens, their own cache) and every router
+    decision is compared: a row (prefill position, decode step, greedy step) whose expert choice
+    differs in any layer is excluded from the thresholds (a discrete flip on a near-tie, after which
+    that token legitimately diverges), the rest is judged as usual. A report still fails when more
+    than MAX_FLIPPED_FRACTION of the positions its outputs depend on flipped, or when a flip's fp32
+    margin exceeds MAX_FLIP_MARGIN. Rows after a flipped position that attend to it stay judged."""
     specs = runner.specs
     cfg = model.config
     dec = specs["decode"]
     buckets = sorted(s.seq for s in specs.values() if s.kind == "prefill")
     L = prompt_len or max(1, (3 * buckets[0]) // 4)
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, cfg.vocab_size, (dec.batch, L), generator=g)
+    prompt = make_prompt(cfg, dec.batch, L, seed)
+    B = dec.batch
+    if routing_ref is not None and not isinstance(runner, RoutingRunner):
+        raise TypeError("compare_runs: routing_ref needs a RoutingRunner as runner")
+    trace = _RoutingTrace(routing_ref, runner) if routing_ref is not None else None
     reports = []
-    ref_logits, cache = model.step(prompt, model.empty_cache(dec.batch))
+    ref_logits, cache = model.step(prompt, model.empty_cache(B))
     logits, c16 = runner.prefill(prompt.numpy())
+    if trace is not None:
+        _, c32 = routing_ref.prefill(prompt.numpy())
+        trace.add(routing_ref.calls[-1], runner.calls[-1], L)
     ref = {"logits": ref_logits.numpy()}
     act = {"logits": logits}
+    # cache rows 0..L-1 are the ones this prefill wrote (rows L.. hold the bucket's padding)
     for i, (ck, pe) in enumerate(cache):
         ref[f"present.{i}.c_kv"], act[f"present.{i}.c_kv"] = ck.numpy(), c16[f"past.{i}.c_kv"][:, :L]
         ref[f"present.{i}.k_pe"], act[f"present.{i}.k_pe"] = pe.numpy(), c16[f"past.{i}.k_pe"][:, :L]
-    reports.append(compare(f"{stage}/prefill", ref, act, logits_outputs=["logits"]))
+    reports.append(_judge(f"{stage}/prefill", ref, act, ["logits"], trace, np.tile(np.arange(L), (B, 1))))
+    if trace is not None:
+        reports[-1].extra["routing"]["cache_rows_reset"] = trace.repair(c16, cache, cfg.num_hidden_layers)
     tok = ref_logits[:, -1].argmax(-1, keepdim=True)
     pos = L
     for step in range(decode_steps):
@@ -165,20 +534,80 @@ def compare_runs(model, runner: StaticRunner, stage: str, prompt_len: int | None
             break
         ref_logits, cache = model.step(tok, cache)
         logits, c16 = runner.decode(tok.numpy(), pos, c16)
-        reports.append(compare(f"{stage}/decode-{step}", {"logits": ref_logits.numpy()}, {"logits": logits},
-                               logits_outputs=["logits"]))
+        if trace is not None:
+            _, c32 = routing_ref.decode(tok.numpy(), pos, c32)
+            trace.add(routing_ref.calls[-1], runner.calls[-1], 1)
+        reports.append(_judge(f"{stage}/decode-{step}", {"logits": ref_logits.numpy()}, {"logits": logits},
+                              ["logits"], trace, np.full((B, 1), pos)))
+        if trace is not None:
+            reports[-1].extra["routing"]["cache_rows_reset"] = trace.repair(c16, cache, cfg.num_hidden_layers)
         tok = ref_logits[:, -1].argmax(-1, keepdim=True)
         pos += 1
     from models.generation import greedy_generate
     n = min(gen_tokens, dec.max_cache - L)
     ref_tokens, ref_steps = greedy_generate(model, prompt, n)
+    mark = len(runner.calls) if trace is not None else 0
     tokens, steps = runner.generate(prompt.numpy(), n)
+    gtrace, agree32 = None, 0
+    if trace is not None:
+        mark32 = len(routing_ref.calls)
+        tokens32, _ = routing_ref.generate(prompt.numpy(), n)
+        # call 0 is the prefill, call i >= 1 decodes token i-1: comparable while both runs were
+        # fed the same tokens (fp32 static vs fp16 greedy)
+        agree32 = int((tokens32 == tokens).all(0).cumprod().sum())
+        gtrace = _RoutingTrace(routing_ref, runner)
+        for i, (rc, ac) in enumerate(zip(routing_ref.calls[mark32:], runner.calls[mark:])):
+            if i <= agree32:
+                gtrace.add(rc, ac, L if i == 0 else 1)
     # the runner's own greedy logits are compared up to the first token mismatch (after it the
     # two trajectories see different tokens and are no longer comparable)
     agree = int((ref_tokens.numpy() == tokens).all(0).cumprod().sum())
     upto = max(agree, 1)
-    rep = compare(f"{stage}/greedy", {"step_logits": ref_steps.numpy()[:, :upto]},
-                  {"step_logits": steps[:, :upto]}, logits_outputs=["step_logits"])
-    rep.add_tokens("greedy", ref_tokens.numpy(), tokens)
+    rep = _judge(f"{stage}/greedy", {"step_logits": ref_steps.numpy()[:, :upto]}, {"step_logits": steps[:, :upto]},
+                 ["step_logits"], gtrace, np.tile(L - 1 + np.arange(upto), (B, 1)))
+    record = rep.add_tokens("greedy", ref_tokens.numpy(), tokens)
+    if gtrace is not None:
+        d = record["first_mismatch"]
+        div = None
+        if d is not None:  # step d's logits come from positions 0 .. L-1+d
+            at = L - 1 + d
+            before = sorted({p for (b, p), f in gtrace.positions.items() if f and p <= at})
+            div = {"step": d, "position": at, "routing_compared": d <= agree32,
+                   "routing_flip_before": bool(before), "flipped_positions_before": before}
+        rep.extra["routing"]["first_token_divergence"] = div
     reports.append(rep)
     return reports
+
+
+def describe(reports: list[ParityReport]) -> str:
+    """One sentence for the package README: what the fp16 emulation met, what it excluded and why."""
+    emul = {r.stage.rsplit("/", 1)[-1]: r for r in reports if "routing" in r.extra}
+    pre = emul.get("prefill")
+    if pre is None:
+        return "fp16 emulation meets msit's thresholds"
+    decodes = [r for k, r in emul.items() if k.startswith("decode-")]
+    greedy = emul.get("greedy")
+    rt = pre.extra["routing"]
+    n, judged = rt["n_rows"], rt["n_rows_judged"]
+    d_judged = sum(1 for r in decodes if r.extra["routing"]["n_rows_judged"])
+    flips = {(f["batch"], f["position"]): f for r in emul.values() for f in r.extra["routing"]["flips"]}
+    excluded = {(r.stage, b, p) for r in emul.values() for b, p in r.extra["routing"]["excluded_rows"]}
+    head = (f"meets msit's thresholds on {'all ' if judged == n else ''}{judged}{'' if judged == n else f' of {n}'} "
+            f"prefill positions and {d_judged} of {len(decodes)} decode steps")
+    if not flips:
+        text = head + " (expert choices identical to the fp32 graphs' at every position and layer)"
+    else:
+        margins = [f["margin"] for f in flips.values() if f["margin"] is not None]
+        text = (head + f"; {len(excluded)} row{'s' * (len(excluded) != 1)} excluded, where the expert choice "
+                f"flipped on a near-tie with the fp32 routing (position{'s' * (len(flips) != 1)} "
+                f"{', '.join(str(p) for p in sorted({p for _, p in flips}))}"
+                + (f", fp32 margin <= {max(margins):.1g})" if margins else ")"))
+    if greedy is not None:
+        t = greedy.extra.get("tokens", {}).get("greedy", {})
+        text += f"; greedy tokens equal for {t.get('n_equal_steps', '?')} of {t.get('n_steps_reference', '?')} steps"
+        div = greedy.extra["routing"].get("first_token_divergence")
+        if div:
+            text += (f" (first divergence at step {div['step']}, "
+                     + (f"after a routing flip at position {div['flipped_positions_before'][-1]})"
+                        if div["routing_flip_before"] else "with no routing flip before it)"))
+    return text

@@ -1,6 +1,6 @@
 """Decode/prefill latency of the MLA attention forms on ONNX Runtime CPU (not a pytest test).
 
-    python tests/bench/bench_latent_kv.py [--model small] [--lengths 1024,8192,32768] [--threads 2]
+    python -m pipeline.benchmarks.latent_kv [--model small] [--lengths 1024,8192,32768] [--threads 2]
 
 Forms timed (all graphs exported from the same eager model, batch 1, fp32):
   (a) expanded  per-head K/V cache export (`export_graphs(model, layout="expanded")`)
@@ -8,8 +8,9 @@ Forms timed (all graphs exported from the same eager model, batch 1, fp32):
   (c) fused     latent cache after LatentKVFusionPass: form "matmul" (the default) and "attention"
                 (ONNX opset-23 Attention, one KV head)
 Prefill: a fresh `prompt_len`-token prompt (past = 0) through the naive latent graph and the fused ones.
-Every figure is the median of `repeats` timed runs after `warmup` runs, in ms per call (decode: one
-token per call). `mlamoe bench` calls bench_decode_forms().
+Every figure is the median (and the min) of `repeats` timed runs after `warmup` runs, in ms per call
+(decode: one token per call); the forms run in turn in each round so that load from other processes
+spreads evenly over them. `mlamoe bench` calls bench_decode_forms().
 """
 from __future__ import annotations
 
@@ -74,50 +75,56 @@ def _feeds(sess: ort.InferenceSession, seq: int, past: int, vocab: int, seed: in
     return feeds
 
 
-def _time(sess: ort.InferenceSession, feeds, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        sess.run(None, feeds)
-    times = []
+def _interleaved(sessions: dict, feeds: dict, warmup: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """{form: (median ms, min ms)}; forms are run in turn in every round so that load from other
+    processes on the machine spreads evenly over them."""
+    for form, sess in sessions.items():
+        for _ in range(warmup):
+            sess.run(None, feeds[form])
+    times: dict[str, list[float]] = {form: [] for form in sessions}
     for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+        for form, sess in sessions.items():
+            t = time.perf_counter()
+            sess.run(None, feeds[form])
+            times[form].append(1e3 * (time.perf_counter() - t))
+    return {form: (statistics.median(ts), min(ts)) for form, ts in times.items()}
 
 
 def bench_decode_forms(model_name: str = "small", cache_lengths=(1024, 8192, 32768), threads: int = 2,
-                       prompt_len: int = 512, warmup: int = 2, repeats: int = 5,
+                       prompt_len: int = 512, warmup: int = 2, repeats: int = 7,
                        forms=DECODE_FORMS) -> dict:
     """Decode ms/token per form and cache length, prefill ms per form, cache bytes per token per layer.
 
-    Returns {"model", "threads", "cache_lengths", "decode_ms": {form: {length: ms}},
-    "speedup_fused_vs_latent": {length: x}, "prefill_ms": {form: ms}, "prompt_len",
-    "cache_bytes_per_token_per_layer": {"latent": n, "expanded": n}, "ort_version"}.
+    Returns {"model", "threads", "cache_lengths", "decode_ms": {form: {length: median ms}},
+    "decode_min_ms": {form: {length: min ms}}, "speedup_fused_vs_latent": {length: x} (medians),
+    "prefill_ms": {form: median ms}, "prefill_min_ms", "prompt_len",
+    "cache_bytes_per_token_per_layer": {"latent": n, "expanded": n} (fp32), "ort_version"}.
     """
     import models
     cfg = models.load_config(model_name)
     blobs = _graphs(model_name)
-    decode: dict[str, dict[int, float]] = {}
-    for form in forms:
-        sess = _session(blobs[f"{form}.decode"], threads)
-        decode[form] = {}
-        for length in cache_lengths:
-            feeds = _feeds(sess, 1, length, cfg.vocab_size)
-            decode[form][int(length)] = _time(sess, feeds, warmup, repeats)
-            del feeds
-        del sess
-    prefill: dict[str, float] = {}
-    for form in ("latent", "fused_matmul", "fused_attention"):
-        if form in forms or form == "latent":
-            sess = _session(blobs[f"{form}.prefill"], threads)
-            prefill[form] = _time(sess, _feeds(sess, prompt_len, 0, cfg.vocab_size), 1, max(3, repeats // 2))
-            del sess
+    sessions = {form: _session(blobs[f"{form}.decode"], threads) for form in forms}
+    decode: dict[str, dict[int, float]] = {form: {} for form in forms}
+    decode_min: dict[str, dict[int, float]] = {form: {} for form in forms}
+    for length in cache_lengths:
+        feeds = {form: _feeds(sess, 1, int(length), cfg.vocab_size) for form, sess in sessions.items()}
+        for form, (med, low) in _interleaved(sessions, feeds, warmup, repeats).items():
+            decode[form][int(length)], decode_min[form][int(length)] = med, low
+        del feeds
+    del sessions
+    pre_forms = [f for f in ("latent", "fused_matmul", "fused_attention") if f in forms or f == "latent"]
+    sessions = {form: _session(blobs[f"{form}.prefill"], threads) for form in pre_forms}
+    feeds = {form: _feeds(sess, prompt_len, 0, cfg.vocab_size) for form, sess in sessions.items()}
+    pre = _interleaved(sessions, feeds, 1, max(3, repeats // 2))
+    del sessions, feeds
     speed = {}
     if "latent" in decode and "fused_matmul" in decode:
         speed = {n: decode["latent"][n] / decode["fused_matmul"][n] for n in decode["latent"]}
     return {
         "model": model_name, "threads": threads, "cache_lengths": [int(n) for n in cache_lengths],
-        "decode_ms": decode, "speedup_fused_vs_latent": speed, "prefill_ms": prefill, "prompt_len": prompt_len,
+        "decode_ms": decode, "decode_min_ms": decode_min, "speedup_fused_vs_latent": speed,
+        "prefill_ms": {k: v[0] for k, v in pre.items()}, "prefill_min_ms": {k: v[1] for k, v in pre.items()},
+        "prompt_len": prompt_len,
         "cache_bytes_per_token_per_layer": {"latent": cfg.latent_cache_width * 4,
                                             "expanded": cfg.expanded_cache_width * 4},
         "ort_version": ort.__version__,
@@ -132,13 +139,16 @@ def format_table(result: dict) -> str:
     label = {"expanded": "(a) expanded per-head cache", "latent": "(b) latent, unfused",
              "fused_matmul": "(c) latent, fused (matmul)", "fused_attention": "(c') latent, fused (Attention op)"}
     for form, row in result["decode_ms"].items():
-        lines.append(f"| {label.get(form, form)} | " + " | ".join(f"{row[n]:.2f}" for n in lengths) + " |")
+        low = result["decode_min_ms"][form]
+        lines.append(f"| {label.get(form, form)} | "
+                     + " | ".join(f"{row[n]:.1f} (min {low[n]:.1f})" for n in lengths) + " |")
     if result["speedup_fused_vs_latent"]:
         lines.append("| speedup (b)/(c) | " + " | ".join(f"{result['speedup_fused_vs_latent'][n]:.1f}x"
                                                        for n in lengths) + " |")
     lines.append("")
     lines.append(f"prefill of a {result['prompt_len']}-token prompt (past 0): "
-                 + ", ".join(f"{k} {v:.1f} ms" for k, v in result["prefill_ms"].items()))
+                 + ", ".join(f"{k} {v:.1f} ms (min {result['prefill_min_ms'][k]:.1f})"
+                             for k, v in result["prefill_ms"].items()))
     c = result["cache_bytes_per_token_per_layer"]
     lines.append(f"cache bytes per token per layer (fp32): latent {c['latent']}, expanded {c['expanded']}")
     return "\n".join(lines)

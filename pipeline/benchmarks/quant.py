@@ -1,6 +1,6 @@
 """Decode latency of INT8 weight-only (MatMulNBits bits=8) vs fp32 on ONNX Runtime CPU (not a pytest test).
 
-    python tests/bench/bench_quant.py [--model medium] [--threads 2] [--past 256]
+    python -m pipeline.benchmarks.quant [--model medium] [--threads 2] [--past 256]
 
 Both graphs are the same exported decode graph (latent cache, batch 1, one new token per call after
 `past` cached tokens); the int8 one went through passes.quant_int8.Int8WeightOnlyPass (block 128,

@@ -1,6 +1,6 @@
 """Decode latency of the MoE forms on ONNX Runtime CPU (not a pytest test).
 
-    python tests/bench/bench_moe.py [--model small] [--threads 2] [--past-len 128] [--repeats 20]
+    python -m pipeline.benchmarks.moe [--model small] [--threads 2] [--past-len 128] [--repeats 20]
 
 Forms timed (decode graph, batch 1, one new token after `past_len` cached tokens, fp32; MLA attention
 first rewritten by LatentKVFusionPass as the ort-cpu target does, `fuse_attention=False` keeps it naive,

@@ -1,0 +1,1 @@
+"""Benchmarks behind `mlamoe bench --suite ...` (timings, not tests)."""
