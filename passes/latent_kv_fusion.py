@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
+from .graph_utils import const_array as _const, consumers as _consumers
 
 FORMS = ("matmul", "attention")
 # Measured with tests/bench/bench_latent_kv.py: `small` preset, ORT 1.32 CPU, 2 threads, batch 1, on the
@@ -92,11 +93,6 @@ class _Skip(Exception):
 
 # ---- small graph helpers -----------------------------------------------------------------------
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    t = ir.convenience.get_const_tensor(value)
-    return None if t is None else t.numpy()
 
 
 def _producer(value: ir.Value | None, op_type: str | None = None) -> ir.Node | None:
@@ -108,14 +104,6 @@ def _producer(value: ir.Value | None, op_type: str | None = None) -> ir.Node | N
     return node
 
 
-def _consumers(value: ir.Value) -> list[ir.Node]:
-    seen, out = set(), []
-    for use in value.uses():
-        node = use.node if hasattr(use, "node") else use[0]
-        if id(node) not in seen:
-            seen.add(id(node))
-            out.append(node)
-    return out
 
 
 def _sole_consumer(value: ir.Value, what: str) -> ir.Node:

@@ -59,6 +59,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
+from .graph_utils import attr as _attr, const_array as _const, consumers as _consumers
 
 FORMS = ("ort-fused", "static-gather", "static-capacity", "static")
 # "static": per graph, by the graph's name (export names them "prefill" / "decode"): static-gather on
@@ -73,26 +74,10 @@ class _Skip(Exception):
 
 
 # ---- small graph helpers ------------------------------------------------------------------------------
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None:
-        return None
-    t = ir.convenience.get_const_tensor(value)
-    return None if t is None else t.numpy()
 
 
-def _consumers(value: ir.Value) -> list[ir.Node]:
-    seen, out = set(), []
-    for use in value.uses():
-        node = use.node if hasattr(use, "node") else use[0]
-        if id(node) not in seen:
-            seen.add(id(node))
-            out.append(node)
-    return out
 
 
-def _attr(node: ir.Node, name: str, default: Any = None) -> Any:
-    a = node.attributes.get(name)
-    return default if a is None else a.value
 
 
 def _std(node: ir.Node | None, *ops: str) -> bool:
