@@ -102,6 +102,18 @@ def test_parity_reports_pass(built):
             if o.kl is not None:
                 assert o.kl < 0.005
     assert emul[-1].extra["tokens"]["greedy"]["n_steps_reference"] == 16
+    # routing-aware, and nothing to exclude on tiny: every expert choice matches the fp32 graphs'
+    for r in emul:
+        rt = r.extra["routing"]
+        assert rt["flips"] == [] and rt["excluded_positions"] == [] and rt["reasons"] == []
+        assert rt["n_rows_judged"] == rt["n_rows"] and rt["n_decisions"] == rt["n_positions"] * 2
+        assert "unmasked" not in rt
+    assert emul[0].extra["routing"]["n_rows"] == BATCH * 6  # prompt = 3/4 of the bucket of 8, 2 rows
+    assert emul[-1].extra["routing"]["first_token_divergence"] is None
+    assert not any("routing" in r.extra for r in b.reports if r.stage.startswith("export/"))
+    verified = b.manifest["verification"]["verified_here"]
+    assert any("on all 12 prefill tokens (2 batch rows) and 4 of 4 decode steps (expert choices identical" in v
+               for v in verified)
 
 
 def test_atc_commands_match_graph_inputs(built):

@@ -18,6 +18,26 @@ to fp16 between ops, which is what the NPU does (cube units accumulate in fp32 a
 decode steps (each fed the emulated cache) and greedy generation, under
 BUDGETS["ascend-fp16-emulation"] (cosine >= 0.99, KL <= 0.005, rel euclid <= 0.05); greedy token
 agreement is recorded (informational under this budget, as msit has no top-1 rule).
+
+Routing-aware judging. MoE routing is a discrete choice (TopK over router scores): where two
+candidates' fp32 scores nearly tie, fp16 rounding of the hidden state can pick the other expert set
+for that token, after which the token's state legitimately diverges (a different expert computed
+it). msit's thresholds are for numeric error, so such a flip must not be judged as one, nor hidden.
+`emulate` therefore adds every routing TopK's indices (group TopK, expert TopK) as extra outputs of
+comparison-only copies of the fp32 static graphs and their fp16 twins, runs both on the same
+trajectory and compares the chosen sets per (token position, layer). In every report
+(extra["routing"]):
+- rows (prefill positions, the decode step's token, greedy steps) whose routing differed in any
+  layer are excluded from the thresholds; the unmasked numbers are kept for information;
+- a flip that follows an earlier one (a later layer at the same position, or any position attending
+  to an earlier flipped one from a later layer) is a consequence and is recorded as such;
+- the report still FAILS when more than MAX_FLIPPED_FRACTION of the positions its outputs depend on
+  flipped, or when a flip that follows none had an fp32 margin (k-th minus (k+1)-th score of the
+  TopK that flipped) above MAX_FLIP_MARGIN: that is a precision error, not a near-tie;
+- before the next decode step, the cache rows a flipped token wrote after its first flipped layer
+  are reset to the reference's, so later steps measure fp16 error, not the flip's consequence
+  (recorded as cache_rows_reset); positions of the same prefill after a flip stay judged as they are;
+- greedy: the first token divergence and whether a routing flip preceded it.
 """
 from __future__ import annotations
 
@@ -252,6 +272,7 @@ class _RoutingTrace:
         self.layers = 0
         self.positions: dict[tuple[int, int], list[dict]] = {}
         self.new: list[tuple[int, int]] = []  # positions the last add() found flipped
+        self.reset: set[tuple[int, int]] = set()  # positions whose diverged cache rows were reset (repair)
 
     def add(self, rc: RoutingCall, ac: RoutingCall, n_valid: int) -> None:
         """Compare two runs of the same graph on the same inputs; rows >= n_valid (padding) are skipped."""
@@ -287,13 +308,14 @@ class _RoutingTrace:
                         "experts_actual": sorted(int(i) for i in ac.indices[ea.node][b, s])})
 
         # a flip is a consequence, not a near-tie of its own, when this token's state had already
-        # diverged: an earlier layer flipped at this position, or at an earlier position (whose
-        # cache rows this token attends to from the next layer on)
+        # diverged: an earlier layer flipped at this position, or at an earlier position whose
+        # cache rows this token attends to from the next layer on (unless those rows were reset)
         self.new = sorted({(f["batch"], f["position"]) for bp, fl in self.positions.items() for f in fl
                            if bp[1] >= int(rc.position[bp[0]]) and bp[1] < int(rc.position[bp[0]]) + n_valid})
         for b, p in self.new:
             for f in self.positions[(b, p)]:
-                causes = [g for (gb, gp), gl in self.positions.items() if gb == b and gp <= p for g in gl
+                causes = [g for (gb, gp), gl in self.positions.items()
+                          if gb == b and (gp == p or (gp < p and (gb, gp) not in self.reset)) for g in gl
                           if isinstance(g["layer"], int) and isinstance(f["layer"], int) and g["layer"] < f["layer"]]
                 first = min(causes, key=lambda g: (g["layer"], g["position"]), default=None)
                 f["follows"] = None if first is None else {"position": first["position"], "layer": first["layer"]}
@@ -323,6 +345,7 @@ class _RoutingTrace:
                     cache16[key][b, p] = reference_cache[i][j][b, p].numpy()
             if layers:
                 done.append({"batch": b, "position": p, "layers": layers})
+            self.reset.add((b, p))
         return done
 
 
@@ -358,6 +381,14 @@ class EmulationReport(ParityReport):
         if not rt:
             return text
         lines = ["", f"Routing vs the fp32 graphs: {rt['summary']}"]
+        for name, u in (rt.get("unmasked") or {}).items():
+            lines.append(f"- unmasked `{name}` (informational, flipped rows included): cosine {u['cosine']:.6g}, "
+                         f"rel euclid {u['rel_euclid']:.3g}" + ("" if u["kl"] is None else f", KL {u['kl']:.3g}")
+                         + ("" if u["passed"] else " (over the thresholds)"))
+        for c in rt.get("cache_rows_reset") or []:
+            lines.append(f"- cache rows of position {c['position']}" + (f" (row {c['batch']})" if c["batch"] else "")
+                         + f", layers {c['layers'][0]}-{c['layers'][-1]}, reset to the reference's before the "
+                         "next decode step")
         lines += [f"- routing: {r}" for r in rt.get("reasons", [])]
         return text + "\n".join(lines) + "\n"
 
@@ -374,15 +405,16 @@ def _flip_text(f: dict) -> str:
 def _judge(stage: str, ref: dict, act: dict, logits_outputs: list[str], trace: _RoutingTrace | None,
            rows: np.ndarray) -> ParityReport:
     """compare() over the rows (leading [B, T] axes of every array; rows[b, t] = absolute position)
-    whose routing agreed in every layer; flipped rows are excluded and recorded, the unmasked
-    numbers kept as information. Without a trace: plain compare()."""
+    whose routing agreed in every layer; flipped rows are excluded (the judged arrays are then the
+    kept rows, [n_kept, ...]) and recorded, the unmasked numbers kept as information. Without a
+    trace: plain compare()."""
     if trace is None:
         return compare(stage, ref, act, logits_outputs=logits_outputs)
     B = rows.shape[0]
     keep = np.array([[not trace.flipped(b, int(p)) for p in rows[b]] for b in range(B)], bool).reshape(rows.shape)
     last = rows.max(axis=1)
     context = [(b, p) for (b, p) in trace.positions if p <= last[b]]
-    flips = [f for bp in sorted(context) for f in trace.positions[bp]]
+    flips = [dict(f) for bp in sorted(context) for f in trace.positions[bp]]
     flipped = sorted({(f["batch"], f["position"]) for f in flips})
     excluded = [(b, int(p)) for b in range(B) for p, k in zip(rows[b], keep[b]) if not k]
     n_ctx = len(context)
@@ -413,7 +445,8 @@ def _judge(stage: str, ref: dict, act: dict, logits_outputs: list[str], trace: _
                (f"; excluded from the thresholds: positions {[p for _, p in excluded]}" if excluded else ""))
     record = {
         "reference": "fp32 static graphs on ORT CPU (same inputs)",
-        "n_positions": n_ctx,
+        "batch": B,
+        "n_positions": n_ctx,  # (batch row, position) pairs the outputs depend on, routing compared
         "n_decisions": n_ctx * trace.layers,
         "n_flipped_decisions": len(flips),
         "n_root_flips": len(roots),
@@ -580,34 +613,49 @@ def compare_runs(model, runner: StaticRunner, stage: str, prompt_len: int | None
 
 
 def describe(reports: list[ParityReport]) -> str:
-    """One sentence for the package README: what the fp16 emulation met, what it excluded and why."""
+    """The README's account of the routing-aware emulation reports: what met msit's thresholds, which
+    positions were excluded and why (e.g. "meets msit's thresholds on 11 of 12 prefill positions
+    and 4 of 4 decode steps; 1 position excluded (11): ...")."""
     emul = {r.stage.rsplit("/", 1)[-1]: r for r in reports if "routing" in r.extra}
     pre = emul.get("prefill")
     if pre is None:
-        return "fp16 emulation meets msit's thresholds"
+        return "meets msit's thresholds"
     decodes = [r for k, r in emul.items() if k.startswith("decode-")]
-    greedy = emul.get("greedy")
     rt = pre.extra["routing"]
     n, judged = rt["n_rows"], rt["n_rows_judged"]
     d_judged = sum(1 for r in decodes if r.extra["routing"]["n_rows_judged"])
-    flips = {(f["batch"], f["position"]): f for r in emul.values() for f in r.extra["routing"]["flips"]}
-    excluded = {(r.stage, b, p) for r in emul.values() for b, p in r.extra["routing"]["excluded_rows"]}
-    head = (f"meets msit's thresholds on {'all ' if judged == n else ''}{judged}{'' if judged == n else f' of {n}'} "
-            f"prefill positions and {d_judged} of {len(decodes)} decode steps")
+    unit = "positions" if rt["batch"] == 1 else f"tokens ({rt['batch']} batch rows)"
+    text = (f"meets msit's thresholds on {'all ' if judged == n else ''}{judged}{'' if judged == n else f' of {n}'} "
+            f"prefill {unit} and {d_judged} of {len(decodes)} decode steps")
+    flips = {(f["batch"], f["position"], f["layer"]): f for r in emul.values() for f in r.extra["routing"]["flips"]}
+    roots = sorted((f for f in flips.values() if not f.get("follows")), key=lambda f: (f["position"], f["batch"]))
+    excluded = sorted({p for r in emul.values() for p in r.extra["routing"]["excluded_positions"]})
     if not flips:
-        text = head + " (expert choices identical to the fp32 graphs' at every position and layer)"
+        text += " (expert choices identical to the fp32 graphs' at every position and layer)"
     else:
-        margins = [f["margin"] for f in flips.values() if f["margin"] is not None]
-        text = (head + f"; {len(excluded)} row{'s' * (len(excluded) != 1)} excluded, where the expert choice "
-                f"flipped on a near-tie with the fp32 routing (position{'s' * (len(flips) != 1)} "
-                f"{', '.join(str(p) for p in sorted({p for _, p in flips}))}"
-                + (f", fp32 margin <= {max(margins):.1g})" if margins else ")"))
+        def kind(f):
+            return "group" if f["decided_by"] == "groups" else "expert"
+        if len(roots) <= 3:
+            why = "; ".join(f"position {f['position']} layer {f['layer']} {kind(f)} choice, fp32 margin "
+                            + ("?" if f["margin"] is None else f"{f['margin']:.2g}") for f in roots)
+        else:
+            ms = [f["margin"] for f in roots if f["margin"] is not None]
+            why = f"{len(roots)} near-ties" + (f", fp32 margins <= {max(ms):.2g}" if ms else "")
+        n_after = len(flips) - len(roots)
+        text += (f"; {len(excluded)} position{'s' * (len(excluded) != 1)} excluded "
+                 f"({', '.join(map(str, excluded))}): the expert choice flipped on a near-tie with the fp32 "
+                 f"routing ({why})"
+                 + (f", and {n_after} later router decision{'s' * (n_after != 1)} of the diverged token"
+                    f"{'s' * (len(excluded) != 1)} followed" if n_after else ""))
+        if any(r.extra["routing"].get("cache_rows_reset") for r in emul.values()):
+            text += "; the decode steps ran on a cache whose rows written after a flip were reset to the reference's"
+    greedy = emul.get("greedy")
     if greedy is not None:
         t = greedy.extra.get("tokens", {}).get("greedy", {})
         text += f"; greedy tokens equal for {t.get('n_equal_steps', '?')} of {t.get('n_steps_reference', '?')} steps"
         div = greedy.extra["routing"].get("first_token_divergence")
         if div:
             text += (f" (first divergence at step {div['step']}, "
-                     + (f"after a routing flip at position {div['flipped_positions_before'][-1]})"
+                     + (f"following the routing flip at position {div['flipped_positions_before'][-1]})"
                         if div["routing_flip_before"] else "with no routing flip before it)"))
     return text

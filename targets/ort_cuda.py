@@ -1,0 +1,298 @@
+"""ONNX Runtime on NVIDIA GPUs (CUDAExecutionProvider): fp16 graphs with fp32 islands, an fp16 latent
+cache, CUDA EP session settings. Building needs no GPU; the runtime is pipeline/cuda_runtime.py.
+
+fp16 conversion (`to_fp16`, onnx-ir only, no onnxconverter-common). Which nodes compute in fp16 is
+decided by structure, never by names:
+
+- *activation* values are the float values that depend on the token stream: the embedding lookup
+  (Gather of a float initializer by the graph input input_ids), the past-cache graph inputs, and
+  every float output of a node with an activation float input. Nodes touching no activation (RoPE
+  angles and cos/sin from positions, the causal mask) stay fp32 and are cast where they meet fp16;
+- of the activation nodes, these stay fp32 ("islands", their float inputs cast to fp32):
+    * Softmax / LogSoftmax (attention probabilities);
+    * the RMSNorm statistics: Pow, ReduceMean, the Add of eps after ReduceMean, Sqrt, Reciprocal and
+      the Mul/Div by the reciprocal (x.float() * rsqrt(mean(x^2) + eps), then cast: exactly the eager
+      RMSNorm's own fp32 section; the weight Mul runs in fp16 as `weight * x.to(dtype)` does);
+    * the MoE router: every node on the path from the gate projection (a MatMul/Gemm by a constant
+      weight, included) to the router_probs input of com.microsoft.MoE (MoEGroupRouter, TopK, ...),
+      so expert choice is made on fp32 scores; MoE itself runs in fp16 (experts' weights fp16) with
+      the fp32 router's log-scores cast to fp16 (the non-selected experts are -inf, so the
+      selection cannot change in the cast);
+    * TopK anywhere;
+- every other activation node computes in fp16: float initializers it reads are stored fp16 (one
+  fp16 copy where an fp32 island reads the same initializer), Cast-to-float becomes Cast-to-fp16;
+- graph IO: the cache inputs/outputs (past.* / present.*) are fp16 (half the cache memory and the
+  bytes read per decode step); logits stay fp32 (a Cast before the output).
+
+ORT CPU runs such graphs too (its InsertCastTransformer runs ops lacking an fp16 CPU kernel in fp32
+between Casts; every fp16 tensor is still rounded to fp16), which is how the package is checked
+against eager fp32 on a machine without a GPU (budget target-ort-cuda-fp16).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
+
+from .base import TargetProfile
+
+PROFILE = TargetProfile(
+    name="ort-cuda",
+    description="ONNX Runtime CUDAExecutionProvider (CPU fallback), fp16 with fp32 softmax/RMSNorm/router, "
+                "fp16 latent cache, dynamic batch/sequence/cache axes, IOBinding runtime",
+    opset=(17, 23),
+    passes=("latent-kv-fusion", "moe-ort-fused"),
+    quant_schemes=("none",),  # "none" = fp16 compute; int8 / fp8 (issue 8): not yet, see README of the target
+    dynamic_shapes=True,
+    providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
+    parity_stage="target-ort-cuda-fp16",
+    runtime_here=False,  # the CUDA EP needs a GPU; the fp16 graphs are checked on ORT CPU here
+)
+
+F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
+CACHE_PREFIXES = ("past.", "present.")
+_RMS_OPS = {"Pow", "ReduceMean", "Sqrt", "Reciprocal"}
+_ALWAYS_FP32 = {"Softmax", "LogSoftmax", "TopK", "MoEGroupRouter"}
+_FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def session_config() -> dict:
+    """Session settings recorded in the manifest (read by ort_runtime.session_options)."""
+    return {"graph_optimization_level": "all", "intra_op_num_threads": 0, "inter_op_num_threads": 1}
+
+
+def cuda_provider_options(device_id: int = 0) -> dict:
+    """CUDAExecutionProvider options: the BFC arena grows by what is asked (the cache grows one token
+    per step), cuDNN conv search is irrelevant here, TF32 off (fp16 graph; keep fp32 islands exact),
+    the default stream is used so IOBinding copies and kernels are ordered."""
+    return {"device_id": str(device_id), "arena_extend_strategy": "kSameAsRequested",
+            "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1", "use_tf32": "0"}
+
+
+def providers(device_id: int = 0) -> list:
+    return [("CUDAExecutionProvider", cuda_provider_options(device_id)), "CPUExecutionProvider"]
+
+
+# ---- fp16 conversion ---------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Fp16Report:
+    fp16_nodes: int = 0
+    fp32_nodes: int = 0
+    islands: dict = dataclasses.field(default_factory=dict)  # reason -> count of activation nodes kept fp32
+    casts_inserted: int = 0
+    initializers_fp16: int = 0
+    initializers_fp32: int = 0
+    fp16_copies: int = 0
+    weight_bytes_fp16: int = 0
+    weight_bytes_fp32: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _is_const(v: ir.Value | None) -> bool:
+    return v is not None and (v.const_value is not None or v.is_initializer())
+
+
+def _router_nodes(graph: ir.Graph) -> set[int]:
+    """Nodes from each MoE's router_probs back to (and including) its gate projection."""
+    out: set[int] = set()
+    for node in graph:
+        if node.op_type != "MoE" or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        stack = [node.inputs[1]]
+        while stack:
+            v = stack.pop()
+            p = v.producer()
+            if p is None or id(p) in out:
+                continue
+            out.add(id(p))
+            if p.op_type in ("MatMul", "Gemm") and len(p.inputs) > 1 and _is_const(p.inputs[1]):
+                continue  # the gate projection: stop here
+            stack.extend(i for i in p.inputs if i is not None and i.dtype in (F32, F16))
+    return out
+
+
+def _rms_nodes(graph: ir.Graph) -> set[int]:
+    out: set[int] = set()
+    for node in graph:
+        if node.op_type in _RMS_OPS:
+            out.add(id(node))
+        elif node.op_type == "Add" and any(i is not None and i.producer() is not None
+                                           and i.producer().op_type == "ReduceMean" for i in node.inputs):
+            out.add(id(node))
+        elif node.op_type in ("Mul", "Div") and any(i is not None and i.producer() is not None
+                                                    and i.producer().op_type in ("Reciprocal", "Sqrt")
+                                                    for i in node.inputs):
+            out.add(id(node))
+    return out
+
+
+def _activation_nodes(graph: ir.Graph) -> set[int]:
+    """Nodes with an activation float input, or the embedding lookup (see module doc)."""
+    act_values: set[int] = set()
+    for v in graph.inputs:
+        if v.name.startswith("past.") and v.dtype in (F32, F16):
+            act_values.add(id(v))
+    nodes: set[int] = set()
+    for node in graph:  # topological order
+        emb = (node.op_type == "Gather" and _is_const(node.inputs[0]) and node.inputs[0].dtype == F32
+               and node.inputs[1] is not None and node.inputs[1].is_graph_input())
+        if emb or any(i is not None and id(i) in act_values for i in node.inputs):
+            nodes.add(id(node))
+            for o in node.outputs:
+                if o.dtype in (F32, F16):
+                    act_values.add(id(o))
+    return nodes
+
+
+def _infer_dtypes(model: ir.Model) -> None:
+    """Give every value a dtype: ONNX shape inference, then (contrib ops it does not know) the dtype
+    of the node's first typed input (true of com.microsoft.MoE / MoEGroupRouter outputs)."""
+    common_passes.ShapeInferencePass()(model)
+    for node in model.graph:
+        for o in node.outputs:
+            if o.dtype is None:
+                typed = [i.dtype for i in node.inputs if i is not None and i.dtype is not None]
+                if typed:
+                    o.dtype = typed[0]
+
+
+def to_fp16(model: ir.Model, cache_fp16: bool = True) -> Fp16Report:
+    """Rewrite `model` in place to compute in fp16 with fp32 islands (module doc). -> report."""
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    _infer_dtypes(model)
+    g = model.graph
+    g.sort()
+    nodes = list(g)
+    act = _activation_nodes(g)
+    islands = {"softmax/topk/router-op": {id(n) for n in nodes if n.op_type in _ALWAYS_FP32},
+               "rmsnorm": _rms_nodes(g), "moe-router": _router_nodes(g)}
+    report = Fp16Report()
+    want: dict[int, ir.DataType] = {}
+    for n in nodes:
+        keep = [r for r, s in islands.items() if id(n) in s]
+        if id(n) in act and not keep:
+            want[id(n)] = F16
+        else:
+            want[id(n)] = F32
+            if id(n) in act:
+                report.islands[keep[0]] = report.islands.get(keep[0], 0) + 1
+    report.fp16_nodes = sum(d == F16 for d in want.values())
+    report.fp32_nodes = len(nodes) - report.fp16_nodes
+
+    # cache graph inputs become fp16
+    if cache_fp16:
+        for v in g.inputs:
+            if v.name.startswith("past.") and v.dtype == F32:
+                v.dtype = F16
+
+    # initializers: fp16 where fp16 nodes read them (a separate fp16 copy when fp32 nodes read them too)
+    for v in list(g.initializers.values()):
+        if v.dtype != F32 or v.const_value is None:
+            continue
+        users = list(v.uses())
+        half = [(u, i) for u, i in users if want.get(id(u)) == F16]
+        if not half:
+            report.initializers_fp32 += 1
+            report.weight_bytes_fp32 += v.const_value.nbytes
+            continue
+        arr = v.const_value.numpy()
+        a16 = np.where(np.isfinite(arr), np.clip(arr, -_FP16_MAX, _FP16_MAX), arr).astype(np.float16)
+        report.weight_bytes_fp16 += a16.nbytes
+        if len(half) == len(users):
+            v.const_value = ir.tensor(a16, name=v.name)
+            v.dtype = F16
+            report.initializers_fp16 += 1
+        else:
+            copy = ir.Value(name=f"{v.name}__fp16", type=ir.TensorType(F16), shape=v.shape,
+                            const_value=ir.tensor(a16, name=f"{v.name}__fp16"))
+            g.register_initializer(copy)
+            for u, i in half:
+                u.replace_input_with(i, copy)
+            report.fp16_copies += 1
+            report.weight_bytes_fp32 += v.const_value.nbytes
+
+    casts: dict[tuple[int, ir.DataType], ir.Value] = {}
+
+    def cast_of(v: ir.Value, to: ir.DataType, before: ir.Node) -> ir.Value:
+        key = (id(v), to)
+        if key not in casts:
+            tag = "fp16" if to == F16 else "fp32"
+            node = ir.node("Cast", [v], attributes={"to": to}, name=f"{v.name}/cuda_cast_{tag}")
+            node.outputs[0].name = f"{v.name}__{tag}"
+            node.outputs[0].dtype, node.outputs[0].shape = to, v.shape
+            p = v.producer()
+            if p is not None:
+                g.insert_after(p, node)
+            else:
+                g.insert_before(nodes[0], node)
+            casts[key] = node.outputs[0]
+            report.casts_inserted += 1
+        return casts[key]
+
+    for node in nodes:
+        dt = want[id(node)]
+        if node.op_type == "Cast":
+            to = node.attributes["to"].as_int()
+            if dt == F16 and to == F32:
+                node.attributes["to"] = ir.AttrInt64("to", F16)
+                node.outputs[0].dtype = F16
+            continue  # a Cast takes any input type
+        for i, v in enumerate(node.inputs):
+            if v is not None and v.dtype in (F32, F16) and v.dtype != dt:
+                if node.op_type == "Pow" and i == 1:
+                    continue  # the exponent may have its own type
+                node.replace_input_with(i, cast_of(v, dt, node))
+        for o in node.outputs:
+            if o.dtype in (F32, F16) and node.op_type not in ("Shape", "Size"):
+                o.dtype = dt
+
+    # graph outputs: cache fp16 (or fp32), everything else (logits) fp32
+    for i, out in enumerate(list(g.outputs)):
+        target = F16 if (cache_fp16 and out.name.startswith("present.")) else F32
+        if out.dtype in (F32, F16) and out.dtype != target:
+            name = out.name
+            out.name = f"{name}__{'fp16' if out.dtype == F16 else 'fp32'}"
+            cast = ir.node("Cast", [out], attributes={"to": target}, name=f"{name}/cuda_output_cast")
+            cast.outputs[0].name, cast.outputs[0].dtype, cast.outputs[0].shape = name, target, out.shape
+            g.append(cast)
+            g.outputs[i] = cast.outputs[0]
+            report.casts_inserted += 1
+    common_passes.RemoveUnusedNodesPass()(model)
+    g.sort()
+    return report
+
+
+def convert_graph_files(src: Path, dst: Path, cache_fp16: bool = True) -> Fp16Report:
+    """Load an fp32 graph file, convert it (to_fp16) and save it with pipeline.export.save_graph."""
+    from pipeline.export import save_graph
+    m = ir.load(src)
+    report = to_fp16(m, cache_fp16=cache_fp16)
+    save_graph(m, dst)
+    return report
+
+
+def graph_dtypes(path: Path) -> dict[str, str]:
+    """{input/output name: numpy dtype name} of a saved graph (what a runtime must feed)."""
+    import onnx
+    m = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for v in list(m.graph.input) + list(m.graph.output):
+        out[v.name] = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+    return out
+
+
+def has_cuda_provider() -> tuple[bool, str]:
+    """(True, "") when this onnxruntime has the CUDA EP and a GPU answers; else (False, reason)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        return False, f"onnxruntime not importable: {e}"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False, (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu "
+                       "in a separate environment; see shared/GPU.md)")
+    return True, ""
