@@ -163,9 +163,9 @@ def check_decode_parity(model, graphs, form: str = DEFAULT_FORM):
     return fused
 
 
-# `small` takes ~45 s to export (~85 s with the 2 CI cores shared): it runs in the slow tier to keep
-# this file's fast tier near a minute; tests/bench/bench_latent_kv.py also runs it fused.
-@pytest.mark.parametrize("name", ["tiny", "tiny-v2", pytest.param("small", marks=pytest.mark.slow)])
+# `small` takes ~45 s to export (~85 s with the 2 CI cores shared); the issue asks for it in the
+# fast suite, and the whole suite stays well under its 15-minute budget.
+@pytest.mark.parametrize("name", ["tiny", "tiny-v2", "small"])
 def test_decode_parity_and_no_cache_expansion(exported, name):
     model, graphs = exported(name)
     cfg = model.config
@@ -412,7 +412,7 @@ def test_fuse_graphs_uses_the_measured_per_graph_choice(exported):
         assert summary["prefill"]["form"] is None and len(expansions_of_cache(copies["prefill"])) == L
 
 
-# ---- million-token decode (slow tier) ----------------------------------------------------------
+# ---- million-token decode (fast tier: ~20-25 s, peak ~2.8 GB) ----------------------------------------------------------
 
 def long_config():
     from models.config import DeepseekConfig
@@ -506,7 +506,6 @@ def np_decode_step(w, cfg, token, position, cache, inv_freq32, plant):
     return logits, stats
 
 
-@pytest.mark.slow
 def test_decode_one_step_with_million_token_latent_cache():
     """Fused decode graph, 1,048,576 cached tokens, ORT CPU, vs float64 numpy of the same step.
 
