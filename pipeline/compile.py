@@ -236,10 +236,19 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
             def do_quant(d: Path, rec: StageRecord) -> None:
                 graphs = _load_graphs(src_dir)
                 calibration = _calibrate(graphs["prefill"], cfg, seed) if quant == "w8a8" else None
+                summary = {}
                 for g, m in graphs.items():
                     report = quantize_graph(m, quant, model=model, calibration=calibration)
                     save_graph(m, d / f"{g}.onnx")
-                    rec.notes.append(f"{g}: " + json.dumps(report.to_dict(), sort_keys=True, default=str))
+                    summary[g] = report.to_dict()
+                    rec.notes.append(f"{g}: " + report.summary())
+                # for people: weight bytes before/after, and where the error enters (per linear layer)
+                (d / "reports").mkdir()
+                (d / "reports" / "quantization.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+                from .quant_eval import write_error_profile
+                feeds = next(c.inputs for c in golden.cases if c.name == "prefill")
+                write_error_profile(ir.load(src_dir / "prefill.onnx"), graphs["prefill"], quant, feeds,
+                                    d / "reports" / "error_profile.csv")
 
             prev = runner.run("quantize", {"scheme": quant}, prev.outputs, prev_dir, do_quant,
                               checker(f"quantize-{quant}"))
@@ -264,6 +273,8 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
         (pkg / "onnx").mkdir()
         for rel in target_rec.outputs:
             shutil.copyfile(work / "target" / rel, pkg / "onnx" / rel)
+        if quant != "none":
+            shutil.copytree(prev_dir / "reports", pkg / "reports")
         (pkg / "runtime").mkdir()
         shutil.copyfile(Path(ort_runtime.__file__), pkg / "runtime" / "ort_runtime.py")
         golden_section = save_golden(expected, pkg / "golden", pkg)

@@ -1,0 +1,310 @@
+"""ORT CUDA (fp16 graphs, IOBinding) vs eager PyTorch on one GPU (not a pytest test; run on the GPU machine).
+
+    PYTHONPATH=/tmp/site python3 -m pipeline.benchmarks.cuda --model medium --out $OUT/h200_ort_cuda.json
+
+Builds the ort-cuda graphs on the machine (export -> latent-kv-fusion (decode) -> moe-ort-fused -> fp16,
+exactly the package's graphs; the CPU parity stages of `compile` are skipped), then:
+  parity   prefill logits of a prompt and greedy generation (32 steps): ORT CUDA vs eager fp32 on the
+           GPU, judged by BUDGETS["target-ort-cuda-fp16"], tokens compared one by one;
+  decode   ms per token at each cache length (synthetic cache, batch 1), median of repeats after warm-up:
+           ORT CUDA (cache bound on the device, logits copied to the host) vs eager fp32 and eager fp16;
+  prefill  tokens/s for one prompt of --prompt-len tokens (fresh cache);
+  floor    bytes read per decode token (weights actually used by one token: all non-expert weights,
+           one embedding row, k of E routed experts; plus the whole cache) / 4.8 TB/s, and the ratio.
+Writes one JSON file with the raw numbers and the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+HBM_BYTES_PER_S = 4.8e12  # H200 datasheet
+
+
+def _median_ms(fn, repeat: int, warmup: int = 3, sync=None) -> dict:
+    for _ in range(warmup):
+        fn()
+    if sync:
+        sync()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append((time.perf_counter() - t) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "repeat": repeat}
+
+
+def build_graphs(model, out_dir: Path, router: str, log) -> dict:
+    import onnx_ir as ir
+    from passes import PASSES, graphs_for
+    from passes.cleanup import cleanup
+    from passes.moe_lowering import MoELoweringPass
+    from pipeline.export import export_graphs, save_graph
+    from targets.ort_cuda import to_fp16
+    info = {}
+    t = time.perf_counter()
+    graphs = export_graphs(model, "latent")
+    info["export_s"] = round(time.perf_counter() - t, 1)
+    log(f"export {info['export_s']} s")
+    t = time.perf_counter()
+    for g in graphs_for("latent-kv-fusion"):
+        PASSES["latent-kv-fusion"]()(graphs[g])
+        cleanup(graphs[g])
+    for g in ("prefill", "decode"):
+        p = MoELoweringPass("ort-fused", report_dropped=False, fused_router=router)
+        p(graphs[g])
+        cleanup(graphs[g])
+        info[f"moe_{g}"] = p.counts
+    info["passes_s"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    for g, m in graphs.items():
+        info[f"fp16_{g}"] = to_fp16(m).to_dict()
+        save_graph(m, out_dir / f"{g}.onnx")
+    info["fp16_s"] = round(time.perf_counter() - t, 1)
+    log(f"passes {info['passes_s']} s, fp16 {info['fp16_s']} s")
+    return info
+
+
+def weight_bytes(path: Path, cfg) -> dict:
+    import onnx_ir as ir
+    m = ir.load(path)
+    total = experts = emb = 0
+    emb_row = 0
+    for v in m.graph.initializers.values():
+        if v.const_value is None:
+            continue
+        n = v.const_value.nbytes
+        total += n
+        if "experts_weights" in v.name:
+            experts += n
+    for node in m.graph:
+        if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].const_value is not None \
+                and node.inputs[1] is not None and node.inputs[1].is_graph_input():
+            emb = node.inputs[0].const_value.nbytes
+            emb_row = emb // cfg.vocab_size
+    k, E = cfg.num_experts_per_tok, cfg.n_routed_experts
+    active = total - experts - emb + emb_row + experts * k / E
+    return {"all_weights": total, "routed_experts": experts, "embedding": emb, "active_per_token": int(active)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="medium")
+    ap.add_argument("--lengths", default="1024,8192,32768")
+    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--parity-prompt", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--work", default="/tmp/ortcuda_pkg")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    t0 = time.time()
+
+    def log(msg):
+        print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
+
+    res: dict = {"command": "python3 -m pipeline.benchmarks.cuda " + " ".join(argv if argv is not None else sys.argv[1:]),
+                 "model": args.model, "errors": []}
+    out = Path(args.out)
+
+    def save():
+        res["wall_s"] = round(time.time() - t0, 1)
+        out.write_text(json.dumps(res, indent=2, sort_keys=True, default=str) + "\n")
+
+    import onnx
+    import onnx_ir
+    import onnxruntime as ort
+    import torch
+    res["env"] = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__,
+                  "onnx_ir": onnx_ir.__version__, "onnxruntime": ort.__version__,
+                  "ort_providers": ort.get_available_providers(),
+                  "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    log(json.dumps(res["env"]))
+    import models
+    from pipeline.cuda_runtime import CudaPackageRuntime
+    from pipeline.parity import budget_for, compare
+    from targets import ort_cuda
+
+    torch.manual_seed(0)
+    model = models.load(args.model, seed=0)
+    cfg = model.config
+    res["parameters"] = cfg.param_count()
+    work = Path(args.work)
+    (work / "onnx").mkdir(parents=True, exist_ok=True)
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+    ms_ops = {s.name for s in C.get_all_operator_schema() if s.domain == "com.microsoft"}
+    router = "auto" if "MoEGroupRouter" in ms_ops else "subgraph"
+    res["router_lowering"] = router
+    res["build"] = build_graphs(model, work / "onnx", router, log)
+    save()
+    manifest = {"io": {"vocab_size": cfg.vocab_size,
+                       "graphs": {g: {"file": f"onnx/{g}.onnx"} for g in ("prefill", "decode")}},
+                "target": {"session": ort_cuda.session_config()}}
+    t = time.perf_counter()
+    rt = CudaPackageRuntime(work, device="cuda", manifest=manifest)
+    res["session_load_s"] = round(time.perf_counter() - t, 1)
+    res["session_providers"] = rt.providers
+    log(f"sessions {res['session_load_s']} s, providers {rt.providers}")
+
+    dev = torch.device("cuda")
+    model = model.to(dev).eval()
+    budget = budget_for("target-ort-cuda-fp16")
+    # ---- parity -------------------------------------------------------------------------------------
+    try:
+        g = torch.Generator().manual_seed(1)
+        prompt = torch.randint(0, cfg.vocab_size, (1, args.parity_prompt), generator=g)
+        with torch.no_grad():
+            cache = [tuple(t.to(dev) for t in layer) for layer in model.empty_cache(1, "latent")]
+            ref_logits, _ = model.step(prompt.to(dev), cache, "latent")
+            ids, cache = prompt.to(dev), [tuple(t.to(dev) for t in layer) for layer in model.empty_cache(1, "latent")]
+            toks, steps = [], []
+            for _ in range(args.steps):
+                lg, cache = model.step(ids, cache, "latent")
+                last = lg[:, -1].float()
+                ids = last.argmax(-1, keepdim=True)
+                toks.append(ids.cpu())
+                steps.append(last.cpu())
+        ref_tokens = torch.cat(toks, 1).numpy()
+        ref_steps = torch.stack(steps, 1).numpy()
+        ort_prefill, _ = rt.run("prefill", prompt.numpy(), rt.empty_cache(1))
+        rep = compare("target-ort-cuda-fp16/h200-prefill", {"logits": ref_logits.cpu().numpy()},
+                      {"logits": ort_prefill}, logits_outputs=["logits"], budget=budget)
+        tokens, step_logits = rt.generate(prompt.numpy(), args.steps)
+        gen = compare("target-ort-cuda-fp16/h200-greedy", {"step_logits": ref_steps},
+                      {"step_logits": step_logits}, logits_outputs=["step_logits"], budget=budget)
+        gen.add_tokens("greedy", ref_tokens, tokens)
+        res["parity"] = {"prefill": rep.to_dict(), "greedy": gen.to_dict(), "prefill_passed": rep.passed,
+                         "greedy_passed": gen.passed, "tokens_equal": bool(np.array_equal(tokens, ref_tokens)),
+                         "first_token_mismatch": (int(np.argmax((tokens != ref_tokens).any(0)))
+                                                  if not np.array_equal(tokens, ref_tokens) else None),
+                         "ort_tokens": tokens[0].tolist(), "eager_tokens": ref_tokens[0].tolist(),
+                         "max_abs_prefill_logits": float(np.abs(ort_prefill - ref_logits.cpu().numpy()).max()),
+                         "max_abs_step_logits": float(np.abs(step_logits - ref_steps).max())}
+        log(f"parity: prefill {rep.passed}, greedy {gen.passed}, tokens equal {res['parity']['tokens_equal']}")
+    except Exception as e:
+        res["errors"].append("parity: " + traceback.format_exc())
+        log(f"parity failed: {e}")
+    save()
+
+    # ---- eager fp16 copy --------------------------------------------------------------------------------
+    import copy
+    model_h = copy.deepcopy(model).half()
+
+    def eager_cache(L, dtype):
+        gg = torch.Generator(device=dev).manual_seed(0)
+        return [(torch.randn(1, L, cfg.kv_lora_rank, device=dev, dtype=dtype, generator=gg),
+                 torch.randn(1, L, cfg.qk_rope_head_dim, device=dev, dtype=dtype, generator=gg))
+                for _ in range(cfg.num_hidden_layers)]
+
+    sync = torch.cuda.synchronize
+    wb = weight_bytes(work / "onnx" / "decode.onnx", cfg)
+    fp32_active = None
+    res["weight_bytes_fp16_graph"] = wb
+    fp32_total = sum(p.numel() * 4 for p in model.parameters())
+    res["weight_bytes_eager_fp32"] = fp32_total
+    cache_tok16 = cfg.latent_cache_width * 2 * cfg.num_hidden_layers
+    cache_tok32 = cache_tok16 * 2
+    res["decode"] = {}
+    ids1 = np.array([[7]], np.int64)
+    for L in [int(x) for x in args.lengths.split(",")]:
+        row: dict = {"cache_len": L}
+        try:
+            past = rt.synthetic_cache(1, L)
+            row["ort_cuda_fp16"] = _median_ms(lambda: rt.run("decode", ids1, past), args.repeat)
+            row["ort_cuda_fp16_logits_on_device"] = _median_ms(
+                lambda: rt.run("decode", ids1, past, logits_on="cuda"), args.repeat, sync=None)
+            del past
+        except Exception:
+            res["errors"].append(f"ort decode {L}: " + traceback.format_exc())
+        for name, m, dt in (("eager_fp32", model, torch.float32), ("eager_fp16", model_h, torch.float16)):
+            try:
+                c = eager_cache(L, dt)
+                ii = torch.tensor(ids1, device=dev)
+                with torch.no_grad():
+                    row[name] = _median_ms(lambda: m.step(ii, c, "latent"), args.repeat, sync=sync)
+                del c
+            except Exception:
+                res["errors"].append(f"{name} decode {L}: " + traceback.format_exc())
+        floor16 = (wb["active_per_token"] + L * cache_tok16) / HBM_BYTES_PER_S * 1e3
+        act32 = wb["active_per_token"] * 2  # the same weights in fp32 (gate weights are already fp32: ~exact)
+        floor32 = (act32 + L * cache_tok32) / HBM_BYTES_PER_S * 1e3
+        row["floor_ms_fp16"] = floor16
+        row["floor_ms_fp32"] = floor32
+        row["bytes_per_token_fp16"] = {"weights": wb["active_per_token"], "cache": L * cache_tok16}
+        for name, fl in (("ort_cuda_fp16", floor16), ("eager_fp32", floor32), ("eager_fp16", floor16)):
+            if name in row:
+                row[f"ratio_{name}_to_floor"] = row[name]["median_ms"] / fl
+        res["decode"][str(L)] = row
+        log(f"decode L={L}: " + json.dumps({k: (v["median_ms"] if isinstance(v, dict) and "median_ms" in v else v)
+                                            for k, v in row.items() if not k.startswith("bytes")}))
+        torch.cuda.empty_cache()
+        save()
+
+    # ---- prefill ------------------------------------------------------------------------------------------
+    P = args.prompt_len
+    ids = np.random.default_rng(2).integers(0, cfg.vocab_size, (1, P)).astype(np.int64)
+    pre: dict = {"prompt_len": P}
+    try:
+        empty = rt.empty_cache(1)
+        r = _median_ms(lambda: rt.run("prefill", ids, empty, logits_on="cuda"), max(3, args.repeat // 4))
+        pre["ort_cuda_fp16"] = {**r, "tokens_per_s": P / r["median_ms"] * 1e3}
+    except Exception:
+        res["errors"].append("ort prefill: " + traceback.format_exc())
+    for name, m, dt in (("eager_fp32", model, torch.float32), ("eager_fp16", model_h, torch.float16)):
+        try:
+            ii = torch.tensor(ids, device=dev)
+            c = [tuple(t.to(dev, dt) for t in layer) for layer in model.empty_cache(1, "latent")]
+            with torch.no_grad():
+                r = _median_ms(lambda: m.step(ii, c, "latent"), max(3, args.repeat // 4), sync=sync)
+            pre[name] = {**r, "tokens_per_s": P / r["median_ms"] * 1e3}
+        except Exception:
+            res["errors"].append(f"{name} prefill: " + traceback.format_exc())
+    res["prefill"] = pre
+    log("prefill: " + json.dumps({k: v.get("tokens_per_s") for k, v in pre.items() if isinstance(v, dict)}))
+    save()
+
+    # ---- where the nodes ran (one profiled decode session) -------------------------------------------------
+    try:
+        from pipeline.cuda_runtime import session_options, cuda_provider_options
+        so = session_options(ort_cuda.session_config(), profile=True)
+        so.profile_file_prefix = str(work / "prof")
+        s = ort.InferenceSession(str(work / "onnx" / "decode.onnx"), so,
+                                 providers=[("CUDAExecutionProvider", cuda_provider_options()), "CPUExecutionProvider"])
+        rt.sessions["decode"] = s
+        past = rt.synthetic_cache(1, 1024)
+        for _ in range(3):
+            rt.run("decode", ids1, past)
+        prof = json.loads(Path(s.end_profiling()).read_text())
+        by_ep: dict = {}
+        for ev in prof:
+            a = ev.get("args", {})
+            if ev.get("cat") == "Node" and "provider" in a and ev["name"].endswith("_kernel_time"):
+                key = f"{a['provider']}:{a.get('op_name')}"
+                by_ep[key] = by_ep.get(key, 0) + ev.get("dur", 0)
+        res["decode_profile_us_by_provider_op_3steps_L1024"] = dict(sorted(by_ep.items(), key=lambda kv: -kv[1]))
+    except Exception:
+        res["errors"].append("profile: " + traceback.format_exc())
+    save()
+    log(f"done; errors: {len(res['errors'])}")
+    for e in res["errors"]:
+        print(e[-1500:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""The ort-cuda compile flow: export -> passes (checked against eager fp32 on ORT CPU, as for ort-cpu)
+-> fp16 conversion (targets.ort_cuda.to_fp16) -> package. Needs no GPU: the fp16 graphs are checked
+on ORT CPU against eager fp32 under BUDGETS["target-ort-cuda-fp16"] (cases and greedy tokens), and
+the manifest says the package was not yet run on a GPU; `runtime/cuda_runtime.py verify-golden
+--record` on a GPU machine completes it (records ORT version and providers in the manifest).
+
+    from pipeline.cuda_compile import build_cuda_package   # from compile_package, after "load"
+    from pipeline.cuda_compile import compile_ort_cuda     # standalone: model spec -> package
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from targets import ort_cuda
+from targets.base import TargetProfile
+
+from . import cuda_runtime
+from .export import export_graphs, save_graph
+from .golden import Golden, make_golden, save_golden
+from .package import make_tarball, staging, write_manifest
+from .parity import budget_for, compare, write_reports
+from .stages import StageRecord, StageRunner
+
+GRAPHS = ("prefill", "decode")
+
+
+def _fp16_cases(runner: StageRunner, rec: StageRecord, stage: str, d: Path, golden: Golden, session: dict) -> None:
+    """Golden cases through the fp16 graphs on ORT CPU (feeds cast to the graphs' dtypes)."""
+    so = cuda_runtime.session_options(session)
+    sessions = {g: ort.InferenceSession(str(d / f"{g}.onnx"), so, providers=["CPUExecutionProvider"]) for g in GRAPHS}
+    for case in golden.cases:
+        sess = sessions[case.graph]
+        types = {i.name: cuda_runtime._ORT_TYPES[i.type] for i in sess.get_inputs()}
+        feeds = {n: np.asarray(a).astype(types[n], copy=False) for n, a in case.inputs.items()}
+        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        got = {n: got[n].astype(np.float32) for n in case.outputs}
+        runner.add_report(rec, compare(f"{stage}/{case.name}", case.outputs, got, logits_outputs=["logits"]))
+
+
+def cuda_cache_spec(cfg, layout: str) -> dict:
+    from .compile import cache_spec
+    spec = cache_spec(cfg, layout)
+    spec["dtype"] = "float16"
+    spec["bytes_per_token_per_layer"] = spec["values_per_token_per_layer"] * 2
+    spec["bytes_per_token"] = spec["bytes_per_token_per_layer"] * cfg.num_hidden_layers
+    return spec
+
+
+def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool, runner: StageRunner,
+                       load: StageRecord, base_manifest: dict, seed: int, started: float, layout: str = "latent",
+                       gen_tokens: int = 32) -> Path:
+    """Everything after compile_package's "load" stage for target ort-cuda (quant "none" = fp16)."""
+    from passes import PASSES, graphs_for
+    from passes.cleanup import cleanup
+    from .compile import check_cases, graph_io, _load_graphs
+
+    cfg = model.config
+    golden = make_golden(model, layout, gen_tokens=gen_tokens, seed=seed)
+    session = ort_cuda.session_config()
+    with tempfile.TemporaryDirectory(prefix="mlamoe-work-") as work_s, staging(out, force) as pkg:
+        work = Path(work_s)
+
+        def checker(stage: str):
+            return lambda d, rec: check_cases(runner, rec, stage, {g: d / f"{g}.onnx" for g in GRAPHS}, golden)
+
+        def do_export(d: Path, rec: StageRecord) -> None:
+            for g, m in export_graphs(model, layout).items():
+                save_graph(m, d / f"{g}.onnx")
+
+        prev = runner.run("export", {"layout": layout, "exporter": "torch.onnx.export(dynamo=True)"},
+                          dict(load.inputs), work / "export", do_export, checker("export"))
+        prev_dir = work / "export"
+        for i, name in enumerate(profile.passes):
+            src_dir, dst_dir = prev_dir, work / f"pass{i}-{name}"
+
+            def do_pass(d: Path, rec: StageRecord, name=name, src_dir=src_dir) -> None:
+                wanted = graphs_for(name)
+                for g, m in _load_graphs(src_dir).items():
+                    if g not in wanted:
+                        for f in src_dir.glob(f"{g}.onnx*"):
+                            shutil.copyfile(f, d / f.name)
+                        rec.notes.append(f"{g}: left unchanged ({name} runs on {', '.join(wanted)})")
+                        continue
+                    p = PASSES[name]()
+                    result = p(m)
+                    cleanup(result.model)
+                    save_graph(result.model, d / f"{g}.onnx")
+                    report = getattr(p, "report", None)
+                    if report is not None:
+                        rec.notes.append(f"{g}: " + json.dumps(report, sort_keys=True, default=str))
+
+            prev = runner.run(f"passes/{name}", {"pass": name}, prev.outputs, dst_dir, do_pass,
+                              checker(f"passes/{name}"))
+            prev_dir = dst_dir
+        runner.records.append(StageRecord("quantize", {"scheme": "none"}, dict(prev.outputs), dict(prev.outputs),
+                                          notes=["scheme none: fp16 compute is the target stage's conversion"]))
+
+        fp16_reports: dict[str, dict] = {}
+
+        def do_target(d: Path, rec: StageRecord) -> None:
+            for g in GRAPHS:
+                r = ort_cuda.convert_graph_files(prev_dir / f"{g}.onnx", d / f"{g}.onnx")
+                fp16_reports[g] = r.to_dict()
+                rec.notes.append(f"{g}: fp16 " + json.dumps(r.to_dict(), sort_keys=True))
+            rec.notes.append("no offline ORT optimisation: ORT applies its CUDA EP fusions at load on the GPU "
+                             f"(session {session})")
+
+        target_rec = runner.run(f"target/{profile.name}", {"target": profile.name, "precision": "fp16"},
+                                prev.outputs, work / "target", do_target,
+                                lambda d, rec: _fp16_cases(runner, rec, profile.parity_stage, d, golden, session))
+
+        # ---- package ----------------------------------------------------------------------------------
+        t = time.perf_counter()
+        (pkg / "onnx").mkdir()
+        for rel in target_rec.outputs:
+            shutil.copyfile(work / "target" / rel, pkg / "onnx" / rel)
+        (pkg / "runtime").mkdir()
+        shutil.copyfile(Path(cuda_runtime.__file__), pkg / "runtime" / "cuda_runtime.py")
+        golden_section = save_golden(golden, pkg / "golden", pkg)
+        tol = budget_for(profile.parity_stage)
+        golden_section["tolerance"] = {"atol": tol.atol, "rtol": tol.rtol, "stage": profile.parity_stage}
+        io = {"vocab_size": cfg.vocab_size, "cache": cuda_cache_spec(cfg, layout),
+              "graphs": {g: {"file": f"onnx/{g}.onnx", **graph_io(pkg / "onnx" / f"{g}.onnx")} for g in GRAPHS}}
+        manifest = {
+            **base_manifest,
+            "target": {"name": profile.name, "description": profile.description, "providers": list(profile.providers),
+                       "provider_options": {"CUDAExecutionProvider": ort_cuda.cuda_provider_options()},
+                       "session": session, "quantization": "none", "precision": "fp16",
+                       "fp32_islands": ["Softmax", "RMSNorm statistics", "MoE router (gate projection to router_probs)",
+                                        "TopK", "RoPE angles / cos / sin", "causal mask"],
+                       "fp16_conversion": fp16_reports, "runtime": "runtime/cuda_runtime.py",
+                       "io_binding": True, "cuda_graph": False, "verified_with": None},
+            "io": io,
+            "golden": golden_section,
+        }
+        rt = cuda_runtime.CudaPackageRuntime(pkg, device="cpu", manifest=manifest)
+        tokens, step_logits = rt.generate(golden.prompt, golden.tokens.shape[1])
+        gen = compare(f"{profile.parity_stage}/greedy", {"step_logits": golden.step_logits},
+                      {"step_logits": step_logits}, logits_outputs=["step_logits"])
+        gen.add_tokens("greedy", golden.tokens, tokens)
+        runner.add_report(target_rec, gen)
+        write_reports(runner.reports, pkg / "reports")
+        pkg_rec = StageRecord("package", {"tarball": True}, dict(target_rec.outputs))
+        pkg_rec.seconds = round(time.perf_counter() - t, 3)
+        runner.records.append(pkg_rec)
+        manifest["stages"] = [r.to_dict() for r in runner.records]
+        manifest["parity"] = {"passed": runner.binding_passed(), "reports": ["reports/parity.json", "reports/parity.md"]}
+        manifest["verification"] = {
+            "verified_here": [f"export and passes against eager fp32 PyTorch on ORT CPU (fp32 budgets)",
+                              f"the fp16 graphs on ORT CPU {ort.__version__} (fp16 tensors, ops without an fp16 CPU "
+                              f"kernel run in fp32 between casts) against eager fp32 within {profile.parity_stage}",
+                              f"greedy generation of {golden.tokens.shape[1]} tokens through runtime/cuda_runtime.py "
+                              "(IOBinding code path, device cpu) equal to eager"],
+            "not_verified": ["not yet run on a GPU: CUDAExecutionProvider kernels (fp16 GEMMs, com.microsoft.MoE) "
+                             "are unchecked; run `python runtime/cuda_runtime.py verify-golden --record` on a "
+                             "machine with onnxruntime-gpu"],
+        }
+        (pkg / "README.md").write_text(_readme(manifest))
+        write_manifest(pkg, manifest)
+        runner.progress(f"[package] {out} ({time.time() - started:.1f} s in all)")
+    make_tarball(out, out.parent / f"{out.name}.tar.gz")
+    return out
+
+
+def _readme(manifest: dict) -> str:
+    m, t, io = manifest["model"], manifest["target"], manifest["io"]
+    c = io["cache"]
+    return "\n".join([
+        f"# {m['source']} for ort-cuda", "",
+        f"Compiled by mlamoe {manifest['mlamoe_version']} ({m['config']['model_type']}, {m['parameters']:,} "
+        f"parameters). Target: {t['description']}.", "",
+        "- `onnx/prefill.onnx`, `onnx/decode.onnx`: fp16 graphs; fp32 islands: " + ", ".join(t["fp32_islands"]) + ".",
+        f"- `input_ids` int64 `[batch, seq]`; `past.{{layer}}.*` / `present.{{layer}}.*` **float16** ({c['layout']} "
+        f"layout, {c['bytes_per_token']} bytes per token); `logits` float32.",
+        "- `runtime/cuda_runtime.py`: greedy generation with IOBinding (the cache stays on the GPU between "
+        "steps) and `verify-golden [--record]`; needs numpy + onnxruntime-gpu.",
+        "- `golden/`: eager fp32 reference inputs/outputs; tolerance "
+        f"{manifest['golden']['tolerance']}.", "",
+        "## Verification", "",
+        *[f"- verified: {s}" for s in manifest["verification"]["verified_here"]],
+        *[f"- **not verified**: {s}" for s in manifest["verification"]["not_verified"]], "",
+    ])
+
+
+def compile_ort_cuda(model_spec: str, out, *, force: bool = False, seed: int = 0, cache_dir: Path | None = None,
+                     use_cache: bool = True, layout: str = "latent", gen_tokens: int = 32, progress=None) -> Path:
+    """Standalone: load a preset/checkpoint and build its ort-cuda package (what compile_package does
+    for target "ort-cuda" once wired)."""
+    import models
+    from .compile import VERSION, config_sha256, weights_sha256
+    out = Path(out)
+    if out.exists() and not force:
+        from .compile import CompileError
+        raise CompileError(f"{out}: exists; pass --force to replace it (or choose another --out)")
+    runner = StageRunner(cache_dir, use_cache, progress)
+    started = time.time()
+    t = time.perf_counter()
+    model = models.load(model_spec, seed=seed)
+    cfg = model.config
+    kind = "checkpoint" if Path(model_spec).is_dir() else "preset"
+    load = StageRecord("load", {"model": str(model_spec) if kind == "preset" else Path(model_spec).name,
+                                "kind": kind, "seed": seed if kind == "preset" else None, "attention": model.attention},
+                       {"config": config_sha256(cfg), "weights": weights_sha256(model)})
+    load.seconds = round(time.perf_counter() - t, 3)
+    runner.records.append(load)
+    base_manifest = {
+        "mlamoe_version": VERSION,
+        "model": {"source": load.params["model"], "kind": kind, "seed": load.params["seed"],
+                  "config": cfg.to_hf_dict(), "config_sha256": load.inputs["config"],
+                  "weights_sha256": load.inputs["weights"], "parameters": cfg.param_count()},
+        "toolchain": runner.versions,
+    }
+    return build_cuda_package(model, ort_cuda.PROFILE, out, force=force, runner=runner, load=load,
+                              base_manifest=base_manifest, seed=seed, started=started, layout=layout,
+                              gen_tokens=gen_tokens)

@@ -1,0 +1,259 @@
+"""Run an ort-cuda package with ONNX Runtime's CUDA provider, the latent cache kept on the GPU.
+
+Self-contained on purpose (numpy + onnxruntime-gpu only): every ort-cuda package ships a copy of
+this file as runtime/cuda_runtime.py.
+
+    python runtime/cuda_runtime.py generate --prompt-ids 1,2,3 --max-new-tokens 8
+    python runtime/cuda_runtime.py verify-golden [--record]   # on a GPU machine; --record writes the
+                                                               # result into manifest.json
+    python runtime/cuda_runtime.py verify-golden --device cpu  # same graphs on ORT CPU (slow)
+
+IOBinding. Each call binds input_ids from host memory (8 bytes a token), the past cache as the
+OrtValues the previous call produced (device memory, never copied to the host), and binds every
+present.* output to the device: ORT allocates it from its CUDA arena. The next step feeds those
+OrtValues back as past.*; the previous step's buffers are released when their OrtValues are dropped,
+so the arena reuses them. Only the logits go to the host (bound to "cpu": ORT copies [B, V] floats
+after the last kernel) for the greedy argmax.
+
+Why allocate per step rather than preallocate a max-length cache and slice: the exported graph
+appends with Concat(past, new) -> present, which always writes a new [B, past+1, w] tensor (ORT cannot
+alias an output to an input of a Concat), so a preallocated buffer would still be copied into every
+step. Sharing one buffer (ORT's past_present_share_buffer) exists only for its GroupQueryAttention /
+MultiHeadAttention contrib ops, which do not express MLA's latent attention. The per-step cost of the
+Concat is one read and one write of the cache, on the device.
+
+CUDA graphs (enable_cuda_graph) are not used: ORT captures one graph for fixed input/output shapes
+and addresses, and a decode step's past/present shapes grow by one token every call (and the MoE
+contrib ops are data-dependent in their launches). A static-cache decode graph (max-length cache
+updated in place, length as an input) would be the prerequisite.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+_LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+           "all": "ORT_ENABLE_ALL"}
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32}
+
+
+def cuda_provider_options(device_id: int = 0) -> dict:
+    # kept equal to targets.ort_cuda.cuda_provider_options (this file must not import the compiler)
+    return {"device_id": str(device_id), "arena_extend_strategy": "kSameAsRequested",
+            "cudnn_conv_algo_search": "HEURISTIC", "do_copy_in_default_stream": "1", "use_tf32": "0"}
+
+
+def session_options(config: dict, profile: bool = False):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[config.get("graph_optimization_level", "all")])
+    if config.get("intra_op_num_threads"):
+        so.intra_op_num_threads = int(config["intra_op_num_threads"])
+    so.inter_op_num_threads = int(config.get("inter_op_num_threads", 1))
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    so.enable_profiling = profile
+    return so
+
+
+def cuda_available() -> bool:
+    import onnxruntime as ort
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+class CudaPackageRuntime:
+    """Greedy generation from an ort-cuda package's graphs with IOBinding (module doc).
+
+    device: "cuda" (default when the CUDA EP is present) or "cpu" (the same code path on ORT CPU).
+    """
+
+    def __init__(self, package_dir, device: str | None = None, device_id: int = 0, manifest: dict | None = None,
+                 graphs: dict | None = None, profile: bool = False):
+        import onnxruntime as ort
+        self.ort = ort
+        self.root = Path(package_dir)
+        self.manifest = manifest or json.loads((self.root / "manifest.json").read_text())
+        io = self.manifest["io"]
+        self.vocab_size = io["vocab_size"]
+        self.device = device or ("cuda" if cuda_available() else "cpu")
+        self.device_id = device_id
+        if self.device == "cuda":
+            providers = [("CUDAExecutionProvider", cuda_provider_options(device_id)), "CPUExecutionProvider"]
+        else:
+            providers = ["CPUExecutionProvider"]
+        cfg = dict(self.manifest["target"].get("session", {}))
+        files = graphs or {g: spec["file"] for g, spec in io["graphs"].items()}
+        self.sessions = {g: ort.InferenceSession(str(self.root / f), session_options(cfg, profile), providers=providers)
+                         for g, f in files.items()}
+        self.providers = self.sessions["decode"].get_providers()
+        if self.device == "cuda" and "CUDAExecutionProvider" not in self.providers:
+            raise RuntimeError(f"CUDAExecutionProvider did not load (providers: {self.providers})")
+        dec = self.sessions["decode"]
+        self.input_types = {g: {i.name: _ORT_TYPES[i.type] for i in s.get_inputs()} for g, s in self.sessions.items()}
+        self.input_shapes = {i.name: i.shape for i in dec.get_inputs()}
+        self.past_names = [i.name for i in dec.get_inputs() if i.name != "input_ids"]
+        self.present_names = {g: [o.name for o in s.get_outputs() if o.name.startswith("present.")]
+                              for g, s in self.sessions.items()}
+
+    # ---- cache ------------------------------------------------------------------------------------------
+    def to_device(self, array: np.ndarray, dtype=None):
+        arr = np.ascontiguousarray(array if dtype is None else np.asarray(array).astype(dtype, copy=False))
+        return self.ort.OrtValue.ortvalue_from_numpy(arr, self.device, self.device_id)
+
+    def empty_cache(self, batch: int) -> dict:
+        """Zero-length past.* OrtValues on the device."""
+        out = {}
+        for name in self.past_names:
+            shape = [batch if d == "batch" else 0 if isinstance(d, str) else d for d in self.input_shapes[name]]
+            out[name] = self.to_device(np.zeros(shape, self.input_types["decode"][name]))
+        return out
+
+    def cache_from_numpy(self, cache: dict[str, np.ndarray]) -> dict:
+        return {n: self.to_device(a, self.input_types["decode"][n]) for n, a in cache.items()}
+
+    def synthetic_cache(self, batch: int, length: int, seed: int = 0) -> dict:
+        """A random cache of `length` tokens on the device (decode timing depends on length, not values)."""
+        rng = np.random.default_rng(seed)
+        out = {}
+        for name in self.past_names:
+            shape = [batch if d == "batch" else length if isinstance(d, str) else d for d in self.input_shapes[name]]
+            out[name] = self.to_device(rng.standard_normal(shape, dtype=np.float32), self.input_types["decode"][name])
+        return out
+
+    # ---- one call -----------------------------------------------------------------------------------------
+    def run(self, graph: str, input_ids, past: dict, logits_on: str = "cpu"):
+        """-> logits (numpy when logits_on == "cpu", else a device OrtValue), present cache as device
+        OrtValues keyed past.* (to feed the next step)."""
+        sess = self.sessions[graph]
+        b = sess.io_binding()
+        b.bind_cpu_input("input_ids", np.ascontiguousarray(np.asarray(input_ids, dtype=np.int64)))
+        for name, v in past.items():
+            b.bind_ortvalue_input(name, v)
+        if logits_on == "cpu":
+            b.bind_output("logits", "cpu")
+        else:
+            b.bind_output("logits", self.device, self.device_id)
+        names = self.present_names[graph]
+        for n in names:
+            b.bind_output(n, self.device, self.device_id)
+        sess.run_with_iobinding(b)
+        outs = b.get_outputs()
+        logits = outs[0].numpy() if logits_on == "cpu" else outs[0]
+        present = {n.replace("present.", "past.", 1): v for n, v in zip(names, outs[1:])}
+        return logits, present
+
+    def generate(self, prompt_ids, max_new_tokens: int):
+        """-> tokens [B, N] int64, step_logits [B, N, V] float32 (the logits that chose each token)."""
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None]
+        past = self.empty_cache(ids.shape[0])
+        tokens, steps = [], []
+        graph = "prefill"
+        for _ in range(max_new_tokens):
+            logits, past = self.run(graph, ids, past)
+            last = logits[:, -1].astype(np.float32)
+            ids = last.argmax(-1)[:, None].astype(np.int64)
+            tokens.append(ids)
+            steps.append(last)
+            graph = "decode"
+        if not tokens:
+            return np.zeros((ids.shape[0], 0), np.int64), np.zeros((ids.shape[0], 0, self.vocab_size), np.float32)
+        return np.concatenate(tokens, 1), np.stack(steps, 1)
+
+    def run_numpy(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Plain session.run with feeds cast to the graph's input dtypes (golden data is fp32)."""
+        sess = self.sessions[graph]
+        types = self.input_types[graph]
+        cast = {n: np.asarray(a).astype(types[n], copy=False) for n, a in feeds.items()}
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(None, cast)))
+
+
+def verify_golden(package_dir, device: str | None = None) -> tuple[list[str], dict]:
+    """Re-run the golden inputs; -> (failures, record). [] = all outputs within the recorded tolerances
+    (|a-r| <= atol or <= rtol*|r|) and the greedy tokens equal. `record` says where it ran."""
+    import onnxruntime as ort
+    root = Path(package_dir)
+    rt = CudaPackageRuntime(root, device=device)
+    golden = rt.manifest["golden"]
+    tol = golden["tolerance"]
+    failures, worst = [], {}
+    for case in golden["cases"]:
+        feeds = {n: np.load(root / f) for n, f in case["inputs"].items()}
+        got = rt.run_numpy(case["graph"], feeds)
+        for n, f in case["outputs"].items():
+            ref = np.load(root / f).astype(np.float64)
+            g = got[n].astype(np.float64)
+            if g.shape != ref.shape:
+                failures.append(f"{case['name']}/{n}: shape {g.shape} != {ref.shape}")
+                continue
+            diff = np.abs(g - ref)
+            worst[f"{case['name']}/{n}"] = float(diff.max()) if diff.size else 0.0
+            bad = (diff > tol["atol"]) & (diff > tol["rtol"] * np.abs(ref))
+            if bad.any():
+                failures.append(f"{case['name']}/{n}: {int(bad.sum())} of {ref.size} elements outside atol "
+                                f"{tol['atol']} / rtol {tol['rtol']} (max abs {diff.max():.3g})")
+    gen = golden.get("greedy")
+    if gen:
+        prompt = np.load(root / gen["prompt"])
+        want = np.load(root / gen["tokens"])
+        tokens, _ = rt.generate(prompt, want.shape[1])
+        if gen.get("must_match", True) and not np.array_equal(tokens, want):
+            step = int(np.argmax((tokens != want).any(0)))
+            failures.append(f"greedy generation differs from the golden tokens at step {step}")
+    record = {"device": rt.device, "onnxruntime": ort.__version__, "providers": rt.providers,
+              "passed": not failures, "failures": failures, "max_abs_diff": worst,
+              "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return failures, record
+
+
+def record_verification(package_dir, record: dict) -> None:
+    """Write a GPU verification record into manifest.json (verification.gpu)."""
+    path = Path(package_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    ver = manifest.setdefault("verification", {})
+    if record["device"] == "cuda":
+        ver["gpu"] = record
+        ver["not_verified"] = [s for s in ver.get("not_verified", []) if not s.startswith("not yet run on a GPU")]
+        manifest["target"]["verified_with"] = {"onnxruntime": record["onnxruntime"], "providers": record["providers"]}
+    else:
+        ver.setdefault("cpu_reruns", []).append(record)
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--package", default=str(Path(__file__).resolve().parent.parent))
+    p.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate")
+    g.add_argument("--prompt-ids", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=16)
+    v = sub.add_parser("verify-golden")
+    v.add_argument("--record", action="store_true", help="write the result into manifest.json")
+    args = p.parse_args(argv)
+    if args.cmd == "generate":
+        rt = CudaPackageRuntime(args.package, device=args.device)
+        t = time.perf_counter()
+        tokens, _ = rt.generate([int(x) for x in args.prompt_ids.split(",")], args.max_new_tokens)
+        print(json.dumps({"tokens": tokens[0].tolist(), "seconds": round(time.perf_counter() - t, 3),
+                          "providers": rt.providers}))
+        return 0
+    failures, record = verify_golden(args.package, args.device)
+    if args.record:
+        record_verification(args.package, record)
+    print("\n".join(failures) if failures else
+          f"golden data: all outputs within tolerance, greedy tokens equal ({record['device']}, "
+          f"onnxruntime {record['onnxruntime']}, {record['providers']})")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
