@@ -53,15 +53,20 @@ def _targets_help() -> str:
 @click.option("--soc", default=None, help="Ascend soc_version, e.g. Ascend910B3 (ascend target only; default Ascend910B3)")
 @click.option("--precision", default=None, help="Ascend precision mode (default mixed_float16; e.g. force_fp16)")
 @click.option("--require-om", is_flag=True, help="ascend: fail if atc is not installed (default: package without .om)")
-def compile(model_spec, target, out, force, quant, seed, no_cache, soc, precision, require_om):
+@click.option("--ranks", type=int, default=None,
+              help="ort-cpu: also write expert-parallel graphs for N ranks (expert_parallel/, run with torchrun)")
+@click.option("--redundant", type=int, default=0, show_default=True, help="with --ranks: extra replicas of hot experts")
+def compile(model_spec, target, out, force, quant, seed, no_cache, soc, precision, require_om, ranks, redundant):
     """Build a verified package: load, export, passes, quantize, target, package."""
     from .compile import compile_package
     for flag, value in (("--soc", soc), ("--precision", precision), ("--require-om", require_om)):
         if value and target != "ascend":
             raise click.BadParameter(f"{flag} applies to --target ascend only", param_hint=flag)
     out = out or Path("dist") / f"{Path(model_spec).name}-{target}"
+    if (ranks or redundant) and target != "ort-cpu":
+        raise click.BadParameter("--ranks/--redundant apply to --target ort-cpu", param_hint="--ranks")
     path = compile_package(model_spec, target, out, force=force, quant=quant, seed=seed, use_cache=not no_cache,
-                           soc=soc, precision=precision, require_om=require_om)
+                           soc=soc, precision=precision, require_om=require_om, ranks=ranks, redundant=redundant)
     click.echo(f"package: {path}\narchive: {path.parent / (path.name + '.tar.gz')}")
 
 

@@ -143,7 +143,8 @@ def _load_graphs(folder: Path) -> dict[str, ir.Model]:
 def compile_package(model_spec: str, target: str, out: str | Path, *, force: bool = False, quant: str | None = None,
                     seed: int = 0, cache_dir: Path | None = None, use_cache: bool = True,
                     layout: str = "latent", gen_tokens: int = 32, progress=None, soc: str | None = None,
-                    precision: str | None = None, require_om: bool = False) -> Path:
+                    precision: str | None = None, require_om: bool = False, ranks: int | None = None,
+                    redundant: int = 0, calibrate: int = 8) -> Path:
     profile: TargetProfile = get_profile(target)
     if profile.name == "ascend":
         from targets.ascend.profile import make_profile
@@ -323,6 +324,26 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
             not_verified = [f"the accuracy of {quant} on this model's real task: random-weight presets say nothing about "
                             "it; see reports/parity.md (greedy-vs-fp32) and the trained-small figures in the README"]
         manifest["verification"] = {"verified_here": verified, "not_verified": not_verified}
+        if ranks:  # expert-parallel graphs + torchrun runtime, inside this package (so its files are hashed)
+            from .expert_parallel import build_ep_package, calibration_prompts
+            t = time.perf_counter()
+            runner.progress(f"[expert-parallel] {ranks} ranks, {redundant} redundant replicas per layer ...")
+            build_ep_package(model, pkg / "expert_parallel", ranks, redundant=redundant,
+                             calibration=calibration_prompts(cfg, calibrate, seed=seed) if calibrate else None,
+                             model_hash=load.inputs["weights"])
+            ep = StageRecord("expert-parallel", {"ranks": ranks, "redundant": redundant, "calibration_prompts": calibrate},
+                             dict(load.inputs), seconds=round(time.perf_counter() - t, 3))
+            ep.outputs = {p.relative_to(pkg).as_posix(): sha256_file(p)
+                          for p in sorted((pkg / "expert_parallel").rglob("*")) if p.is_file()}
+            ep.notes.append("parity of the partitioned runtime is tested (tests/test_expert_parallel.py), not "
+                            "re-run by compile: it needs torchrun with one process per rank")
+            runner.records.insert(-1, ep)
+            manifest["stages"] = [r.to_dict() for r in runner.records]
+            manifest["expert_parallel"] = {"dir": "expert_parallel", "ranks": ranks, "redundant": redundant,
+                                           "plan": "expert_parallel/partition.json",
+                                           "launch": "bash expert_parallel/launch.sh --prompt-ids 1,2,3"}
+            manifest["verification"]["not_verified"].append(
+                "the expert-parallel graphs were not run by this compile (see expert_parallel/launch.sh)")
         from .package_readme import package_readme
         (pkg / "README.md").write_text(package_readme(manifest, runner.reports))
         write_manifest(pkg, manifest)

@@ -42,14 +42,20 @@ Failure handling (no hangs):
     size, a missing graph file. `EPError`, exit code 2, on every rank.
   * Every collective and the process group itself run under `--timeout` seconds (default 60): gloo
     raises when a peer closes its connection (a dead process) or when the timeout passes (a hung one).
-    Each rank records its pid/host and a per-step heartbeat in the rendezvous store (torchrun's agent
-    store, or rank 0's TCPStore when started by hand); when a collective fails the rank reads them and
-    raises `EPError` naming the rank(s) that exited (pid gone, same host) or stopped at an earlier step,
-    e.g. "rank 0: all-to-all dispatch of MoE layer 1 at step 4 failed: rank 1 exited (pid 812, last
-    completed step 3) ...". It prints that line to stderr and leaves with exit code 1 without tearing
-    down the broken process group (os._exit: a dead peer can make the group's destructor block).
-    Under torchrun, the agent also stops the other workers as soon as one exits and names the failed
-    rank and its exit code.
+    After the group starts the ranks exchange (host, pid) once; each rank records in the rendezvous
+    store (torchrun's agent store, or rank 0's TCPStore when started by hand) the step it is working
+    on. When a collective fails the rank raises `EPError` naming the rank(s) that exited (pid gone,
+    same host) or stopped responding (heartbeat behind its own step), and those that failed after it:
+      "rank 0: all-to-all of dispatch sizes (MoE layer 1) failed at step 4: rank 1 exited (pid 812,
+      last seen at step 3) (timeout 20s; RuntimeError: ... Connection closed by peer ...)"
+      "rank 0: ... failed at step 3: rank 1 stopped responding (last seen at step 2; this rank is at
+      step 3) (timeout 3s; RuntimeError: ... Timed out waiting 3000ms ...)"
+    It prints that line to stderr, closes its own connections (so peers blocked on it fail at once)
+    and leaves with exit code 1 through os._exit (a broken group's destructor can block). Started by
+    hand, rank 0 (the store's host) first waits up to 5 s for the other live ranks to record their
+    own failure, so their diagnosis can still read the store; if the store is gone they fall back to
+    the pid table. Under torchrun, the agent also stops the other workers as soon as one exits and
+    names the failed rank and its exit code.
   * Test hook: MLAMOE_EP_FAIL="RANK:STEP[:MODE]" makes RANK leave right after completing step STEP
     (0 = prefill) with os._exit(MODE) (MODE an exit code, default 3) or sleep forever (MODE "hang").
 

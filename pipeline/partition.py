@@ -202,8 +202,27 @@ def _lpt(load: np.ndarray, reps: np.ndarray, quota: np.ndarray) -> list[list[int
         r = min(ok, key=lambda r: (rank_load[r], r))
         held[r].append(e)
         rank_load[r] += share
+    _repair_duplicates(held)
     _refine(held, load / reps)
     return [sorted(h) for h in held]
+
+
+def _repair_duplicates(held: list[list[int]]) -> None:
+    """LPT's last replicas can land on the only rank with a free slot, which may already hold that
+    expert; swap such a copy with an expert of another rank so no rank holds an expert twice."""
+    for r, h in enumerate(held):
+        for i, e in enumerate(h):
+            if h.index(e) == i:
+                continue  # first copy on this rank
+            for r2, h2 in enumerate(held):
+                if r2 == r or e in h2:
+                    continue
+                b = next((b for b in h2 if b not in h), None)
+                if b is not None:
+                    h[i], h2[h2.index(b)] = b, e
+                    break
+            else:
+                raise PartitionError(f"cannot place the replicas of expert {e} on distinct ranks")
 
 
 def _refine(held: list[list[int]], share: np.ndarray, max_iter: int = 1000) -> None:

@@ -167,3 +167,14 @@ def test_save_and_load_plan(tmp_path):
         load_plan(path, cfg, model_hash="d" * 64)
     with pytest.raises(PartitionError, match="not found"):
         load_plan(tmp_path / "missing.json", cfg)
+
+
+@pytest.mark.parametrize("ranks, redundant", [(2, 1), (2, 3), (3, 1), (4, 4)])
+def test_replicas_of_one_expert_land_on_distinct_ranks(ranks, redundant):
+    """Uniform load sorts the extra replicas last; they must still never share a rank with a copy."""
+    cfg = models.load_config("tiny")
+    plan = plan_partition(cfg, ranks, redundant)
+    validate_plan(plan, cfg)
+    for layer in plan["layers"]:
+        for experts in layer["rank_experts"]:
+            assert len(experts) == len(set(experts))

@@ -73,6 +73,7 @@ def build_graphs(model, out_dir: Path, router: str, log) -> dict:
     info["passes_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     for g, m in graphs.items():
+        save_graph(m, out_dir.parent / "fp32" / f"{g}.onnx")  # for the fp32-on-CUDA diagnosis
         info[f"fp16_{g}"] = to_fp16(m).to_dict()
         save_graph(m, out_dir / f"{g}.onnx")
     info["fp16_s"] = round(time.perf_counter() - t, 1)
@@ -140,6 +141,9 @@ def main(argv=None) -> int:
     from pipeline.parity import budget_for, compare
     from targets import ort_cuda
 
+    torch.backends.cuda.matmul.allow_tf32 = False  # eager fp32 is the reference: no TF32
+    torch.backends.cudnn.allow_tf32 = False
+    res["env"]["torch_tf32"] = False
     torch.manual_seed(0)
     model = models.load(args.model, seed=0)
     cfg = model.config
@@ -201,9 +205,52 @@ def main(argv=None) -> int:
         log(f"parity failed: {e}")
     save()
 
+    def summary(ref_l, act_l, ref_t, act_t, name):
+        r1 = compare(f"diag/{name}/prefill", {"logits": ref_l}, {"logits": act_l}, logits_outputs=["logits"], budget=budget)
+        o = r1.to_dict()["outputs"][0]
+        eq = bool(np.array_equal(ref_t, act_t))
+        return {"prefill_passed": r1.passed, "cosine": o["cosine"], "max_abs": o["max_abs"], "kl": o["kl"],
+                "top1": o["top1_agreement"], "tokens_equal": eq,
+                "first_token_mismatch": None if eq else int(np.argmax((ref_t != act_t).any(0)))}
+
+    # ---- diagnosis: the same graphs before fp16 conversion on CUDA; eager under fp16 autocast ----------
+    res["diagnosis"] = {}
+    try:
+        m32 = {"io": {"vocab_size": cfg.vocab_size,
+                      "graphs": {g: {"file": f"fp32/{g}.onnx"} for g in ("prefill", "decode")}},
+               "target": manifest["target"]}
+        rt32 = CudaPackageRuntime(work, device="cuda", manifest=m32)
+        l32, _ = rt32.run("prefill", prompt.numpy(), rt32.empty_cache(1))
+        t32, _ = rt32.generate(prompt.numpy(), args.steps)
+        res["diagnosis"]["ort_cuda_fp32_graphs_vs_eager_fp32"] = summary(ref_logits.cpu().numpy(), l32, ref_tokens, t32, "fp32")
+        del rt32
+    except Exception:
+        res["errors"].append("diag fp32: " + traceback.format_exc())
+    try:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+            cache = [tuple(t.to(dev) for t in layer) for layer in model.empty_cache(1, "latent")]
+            la, _ = model.step(prompt.to(dev), cache, "latent")
+            ids, cache = prompt.to(dev), [tuple(t.to(dev) for t in layer) for layer in model.empty_cache(1, "latent")]
+            toks = []
+            for _ in range(args.steps):
+                lg, cache = model.step(ids, cache, "latent")
+                ids = lg[:, -1].float().argmax(-1, keepdim=True)
+                toks.append(ids.cpu())
+        ta = torch.cat(toks, 1).numpy()
+        res["diagnosis"]["eager_fp16_autocast_vs_eager_fp32"] = summary(ref_logits.cpu().numpy(), la.float().cpu().numpy(),
+                                                                        ref_tokens, ta, "autocast")
+        res["diagnosis"]["ort_cuda_fp16_vs_eager_fp16_autocast"] = summary(la.float().cpu().numpy(), ort_prefill, ta,
+                                                                           tokens, "ort-vs-autocast")
+    except Exception:
+        res["errors"].append("diag autocast: " + traceback.format_exc())
+    log("diagnosis: " + json.dumps(res["diagnosis"]))
+    save()
+
     # ---- eager fp16 copy --------------------------------------------------------------------------------
-    import copy
-    model_h = copy.deepcopy(model).half()
+    import contextlib
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.float16)
 
     def eager_cache(L, dtype):
         gg = torch.Generator(device=dev).manual_seed(0)
@@ -231,11 +278,13 @@ def main(argv=None) -> int:
             del past
         except Exception:
             res["errors"].append(f"ort decode {L}: " + traceback.format_exc())
-        for name, m, dt in (("eager_fp32", model, torch.float32), ("eager_fp16", model_h, torch.float16)):
+        for name, ctx, dt in (("eager_fp32", contextlib.nullcontext, torch.float32),
+                              ("eager_fp16_autocast", autocast, torch.float32)):
+            m = model
             try:
                 c = eager_cache(L, dt)
                 ii = torch.tensor(ids1, device=dev)
-                with torch.no_grad():
+                with torch.no_grad(), ctx():
                     row[name] = _median_ms(lambda: m.step(ii, c, "latent"), args.repeat, sync=sync)
                 del c
             except Exception:
@@ -246,7 +295,7 @@ def main(argv=None) -> int:
         row["floor_ms_fp16"] = floor16
         row["floor_ms_fp32"] = floor32
         row["bytes_per_token_fp16"] = {"weights": wb["active_per_token"], "cache": L * cache_tok16}
-        for name, fl in (("ort_cuda_fp16", floor16), ("eager_fp32", floor32), ("eager_fp16", floor16)):
+        for name, fl in (("ort_cuda_fp16", floor16), ("eager_fp32", floor32), ("eager_fp16_autocast", floor32)):
             if name in row:
                 row[f"ratio_{name}_to_floor"] = row[name]["median_ms"] / fl
         res["decode"][str(L)] = row
@@ -265,11 +314,12 @@ def main(argv=None) -> int:
         pre["ort_cuda_fp16"] = {**r, "tokens_per_s": P / r["median_ms"] * 1e3}
     except Exception:
         res["errors"].append("ort prefill: " + traceback.format_exc())
-    for name, m, dt in (("eager_fp32", model, torch.float32), ("eager_fp16", model_h, torch.float16)):
+    for name, ctx in (("eager_fp32", contextlib.nullcontext), ("eager_fp16_autocast", autocast)):
+        m = model
         try:
             ii = torch.tensor(ids, device=dev)
-            c = [tuple(t.to(dev, dt) for t in layer) for layer in model.empty_cache(1, "latent")]
-            with torch.no_grad():
+            c = [tuple(t.to(dev) for t in layer) for layer in model.empty_cache(1, "latent")]
+            with torch.no_grad(), ctx():
                 r = _median_ms(lambda: m.step(ii, c, "latent"), max(3, args.repeat // 4), sync=sync)
             pre[name] = {**r, "tokens_per_s": P / r["median_ms"] * 1e3}
         except Exception:
