@@ -183,6 +183,11 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
     if profile.name == "ascend":
         return _compile_ascend(model, profile, out, force, runner, load, base_manifest, seed, started,
                                soc or "Ascend910B3", precision or "mixed_float16", require_om)
+    if profile.name == "ort-cuda":
+        from .cuda_compile import build_cuda_package
+        return build_cuda_package(model, profile, out, force=force, runner=runner, load=load,
+                                  base_manifest=base_manifest, seed=seed, started=started,
+                                  layout=layout, gen_tokens=gen_tokens)
     golden = make_golden(model, layout, gen_tokens=gen_tokens, seed=seed)
 
     with tempfile.TemporaryDirectory(prefix="mlamoe-work-") as work_s, staging(out, force) as pkg:

@@ -32,6 +32,17 @@ from .stages import StageRecord, StageRunner
 GRAPHS = ("prefill", "decode")
 
 
+def _moe_subgraph_router():
+    # onnxruntime-gpu 1.31.1 (the CUDA build we run) has no com.microsoft.MoEGroupRouter; keep the exported
+    # router (fp32 island) and feed its log-weights to com.microsoft.MoE, which every ORT build with MoE runs.
+    from passes.moe_lowering import MoELoweringPass
+    return MoELoweringPass("ort-fused", report_dropped=False, fused_router="subgraph")
+
+
+# passes whose ort-cuda variant differs from passes.PASSES
+CUDA_PASS_OVERRIDES = {"moe-ort-fused": _moe_subgraph_router}
+
+
 def _fp16_cases(runner: StageRunner, rec: StageRecord, stage: str, d: Path, golden: Golden, session: dict) -> None:
     """Golden cases through the fp16 graphs on ORT CPU (feeds cast to the graphs' dtypes)."""
     so = cuda_runtime.session_options(session)
@@ -89,7 +100,7 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
                             shutil.copyfile(f, d / f.name)
                         rec.notes.append(f"{g}: left unchanged ({name} runs on {', '.join(wanted)})")
                         continue
-                    p = PASSES[name]()
+                    p = CUDA_PASS_OVERRIDES.get(name, PASSES[name])()
                     result = p(m)
                     cleanup(result.model)
                     save_graph(result.model, d / f"{g}.onnx")
@@ -97,7 +108,8 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
                     if report is not None:
                         rec.notes.append(f"{g}: " + json.dumps(report, sort_keys=True, default=str))
 
-            prev = runner.run(f"passes/{name}", {"pass": name}, prev.outputs, dst_dir, do_pass,
+            params = {"pass": name, **({"router": "subgraph"} if name in CUDA_PASS_OVERRIDES else {})}
+            prev = runner.run(f"passes/{name}", params, prev.outputs, dst_dir, do_pass,
                               checker(f"passes/{name}"))
             prev_dir = dst_dir
         runner.records.append(StageRecord("quantize", {"scheme": "none"}, dict(prev.outputs), dict(prev.outputs),

@@ -30,6 +30,8 @@ def verify_full(path: Path, hashes_only: bool = False) -> tuple[bool, list[str]]
             return True, lines
         if target == "ascend":
             return _verify_ascend(root, manifest, lines)
+        if target == "ort-cuda":
+            return _verify_cuda(root, lines)
         if target != "ort-cpu":
             lines.append(f"skip golden re-run: the {target} runtime is not available here (hashes only)")
             return True, lines
@@ -93,3 +95,18 @@ def _verify_ascend(root: Path, manifest: dict, lines: list[str]) -> tuple[bool, 
     om = manifest["ascend"]["om"]["status"]
     lines.append(f"note ascend .om: {om}; on the device run `python3 ascend/kit/verify_on_device.py`")
     return bool(ok), lines
+
+
+def _verify_cuda(root: Path, lines: list[str]) -> tuple[bool, list[str]]:
+    """Golden re-run on the CUDA provider where onnxruntime-gpu is installed (and the result recorded
+    in the manifest's verification), else hashes only: the CPU cannot stand in for fp16 CUDA kernels."""
+    from targets.ort_cuda import has_cuda_provider
+    ok_gpu, reason = has_cuda_provider()
+    if not ok_gpu:
+        lines.append(f"skip golden re-run: {reason} (hashes only; run `mlamoe verify` on a GPU machine)")
+        return True, lines
+    from .cuda_runtime import record_verification, verify_golden
+    failures, record = verify_golden(root)
+    lines += [f"FAIL {f}" for f in failures] or ["ok   golden data on CUDAExecutionProvider"]
+    record_verification(root, record)
+    return not failures, lines

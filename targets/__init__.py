@@ -6,9 +6,10 @@ from models.errors import MlamoeError
 from .base import TargetProfile
 from .ascend.profile import PROFILE as ASCEND
 from .ort_cpu import PROFILE as ORT_CPU
+from .ort_cuda import PROFILE as ORT_CUDA
 
-PROFILES: dict[str, TargetProfile] = {p.name: p for p in (ORT_CPU, ASCEND)}
-PLANNED = ("ort-cuda",)
+PROFILES: dict[str, TargetProfile] = {p.name: p for p in (ORT_CPU, ASCEND, ORT_CUDA)}
+PLANNED: tuple[str, ...] = ()
 
 
 class TargetError(MlamoeError):
