@@ -136,6 +136,51 @@ def _reference_from_graphs(paths: dict[str, Path], golden: Golden, cfg: Deepseek
     return Golden(cases, golden.prompt, tokens, step_logits)
 
 
+def run_graph_stages(runner: StageRunner, model, load: StageRecord, golden: Golden, work: Path,
+                     pass_names, layout: str, factories=None, pass_params=None) -> tuple[StageRecord, Path]:
+    """The export stage, then each named pass (on the graphs passes.graphs_for names), each checked
+    against the golden data at the fp32 budgets. -> (last stage's record, folder of its graphs).
+
+    factories: name -> pass factory overriding passes.PASSES (a target's variant of a pass);
+    pass_params: name -> extra stage parameters (part of the cache key) for such a variant.
+    """
+    factories = {**PASSES, **(factories or {})}
+
+    def checker(stage: str):
+        return lambda d, rec: check_cases(runner, rec, stage, {g: d / f"{g}.onnx" for g in GRAPHS}, golden)
+
+    def do_export(d: Path, rec: StageRecord) -> None:
+        for g, m in export_graphs(model, layout).items():
+            save_graph(m, d / f"{g}.onnx")
+
+    prev = runner.run("export", {"layout": layout, "exporter": "torch.onnx.export(dynamo=True)"},
+                      dict(load.inputs), work / "export", do_export, checker("export"))
+    prev_dir = work / "export"
+    for i, name in enumerate(pass_names):
+        src_dir, dst_dir = prev_dir, work / f"pass{i}-{name}"
+
+        def do_pass(d: Path, rec: StageRecord, name=name, src_dir=src_dir) -> None:
+            wanted = graphs_for(name)
+            for g, m in _load_graphs(src_dir).items():
+                if g not in wanted:
+                    for f in src_dir.glob(f"{g}.onnx*"):  # the graph and its external data, if any
+                        shutil.copyfile(f, d / f.name)
+                    rec.notes.append(f"{g}: left unchanged ({name} runs on {', '.join(wanted)})")
+                    continue
+                p = factories[name]()
+                result = p(m)
+                cleanup(result.model)
+                save_graph(result.model, d / f"{g}.onnx")
+                report = getattr(p, "report", None)
+                if report is not None:
+                    rec.notes.append(f"{g}: " + json.dumps(report, sort_keys=True, default=str))
+
+        params = {"pass": name, **((pass_params or {}).get(name, {}))}
+        prev = runner.run(f"passes/{name}", params, prev.outputs, dst_dir, do_pass, checker(f"passes/{name}"))
+        prev_dir = dst_dir
+    return prev, prev_dir
+
+
 def _load_graphs(folder: Path) -> dict[str, ir.Model]:
     return {g: ir.load(folder / f"{g}.onnx") for g in GRAPHS}
 
@@ -193,43 +238,11 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
     with tempfile.TemporaryDirectory(prefix="mlamoe-work-") as work_s, staging(out, force) as pkg:
         work = Path(work_s)
 
-        # ---- export -----------------------------------------------------------------------------
-        def do_export(d: Path, rec: StageRecord) -> None:
-            graphs = export_graphs(model, layout)
-            for g, m in graphs.items():
-                save_graph(m, d / f"{g}.onnx")
-
         def checker(stage: str, session: dict | None = None, reference: Golden | None = None):
             return lambda d, rec: check_cases(runner, rec, stage, {g: d / f"{g}.onnx" for g in GRAPHS},
                                               reference or golden, session)
 
-        prev = runner.run("export", {"layout": layout, "exporter": "torch.onnx.export(dynamo=True)"},
-                          dict(load.inputs), work / "export", do_export, checker("export"))
-        prev_dir = work / "export"
-
-        # ---- passes -----------------------------------------------------------------------------
-        for i, name in enumerate(profile.passes):
-            src_dir, dst_dir = prev_dir, work / f"pass{i}-{name}"
-
-            def do_pass(d: Path, rec: StageRecord, name=name, src_dir=src_dir) -> None:
-                wanted = graphs_for(name)
-                for g, m in _load_graphs(src_dir).items():
-                    if g not in wanted:
-                        for f in src_dir.glob(f"{g}.onnx*"):  # the graph and its external data, if any
-                            shutil.copyfile(f, d / f.name)
-                        rec.notes.append(f"{g}: left unchanged ({name} runs on {', '.join(wanted)})")
-                        continue
-                    p = PASSES[name]()
-                    result = p(m)
-                    cleanup(result.model)
-                    save_graph(result.model, d / f"{g}.onnx")
-                    report = getattr(p, "report", None)
-                    if report is not None:
-                        rec.notes.append(f"{g}: " + json.dumps(report, sort_keys=True, default=str))
-
-            prev = runner.run(f"passes/{name}", {"pass": name}, prev.outputs, dst_dir, do_pass,
-                              checker(f"passes/{name}"))
-            prev_dir = dst_dir
+        prev, prev_dir = run_graph_stages(runner, model, load, golden, work, profile.passes, layout)
 
         # ---- quantize ---------------------------------------------------------------------------
         expected = golden  # what the packaged graphs must reproduce

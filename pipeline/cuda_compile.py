@@ -5,7 +5,6 @@ the manifest says the package was not yet run on a GPU; `runtime/cuda_runtime.py
 --record` on a GPU machine completes it (records ORT version and providers in the manifest).
 
     from pipeline.cuda_compile import build_cuda_package   # from compile_package, after "load"
-    from pipeline.cuda_compile import compile_ort_cuda     # standalone: model spec -> package
 """
 from __future__ import annotations
 
@@ -16,14 +15,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
 import onnxruntime as ort
 
 from targets import ort_cuda
 from targets.base import TargetProfile
 
 from . import cuda_runtime
-from .export import export_graphs, save_graph
+
 from .golden import Golden, make_golden, save_golden
 from .package import make_tarball, staging, write_manifest
 from .parity import budget_for, compare, write_reports
@@ -69,9 +67,7 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
                        load: StageRecord, base_manifest: dict, seed: int, started: float, layout: str = "latent",
                        gen_tokens: int = 32) -> Path:
     """Everything after compile_package's "load" stage for target ort-cuda (quant "none" = fp16)."""
-    from passes import PASSES, graphs_for
-    from passes.cleanup import cleanup
-    from .compile import check_cases, graph_io, _load_graphs
+    from .compile import graph_io, run_graph_stages
 
     cfg = model.config
     golden = make_golden(model, layout, gen_tokens=gen_tokens, seed=seed)
@@ -79,39 +75,9 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
     with tempfile.TemporaryDirectory(prefix="mlamoe-work-") as work_s, staging(out, force) as pkg:
         work = Path(work_s)
 
-        def checker(stage: str):
-            return lambda d, rec: check_cases(runner, rec, stage, {g: d / f"{g}.onnx" for g in GRAPHS}, golden)
-
-        def do_export(d: Path, rec: StageRecord) -> None:
-            for g, m in export_graphs(model, layout).items():
-                save_graph(m, d / f"{g}.onnx")
-
-        prev = runner.run("export", {"layout": layout, "exporter": "torch.onnx.export(dynamo=True)"},
-                          dict(load.inputs), work / "export", do_export, checker("export"))
-        prev_dir = work / "export"
-        for i, name in enumerate(profile.passes):
-            src_dir, dst_dir = prev_dir, work / f"pass{i}-{name}"
-
-            def do_pass(d: Path, rec: StageRecord, name=name, src_dir=src_dir) -> None:
-                wanted = graphs_for(name)
-                for g, m in _load_graphs(src_dir).items():
-                    if g not in wanted:
-                        for f in src_dir.glob(f"{g}.onnx*"):
-                            shutil.copyfile(f, d / f.name)
-                        rec.notes.append(f"{g}: left unchanged ({name} runs on {', '.join(wanted)})")
-                        continue
-                    p = CUDA_PASS_OVERRIDES.get(name, PASSES[name])()
-                    result = p(m)
-                    cleanup(result.model)
-                    save_graph(result.model, d / f"{g}.onnx")
-                    report = getattr(p, "report", None)
-                    if report is not None:
-                        rec.notes.append(f"{g}: " + json.dumps(report, sort_keys=True, default=str))
-
-            params = {"pass": name, **({"router": "subgraph"} if name in CUDA_PASS_OVERRIDES else {})}
-            prev = runner.run(f"passes/{name}", params, prev.outputs, dst_dir, do_pass,
-                              checker(f"passes/{name}"))
-            prev_dir = dst_dir
+        prev, prev_dir = run_graph_stages(runner, model, load, golden, work, profile.passes, layout,
+                                          factories=CUDA_PASS_OVERRIDES,
+                                          pass_params={n: {"router": "subgraph"} for n in CUDA_PASS_OVERRIDES})
         runner.records.append(StageRecord("quantize", {"scheme": "none"}, dict(prev.outputs), dict(prev.outputs),
                                           notes=["scheme none: fp16 compute is the target stage's conversion"]))
 
@@ -200,36 +166,3 @@ def _readme(manifest: dict) -> str:
         *[f"- verified: {s}" for s in manifest["verification"]["verified_here"]],
         *[f"- **not verified**: {s}" for s in manifest["verification"]["not_verified"]], "",
     ])
-
-
-def compile_ort_cuda(model_spec: str, out, *, force: bool = False, seed: int = 0, cache_dir: Path | None = None,
-                     use_cache: bool = True, layout: str = "latent", gen_tokens: int = 32, progress=None) -> Path:
-    """Standalone: load a preset/checkpoint and build its ort-cuda package (what compile_package does
-    for target "ort-cuda" once wired)."""
-    import models
-    from .compile import VERSION, config_sha256, weights_sha256
-    out = Path(out)
-    if out.exists() and not force:
-        from .compile import CompileError
-        raise CompileError(f"{out}: exists; pass --force to replace it (or choose another --out)")
-    runner = StageRunner(cache_dir, use_cache, progress)
-    started = time.time()
-    t = time.perf_counter()
-    model = models.load(model_spec, seed=seed)
-    cfg = model.config
-    kind = "checkpoint" if Path(model_spec).is_dir() else "preset"
-    load = StageRecord("load", {"model": str(model_spec) if kind == "preset" else Path(model_spec).name,
-                                "kind": kind, "seed": seed if kind == "preset" else None, "attention": model.attention},
-                       {"config": config_sha256(cfg), "weights": weights_sha256(model)})
-    load.seconds = round(time.perf_counter() - t, 3)
-    runner.records.append(load)
-    base_manifest = {
-        "mlamoe_version": VERSION,
-        "model": {"source": load.params["model"], "kind": kind, "seed": load.params["seed"],
-                  "config": cfg.to_hf_dict(), "config_sha256": load.inputs["config"],
-                  "weights_sha256": load.inputs["weights"], "parameters": cfg.param_count()},
-        "toolchain": runner.versions,
-    }
-    return build_cuda_package(model, ort_cuda.PROFILE, out, force=force, runner=runner, load=load,
-                              base_manifest=base_manifest, seed=seed, started=started, layout=layout,
-                              gen_tokens=gen_tokens)

@@ -99,8 +99,8 @@ def test_fp16_graphs_on_ort_cpu_within_cuda_budget(tiny_graphs, tmp_path):
 
 def test_package_builds_without_gpu(tmp_path):
     from pipeline import cuda_runtime
-    from pipeline.cuda_compile import compile_ort_cuda
-    pkg = compile_ort_cuda("tiny", tmp_path / "pkg", use_cache=False, gen_tokens=8)
+    from pipeline.compile import compile_package
+    pkg = compile_package("tiny", "ort-cuda", tmp_path / "pkg", progress=lambda m: None, use_cache=False, gen_tokens=8)
     manifest = json.loads((pkg / "manifest.json").read_text())
     assert manifest["parity"]["passed"]
     assert manifest["target"]["name"] == "ort-cuda"
@@ -119,8 +119,8 @@ def test_package_builds_without_gpu(tmp_path):
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON or "no GPU")
 def test_package_verifies_on_gpu_and_records(tmp_path):
     from pipeline import cuda_runtime
-    from pipeline.cuda_compile import compile_ort_cuda
-    pkg = compile_ort_cuda("tiny", tmp_path / "pkg", use_cache=False, gen_tokens=8)
+    from pipeline.compile import compile_package
+    pkg = compile_package("tiny", "ort-cuda", tmp_path / "pkg", progress=lambda m: None, use_cache=False, gen_tokens=8)
     failures, record = cuda_runtime.verify_golden(pkg, device="cuda")
     assert failures == [], failures
     assert record["providers"][0] == "CUDAExecutionProvider"
@@ -133,9 +133,9 @@ def test_package_verifies_on_gpu_and_records(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON or "no GPU")
 def test_iobinding_keeps_cache_on_device(tmp_path):
-    from pipeline.cuda_compile import compile_ort_cuda
+    from pipeline.compile import compile_package
     from pipeline.cuda_runtime import CudaPackageRuntime
-    pkg = compile_ort_cuda("tiny", tmp_path / "pkg", use_cache=False, gen_tokens=4)
+    pkg = compile_package("tiny", "ort-cuda", tmp_path / "pkg", progress=lambda m: None, use_cache=False, gen_tokens=4)
     rt = CudaPackageRuntime(pkg, device="cuda")
     _, past = rt.run("prefill", np.array([[1, 2, 3]]), rt.empty_cache(1))
     _, past = rt.run("decode", np.array([[4]]), past)
