@@ -129,11 +129,7 @@ class Fp8WeightPass(ir.passes.InPlacePass):
                 remove_if_unused(graph, site.transpose.outputs[0] if site.transpose else None)
             remove_if_unused(graph, w)
             after = const_bytes([qv, sv])
-            rep.quantized.append({"weight": base, "nodes": [s.node.name for s in group], "role": group[0].role,
-                                  "shape_oi": [out_f, in_f], "checkpoint_name": source,
-                                  "bytes_before": out_f * in_f * 4, "bytes_after": after})
-            rep.linear_bytes_before += out_f * in_f * 4
-            rep.linear_bytes_after += after
+            rep.add_site(base, group, (out_f, in_f), after, checkpoint_name=source)
         if self._stored:
             rep.notes.append(f"{passed} of {len(groups)} weights are the FP8 checkpoint's own bytes and scales, "
                              f"passed through unchanged ({len(self._stored)} FP8 weights in the checkpoint)")

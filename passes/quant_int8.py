@@ -112,10 +112,7 @@ class Int8WeightOnlyPass(ir.passes.InPlacePass):
                 remove_if_unused(graph, site.transpose.outputs[0] if site.transpose else None)
             remove_if_unused(graph, w)
             after = const_bytes(new_inits)
-            rep.quantized.append({"weight": base, "nodes": [s.node.name for s in group], "role": group[0].role,
-                                  "shape_oi": [n, k], "block_size": bs, "bytes_before": n * k * 4, "bytes_after": after})
-            rep.linear_bytes_before += n * k * 4
-            rep.linear_bytes_after += after
+            rep.add_site(base, group, (n, k), after, block_size=bs)
         rep.weights_bytes_after = initializer_bytes(graph)
         record(model, rep)
         return ir.passes.PassResult(model, modified=bool(groups))

@@ -32,7 +32,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .quant_weights import (DEFAULT_EXCLUDE, QuantizationError, QuantReport, add_initializer, const_bytes,
-                            initializer_bytes, record, remove_if_unused, select_sites)
+                            initializer_bytes, record, remove_if_unused, select_sites, session_with_outputs)
 
 ACT_EPS = 1e-8
 STATIC_ROLES = ("attention",)
@@ -136,11 +136,7 @@ class W8A8Pass(ir.passes.InPlacePass):
                 n_dynamic += not static
             remove_if_unused(graph, w)
             after = const_bytes([qv, sv])
-            rep.quantized.append({"weight": base, "nodes": [s.node.name for s in group], "role": group[0].role,
-                                  "shape_oi": [out_f, in_f], "activations": modes,
-                                  "bytes_before": out_f * in_f * 4, "bytes_after": after})
-            rep.linear_bytes_before += out_f * in_f * 4
-            rep.linear_bytes_after += after
+            rep.add_site(base, group, (out_f, in_f), after, activations=modes)
         rep.notes.append(f"{n_static} linear sites with static per-tensor activation scales, "
                          f"{n_dynamic} with per-token dynamic activation quantization")
         if missing:
@@ -188,28 +184,16 @@ def calibrate(model_ir: ir.Model, feeds_list: Sequence[Mapping[str, np.ndarray]]
     `tensors` defaults to the activations W8A8Pass quantizes statically (static_activation_names).
     Feeds must match the graph's inputs (names, dtypes, ranks, fixed dims): else CalibrationError.
     """
-    import onnx
-    import onnxruntime as ort
-
     if not feeds_list:
         raise CalibrationError("calibration needs at least one feed (a dict of the graph's inputs)")
     for i, f in enumerate(feeds_list):
         _check_feeds(model_ir.graph, f, i)
     tensors = list(static_activation_names(model_ir) if tensors is None else tensors)
-    proto = ir.to_proto(model_ir)
-    outputs = {o.name for o in proto.graph.output}
     known = {v.name for n in model_ir.graph for v in n.outputs} | {v.name for v in model_ir.graph.inputs}
     unknown = [t for t in tensors if t not in known]
     if unknown:
         raise CalibrationError(f"calibrate: tensors {unknown[:5]} are not values of the graph")
-    for t in tensors:
-        if t not in outputs:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = session_with_outputs(model_ir, tensors, threads)
     amax = dict.fromkeys(tensors, 0.0)
     for feeds in feeds_list:
         for name, val in zip(tensors, sess.run(tensors, dict(feeds))):

@@ -99,11 +99,36 @@ class QuantReport:
         d["linear_ratio"] = self.linear_ratio
         return d
 
+    def add_site(self, weight: str, group: Sequence, shape_oi: Sequence[int], bytes_after: int, **extra) -> None:
+        """Record one quantized weight (shared by the nodes in `group`) and count its bytes."""
+        before = int(shape_oi[0]) * int(shape_oi[1]) * 4
+        self.quantized.append({"weight": weight, "nodes": [s.node.name for s in group], "role": group[0].role,
+                               "shape_oi": [int(shape_oi[0]), int(shape_oi[1])], **extra,
+                               "bytes_before": before, "bytes_after": bytes_after})
+        self.linear_bytes_before += before
+        self.linear_bytes_after += bytes_after
+
     def summary(self) -> str:
         return (f"{self.scheme}: {len(self.quantized)} linear weights quantized "
                 f"({self.linear_bytes_before:,} -> {self.linear_bytes_after:,} bytes, "
                 f"{self.linear_ratio:.4f}x), {len(self.skipped)} kept fp32; all weights "
                 f"{self.weights_bytes_before:,} -> {self.weights_bytes_after:,} bytes")
+
+
+def session_with_outputs(model_ir: ir.Model, extra_outputs: Iterable[str] = (), threads: int = 1):
+    """An ORT CPU session on `model_ir` that also returns the named intermediate tensors (fp32)."""
+    import onnx
+    import onnxruntime as ort
+    proto = ir.to_proto(model_ir)
+    have = {o.name for o in proto.graph.output}
+    for name in extra_outputs:
+        if name not in have:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def initializer_bytes(graph: ir.Graph) -> int:

@@ -105,6 +105,23 @@ def check_cases(runner: StageRunner, record: StageRecord, stage: str, paths: dic
         runner.add_report(record, report)
 
 
+def assemble_package(pkg: Path, target_dir: Path, target_rec: StageRecord, runtime_file: Path, golden: Golden,
+                     profile: TargetProfile, vocab_size: int, cache: dict) -> tuple[dict, dict]:
+    """Copy the target stage's graphs to onnx/, the runtime to runtime/, write golden/;
+    -> (the manifest's "golden" section, its "io" section)."""
+    (pkg / "onnx").mkdir()
+    for rel in target_rec.outputs:
+        shutil.copyfile(target_dir / rel, pkg / "onnx" / rel)
+    (pkg / "runtime").mkdir()
+    shutil.copyfile(runtime_file, pkg / "runtime" / runtime_file.name)
+    golden_section = save_golden(golden, pkg / "golden", pkg)
+    tol = budget_for(profile.parity_stage)
+    golden_section["tolerance"] = {"atol": tol.atol, "rtol": tol.rtol, "stage": profile.parity_stage}
+    io = {"vocab_size": vocab_size, "cache": cache,
+          "graphs": {g: {"file": f"onnx/{g}.onnx", **graph_io(pkg / "onnx" / f"{g}.onnx")} for g in GRAPHS}}
+    return golden_section, io
+
+
 def quantize_graph(model_ir: ir.Model, scheme: str, **kw):
     from passes.quant_weights import quantize
     return quantize(model_ir, scheme, **kw)
@@ -289,18 +306,10 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
 
         # ---- package ----------------------------------------------------------------------------
         t = time.perf_counter()
-        (pkg / "onnx").mkdir()
-        for rel in target_rec.outputs:
-            shutil.copyfile(work / "target" / rel, pkg / "onnx" / rel)
         if quant != "none":
             shutil.copytree(prev_dir / "reports", pkg / "reports")
-        (pkg / "runtime").mkdir()
-        shutil.copyfile(Path(ort_runtime.__file__), pkg / "runtime" / "ort_runtime.py")
-        golden_section = save_golden(expected, pkg / "golden", pkg)
-        tol = budget_for(profile.parity_stage)
-        golden_section["tolerance"] = {"atol": tol.atol, "rtol": tol.rtol, "stage": profile.parity_stage}
-        io = {"vocab_size": cfg.vocab_size, "cache": cache_spec(cfg, layout),
-              "graphs": {g: {"file": f"onnx/{g}.onnx", **graph_io(pkg / "onnx" / f"{g}.onnx")} for g in GRAPHS}}
+        golden_section, io = assemble_package(pkg, work / "target", target_rec, Path(ort_runtime.__file__), expected,
+                                              profile, cfg.vocab_size, cache_spec(cfg, layout))
         manifest = {
             **base_manifest,
             "target": {"name": profile.name, "description": profile.description, "providers": list(profile.providers),

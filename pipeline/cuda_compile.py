@@ -9,7 +9,6 @@ the manifest says the package was not yet run on a GPU; `runtime/cuda_runtime.py
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,9 +21,9 @@ from targets.base import TargetProfile
 
 from . import cuda_runtime
 
-from .golden import Golden, make_golden, save_golden
+from .golden import Golden, make_golden
 from .package import make_tarball, staging, write_manifest
-from .parity import budget_for, compare, write_reports
+from .parity import compare, write_reports
 from .stages import StageRecord, StageRunner
 
 GRAPHS = ("prefill", "decode")
@@ -67,7 +66,7 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
                        load: StageRecord, base_manifest: dict, seed: int, started: float, layout: str = "latent",
                        gen_tokens: int = 32) -> Path:
     """Everything after compile_package's "load" stage for target ort-cuda (quant "none" = fp16)."""
-    from .compile import graph_io, run_graph_stages
+    from .compile import assemble_package, run_graph_stages
 
     cfg = model.config
     golden = make_golden(model, layout, gen_tokens=gen_tokens, seed=seed)
@@ -97,16 +96,8 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
 
         # ---- package ----------------------------------------------------------------------------------
         t = time.perf_counter()
-        (pkg / "onnx").mkdir()
-        for rel in target_rec.outputs:
-            shutil.copyfile(work / "target" / rel, pkg / "onnx" / rel)
-        (pkg / "runtime").mkdir()
-        shutil.copyfile(Path(cuda_runtime.__file__), pkg / "runtime" / "cuda_runtime.py")
-        golden_section = save_golden(golden, pkg / "golden", pkg)
-        tol = budget_for(profile.parity_stage)
-        golden_section["tolerance"] = {"atol": tol.atol, "rtol": tol.rtol, "stage": profile.parity_stage}
-        io = {"vocab_size": cfg.vocab_size, "cache": cuda_cache_spec(cfg, layout),
-              "graphs": {g: {"file": f"onnx/{g}.onnx", **graph_io(pkg / "onnx" / f"{g}.onnx")} for g in GRAPHS}}
+        golden_section, io = assemble_package(pkg, work / "target", target_rec, Path(cuda_runtime.__file__), golden,
+                                              profile, cfg.vocab_size, cuda_cache_spec(cfg, layout))
         manifest = {
             **base_manifest,
             "target": {"name": profile.name, "description": profile.description, "providers": list(profile.providers),

@@ -56,13 +56,9 @@ Command line:
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
-import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +69,8 @@ from torch.export import Dim
 from models.decoder import DeepseekForCausalLM
 from models.errors import MlamoeError
 from models.rope import rope_cos_sin
-from passes.cleanup import cleanup
+
+from .export import finish, trace
 
 from .partition import (PartitionError, config_hash, load_plan, load_routing_stats, moe_layers, plan_partition,
                         routing_stats, save_plan, save_routing_stats, validate_plan)
@@ -175,22 +172,9 @@ def export_segment(model: DeepseekForCausalLM, seg: dict, index: int) -> ir.Mode
     head = [{0: batch, 1: seq}] if seg["first"] else [{0: batch, 1: seq}] * 3
     dynamic = {"args": tuple(head + [{0: batch, 1: past}] * (2 * len(seg["layers"])))}
     wrapper = Segment(model, seg["layers"], seg["moe_layer"], seg["first"]).eval()
-    sink = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(sink), warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            logging.getLogger("torch").setLevel(logging.ERROR)
-            program = torch.onnx.export(wrapper, _example(model, seg), dynamo=True, dynamic_shapes=dynamic,
-                                        optimize=False, input_names=ins, output_names=outs, verbose=False,
-                                        opset_version=OPSET)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExpertParallelBuildError(f"torch.onnx.export failed for segment {index}: {first}") from e
-    m = cleanup(program.model)
-    m.graph.name = f"segment{index}"
-    m.producer_name = "mlamoe"
-    m.producer_version = ""
-    return m
+    program = trace(wrapper, _example(model, seg), f"segment {index}", ExpertParallelBuildError,
+                    dynamic_shapes=dynamic, input_names=ins, output_names=outs, opset_version=OPSET)
+    return finish(program.model, f"segment{index}")
 
 
 def export_segments(model: DeepseekForCausalLM) -> list[ir.Model]:

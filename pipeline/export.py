@@ -84,21 +84,32 @@ def export_graph(model: DeepseekForCausalLM, graph: str, layout: str = "latent",
     dynamic = {"input_ids": ids_shape, "past": tuple({0: batch, seq_axis: past} for _ in range(2 * L))}
     args = example_inputs(model, graph, layout)
     wrapper = CausalLMGraph(model, layout).eval()
+    program = trace(wrapper, args, f"the {graph} graph ({layout} cache)", ExportError, verbose,
+                    dynamic_shapes=dynamic, input_names=["input_ids", *cache_names(L, layout, "past")],
+                    output_names=["logits", *cache_names(L, layout, "present")])
+    return finish(program.model, graph)
+
+
+def trace(wrapper: torch.nn.Module, args: tuple, what: str, error: type[MlamoeError], verbose: bool = False,
+          **export_kw):
+    """torch.onnx.export (dynamo, no exporter optimizer) with its chatter silenced; an exporter failure
+    becomes `error` naming `what` and the exporter's summary line (its own messages run to pages)."""
     sink = io.StringIO()
     quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(sink)
     try:
         with quiet, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             logging.getLogger("torch").setLevel(logging.ERROR)
-            program = torch.onnx.export(
-                wrapper, args, dynamo=True, dynamic_shapes=dynamic, optimize=False,
-                input_names=["input_ids", *cache_names(L, layout, "past")],
-                output_names=["logits", *cache_names(L, layout, "present")], verbose=False)
-    except Exception as e:  # the exporter's own errors are long; keep its summary line
+            return torch.onnx.export(wrapper, args, dynamo=True, optimize=False, verbose=False, **export_kw)
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"torch.onnx.export failed for the {graph} graph ({layout} cache): {first}") from e
-    model_ir = cleanup(program.model)
-    model_ir.graph.name = f"{graph}"
+        raise error(f"torch.onnx.export failed for {what}: {first}") from e
+
+
+def finish(model_ir: ir.Model, name: str) -> ir.Model:
+    """Cleanup, graph name and producer fields every exported graph gets."""
+    model_ir = cleanup(model_ir)
+    model_ir.graph.name = name
     model_ir.producer_name = "mlamoe"
     model_ir.producer_version = ""
     return model_ir

@@ -48,18 +48,8 @@ def prefill_feeds(model_ir: ir.Model, ids: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _session(model_ir: ir.Model, threads: int, extra_outputs=()):
-    import onnx
-    import onnxruntime as ort
-    proto = ir.to_proto(model_ir)
-    have = {o.name for o in proto.graph.output}
-    for name in extra_outputs:
-        if name not in have:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    from passes.quant_weights import session_with_outputs
+    return session_with_outputs(model_ir, extra_outputs, threads)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

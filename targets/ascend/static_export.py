@@ -55,11 +55,7 @@ Decisions (and why):
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -376,28 +372,17 @@ def export_static_graph(model: DeepseekForCausalLM, spec: StaticGraphSpec, opset
                         verbose: bool = False) -> ir.Model:
     """Trace one fixed-shape graph (opset 20 from the exporter), fold it, convert it to `opset`."""
     from passes.cleanup import cleanup
+    from pipeline.export import finish, trace
     cfg = model.config
     L = cfg.num_hidden_layers
     wrapper = StaticCausalLM(model, spec.seq, spec.max_cache, spec.moe_form).eval()
     args = _example_args(cfg, spec)
-    sink = io.StringIO()
-    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(sink)
-    try:
-        with quiet, warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            logging.getLogger("torch").setLevel(logging.ERROR)
-            program = torch.onnx.export(wrapper, args, dynamo=True, optimize=False,
-                                        input_names=input_names(L), output_names=output_names(L), verbose=False)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StaticExportError(f"torch.onnx.export failed for the static {spec.name} graph: {first}") from e
+    program = trace(wrapper, args, f"the static {spec.name} graph", StaticExportError, verbose,
+                    input_names=input_names(L), output_names=output_names(L))
     m = program.model
     name_nodes_by_scope(m)
     m = cleanup(m)
-    m = cleanup(convert_opset(m, opset))
-    m.graph.name = spec.name
-    m.producer_name = "mlamoe"
-    m.producer_version = ""
+    m = finish(convert_opset(m, opset), spec.name)
     m.doc_string = (f"mlamoe ascend static graph {spec.name}: batch {spec.batch}, seq {spec.seq}, "
                     f"max_cache {spec.max_cache}, moe {spec.moe_form}")
     return m
