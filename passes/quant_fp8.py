@@ -24,6 +24,15 @@ block axis: "x_scale and x must have the same shape despite the quantize axis"):
 `rows` holds only constants, so ORT folds it once at session start; the file stores the compact
 2-D scales (0.25x of fp32 plus 4 bytes per row for the shared int32 index, per distinct out).
 fp8 -> float DequantizeLinear runs on ORT CPU (fp8 -> bf16 has no CPU kernel).
+
+Optional activations="dynamic" (for targets with FP8 GEMMs; DeepSeek-V3's `act_quant`): each quantized
+site's input x is quantized per token per 128 channels, in the graph:
+    s = max(amax(|x_block|), 1e-4) / 448        x' = float32(float8_e4m3fn(x_block / s)) * s
+(round to nearest even; |x/s| <= 448, never saturates). A last partial block (in_features not a multiple
+of 128) is zero-padded, which leaves its amax unchanged. Graph: Pad(last axis) -> Reshape [-1, 128] ->
+ReduceMax(Abs) -> Max -> Div -> Cast(e4m3) -> Cast(float) -> Mul -> Reshape -> Slice. On ORT CPU this
+simulates the FP8 activations in fp32 (no FP8 GEMM), exactly up to accumulation order. Sites sharing
+an input (gate/up) share one quantized activation.
 """
 from __future__ import annotations
 
@@ -37,8 +46,39 @@ import torch
 
 from models.checkpoint import FP8_BLOCK, fp8_block_quantize
 
-from .quant_weights import (DEFAULT_EXCLUDE, QuantReport, add_initializer, const_bytes, initializer_bytes, record,
+from .quant_weights import (DEFAULT_EXCLUDE, QuantizationError, QuantReport, add_initializer, const_bytes, initializer_bytes, record,
                             remove_if_unused, select_sites, set_opset)
+
+
+ACTIVATIONS = ("none", "dynamic")
+ACT_EPS = 1e-4
+E4M3_MAX = 448.0
+
+
+def _act_quant(graph: ir.Graph, x: ir.Value, k: int, before: ir.Node, base: str) -> ir.Value:
+    """Insert x -> per-token-per-128 FP8 fake quantization of x (last axis k) before `before`; -> x'."""
+    nb = -(-k // FP8_BLOCK)
+    c = lambda name, a: add_initializer(graph, f"{base}.{name}", np.asarray(a))  # noqa: E731
+    nodes = []
+
+    def op(op_type, inputs, **attrs):
+        nodes.append(ir.node(op_type, inputs, attrs or None, name=f"{base}/{op_type.lower()}{len(nodes)}"))
+        return nodes[-1].outputs[0]
+
+    xp = x if nb * FP8_BLOCK == k else op("Pad", [x, c("pads", np.array([0, nb * FP8_BLOCK - k], np.int64)), None,
+                                                  c("pad_axes", np.array([-1], np.int64))])
+    blocks = op("Reshape", [xp, c("block_shape", np.array([-1, FP8_BLOCK], np.int64))])
+    amax = op("ReduceMax", [op("Abs", [blocks]), c("axes", np.array([-1], np.int64))], keepdims=1)
+    scale = op("Div", [op("Max", [amax, c("eps", np.float32(ACT_EPS))]), c("e4m3_max", np.float32(E4M3_MAX))])
+    q = op("Cast", [op("Div", [blocks, scale])], to=ir.DataType.FLOAT8E4M3FN)
+    y = op("Reshape", [op("Mul", [op("Cast", [q], to=ir.DataType.FLOAT), scale]), op("Shape", [xp])])
+    if xp is not x:
+        y = op("Slice", [y, c("start", np.array([0], np.int64)), c("end", np.array([k], np.int64)),
+                         c("slice_axes", np.array([-1], np.int64))])
+    y.name = f"{base}.quantized"
+    y.dtype, y.shape = ir.DataType.FLOAT, x.shape
+    graph.insert_before(before, nodes)
+    return y
 
 
 def _digest(a: np.ndarray) -> str:
@@ -71,8 +111,12 @@ def src_raw(src, name: str) -> tuple[np.ndarray, np.ndarray]:
 class Fp8WeightPass(ir.passes.InPlacePass):
     """Linear layers -> float8e4m3fn weights + 128x128 block scales + DequantizeLinear (opset 21)."""
 
-    def __init__(self, model=None, exclude: Iterable[str] = DEFAULT_EXCLUDE, logits_outputs=("logits",)):
+    def __init__(self, model=None, exclude: Iterable[str] = DEFAULT_EXCLUDE, logits_outputs=("logits",),
+                 activations: str = "none"):
         super().__init__()
+        if activations not in ACTIVATIONS:
+            raise QuantizationError(f"fp8 activations {activations!r}: choose one of {', '.join(ACTIVATIONS)}")
+        self.activations = activations
         self.model = model
         self.exclude, self.logits_outputs = tuple(exclude), tuple(logits_outputs)
         self.report = QuantReport("fp8")
@@ -88,6 +132,7 @@ class Fp8WeightPass(ir.passes.InPlacePass):
         if groups:
             set_opset(model, "", 21)
         row_index: dict[int, ir.Value] = {}
+        act_q: dict[int, ir.Value] = {}  # id(activation) -> its quantized form
         passed = 0
         for group in groups:
             w = group[0].weight
@@ -128,11 +173,21 @@ class Fp8WeightPass(ir.passes.InPlacePass):
                 site.node.replace_input_with(1, feed)
                 remove_if_unused(graph, site.transpose.outputs[0] if site.transpose else None)
             remove_if_unused(graph, w)
+            if self.activations == "dynamic":
+                for site in group:
+                    x = site.activation
+                    if id(x) not in act_q:
+                        act_q[id(x)] = _act_quant(graph, x, in_f, site.node, f"{base}.act")
+                    site.node.replace_input_with(0, act_q[id(x)])
             after = const_bytes([qv, sv])
-            rep.add_site(base, group, (out_f, in_f), after, checkpoint_name=source)
+            rep.add_site(base, group, (out_f, in_f), after, checkpoint_name=source,
+                         activations="fp8 e4m3 dynamic per token per 128" if self.activations == "dynamic" else "fp32")
         if self._stored:
             rep.notes.append(f"{passed} of {len(groups)} weights are the FP8 checkpoint's own bytes and scales, "
                              f"passed through unchanged ({len(self._stored)} FP8 weights in the checkpoint)")
+        if act_q:
+            rep.notes.append(f"activations: dynamic FP8 E4M3 per token per {FP8_BLOCK} channels "
+                             f"(scale max(amax, {ACT_EPS})/448) at {len(act_q)} distinct inputs")
         if row_index:
             rep.notes.append(f"{const_bytes(row_index.values())} bytes of shared int32 row-block indices")
         rep.weights_bytes_after = initializer_bytes(graph)

@@ -13,6 +13,15 @@ MatMulNBits layout, checked against numpy on ORT 1.32 (tests/test_quant_int8.py)
 [N, K/bs, bs] (row n, block j holds W[n, j*bs:(j+1)*bs]), scales fp32 [N * K/bs] (row-major
 [N, K/bs]), zero_points uint8 [N * K/bs]; Y = A @ dequant(B)^T.
 
+Routed experts fused into `com.microsoft.MoE` (the ort-cpu target's moe-ort-fused pass) are not
+MatMuls; they become `com.microsoft.QMoE` int8 (passes/quant_qmoe.py): per output channel (weight-only
+numerics) by default, per block with accuracy_level=4 (activations quantized per block inside the
+kernel, as MatMulNBits does at that level). `experts="none"` leaves them fp32.
+
+accuracy_level (MatMulNBits and QMoE attribute): None/0 = fp32 activations (weight-only numerics);
+4 = the kernels quantize activations to int8 per token per block (symmetric, amax/127) and use
+int8 dot products: faster on CPUs with int8 dot-product instructions, no longer weight-only.
+
 Storage per weight: 1 byte + 4/bs bytes (+1/bs with zero points): 0.258x of fp32 at bs=128,
 0.266x at bs=64, 0.281x at bs=32 -- layers with in_features 32 (the `tiny` preset) cannot reach
 0.27x with fp32 scales; real models (K >= 128) are at 0.258x.
@@ -72,9 +81,16 @@ class Int8WeightOnlyPass(ir.passes.InPlacePass):
     """Linear layers -> MatMulNBits(bits=8). See the module docstring for the exact scheme."""
 
     def __init__(self, block_size: int = 128, symmetric: bool = True, exclude: Iterable[str] = DEFAULT_EXCLUDE,
-                 logits_outputs=("logits",), accuracy_level: int | None = None):
+                 logits_outputs=("logits",), accuracy_level: int | None = None, experts: str = "auto"):
         super().__init__()
         block_size_for(64, block_size)  # validates
+        if accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise QuantizationError(f"int8 accuracy_level {accuracy_level!r}: MatMulNBits takes 0..4 "
+                                    "(0: fp32 activations, 4: int8 activations per block)")
+        if experts not in ("auto", "channel", "block", "none"):
+            raise QuantizationError(f"int8 experts {experts!r}: choose auto (channel, or block with "
+                                    "accuracy_level=4), channel, block or none")
+        self.experts = ("block" if accuracy_level == 4 else "channel") if experts == "auto" else experts
         self.block_size, self.symmetric = block_size, symmetric
         self.exclude, self.logits_outputs = tuple(exclude), tuple(logits_outputs)
         self.accuracy_level = accuracy_level
@@ -113,6 +129,14 @@ class Int8WeightOnlyPass(ir.passes.InPlacePass):
             remove_if_unused(graph, w)
             after = const_bytes(new_inits)
             rep.add_site(base, group, (n, k), after, block_size=bs)
+        moe = False
+        if self.experts != "none":
+            from .quant_qmoe import QMoEPass
+            moe = QMoEPass(self.experts, self.block_size, self.accuracy_level, self.exclude, rep)(model).modified
+        if self.accuracy_level is not None:
+            rep.notes.append(f"accuracy_level={self.accuracy_level}: " + (
+                "activations quantized to int8 per block inside MatMulNBits/QMoE (not weight-only numerics)"
+                if self.accuracy_level == 4 else "fp32 activations"))
         rep.weights_bytes_after = initializer_bytes(graph)
         record(model, rep)
-        return ir.passes.PassResult(model, modified=bool(groups))
+        return ir.passes.PassResult(model, modified=bool(groups) or moe)

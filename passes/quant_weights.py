@@ -15,7 +15,9 @@ Roles (each site gets one):
   "lm_head"  the linear producing a logits output (through Reshape/Cast/Identity/Squeeze only)
   "router"   the MoE gate: its output feeds Sigmoid/Softmax that reaches TopK within a few
              elementwise/shape ops (never through another MatMul/Gemm); an expert's SwiGLU gate
-             (x * sigmoid(x)) never reaches TopK that way, so it is not mistaken for the router
+             (x * sigmoid(x)) never reaches TopK that way, so it is not mistaken for the router.
+             After MoE lowering ("ort-fused"): the linear feeding com.microsoft.MoEGroupRouter or
+             MoE/QMoE's router_probs input.
   "mlp"      part of a SwiGLU block: gate/up (feeding Mul(x*Sigmoid(x), up)) or down (its input
              is that product) -- dense MLP, routed and shared experts
   "attention" every other linear (the MLA projections q_a/q_b/q, kv_a, kv_b, o_proj)
@@ -192,6 +194,14 @@ def _reaches_topk(start: ir.Value) -> bool:
     return False
 
 
+def _is_fused_router_input(node: ir.Node, index: int) -> bool:
+    """The gate logits after passes/moe_lowering.py "ort-fused": MoEGroupRouter's input, or MoE/QMoE's
+    router_probs (input 1; the V2 softmax-greedy router)."""
+    if node.domain != "com.microsoft":
+        return False
+    return node.op_type == "MoEGroupRouter" or (node.op_type in ("MoE", "QMoE") and index == 1)
+
+
 def _lm_head_nodes(graph: ir.Graph, logits_outputs: Sequence[str]) -> set[int]:
     out = set()
     for v in graph.outputs:
@@ -225,7 +235,8 @@ def find_linear_sites(graph: ir.Graph, logits_outputs: Sequence[str] = ("logits"
         out = s.node.outputs[0]
         if id(s.node) in heads:
             s.role = "lm_head"
-        elif any(u.op_type in ("Sigmoid", "Softmax") and _reaches_topk(u.outputs[0]) for u, _ in out.uses()):
+        elif any(u.op_type in ("Sigmoid", "Softmax") and _reaches_topk(u.outputs[0]) for u, _ in out.uses()) \
+                or any(_is_fused_router_input(u, i) for u, i in out.uses()):
             s.role = "router"
         elif id(out) in swiglu_in or swiglu_in.get(id(s.activation)) == "product":
             s.role = "mlp"
@@ -326,8 +337,11 @@ def quantize(model_ir: ir.Model, scheme: str, *, model=None, calibration: dict[s
              exclude: Iterable[str] = DEFAULT_EXCLUDE, **options) -> QuantReport:
     """Quantize `model_ir` in place with `scheme` and return the report.
 
-    scheme "int8": options block_size (default 128, capped at each layer's in_features), symmetric.
-    scheme "fp8" : `model` (the eager model) lets an FP8 checkpoint's bytes pass through unchanged.
+    scheme "int8": options block_size (default 128, capped at each layer's in_features), symmetric,
+                   accuracy_level (None/0: fp32 activations; 4: int8 activations per block inside the
+                   kernels), experts (com.microsoft.MoE -> QMoE: "auto", "channel", "block", "none").
+    scheme "fp8" : `model` (the eager model) lets an FP8 checkpoint's bytes pass through unchanged;
+                   activations "none" (default) or "dynamic" (FP8 per token per 128 channels).
     scheme "w8a8": `calibration` ({activation name: amax}, from passes.quant_w8a8.calibrate) gives
                    static per-tensor scales to the attention projections; without it they are dynamic too.
     scheme "none": nothing (an empty report).

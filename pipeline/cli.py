@@ -47,6 +47,9 @@ def _targets_help() -> str:
               help="package folder to create (default dist/<model>-<target>); a .tar.gz is written beside it")
 @click.option("--force", is_flag=True, help="replace --out if it exists")
 @click.option("--quant", default=None, help="quantization scheme (default: the target's first; ort-cpu: none)")
+@click.option("--int8-accuracy-level", type=click.IntRange(0, 4), default=None,
+              help="--quant int8 on ort-cpu: MatMulNBits/QMoE accuracy_level; 4 quantizes activations to int8 per "
+                   "block inside the kernels (faster, not weight-only numerics); default 0")
 @click.option("--seed", default=0, show_default=True, help="seed of a preset's weights and of the golden inputs")
 @click.option("--no-cache", is_flag=True, help="recompute every stage (default: reuse unchanged stages from "
                                                "$MLAMOE_CACHE or ~/.cache/mlamoe)")
@@ -56,7 +59,7 @@ def _targets_help() -> str:
 @click.option("--ranks", type=int, default=None,
               help="ort-cpu: also write expert-parallel graphs for N ranks (expert_parallel/, run with torchrun)")
 @click.option("--redundant", type=int, default=0, show_default=True, help="with --ranks: extra replicas of hot experts")
-def compile(model_spec, target, out, force, quant, seed, no_cache, soc, precision, require_om, ranks, redundant):
+def compile(model_spec, target, out, force, quant, int8_accuracy_level, seed, no_cache, soc, precision, require_om, ranks, redundant):
     """Build a verified package: load, export, passes, quantize, target, package."""
     from .compile import compile_package
     for flag, value in (("--soc", soc), ("--precision", precision), ("--require-om", require_om)):
@@ -66,7 +69,8 @@ def compile(model_spec, target, out, force, quant, seed, no_cache, soc, precisio
     if (ranks or redundant) and target != "ort-cpu":
         raise click.BadParameter("--ranks/--redundant apply to --target ort-cpu", param_hint="--ranks")
     path = compile_package(model_spec, target, out, force=force, quant=quant, seed=seed, use_cache=not no_cache,
-                           soc=soc, precision=precision, require_om=require_om, ranks=ranks, redundant=redundant)
+                           soc=soc, precision=precision, require_om=require_om, ranks=ranks, redundant=redundant,
+                           int8_accuracy_level=int8_accuracy_level)
     click.echo(f"package: {path}\narchive: {path.parent / (path.name + '.tar.gz')}")
 
 
@@ -147,7 +151,7 @@ def generate(source, prompt_ids, max_new_tokens, seed, as_json):
 @click.option("--suite", type=click.Choice(["package", "latent-kv", "moe", "quant", "cache-table", "all"]),
               default="package", show_default=True,
               help="package: package vs eager; latent-kv: (a) expanded / (b) latent / (c) fused decode; "
-                   "moe: dynamic vs ort-fused MoE decode; quant: int8 MatMulNBits vs fp32 decode; "
+                   "moe: dynamic vs ort-fused MoE decode; quant: ort-cpu decode graph fp32 vs int8 (MatMulNBits + QMoE); "
                    "cache-table: cache sizes at DeepSeek-V3 671B dims")
 @click.option("--json", "as_json", is_flag=True, help="print the raw results as JSON")
 def bench(model_spec, target, package, threads, cache_lengths, suite, as_json):
@@ -168,9 +172,9 @@ def bench(model_spec, target, package, threads, cache_lengths, suite, as_json):
         results["moe"] = r = bench_moe_decode(model_spec, threads)
         texts.append(format_bench_moe(r))
     if suite in ("quant", "all"):
-        from .benchmarks.quant import bench_int8_decode
+        from .benchmarks.quant import bench_int8_decode, format_bench_quant
         results["quant"] = r = bench_int8_decode(model_spec, threads)
-        texts.append(json.dumps(r, indent=2, sort_keys=True))
+        texts.append(format_bench_quant(r))
     if suite in ("cache-table", "latent-kv", "all"):
         from models import preset_config
         table = b.cache_table(preset_config("deepseek-v3-671b"))

@@ -206,7 +206,7 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
                     seed: int = 0, cache_dir: Path | None = None, use_cache: bool = True,
                     layout: str = "latent", gen_tokens: int = 32, progress=None, soc: str | None = None,
                     precision: str | None = None, require_om: bool = False, ranks: int | None = None,
-                    redundant: int = 0, calibrate: int = 8) -> Path:
+                    redundant: int = 0, calibrate: int = 8, int8_accuracy_level: int | None = None) -> Path:
     profile: TargetProfile = get_profile(target)
     if profile.name == "ascend":
         from targets.ascend.profile import make_profile
@@ -214,6 +214,15 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
     quant = quant or profile.quant_schemes[0]
     if quant not in profile.quant_schemes:
         raise CompileError(f"--quant {quant}: target {target!r} supports {', '.join(profile.quant_schemes)}")
+    quant_options = {}  # passes.quant_int8 options; part of the quantize stage's parameters (and cache key)
+    if int8_accuracy_level is not None:
+        if quant != "int8" or profile.name != "ort-cpu":
+            raise CompileError(f"--int8-accuracy-level applies to --quant int8 on --target ort-cpu, not "
+                               f"--quant {quant} on {profile.name}")
+        if int8_accuracy_level not in (0, 4):
+            raise CompileError(f"--int8-accuracy-level {int8_accuracy_level}: choose 0 (fp32 activations, "
+                               "weight-only numerics) or 4 (int8 activations per block inside the kernels)")
+        quant_options["accuracy_level"] = int8_accuracy_level
     out = Path(out)
     if out.exists() and not force:
         raise CompileError(f"{out}: exists; pass --force to replace it (or choose another --out)")
@@ -274,7 +283,7 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
                 calibration = _calibrate(graphs["prefill"], cfg, seed) if quant == "w8a8" else None
                 summary = {}
                 for g, m in graphs.items():
-                    report = quantize_graph(m, quant, model=model, calibration=calibration)
+                    report = quantize_graph(m, quant, model=model, calibration=calibration, **quant_options)
                     save_graph(m, d / f"{g}.onnx")
                     summary[g] = report.to_dict()
                     rec.notes.append(f"{g}: " + report.summary())
@@ -286,7 +295,7 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
                 write_error_profile(ir.load(src_dir / "prefill.onnx"), graphs["prefill"], quant, feeds,
                                     d / "reports" / "error_profile.csv")
 
-            prev = runner.run("quantize", {"scheme": quant}, prev.outputs, prev_dir, do_quant,
+            prev = runner.run("quantize", {"scheme": quant, **quant_options}, prev.outputs, prev_dir, do_quant,
                               checker(f"quantize-{quant}"))
             expected = _reference_from_graphs({g: prev_dir / f"{g}.onnx" for g in GRAPHS}, golden, cfg, layout,
                                               ort_cpu.session_config())
@@ -313,7 +322,8 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
         manifest = {
             **base_manifest,
             "target": {"name": profile.name, "description": profile.description, "providers": list(profile.providers),
-                       "session": session, "quantization": quant, "runtime": "runtime/ort_runtime.py"},
+                       "session": session, "quantization": quant, "runtime": "runtime/ort_runtime.py",
+                       **({"quantization_options": quant_options} if quant_options else {})},
             "io": io,
             "golden": golden_section,
         }

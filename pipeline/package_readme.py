@@ -4,6 +4,17 @@ from __future__ import annotations
 from .parity import ParityReport
 
 
+def _quant_lines(t: dict) -> list[str]:
+    if t.get("quantization") != "int8":
+        return []
+    acc4 = t.get("quantization_options", {}).get("accuracy_level") == 4
+    return ["", "INT8: linear layers as `com.microsoft.MatMulNBits` (bits=8, blocks of 128), routed experts as "
+            "`com.microsoft.QMoE` (int8); lm_head, router gate, embeddings and norms stay fp32. " + (
+                "accuracy_level=4: both kernels quantize the activations to int8 per token per block inside the "
+                "kernel (QMoE experts per block), so the numerics are not weight-only."
+                if acc4 else "Activations stay fp32 (weight-only numerics; QMoE experts per output channel).")]
+
+
 def package_readme(manifest: dict, reports: list[ParityReport]) -> str:
     m, t, io = manifest["model"], manifest["target"], manifest["io"]
     cfg, cache = m["config"], io["cache"]
@@ -13,6 +24,7 @@ def package_readme(manifest: dict, reports: list[ParityReport]) -> str:
         f"Compiled by mlamoe {manifest['mlamoe_version']} from a {m['kind']} "
         f"({cfg['model_type']}, {m['parameters']:,} parameters; weights sha256 `{m['weights_sha256'][:16]}…`).",
         f"Target: {t['description']}. Quantization: {t['quantization']}.",
+        *_quant_lines(t),
         "",
         "## Contents",
         "",

@@ -28,9 +28,30 @@ TARGETS = {"int8": {"max_ppl_increase": 0.01, "min_top1": 0.97},
            "fp8": {"max_ppl_increase": 0.02}}
 
 
-@functools.lru_cache(maxsize=2)
-def _exported(model_dir: str) -> tuple[bytes, object]:
-    """(serialized fp32 prefill graph, eager model) of a checkpoint folder, exported once per process."""
+GRAPHS = ("raw", "ort-cpu")
+
+
+@functools.lru_cache(maxsize=4)
+def _exported(model_dir: str, graph: str = "raw") -> tuple[bytes, object]:
+    """(serialized fp32 prefill graph, eager model) of a checkpoint folder, exported once per process.
+
+    graph "raw": the exported graph (every routed expert a MatMul: a scheme quantizes all of them);
+    "ort-cpu": after the ort-cpu target's passes that run on prefill (moe-ort-fused: experts in
+    com.microsoft.MoE, which int8 turns into QMoE and the other schemes leave fp32), i.e. what that
+    target's package ships."""
+    if graph not in GRAPHS:
+        raise ValueError(f"graph {graph!r}: choose one of {', '.join(GRAPHS)}")
+    if graph == "ort-cpu":
+        from passes import PASSES, graphs_for
+        from passes.cleanup import cleanup
+        from targets.ort_cpu import PROFILE
+        blob, model = _exported(model_dir, "raw")
+        m = ir.from_proto(__import__("onnx").load_from_string(blob))
+        for name in PROFILE.passes:
+            if "prefill" in graphs_for(name):
+                PASSES[name]()(m)
+                cleanup(m)
+        return ir.to_proto(m).SerializeToString(), model
     import models
     from pipeline.export import export_graph
     model = models.load(model_dir)
@@ -72,14 +93,16 @@ def quantized_graph(fp32_ir: ir.Model, scheme: str, model=None, calibration_ids:
 
 
 def evaluate_quantized(model_dir: str | Path, scheme: str, *, n_windows: int = 64, seq: int = 128,
-                       threads: int = 1, profile_csv: str | Path | None = None, **options) -> dict:
+                       threads: int = 1, profile_csv: str | Path | None = None, graph: str = "raw",
+                       **options) -> dict:
     """Held-out perplexity fp32 vs `scheme`, top-1 agreement, KL, sizes; optionally the per-layer CSV.
 
     Returns {scheme, ppl_fp32, ppl_quant, ppl_increase, top1_agreement, kl, linear_ratio, weights bytes,
-    targets, passed, ...}. `options` go to the scheme's pass (e.g. block_size for int8).
+    targets, passed, ...}. `options` go to the scheme's pass (e.g. block_size, accuracy_level for int8).
+    graph: "raw" (the exported graph) or "ort-cpu" (as the ort-cpu package ships it; see _exported).
     """
     from models.train_small import windows
-    blob, model = _exported(str(Path(model_dir).resolve()))
+    blob, model = _exported(str(Path(model_dir).resolve()), graph)
     fp32 = ir.from_proto(__import__("onnx").load_from_string(blob))
     heldout = windows("heldout", n_windows, seq + 1)
     cal_ids = windows("calibration", 32, seq) if scheme == "w8a8" else None
@@ -100,7 +123,7 @@ def evaluate_quantized(model_dir: str | Path, scheme: str, *, n_windows: int = 6
         kl += (np.exp(lr) * (lr - lq)).sum()
         n_tok += tgt.size
     ppl_ref, ppl_q = math.exp(nll_ref / n_tok), math.exp(nll_q / n_tok)
-    res = {"scheme": scheme, "model": str(model_dir), "heldout_tokens": int(n_tok),
+    res = {"scheme": scheme, "options": options, "graph": graph, "model": str(model_dir), "heldout_tokens": int(n_tok),
            "ppl_fp32": float(ppl_ref), "ppl_quant": float(ppl_q), "ppl_increase": ppl_q / ppl_ref - 1,
            "top1_agreement": float(agree / n_tok), "kl": float(kl / n_tok), "linear_ratio": rep.linear_ratio,
            "linear_bytes_before": rep.linear_bytes_before, "linear_bytes_after": rep.linear_bytes_after,
@@ -215,10 +238,15 @@ def main(argv=None) -> int:
     ap.add_argument("--scheme", nargs="+", default=["int8", "w8a8", "fp8"])
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--csv-dir", default=None)
+    ap.add_argument("--graph", choices=GRAPHS, default="raw",
+                    help="raw: the exported graph; ort-cpu: after the ort-cpu passes (experts in MoE/QMoE)")
+    ap.add_argument("--int8-accuracy-level", type=int, default=None, help="int8: MatMulNBits/QMoE accuracy_level")
     args = ap.parse_args(argv)
     for s in args.scheme:
         csv_path = Path(args.csv_dir) / f"error_profile_{s}.csv" if args.csv_dir else None
-        print(json.dumps(evaluate_quantized(args.model_dir, s, n_windows=args.windows, profile_csv=csv_path)))
+        opts = {"accuracy_level": args.int8_accuracy_level} if s == "int8" and args.int8_accuracy_level is not None else {}
+        print(json.dumps(evaluate_quantized(args.model_dir, s, n_windows=args.windows, profile_csv=csv_path,
+                                            graph=args.graph, **opts)))
     return 0
 
 

@@ -266,3 +266,54 @@ def test_size_ratio(scheme):
     # K = 96, 128, 192, 256 here; int8 at block 128 (or the cheapest smaller block) and fp8 blocks
     assert rep.linear_ratio <= 0.27, rep.summary()
     assert rep.weights_bytes_after < rep.weights_bytes_before
+
+
+def ref_act_fp8(x: np.ndarray) -> np.ndarray:
+    """DeepSeek-V3 act_quant, per token per 128 channels (a partial last block zero-padded)."""
+    k = x.shape[-1]
+    nb = -(-k // 128)
+    xp = np.zeros(x.shape[:-1] + (nb * 128,), np.float32)
+    xp[..., :k] = x
+    b = xp.reshape(-1, 128)
+    s = (np.maximum(np.abs(b).max(-1, keepdims=True), np.float32(1e-4)) / np.float32(448)).astype(np.float32)
+    q = (b / s).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * s
+    return q.reshape(xp.shape)[..., :k]
+
+
+def test_fp8_dynamic_activations_match_numpy():
+    """Fp8WeightPass(activations="dynamic"): every quantized site computes ref_act_fp8(x) @ deq(W)^T."""
+    W = _weights()
+    m = build_graph()
+    rep = quantize(m, "fp8", activations="dynamic")
+    assert any("at 4 distinct inputs" in n for n in rep.notes)  # x, h1, r (gate and up share it), p
+    assert {q["activations"] for q in rep.quantized} == {"fp8 e4m3 dynamic per token per 128"}
+    (x,) = run(build_graph(), ["x"])
+    got_h1, got_h2, got_p, got_d = run(m, ["h1", "h2", "p", "d"])
+    # each site on the quantized graph's own input: K=128 (one block), K=96 (a zero-padded partial
+    # block), K=256 (two blocks)
+    np.testing.assert_allclose(got_h1, ref_act_fp8(x) @ ref_fp8(W["W1"])[2].T, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got_h2, ref_act_fp8(got_h1) @ ref_fp8(W["W2"])[2].T, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(got_d, ref_act_fp8(got_p) @ ref_fp8(W["Wd"])[2].T, atol=1e-5, rtol=0)
+    with pytest.raises(QuantizationError, match="fp8 activations 'static'"):
+        quantize(build_graph(), "fp8", activations="static")
+
+
+def test_matmulnbits_accuracy_level_4_quantizes_activations_per_block():
+    """What --int8-accuracy-level 4 means on ORT CPU: Y = q8(A per row per block) @ dequant(B)^T, where
+    q8 is symmetric amax/127 round-half-even per block of the weight's block size (measured, exact)."""
+    W = _weights()["Wd"]  # [192, 256]
+    N, K, bs = W.shape[0], W.shape[1], 128
+    q, s, deq = ref_int8(W, bs)
+    a = np.random.default_rng(3).standard_normal((5, K)).astype(np.float32)
+    blocks = a.reshape(5, K // bs, bs)
+    sa = np.abs(blocks).max(-1, keepdims=True) / np.float32(127)
+    aq = (np.rint(blocks / sa) * sa).reshape(5, K).astype(np.float32)
+    for level, want in ((0, a @ deq.T), (4, aq @ deq.T)):
+        single = h.make_model(h.make_graph(
+            [h.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=K, N=N, bits=8,
+                         block_size=bs, accuracy_level=level)],
+            "one", [h.make_tensor_value_info("A", TP.FLOAT, [5, K])], [h.make_tensor_value_info("Y", TP.FLOAT, [5, N])],
+            [nh.from_array(q, "B"), nh.from_array(s.reshape(-1), "S")]),
+            opset_imports=[h.make_opsetid("", 21), h.make_opsetid("com.microsoft", 1)])
+        y = ort.InferenceSession(single.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+        np.testing.assert_allclose(y, want, atol=2e-5, rtol=0)

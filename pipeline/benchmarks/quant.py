@@ -1,19 +1,29 @@
-"""Decode latency of INT8 weight-only (MatMulNBits bits=8) vs fp32 on ONNX Runtime CPU (not a pytest test).
+"""Decode latency of an ort-cpu package's graph: fp32 vs `--quant int8`, on ONNX Runtime CPU (not a pytest test).
 
-    python -m pipeline.benchmarks.quant [--model medium] [--threads 2] [--past 256]
+    python -m pipeline.benchmarks.quant [--model medium] [--threads 2] [--past 256] [--repeats 20] [--raw]
 
-Both graphs are the same exported decode graph (latent cache, batch 1, one new token per call after
-`past` cached tokens); the int8 one went through passes.quant_int8.Int8WeightOnlyPass (block 128,
-lm_head and router kept fp32). Figures are medians of `repeats` timed runs after `warmup` runs,
-in ms per token. "int8_acc4" also sets MatMulNBits accuracy_level=4 (activations quantized to
-int8 inside the kernel: faster where ORT has int8 GEMM kernels, no longer weight-only numerics).
-`mlamoe bench` calls bench_int8_decode().
+What is timed is what an ort-cpu package ships: the exported decode graph after the target's passes
+(latent-kv-fusion, moe-ort-fused: routed experts in com.microsoft.MoE, V3 router in MoEGroupRouter),
+quantized as `compile --quant int8` does, optimised offline by ORT at the target's level
+(targets/ort_cpu.optimize_offline) and run with the package's session settings
+(targets/ort_cpu.session_config, `threads` intra-op threads). Variants:
+  fp32       no quantization
+  int8       MatMulNBits bits=8 (blocks of 128) + QMoE int8 per output channel: weight-only numerics
+             (fp32 activations); the default of `--quant int8`
+  int8_acc4  `--int8-accuracy-level 4`: MatMulNBits accuracy_level=4 + QMoE int8 per block of 128:
+             activations quantized to int8 per token per block inside the kernels (not weight-only)
+lm_head, router gate, embeddings and norms stay fp32 in every variant. Batch 1, one new token after
+`past` cached tokens (random cache values: they do not change the cost). Figures are medians of
+`repeats` timed runs in ms per token, in blocks per variant, alternating order (see _time_blocks). `raw=True` also times the raw exported decode graph (naive attention, the
+exported per-expert loop) fp32 vs int8, the previous, not-shipped comparison.
+`mlamoe bench --suite quant` calls bench_int8_decode().
 """
 from __future__ import annotations
 
-import functools
+import gc
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,29 +36,57 @@ if str(ROOT) not in sys.path:
 import onnx_ir as ir  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
+VARIANTS = {"fp32": None, "int8": {}, "int8_acc4": {"accuracy_level": 4}}  # name -> quantize options
 
-@functools.lru_cache(maxsize=2)
-def _graphs(model_name: str) -> dict[str, bytes]:
-    import models
-    from passes.quant_int8 import Int8WeightOnlyPass
-    from pipeline.export import export_graph, specialize_decode
 
-    decode = specialize_decode(export_graph(models.load(model_name, seed=0), "prefill"))
-    out = {"fp32": ir.to_proto(decode).SerializeToString()}
-    for name, level in (("int8", None), ("int8_acc4", 4)):
-        g = ir.from_proto(ir.to_proto(decode))
-        Int8WeightOnlyPass(accuracy_level=level)(g)
-        out[name] = ir.to_proto(g).SerializeToString()
+def _ort_cpu_decode(model) -> ir.Model:
+    """The decode graph as the ort-cpu target builds it: export, then the target's passes that run on decode."""
+    from passes import PASSES, graphs_for
+    from passes.cleanup import cleanup
+    from pipeline.export import export_graphs
+    from targets.ort_cpu import PROFILE
+    decode = export_graphs(model)["decode"]
+    for name in PROFILE.passes:
+        if "decode" in graphs_for(name):
+            PASSES[name]()(decode)
+            cleanup(decode)
+    return decode
+
+
+def _build(decode: ir.Model, variants: dict, folder: Path, offline: bool = True) -> dict[str, dict]:
+    """Save `decode` once, then per variant: load it (weights memory-mapped from the saved file), quantize,
+    save, ORT-optimise offline -> {name: {"path", "weights_mb", "ops"}}. Peak memory stays near one graph."""
+    from passes.quant_weights import initializer_bytes, quantize
+    from pipeline.export import save_graph
+    from targets.ort_cpu import optimize_offline
+    folder.mkdir(parents=True, exist_ok=True)
+    base = folder / "decode.fp32.onnx"
+    save_graph(decode, base)
+    out = {}
+    for name, options in variants.items():
+        m = ir.load(base)
+        if options is not None:
+            quantize(m, "int8", **options)
+        ops: dict[str, int] = {}
+        for n in m.graph:
+            if n.domain == "com.microsoft":
+                ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        info = {"weights_mb": round(initializer_bytes(m.graph) / 2**20, 2), "ops": ops}
+        if options is None:
+            src = base
+        else:
+            src = folder / f"{name}.src.onnx"
+            save_graph(m, src)
+        del m
+        gc.collect()
+        if offline:
+            dst = folder / f"{name}.onnx"
+            optimize_offline(src, dst)
+            info["path"] = dst
+        else:
+            info["path"] = src
+        out[name] = info
     return out
-
-
-def _session(blob: bytes, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
 
 
 def _feeds(sess: ort.InferenceSession, past: int, vocab: int) -> dict[str, np.ndarray]:
@@ -57,38 +95,91 @@ def _feeds(sess: ort.InferenceSession, past: int, vocab: int) -> dict[str, np.nd
     for i in sess.get_inputs():
         if i.name == "input_ids":
             feeds[i.name] = rng.integers(0, vocab, (1, 1)).astype(np.int64)
-        else:
+        elif i.shape[1] == "past" or not isinstance(i.shape[1], int):  # latent cache [batch, past, width]
             feeds[i.name] = rng.standard_normal([1, past, i.shape[2]], dtype=np.float32)
+        else:  # expanded cache [batch, heads, past, width]
+            feeds[i.name] = rng.standard_normal([1, i.shape[1], past, i.shape[3]], dtype=np.float32)
     return feeds
 
 
-def _time(sess, feeds, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        sess.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        sess.run(None, feeds)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+def _time_blocks(built: dict, threads: int, past: int, vocab: int, warmup: int, repeats: int,
+                 rounds: int = 2) -> dict[str, float]:
+    """Median ms per run of each variant, timed in blocks: every round runs each variant `warmup` untimed
+    then repeats/rounds timed runs, the order reversed every round (A B C, C B A, ...), so slow drift of
+    the machine's load hits the variants alike. Not run by run: each session has its own intra-op thread
+    pool, whose threads keep spinning for a while after a run and steal the cores from the next session
+    (measured on 2 cores: +4..7 ms per run on every variant when alternated run by run)."""
+    from pipeline.ort_runtime import session_options
+    from targets.ort_cpu import session_config
+    so = session_options(session_config(threads))
+    sessions = {n: ort.InferenceSession(str(b["path"]), so, providers=["CPUExecutionProvider"]) for n, b in built.items()}
+    feeds = {n: _feeds(s, past, vocab) for n, s in sessions.items()}
+    times: dict[str, list] = {n: [] for n in sessions}
+    order = list(sessions)
+    for r in range(rounds):
+        for n in (order if r % 2 == 0 else order[::-1]):
+            s = sessions[n]
+            for _ in range(warmup):
+                s.run(["logits"], feeds[n])
+            for _ in range(max(1, repeats // rounds)):
+                t = time.perf_counter()
+                s.run(["logits"], feeds[n])
+                times[n].append((time.perf_counter() - t) * 1e3)
+    return {n: statistics.median(v) for n, v in times.items()}
 
 
 def bench_int8_decode(model_name: str = "medium", threads: int = 2, past: int = 256, warmup: int = 3,
-                      repeats: int = 20) -> dict:
-    """-> {"model", "threads", "past", "fp32_ms", "int8_ms", "int8_acc4_ms", "speedup", "speedup_acc4",
-    "weights_mb": {...}} (ms per decoded token, medians)."""
+                      repeats: int = 20, raw: bool = False) -> dict:
+    """-> {"model", "threads", "past", "graph", "ms_per_token": {variant: ms}, "speedup_vs_fp32": {variant: x},
+    "weights_mb": {variant: MB}, "contrib_ops": {variant: {op: count}}, ["raw_graph": the same for the raw
+    exported decode graph]} (ms per decoded token, medians). Also the flat keys fp32_ms, int8_ms,
+    int8_acc4_ms, speedup, speedup_acc4 of the earlier version of this benchmark."""
     import models
-    vocab = models.load_config(model_name).vocab_size
-    graphs = _graphs(model_name)
-    res = {"model": model_name, "threads": threads, "past": past, "weights_mb": {}}
-    for name, blob in graphs.items():
-        sess = _session(blob, threads)
-        res[f"{name}_ms"] = _time(sess, _feeds(sess, past, vocab), warmup, repeats)
-        res["weights_mb"][name] = round(len(blob) / 2**20, 2)
-        del sess
-    res["speedup"] = res["fp32_ms"] / res["int8_ms"]
-    res["speedup_acc4"] = res["fp32_ms"] / res["int8_acc4_ms"]
+    from pipeline.export import export_graph, specialize_decode
+    model = models.load(model_name, seed=0)
+    vocab = model.config.vocab_size
+    res = {"model": model_name, "threads": threads, "past": past, "batch": 1, "repeats": repeats,
+           "graph": "ort-cpu package decode graph (latent-kv-fusion + moe-ort-fused, ORT offline 'extended', "
+                    "session settings of targets/ort_cpu.session_config)"}
+    with tempfile.TemporaryDirectory(prefix="mlamoe-bench-quant-") as tmp:
+        decode = _ort_cpu_decode(model)
+        raw_decode = specialize_decode(export_graph(model, "prefill")) if raw else None
+        del model
+        built = _build(decode, VARIANTS, Path(tmp))
+        del decode
+        gc.collect()
+        ms = _time_blocks(built, threads, past, vocab, warmup, repeats)
+        res.update(_summary(ms, built))
+        if raw:
+            rb = _build(raw_decode, {"fp32": None, "int8": {}, "int8_acc4": {"accuracy_level": 4}}, Path(tmp) / "raw",
+                        offline=False)
+            del raw_decode
+            gc.collect()
+            res["raw_graph"] = {"graph": "raw exported decode graph (naive attention, per-expert loop), no passes",
+                                **_summary(_time_blocks(rb, threads, past, vocab, warmup, repeats), rb)}
+    res.update(fp32_ms=res["ms_per_token"]["fp32"], int8_ms=res["ms_per_token"]["int8"],
+               int8_acc4_ms=res["ms_per_token"]["int8_acc4"], speedup=res["speedup_vs_fp32"]["int8"],
+               speedup_acc4=res["speedup_vs_fp32"]["int8_acc4"])
     return res
+
+
+def _summary(ms: dict, built: dict) -> dict:
+    return {"ms_per_token": {n: round(v, 3) for n, v in ms.items()},
+            "speedup_vs_fp32": {n: round(ms["fp32"] / v, 3) for n, v in ms.items() if n != "fp32"},
+            "weights_mb": {n: b["weights_mb"] for n, b in built.items()},
+            "contrib_ops": {n: b["ops"] for n, b in built.items()}}
+
+
+def format_bench_quant(r: dict) -> str:
+    lines = [f"INT8 decode on ORT CPU: {r['model']}, batch 1, past {r['past']}, {r['threads']} threads, "
+             f"median of {r['repeats']}", f"  {r['graph']}"]
+    for part in [r] + ([r["raw_graph"]] if "raw_graph" in r else []):
+        if part is not r:
+            lines.append(f"  {part['graph']}")
+        for n, v in part["ms_per_token"].items():
+            x = "" if n == "fp32" else f"  {part['speedup_vs_fp32'][n]:.2f}x vs fp32"
+            lines.append(f"    {n:10s} {v:9.3f} ms/token  weights {part['weights_mb'][n]:9.2f} MB{x}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -99,8 +190,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--past", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--raw", action="store_true", help="also time the raw exported decode graph")
+    ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    print(json.dumps(bench_int8_decode(args.model, args.threads, args.past, repeats=args.repeats), indent=2))
+    r = bench_int8_decode(args.model, args.threads, args.past, repeats=args.repeats, raw=args.raw)
+    print(json.dumps(r, indent=2, sort_keys=True, default=str) if args.json else format_bench_quant(r))
     return 0
 
 

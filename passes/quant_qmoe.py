@@ -1,0 +1,166 @@
+"""INT8 routed experts for ONNX Runtime: `com.microsoft.MoE` (fp32, from passes/moe_lowering.py
+"ort-fused") -> `com.microsoft.QMoE` with expert_weight_bits=8. Everything else of the node (router
+input, k, swiglu_fusion=1 interleaved gate/up rows, normalize_routing_weights, activation alpha/beta)
+is kept as it was.
+
+Two granularities, because ORT 1.32's CPU kernel computes them differently (measured against numpy,
+tests/test_quant_qmoe.py):
+  "channel"  no block_size: one scale per output row of each expert (scale [E, N]). The CPU kernel
+             dequantizes the weights and keeps fp32 activations: weight-only numerics, exactly
+             x @ dequant(W)^T. The default of `--quant int8`.
+  "block"    block_size bs along K (scale [E, N, K/bs]; bs must divide hidden and moe_intermediate, so
+             the largest power of two in 16..block_size dividing both). The CPU kernel ALWAYS
+             quantizes the activations too, per token per block of bs (symmetric, amax/127,
+             round-half-even, like MatMulNBits accuracy_level=4), at every accuracy_level: W8A8-like
+             numerics. Used for `--quant int8` with accuracy_level=4, where MatMulNBits does the same.
+Routing: ORT 1.32's CPU QMoE always weights the k chosen experts by the softmax of their router_probs
+over those k (as MoE does with normalize_routing_weights=1), while MoE with normalize_routing_weights=0
+weights them by the softmax over ALL experts (the V2-Lite softmax-greedy router without norm_topk_prob).
+Equal when router_probs are -inf outside the chosen experts (MoEGroupRouter, the log-weight form of
+moe_lowering), not in general; so for normalize_routing_weights=0 the pass feeds QMoE's router_weights
+input Softmax(router_probs) over all experts, whose values at the chosen experts are MoE's weights exactly
+(QMoE then uses them as they are; measured, tests/test_quant_qmoe.py).
+Weights (both): symmetric, scale = amax/127 (1.0 for an all-zero row/block), q = clip(rint(w/scale),
+-127, 127) + 128 as uint8, zero point 128 = QMoE's default for 8 bits (no zero-point input);
+dequantized W = (q - 128) * scale. Layout (weights_prepacked=0, the raw layout): fc1 uint8 [E, 2I, h]
+(row n of expert e holds W[e, n, :] in input-channel order), fc2 uint8 [E, h, I].
+Storage: 1 byte per weight + 4 bytes per scale: (1 + 4/K)/4 of fp32 per channel, (1 + 4/bs)/4 per block.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from .graph_utils import attr, const_array
+from .quant_weights import ROLES, QuantizationError, QuantReport, add_initializer, remove_if_unused, set_opset
+
+MS_DOMAIN = "com.microsoft"
+GRANULARITIES = ("channel", "block")
+_KEPT_ATTRS = ("k", "activation_type", "swiglu_fusion", "normalize_routing_weights", "activation_alpha",
+               "activation_beta", "use_sparse_mixer", "swiglu_limit")
+
+
+def qmoe_block_size(hidden: int, inter: int, block_size: int = 128) -> int | None:
+    """The largest power of two in 16..block_size dividing both hidden and inter (QMoE requires it); None if none."""
+    bs = block_size
+    while bs >= 16:
+        if hidden % bs == 0 and inter % bs == 0:
+            return bs
+        bs //= 2
+    return None
+
+
+def quantize_experts_int8(w: np.ndarray, block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 [E, N, K] -> (q uint8 [E, N, K], scales fp32 [E, N] (block_size None) or [E, N, K/bs])."""
+    e, n, k = w.shape
+    bs = k if block_size is None else block_size
+    if k % bs:
+        raise QuantizationError(f"QMoE block_size {bs} does not divide the expert weight's input dim {k}")
+    blocks = w.astype(np.float32).reshape(e, n, k // bs, bs)
+    amax = np.abs(blocks).max(-1)
+    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    q = (np.clip(np.rint(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8).reshape(e, n, k)
+    return q, (scale[..., 0] if block_size is None else scale)
+
+
+def _excluded(node: ir.Node, weights: Iterable[ir.Value], exclude: Iterable[str]) -> str | None:
+    for pat in exclude:
+        if pat in ("mlp", "experts"):
+            return f"role {pat} excluded"
+        if pat in ROLES:  # another role (lm_head, router, attention): not these weights
+            continue
+        names = [node.name or ""] + [w.name or "" for w in weights]
+        if any(fnmatch.fnmatchcase(nm, pat) for nm in names):
+            return f"matches exclude pattern {pat!r}"
+    return None
+
+
+class QMoEPass(ir.passes.InPlacePass):
+    """Every `com.microsoft.MoE` with constant fp32 fc1/fc2 (and no fc3, no biases) -> `QMoE` int8.
+
+    granularity "channel" (weight-only numerics) or "block" (block_size, activations quantized per
+    block inside the kernel); accuracy_level is written to the node when given. Results are added to
+    `report` (a QuantReport shared with the linear-layer pass, role "routed_experts").
+    """
+
+    def __init__(self, granularity: str = "channel", block_size: int = 128, accuracy_level: int | None = None,
+                 exclude: Iterable[str] = (), report: QuantReport | None = None):
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise QuantizationError(f"QMoE granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
+        self.granularity, self.block_size, self.accuracy_level = granularity, block_size, accuracy_level
+        self.exclude = tuple(exclude)
+        self.report = report if report is not None else QuantReport("int8")
+
+    def _skip(self, node: ir.Node, reason: str) -> None:
+        self.report.skipped.append({"node": node.name, "weight": "", "role": "routed_experts", "reason": reason})
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph, rep = model.graph, self.report
+        changed = False
+        for node in list(graph):
+            if node.op_type != "MoE" or node.domain != MS_DOMAIN:
+                continue
+            ins = list(node.inputs) + [None] * (8 - len(node.inputs))
+            fc1_v, fc2_v = ins[2], ins[4]
+            if any(v is not None for v in (ins[3], *ins[5:])):
+                self._skip(node, "MoE with biases or fc3 weights: no QMoE form written for it")
+                continue
+            fc1, fc2 = const_array(fc1_v), const_array(fc2_v)
+            if fc1 is None or fc2 is None or fc1.dtype != np.float32 or fc2.dtype != np.float32:
+                self._skip(node, "expert weights are not fp32 constants")
+                continue
+            reason = _excluded(node, (fc1_v, fc2_v), self.exclude)
+            if reason:
+                self._skip(node, reason)
+                continue
+            if attr(node, "activation_type", "relu") != "swiglu" or attr(node, "swiglu_fusion", 0) != 1:
+                self._skip(node, "only activation swiglu with swiglu_fusion=1 (interleaved gate/up) is converted")
+                continue
+            E, two_i, h = fc1.shape
+            inter = two_i // 2
+            bs = None
+            if self.granularity == "block":
+                bs = qmoe_block_size(h, inter, self.block_size)
+                if bs is None:
+                    self._skip(node, f"no power-of-two block in 16..{self.block_size} divides hidden {h} and "
+                                     f"moe_intermediate {inter}")
+                    continue
+            q1, s1 = quantize_experts_int8(fc1, bs)
+            q2, s2 = quantize_experts_int8(fc2, bs)
+            base = node.name or fc1_v.name or "moe"
+            new = [add_initializer(graph, f"{fc1_v.name}.q8", q1), add_initializer(graph, f"{fc1_v.name}.scales", s1),
+                   add_initializer(graph, f"{fc2_v.name}.q8", q2), add_initializer(graph, f"{fc2_v.name}.scales", s2)]
+            attrs = {a: node.attributes[a].value for a in _KEPT_ATTRS if a in node.attributes}
+            attrs.update(expert_weight_bits=8, weights_prepacked=0, quant_type="int")
+            if bs is not None:
+                attrs["block_size"] = bs
+            if self.accuracy_level is not None:
+                attrs["accuracy_level"] = self.accuracy_level
+            q_inputs = [ins[0], ins[1], new[0], new[1], None, new[2], new[3]]
+            nodes = []
+            if not attr(node, "normalize_routing_weights", 0):
+                nodes.append(ir.node("Softmax", [ins[1]], {"axis": -1}, name=f"{base}.router_weights"))
+                nodes[0].outputs[0].name = f"{base}.router_weights"
+                q_inputs += [None] * 7 + [nodes[0].outputs[0]]  # router_weights is QMoE input 14
+            qnode = ir.node("QMoE", q_inputs, attrs, domain=MS_DOMAIN, name=f"{base}.int8")
+            nodes.append(qnode)
+            ir.convenience.replace_nodes_and_values(graph, node, [node], nodes, [node.outputs[0]], [qnode.outputs[0]])
+            remove_if_unused(graph, fc1_v, fc2_v)
+            before = (fc1.size + fc2.size) * 4
+            after = sum(v.const_value.nbytes for v in new)
+            rep.quantized.append({"weight": f"{fc1_v.name}, {fc2_v.name}", "nodes": [qnode.name], "role": "routed_experts",
+                                  "op": "com.microsoft.QMoE", "shape": [E, two_i, h], "experts": E,
+                                  "granularity": self.granularity, "block_size": bs,
+                                  "activations": "fp32 (weight-only)" if bs is None else
+                                  f"int8 per token per {bs}-block inside the kernel",
+                                  "bytes_before": before, "bytes_after": after})
+            rep.linear_bytes_before += before
+            rep.linear_bytes_after += after
+            changed = True
+        if changed:
+            set_opset(model, MS_DOMAIN, 1)
+        return ir.passes.PassResult(model, modified=changed)
