@@ -178,13 +178,16 @@ class CudaPackageRuntime:
 
 def verify_golden(package_dir, device: str | None = None) -> tuple[list[str], dict]:
     """Re-run the golden inputs; -> (failures, record). [] = all outputs within the recorded tolerances
-    (|a-r| <= atol or <= rtol*|r|) and the greedy tokens equal. `record` says where it ran."""
+    (|a-r| <= atol or <= rtol*|r|; per output from golden.tolerance.cases where the compiler recorded
+    them: its fp16 limits) and the greedy tokens equal, or differing first at a near tie (the golden
+    fp32 top-1/top-2 margin at most what the greedy limits let two logits move). `record` says where
+    it ran."""
     import onnxruntime as ort
     root = Path(package_dir)
     rt = CudaPackageRuntime(root, device=device)
     golden = rt.manifest["golden"]
     tol = golden["tolerance"]
-    failures, worst = [], {}
+    failures, notes, worst = [], [], {}
     for case in golden["cases"]:
         feeds = {n: np.load(root / f) for n, f in case["inputs"].items()}
         got = rt.run_numpy(case["graph"], feeds)
@@ -196,20 +199,34 @@ def verify_golden(package_dir, device: str | None = None) -> tuple[list[str], di
                 continue
             diff = np.abs(g - ref)
             worst[f"{case['name']}/{n}"] = float(diff.max()) if diff.size else 0.0
-            bad = (diff > tol["atol"]) & (diff > tol["rtol"] * np.abs(ref))
+            lim = (tol.get("cases") or {}).get(case["name"], {}).get(n, tol)
+            bad = (diff > lim["atol"]) & (diff > lim["rtol"] * np.abs(ref))
             if bad.any():
                 failures.append(f"{case['name']}/{n}: {int(bad.sum())} of {ref.size} elements outside atol "
-                                f"{tol['atol']} / rtol {tol['rtol']} (max abs {diff.max():.3g})")
+                                f"{lim['atol']:.3g} / rtol {lim['rtol']:.3g} (max abs {diff.max():.3g})")
     gen = golden.get("greedy")
     if gen:
         prompt = np.load(root / gen["prompt"])
         want = np.load(root / gen["tokens"])
         tokens, _ = rt.generate(prompt, want.shape[1])
-        if gen.get("must_match", True) and not np.array_equal(tokens, want):
+        if not np.array_equal(tokens, want):
             step = int(np.argmax((tokens != want).any(0)))
-            failures.append(f"greedy generation differs from the golden tokens at step {step}")
+            lim = tol.get("greedy")
+            tie = ""
+            if lim and gen.get("step_logits"):
+                top = np.sort(np.load(root / gen["step_logits"])[:, step].astype(np.float64), -1)[:, -2:]
+                margin = float((top[:, 1] - top[:, 0]).max())
+                allowed = float((np.maximum(lim["atol"], lim["rtol"] * np.abs(top)).sum(-1)).min())
+                tie = (f" (a near tie: fp32 margin {margin:.3g} <= {allowed:.3g})" if margin <= allowed
+                       else f" (fp32 margin {margin:.3g} > {allowed:.3g}: not a near tie)")
+            record_tie = tie.startswith(" (a near tie")
+            msg = f"greedy generation differs from the golden tokens at step {step}{tie}"
+            if gen.get("must_match", True) and not record_tie:
+                failures.append(msg)
+            else:
+                notes.append(msg)
     record = {"device": rt.device, "onnxruntime": ort.__version__, "providers": rt.providers,
-              "passed": not failures, "failures": failures, "max_abs_diff": worst,
+              "passed": not failures, "failures": failures, "notes": notes, "max_abs_diff": worst,
               "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return failures, record
 

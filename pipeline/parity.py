@@ -39,6 +39,13 @@ Reports: :meth:`ParityReport.to_dict` (JSON-safe; non-finite floats become the s
 writes ``parity.json`` and ``parity.md`` deterministically (sorted keys, floats rounded to
 ``JSON_SIGNIFICANT_DIGITS`` significant digits). Pass/fail is always decided on unrounded numbers.
 
+fp16 targets (:func:`compare_fp16`, BUDGETS["target-ort-cuda-fp16"]): the budget's limits are floors,
+each widened to FP16_REFERENCE_FACTOR x the error an independent fp16 run (PyTorch autocast, see
+pipeline/fp16_reference.py) shows against the same fp32 reference on the same inputs; top-1 is judged
+only where the reference's top-1/top-2 margin is beyond what those limits let two logits move (near
+ties are excluded and listed), and greedy tokens (:func:`compare_fp16_greedy`) are binding up to such
+a near tie.
+
 This module uses numpy only (no torch), so every stage and ``mlamoe verify`` can import it.
 """
 
@@ -65,8 +72,14 @@ __all__ = [
     "ParityError",
     "ParityReport",
     "REL_FLOOR",
+    "FP16_REFERENCE_FACTOR",
+    "Fp16Report",
     "budget_for",
     "compare",
+    "compare_fp16",
+    "compare_fp16_greedy",
+    "fp16_limits",
+    "near_ties",
     "write_reports",
 ]
 
@@ -140,10 +153,18 @@ BUDGETS: dict[str, Budget] = {
     "quantize-w8a8": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.98, max_kl=0.05, max_rel_euclid=0.2),
     "quantize-fp8": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.95, max_kl=0.1, max_rel_euclid=0.32),
     "target-ort-cpu": _FP32,  # the packaged session config on ORT CPU, fp32
-    # fp16 compute (11-bit significand, eps 9.8e-4) with fp32 accumulation: ~1e-3 relative error
-    # after a few layers; atol/rtol 2e-2 leaves ~10x margin. Near-tied logits may flip: top-1 0.99.
+    # ORT CUDA fp16 graphs vs eager fp32, judged by compare_fp16 (not compare): these are the floors.
+    # fp16 (11-bit significand, unit roundoff 4.9e-4) with fp32 accumulation gives ~1e-3 relative
+    # error after a few layers; a fixed floor cannot know a model's depth, logit scale or how close
+    # its router's decisions are, so each error limit is widened to FP16_REFERENCE_FACTOR times what
+    # PyTorch's own fp16 (autocast, router kept fp32 as the graphs keep it) shows against eager fp32
+    # on the same inputs: an independent measurement of the fp16 error this model has anyway.
+    # Measured on the H200 (benchmarks/h200_trained_small.json, trained-small, the 16-token prompt):
+    # the graphs 0.033 max abs, autocast 0.016 on the same logits. top-1 is 1.0 on the positions where
+    # fp32's top-1/top-2 margin exceeds what the elementwise limits let two logits move (near ties
+    # are excluded and listed); greedy tokens must be equal up to such a near tie.
     "target-ort-cuda-fp16": Budget(
-        atol=2e-2, rtol=2e-2, min_cosine=0.9998, max_kl=1e-3, min_top1=0.99, max_rel_euclid=0.02
+        atol=2e-2, rtol=2e-2, min_cosine=0.9998, max_kl=1e-3, min_top1=1.0, max_rel_euclid=0.02
     ),
     # Ascend fp16 emulated on ORT: judged by msit's own accuracy thresholds alone (REFERENCE.md 3):
     # cosine > 0.99, relative Euclidean distance < 0.05, KL < 0.005, per output tensor. msit has no
@@ -393,6 +414,215 @@ def compare(
                 reasons=["not a reference output (actual has it, reference does not)"],
             ))
     return ParityReport(stage=stage, budget=budget, outputs=outputs)
+
+
+# --------------------------------------------------------------------------------------------
+# fp16 judgement (BUDGETS["target-ort-cuda-fp16"])
+
+FP16_REFERENCE_FACTOR = 4.0
+"""compare_fp16 widens each error limit to this many times the independent fp16 reference's own
+error on the same inputs. The graphs round more tensors to fp16 than autocast does (the residual
+stream, norm outputs and the cache; autocast casts only matmul inputs): measured 2.0x autocast's max
+abs on trained-small (H200), so 4 leaves 2x on top of that; it never tightens the budget's floors."""
+
+_UNJUDGED = Budget(atol=math.inf, rtol=math.inf)
+
+
+def fp16_limits(budget: Budget, reference_error: OutputStats | None) -> Budget:
+    """``budget`` with each error limit widened to FP16_REFERENCE_FACTOR x ``reference_error`` (the
+    fp16 reference vs the fp32 reference, same output); unchanged when there is none, or when the
+    reference itself went non-finite (then it says nothing about fp16 error)."""
+    r = reference_error
+    if r is None or r.nan_or_inf or r.max_abs is None or not all(
+            math.isfinite(x) for x in (r.max_abs, r.cosine, r.rel_euclid)):
+        return budget
+    f = FP16_REFERENCE_FACTOR
+    return dataclasses.replace(
+        budget,
+        atol=max(budget.atol, f * r.max_abs),
+        min_cosine=None if budget.min_cosine is None else min(budget.min_cosine, 1.0 - f * (1.0 - r.cosine)),
+        max_rel_euclid=None if budget.max_rel_euclid is None else max(budget.max_rel_euclid, f * r.rel_euclid),
+        max_kl=(budget.max_kl if budget.max_kl is None or r.kl is None or not math.isfinite(r.kl)
+                else max(budget.max_kl, f * r.kl)),
+    )
+
+
+def near_ties(reference_logits: Any, budget: Budget) -> tuple[np.ndarray, np.ndarray]:
+    """Per position (leading axes flattened): the reference's top-1 minus top-2 logit, and how far
+    apart the two may move within ``budget``'s elementwise rule (max(atol, rtol*|r|) each). A
+    position whose margin is at most that is a near tie: fp16 error inside the budget can flip it."""
+    r = np.asarray(reference_logits, dtype=np.float64)
+    v = r.shape[-1] if r.ndim else 0
+    rr = r.reshape(-1, v) if v else r.reshape(-1, 1)
+    if v < 2:
+        return np.full(rr.shape[0], np.inf), np.zeros(rr.shape[0])
+    top = np.partition(rr, -2, axis=-1)[:, -2:]
+    t2, t1 = top[:, 0], top[:, 1]
+    allowed = np.maximum(budget.atol, budget.rtol * np.abs(t1)) + np.maximum(budget.atol, budget.rtol * np.abs(t2))
+    return t1 - t2, allowed
+
+
+@dataclass
+class Fp16Report(ParityReport):
+    """A ParityReport from :func:`compare_fp16`: each output judged under its own limits
+    (extra["fp16"]["outputs"][name]["limits"]), top-1 over decisive positions only, and greedy
+    tokens (:meth:`add_tokens` with ``reference_step_logits``) binding up to a near tie."""
+
+    def add_tokens(self, name: str, reference_tokens: Any, actual_tokens: Any,
+                   reference_step_logits: Any = None, logits_output: str = "step_logits") -> dict[str, Any]:
+        """As ParityReport.add_tokens (binding: the budget's min_top1 is 1.0); with
+        ``reference_step_logits`` ([B, N, V], the fp32 logits that chose each reference token) a first
+        mismatch at a step whose fp32 margin is a near tie under ``logits_output``'s limits passes,
+        recorded as ``near_tie``; the tokens after it are then informational."""
+        record = super().add_tokens(name, reference_tokens, actual_tokens)
+        d = record["first_mismatch"]
+        if d is None or reference_step_logits is None:
+            return record
+        steps = np.asarray(reference_step_logits)
+        ref = _as_token_matrix(reference_tokens, "reference_tokens")
+        act = _as_token_matrix(actual_tokens, "actual_tokens")
+        if steps.ndim == 2:
+            steps = steps[None]
+        if ref.shape[0] != act.shape[0] or d >= min(ref.shape[1], act.shape[1]) or d >= steps.shape[1]:
+            return record
+        lim = self.extra.get("fp16", {}).get("outputs", {}).get(logits_output, {}).get("limits")
+        b = self.budget if lim is None else Budget(atol=_limit(lim["atol"]), rtol=_limit(lim["rtol"]))
+        rows = np.flatnonzero(ref[:, d] != act[:, d])
+        margin, allowed = near_ties(steps[rows, d], b)
+        tie = bool(np.all(margin <= allowed))
+        record["near_tie"] = {"step": int(d), "margin": float(margin.max()), "allowed": float(allowed.min()),
+                              "is_near_tie": tie}
+        if tie:
+            record["passed"] = True
+            record["reason"] += (f"; step {d} is a near tie (fp32 top-1/top-2 margin {margin.max():.3g} <= "
+                                 f"{allowed.min():.3g} that the limits let two logits move): later tokens informational")
+        else:
+            record["reason"] += (f"; not a near tie (fp32 top-1/top-2 margin {margin.max():.3g} > "
+                                 f"{allowed.min():.3g})")
+        return record
+
+    def to_markdown(self) -> str:
+        text = super().to_markdown()
+        rec = self.extra.get("fp16")
+        if not rec:
+            return text
+        lines = ["", f"fp16 judgement: {rec['rule']}"]
+        for name, e in rec["outputs"].items():
+            lim, ref = e["limits"], e["fp16_reference"]
+            line = f"- `{name}`: limits atol {lim['atol']:.3g}, cosine >= " + (
+                "-" if lim["min_cosine"] is None else f"{lim['min_cosine']:.6g}")
+            if ref is not None:
+                line += (f" (fp16 reference vs fp32: max abs {ref['max_abs']:.3g}, cosine {ref['cosine']:.7g}, "
+                         f"top-1 {ref['top1_agreement'] if ref['top1_agreement'] is not None else '-'})")
+            if "n_positions" in e:
+                line += (f"; top-1 on {e['n_decisive']} of {e['n_positions']} positions (near ties excluded: "
+                         f"{e['n_near_ties']}, of which {e['n_near_tie_flips']} flipped)")
+            lines.append(line)
+        return text + "\n".join(lines) + "\n"
+
+
+def _limit(x: Any) -> float:
+    return math.inf if x is None else float(x)
+
+
+FP16_RULE = (f"each error limit is max(floor, {FP16_REFERENCE_FACTOR:g} x PyTorch fp16's own error vs eager fp32 "
+             "on the same inputs); top-1 must agree wherever fp32's top-1/top-2 margin exceeds what the "
+             "elementwise limits let two logits move (near ties are excluded and listed)")
+
+
+def compare_fp16(
+    stage: str,
+    reference: Mapping[str, Any],
+    actual: Mapping[str, Any],
+    fp16_reference: Mapping[str, Any] | None = None,
+    *,
+    logits_outputs: Iterable[str] = (),
+    budget: Budget | None = None,
+    reference_note: str | None = None,
+) -> Fp16Report:
+    """fp16 ``actual`` vs fp32 ``reference``, judged relative to ``fp16_reference`` (an independent
+    fp16 run of the same inputs, e.g. PyTorch autocast; None: the budget's floors alone):
+
+    - per output, the limits are :func:`fp16_limits` of the budget and the fp16 reference's error;
+    - top-1 (logits outputs): positions whose reference margin is a :func:`near_ties` near tie under
+      those limits are excluded and listed; the rest must agree to ``budget.min_top1``;
+    - everything else as :func:`compare` (missing/extra outputs, shapes, non-finite values).
+    """
+    budget = budget or budget_for(stage)
+    logits = set(logits_outputs)
+    base = compare(stage, reference, actual, logits_outputs=logits_outputs, budget=budget)
+    record: dict[str, Any] = {"rule": FP16_RULE, "factor": FP16_REFERENCE_FACTOR,
+                              "reference": None if fp16_reference is None else (reference_note or "fp16 reference"),
+                              "outputs": {}}
+    outputs = []
+    for o in base.outputs:
+        name = o.name
+        if name not in reference or name not in actual or o.shape != np.shape(reference[name]) \
+                or o.shape is None or any(r.startswith("not numeric") for r in o.reasons):
+            outputs.append(o)
+            continue
+        ref, act = np.asarray(reference[name]), np.asarray(actual[name])
+        is_logits = name in logits
+        ref_err = None
+        if fp16_reference is not None and name in fp16_reference \
+                and np.shape(fp16_reference[name]) == ref.shape:
+            ref_err = _compare_one(name, ref, np.asarray(fp16_reference[name]), _UNJUDGED, is_logits)
+        lim = fp16_limits(budget, ref_err)
+        stats = _compare_one(name, ref, act, dataclasses.replace(lim, min_top1=None), is_logits)
+        entry: dict[str, Any] = {"limits": lim.to_dict(),
+                                 "fp16_reference": None if ref_err is None else {
+                                     k: v for k, v in ref_err.to_dict().items()
+                                     if k in ("max_abs", "mean_abs", "cosine", "rel_euclid", "kl", "top1_agreement",
+                                              "n_failing", "nan_or_inf")}}
+        if is_logits and stats.top1_agreement is not None:
+            v = ref.shape[-1]
+            margin, allowed = near_ties(ref, lim)
+            agree = np.argmax(ref.reshape(-1, v), -1) == np.argmax(act.reshape(-1, v), -1)
+            tie = margin <= allowed
+            n_dec = int(np.count_nonzero(~tie))
+            bad = np.flatnonzero(~tie & ~agree)
+            lead = ref.shape[:-1]
+
+            def where(i: int) -> list[int]:
+                return [int(x) for x in np.unravel_index(int(i), lead)]
+
+            entry.update({
+                "n_positions": int(tie.size), "n_decisive": n_dec, "n_near_ties": int(np.count_nonzero(tie)),
+                "n_near_tie_flips": int(np.count_nonzero(tie & ~agree)),
+                "top1_decisive": 1.0 if n_dec == 0 else (n_dec - bad.size) / n_dec,
+                "near_ties": [{"position": where(i), "margin": float(margin[i]), "allowed": float(allowed[i]),
+                               "flipped": bool(not agree[i])} for i in np.flatnonzero(tie)[:32]],
+            })
+            if lim.min_top1 is not None and not entry["top1_decisive"] >= lim.min_top1:
+                i = int(bad[0])
+                stats.reasons.append(
+                    f"top-1 differs at {bad.size} of {n_dec} positions that are not near ties (first at "
+                    f"{where(i)}: fp32 top-1/top-2 margin {margin[i]:.3g} > {allowed[i]:.3g} the limits let two "
+                    f"logits move); top-1 on them {_fmt_vs(entry['top1_decisive'], lim.min_top1)} < {lim.min_top1!r}")
+                stats.passed = False
+        record["outputs"][name] = entry
+        outputs.append(stats)
+    return Fp16Report(stage=stage, budget=budget, outputs=outputs, extra={"fp16": record})
+
+
+def compare_fp16_greedy(stage: str, reference_tokens: Any, reference_steps: Any, actual_tokens: Any,
+                        actual_steps: Any, fp16_reference_steps: Any = None,
+                        reference_note: str | None = None) -> Fp16Report:
+    """Greedy generation under compare_fp16: step logits [B, N, V] compared up to and including the
+    first token mismatch (after it the two runs see different tokens), then the tokens, binding up to
+    a near tie. ``fp16_reference_steps``: the fp16 reference's logits along the reference's tokens."""
+    ref_t = _as_token_matrix(reference_tokens, "reference_tokens")
+    act_t = _as_token_matrix(actual_tokens, "actual_tokens")
+    n = min(ref_t.shape[1], act_t.shape[1])
+    differs = np.flatnonzero((ref_t[:, :n] != act_t[:, :n]).any(0)) if ref_t.shape[0] == act_t.shape[0] else [0]
+    upto = int(differs[0]) + 1 if len(differs) else n
+    cut = {"step_logits": np.asarray(reference_steps)[:, :upto]}
+    fp16 = None if fp16_reference_steps is None else {"step_logits": np.asarray(fp16_reference_steps)[:, :upto]}
+    rep = compare_fp16(stage, cut, {"step_logits": np.asarray(actual_steps)[:, :upto]}, fp16,
+                       logits_outputs=["step_logits"], reference_note=reference_note)
+    rep.extra["fp16"]["greedy_steps_compared"] = upto
+    rep.add_tokens("greedy", ref_t, act_t, reference_step_logits=reference_steps)
+    return rep
 
 
 def write_reports(reports: Sequence[ParityReport], folder: Path) -> tuple[Path, Path]:

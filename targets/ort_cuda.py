@@ -26,7 +26,8 @@ decided by structure, never by names:
 
 ORT CPU runs such graphs too (its InsertCastTransformer runs ops lacking an fp16 CPU kernel in fp32
 between Casts; every fp16 tensor is still rounded to fp16), which is how the package is checked
-against eager fp32 on a machine without a GPU (budget target-ort-cuda-fp16).
+against eager fp32 on a machine without a GPU (budget target-ort-cuda-fp16, judged by parity.compare_fp16
+relative to PyTorch's own fp16 on the same inputs).
 """
 from __future__ import annotations
 

@@ -328,3 +328,96 @@ def test_write_reports_deterministic_and_round_trips(tmp_path):
     assert "**FAIL** (1 of 2 stages passed)" in md
     assert "### Stage `export`: PASS" in md and "### Stage `ascend-fp16-emulation`: FAIL" in md
     assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------- fp16 judgement (compare_fp16)
+
+
+def _logits(seed: int = 0, shape=(1, 6, 40), scale: float = 3.0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape) * scale
+
+
+def test_fp16_limits_widen_to_factor_times_reference_error_never_tighten():
+    from pipeline.parity import FP16_REFERENCE_FACTOR, compare, fp16_limits
+    ref = _logits()
+    base = BUDGETS["target-ort-cuda-fp16"]
+    small = compare("x", {"y": ref}, {"y": ref + 1e-4}, budget=base).outputs[0]
+    assert fp16_limits(base, small) == base  # 4 x 1e-4 < every floor
+    big = compare("x", {"y": ref}, {"y": ref + 0.05}, budget=base).outputs[0]
+    lim = fp16_limits(base, big)
+    assert lim.atol == pytest.approx(FP16_REFERENCE_FACTOR * 0.05)
+    assert lim.min_cosine == pytest.approx(1 - FP16_REFERENCE_FACTOR * (1 - big.cosine))
+    assert lim.max_rel_euclid == pytest.approx(FP16_REFERENCE_FACTOR * big.rel_euclid)
+    assert (lim.rtol, lim.min_top1) == (base.rtol, base.min_top1)
+    nan = compare("x", {"y": ref}, {"y": ref * np.nan}, budget=base).outputs[0]
+    assert fp16_limits(base, nan) == base  # a non-finite reference says nothing
+
+
+def test_near_ties_margin_against_what_the_elementwise_rule_lets_move():
+    from pipeline.parity import Budget, near_ties
+    b = Budget(atol=0.1, rtol=0.01)
+    margin, allowed = near_ties(np.array([[5.0, 4.95, 0.0], [5.0, 1.0, 0.0]]), b)
+    np.testing.assert_allclose(margin, [0.05, 4.0])
+    np.testing.assert_allclose(allowed, [0.2, 0.2])  # max(0.1, 0.05) + max(0.1, 0.0495 or 0.01)
+
+
+def test_compare_fp16_excludes_near_tie_flips_from_top1_and_lists_them():
+    from pipeline.parity import compare_fp16
+    ref = _logits()
+    ref[0, 2, :2] = [9.0, 9.01]
+    act = ref + 1e-3
+    act[0, 2, :2] = [9.01, 9.0]  # flipped on a near tie: passes, listed
+    rep = compare_fp16("target-ort-cuda-fp16/x", {"logits": ref}, {"logits": act}, logits_outputs=["logits"])
+    assert rep.passed, rep.failure_reasons()
+    e = rep.extra["fp16"]["outputs"]["logits"]
+    assert e["n_near_tie_flips"] == 1 and [0, 2] in [t["position"] for t in e["near_ties"] if t["flipped"]]
+    assert e["top1_decisive"] == 1.0 and rep.outputs[0].top1_agreement < 1.0
+    assert "near ties excluded" in rep.to_markdown()
+
+
+def test_compare_fp16_fails_a_decisive_top1_flip_even_within_widened_limits():
+    from pipeline.parity import compare_fp16
+    ref = _logits()
+    ref[0, 3, :2] = [9.0, 7.0]  # margin 2: decisive under any limit below ~1
+    act = ref.copy()
+    act[0, 3, :2] = [7.0, 9.0]
+    fp16 = ref + 0.1  # the reference's own error widens atol to 0.4, not enough for a margin of 2
+    rep = compare_fp16("target-ort-cuda-fp16/x", {"logits": ref}, {"logits": act}, {"logits": fp16},
+                       logits_outputs=["logits"])
+    assert not rep.passed
+    assert any("not near ties" in r and "[0, 3]" in r for r in rep.failure_reasons())
+
+
+def test_compare_fp16_relative_to_the_fp16_reference():
+    from pipeline.parity import compare_fp16
+    ref = _logits()
+    act = ref + 0.05  # over the 0.02 floor
+    assert not compare_fp16("target-ort-cuda-fp16/x", {"logits": ref}, {"logits": act},
+                            logits_outputs=["logits"]).passed
+    ok = compare_fp16("target-ort-cuda-fp16/x", {"logits": ref}, {"logits": act}, {"logits": ref - 0.03},
+                      logits_outputs=["logits"])  # PyTorch fp16 errs by 0.03: limit 0.12
+    assert ok.passed, ok.failure_reasons()
+    assert ok.extra["fp16"]["outputs"]["logits"]["limits"]["atol"] == pytest.approx(0.12)
+    worse = compare_fp16("target-ort-cuda-fp16/x", {"logits": ref}, {"logits": ref + 0.2}, {"logits": ref - 0.03},
+                         logits_outputs=["logits"])
+    assert not worse.passed  # 0.2 > 4 x 0.03
+    missing = compare_fp16("target-ort-cuda-fp16/x", {"logits": ref}, {}, logits_outputs=["logits"])
+    assert not missing.passed and "missing" in missing.failure_reasons()[0]
+
+
+def test_compare_fp16_greedy_binding_up_to_a_near_tie():
+    from pipeline.parity import compare_fp16_greedy
+    steps = _logits(shape=(1, 4, 40))
+    steps[0, 2, :2] = [9.0, 9.005]  # the reference chose token 1 at step 2, token 0 nearly tied
+    ref_tokens = steps.argmax(-1)
+    act_tokens = ref_tokens.copy()
+    act_tokens[0, 2:] = [0, 7]
+    act_steps = steps.copy()
+    act_steps[0, 2, :2] = [9.005, 9.0]
+    rep = compare_fp16_greedy("target-ort-cuda-fp16/greedy", ref_tokens, steps, act_tokens, act_steps)
+    t = rep.extra["tokens"]["greedy"]
+    assert rep.passed and t["binding"] and t["near_tie"]["is_near_tie"] and "near tie" in t["reason"]
+    assert rep.extra["fp16"]["greedy_steps_compared"] == 3
+    steps[0, 2, :2] = [6.0, 9.0]  # a decisive step: the mismatch fails
+    bad = compare_fp16_greedy("target-ort-cuda-fp16/greedy", steps.argmax(-1), steps, act_tokens, steps)
+    assert not bad.passed and "not a near tie" in bad.extra["tokens"]["greedy"]["reason"]

@@ -5,7 +5,12 @@
 Builds the ort-cuda graphs on the machine (export -> latent-kv-fusion (decode) -> moe-ort-fused -> fp16,
 exactly the package's graphs; the CPU parity stages of `compile` are skipped), then:
   parity   prefill logits of a prompt and greedy generation (32 steps): ORT CUDA vs eager fp32 on the
-           GPU, judged by BUDGETS["target-ort-cuda-fp16"], tokens compared one by one;
+           GPU, judged by parity.compare_fp16 (BUDGETS["target-ort-cuda-fp16"] floors widened by PyTorch's
+           own fp16 error on the same inputs: pipeline.fp16_reference, on the GPU), tokens compared one by
+           one; the floors alone reported too ("floors_only");
+  routing  every router TopK of the fp16 graphs vs the fp32 graphs (both on CUDA) on the parity prompt:
+           positions whose expert choice flipped, their fp32 margins, and the prefill judged on the
+           positions whose routing agreed (the Ascend emulation's routing-aware rule, informational);
   decode   ms per token at each cache length (synthetic cache, batch 1), median of repeats after warm-up:
            ORT CUDA (cache bound on the device, logits copied to the host) vs eager fp32 and eager fp16;
   prefill  tokens/s for one prompt of --prompt-len tokens (fresh cache);
@@ -103,6 +108,94 @@ def weight_bytes(path: Path, cfg) -> dict:
     return {"all_weights": total, "routed_experts": experts, "embedding": emb, "active_per_token": int(active)}
 
 
+def routing_flips(work: Path, prompt: np.ndarray, ref_logits: np.ndarray, ort_logits: np.ndarray, fp16_logits,
+                  cfg) -> dict:
+    """Router decisions of the fp16 graph vs the fp32 graph (both on CUDA) on one prefill, judged by the
+    Ascend emulation's routing-aware rule (targets/ascend/emulation.py): a flip follows an earlier one
+    when an earlier decision (graph order = layer order) flipped at this or an earlier position (the
+    token's state, or a row it attends to, had already diverged); the rest are roots. Fails when more
+    than MAX_FLIPPED_FRACTION of the positions flipped or a root's fp32 margin (k-th minus (k+1)-th
+    ranked score) exceeds MAX_FLIP_MARGIN. The positions before the first flip (untouched by any)
+    are judged by compare_fp16 against fp16_logits (PyTorch fp16's logits of the same prompt) and by
+    the floors alone; the positions whose routing agreed (later ones attend to flipped rows) are
+    reported, informational."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from pipeline.cuda_runtime import cuda_provider_options, session_options
+    from pipeline.export import save_graph
+    from pipeline.parity import compare_fp16
+    from targets import ort_cuda
+    from targets.ascend.emulation import MAX_FLIP_MARGIN, MAX_FLIPPED_FRACTION, _margins, expose_routing
+    runs, decisions = {}, {}
+    for tag, src, scores in (("fp32", work / "fp32" / "prefill.onnx", True),
+                             ("fp16", work / "onnx" / "prefill.onnx", False)):
+        m = ir.load(src)
+        decisions[tag] = expose_routing(m, scores=scores)
+        dst = work / "routing" / f"prefill.{tag}.onnx"
+        save_graph(m, dst)
+        del m
+        sess = ort.InferenceSession(str(dst), session_options(ort_cuda.session_config()),
+                                    providers=[("CUDAExecutionProvider", cuda_provider_options()), "CPUExecutionProvider"])
+        types = {i.name: i.type for i in sess.get_inputs()}
+        feeds = {"input_ids": prompt.astype(np.int64)}
+        for i in sess.get_inputs():
+            if i.name.startswith("past."):
+                w = cfg.kv_lora_rank if i.name.endswith("c_kv") else cfg.qk_rope_head_dim
+                feeds[i.name] = np.zeros((1, 0, w), np.float16 if types[i.name] == "tensor(float16)" else np.float32)
+        runs[tag] = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        del sess
+    S = prompt.shape[1]
+    if len(decisions["fp32"]) != len(decisions["fp16"]):
+        raise ValueError(f"fp32 graph has {len(decisions['fp32'])} routing TopK nodes, fp16 {len(decisions['fp16'])}")
+    flips = []
+    for order, (d32, d16) in enumerate(zip(decisions["fp32"], decisions["fp16"])):
+        a = np.moveaxis(runs["fp32"][d32.indices], d32.axis, -1).reshape(S, -1)
+        b = np.moveaxis(runs["fp16"][d16.indices], d16.axis, -1).reshape(S, -1)
+        margins = _margins(np.moveaxis(runs["fp32"][d32.scores], d32.axis, -1).reshape(S, -1), d32.k)
+        for pos in np.flatnonzero((np.sort(a, -1) != np.sort(b, -1)).any(-1)):
+            flips.append({"position": int(pos), "decision": order, "topk": d32.node, "k": d32.k,
+                          "margin": float(margins[pos]), "chosen_fp32": sorted(a[pos].tolist()),
+                          "chosen_fp16": sorted(b[pos].tolist())})
+    for f in flips:
+        earlier = [g for g in flips if g["decision"] < f["decision"] and g["position"] <= f["position"]]
+        first = min(earlier, key=lambda g: (g["decision"], g["position"]), default=None)
+        f["follows"] = None if first is None else {"position": first["position"], "decision": first["decision"]}
+    roots = [f for f in flips if f["follows"] is None]
+    flipped = sorted({f["position"] for f in flips})
+    reasons = []
+    if flipped and len(flipped) / S > MAX_FLIPPED_FRACTION:
+        reasons.append(f"expert choice flipped at {len(flipped)} of {S} positions (> {MAX_FLIPPED_FRACTION:g}; "
+                       f"{len(roots)} root flip(s), the rest follow them)")
+    reasons += [f"position {f['position']} decision {f['decision']}: fp32 margin {f['margin']:.3g} > {MAX_FLIP_MARGIN:g}, "
+                "not a near tie" for f in roots if not f["margin"] <= MAX_FLIP_MARGIN]
+    out = {"rule": "targets/ascend/emulation.py routing-aware rule: flipped positions <= "
+                   f"{MAX_FLIPPED_FRACTION:g}, root flips' fp32 margin <= {MAX_FLIP_MARGIN:g}",
+           "n_positions": S, "n_decisions": len(decisions["fp32"]) * S, "n_flipped_decisions": len(flips),
+           "flipped_positions": flipped, "root_flips": roots, "flips": flips[:64],
+           "max_root_margin": max((f["margin"] for f in roots), default=None),
+           "routing_reasons": reasons, "routing_ok": not reasons}
+
+    def judged(mask: np.ndarray, name: str) -> dict:
+        res = {"positions": np.flatnonzero(mask).tolist()}
+        for rule, ref16 in (("fp16_rule", {"logits": fp16_logits[:, mask]}), ("floors_only", None)):
+            rep = compare_fp16(f"target-ort-cuda-fp16/h200-prefill-{name}", {"logits": ref_logits[:, mask]},
+                               {"logits": ort_logits[:, mask]}, ref16, logits_outputs=["logits"])
+            o = rep.outputs[0]
+            res[rule] = {"passed": rep.passed, "reasons": rep.failure_reasons(), "cosine": o.cosine,
+                         "max_abs": o.max_abs, "kl": o.kl, "top1": o.top1_agreement,
+                         "fp16": rep.extra["fp16"]["outputs"]["logits"]}
+        return res
+
+    before = np.arange(S) < (flipped[0] if flipped else S)
+    if flipped and before.any():
+        out["before_first_flip"] = judged(before, "before-first-flip")
+    agreed = ~np.isin(np.arange(S), flipped)
+    if flipped and agreed.any():
+        out["routing_agreed_informational"] = judged(agreed, "routing-agreed")
+    out["routing_aware_passed"] = bool(out["routing_ok"] and out.get("before_first_flip", {}).get(
+        "fp16_rule", {}).get("passed", True))
+    return out
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="medium")
@@ -119,7 +212,9 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
 
-    res: dict = {"command": "python3 -m pipeline.benchmarks.cuda " + " ".join(argv if argv is not None else sys.argv[1:]),
+    pythonpath = os.environ.get("PYTHONPATH")
+    res: dict = {"command": (f"PYTHONPATH={pythonpath} " if pythonpath else "") + "python3 -m pipeline.benchmarks.cuda "
+                 + " ".join(argv if argv is not None else sys.argv[1:]),
                  "model": args.model, "errors": []}
     out = Path(args.out)
 
@@ -138,7 +233,8 @@ def main(argv=None) -> int:
     log(json.dumps(res["env"]))
     import models
     from pipeline.cuda_runtime import CudaPackageRuntime
-    from pipeline.parity import budget_for, compare
+    from pipeline import fp16_reference
+    from pipeline.parity import budget_for, compare, compare_fp16, compare_fp16_greedy
     from targets import ort_cuda
 
     torch.backends.cuda.matmul.allow_tf32 = False  # eager fp32 is the reference: no TF32
@@ -186,13 +282,21 @@ def main(argv=None) -> int:
         ref_tokens = torch.cat(toks, 1).numpy()
         ref_steps = torch.stack(steps, 1).numpy()
         ort_prefill, _ = rt.run("prefill", prompt.numpy(), rt.empty_cache(1))
-        rep = compare("target-ort-cuda-fp16/h200-prefill", {"logits": ref_logits.cpu().numpy()},
-                      {"logits": ort_prefill}, logits_outputs=["logits"], budget=budget)
+        empty = {f"past.{i}.{n}": t.numpy() for i, layer in enumerate(model.empty_cache(1, "latent"))
+                 for n, t in zip(("c_kv", "k_pe"), layer)}
+        ref16 = fp16_reference.case_outputs(model, {"input_ids": prompt.numpy(), **empty})["logits"]
+        steps16 = fp16_reference.forced_step_logits(model, prompt.numpy(), ref_tokens)
+        rep = compare_fp16("target-ort-cuda-fp16/h200-prefill", {"logits": ref_logits.cpu().numpy()},
+                           {"logits": ort_prefill}, {"logits": ref16}, logits_outputs=["logits"],
+                           reference_note=fp16_reference.NOTE + " (on the GPU)")
         tokens, step_logits = rt.generate(prompt.numpy(), args.steps)
-        gen = compare("target-ort-cuda-fp16/h200-greedy", {"step_logits": ref_steps},
-                      {"step_logits": step_logits}, logits_outputs=["step_logits"], budget=budget)
-        gen.add_tokens("greedy", ref_tokens, tokens)
-        res["parity"] = {"prefill": rep.to_dict(), "greedy": gen.to_dict(), "prefill_passed": rep.passed,
+        gen = compare_fp16_greedy("target-ort-cuda-fp16/h200-greedy", ref_tokens, ref_steps, tokens, step_logits,
+                                  steps16, reference_note=fp16_reference.NOTE + " (on the GPU)")
+        floors = compare_fp16("target-ort-cuda-fp16/h200-prefill-floors", {"logits": ref_logits.cpu().numpy()},
+                              {"logits": ort_prefill}, logits_outputs=["logits"])
+        res["parity"] = {"rule": rep.extra["fp16"]["rule"], "floors_only": {"prefill_passed": floors.passed,
+                                                                            "reasons": floors.failure_reasons()},
+                         "prefill": rep.to_dict(), "greedy": gen.to_dict(), "prefill_passed": rep.passed,
                          "greedy_passed": gen.passed, "tokens_equal": bool(np.array_equal(tokens, ref_tokens)),
                          "first_token_mismatch": (int(np.argmax((tokens != ref_tokens).any(0)))
                                                   if not np.array_equal(tokens, ref_tokens) else None),
@@ -203,6 +307,25 @@ def main(argv=None) -> int:
     except Exception as e:
         res["errors"].append("parity: " + traceback.format_exc())
         log(f"parity failed: {e}")
+    save()
+    try:
+        res["routing"] = routing_flips(work, prompt.numpy(), ref_logits.cpu().numpy(), ort_prefill, ref16, cfg)
+        r = res["routing"]
+        log(f"routing: {len(r['flipped_positions'])} of {r['n_positions']} positions flipped, roots "
+            f"{[(f['position'], f['decision'], f['margin']) for f in r['root_flips']]}, reasons {r['routing_reasons']}, "
+            f"before the first flip: {r.get('before_first_flip')}")
+    except Exception as e:
+        res["errors"].append("routing: " + traceback.format_exc())
+        log(f"routing failed: {e}")
+    if "parity" in res:
+        p, r = res["parity"], res.get("routing", {})
+        res["verdict"] = {
+            "fp16_rule (binding: parity.compare_fp16, relative to PyTorch fp16)": p["prefill_passed"] and p["greedy_passed"],
+            "floors_only_prefill (BUDGETS floors, no fp16 reference)": p["floors_only"]["prefill_passed"],
+            "greedy_tokens_equal": p["tokens_equal"],
+            "routing_aware (informational: Ascend emulation rule)": r.get("routing_aware_passed"),
+        }
+        log(f"verdict: {res['verdict']}")
     save()
 
     def summary(ref_l, act_l, ref_t, act_t, name):
@@ -227,7 +350,7 @@ def main(argv=None) -> int:
     except Exception:
         res["errors"].append("diag fp32: " + traceback.format_exc())
     try:
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16):
+        with torch.no_grad(), fp16_reference.autocast_fp16(model):  # the routers' gate fp32, as the graphs
             cache = [tuple(t.to(dev) for t in layer) for layer in model.empty_cache(1, "latent")]
             la, _ = model.step(prompt.to(dev), cache, "latent")
             ids, cache = prompt.to(dev), [tuple(t.to(dev) for t in layer) for layer in model.empty_cache(1, "latent")]

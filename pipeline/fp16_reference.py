@@ -1,0 +1,86 @@
+"""PyTorch's own fp16 on the same inputs: the independent reference parity.compare_fp16 judges the
+ort-cuda fp16 graphs against (each error limit widened to FP16_REFERENCE_FACTOR x this run's error
+vs eager fp32; see BUDGETS["target-ort-cuda-fp16"]).
+
+The reference is `torch.autocast(float16)` over the eager model with every MoE router gate run
+outside autocast: autocast would otherwise cast `F.linear(x.float(), weight.float())` to fp16, while
+the graphs (and the model's intent) keep the router in fp32; softmax and the RMSNorm statistics are
+fp32 under autocast already. Works on CPU (compile) and CUDA (benchmarks), the model's own device.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+from models.moe import Router
+
+from .export import CACHE_NAMES
+
+NOTE = ("PyTorch autocast fp16 of the same model on the same inputs (router gate fp32, as in the graphs), "
+        "vs eager fp32")
+
+
+def _device_type(model) -> str:
+    return next(model.parameters()).device.type
+
+
+@contextlib.contextmanager
+def autocast_fp16(model):
+    """torch.autocast(float16) on the model's device, the routers' gate projections kept fp32."""
+    dev = _device_type(model)
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+
+    def fp32(forward):
+        def run(*args, **kwargs):
+            with torch.autocast(dev, enabled=False):
+                return forward(*args, **kwargs)
+        return run
+
+    for r in routers:
+        r.forward = fp32(r.forward)
+    try:
+        with torch.autocast(dev, dtype=torch.float16):
+            yield
+    finally:
+        for r in routers:
+            del r.forward  # back to the class's method
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+@torch.no_grad()
+def case_outputs(model, inputs: dict[str, np.ndarray], layout: str = "latent") -> dict[str, np.ndarray]:
+    """The fp16 reference's outputs (logits, present.*) for one golden case's inputs (input_ids, past.*)."""
+    dev = next(model.parameters()).device
+    names = CACHE_NAMES[layout]
+    cache = [tuple(torch.from_numpy(np.asarray(inputs[f"past.{i}.{n}"])).to(dev) for n in names)
+             for i in range(model.config.num_hidden_layers)]
+    ids = torch.from_numpy(np.asarray(inputs["input_ids"])).to(dev)
+    with autocast_fp16(model):
+        logits, present = model.step(ids, cache, layout)
+    out = {"logits": _np(logits)}
+    out.update({f"present.{i}.{n}": _np(t) for i, layer in enumerate(present) for n, t in zip(names, layer)})
+    return out
+
+
+@torch.no_grad()
+def forced_step_logits(model, prompt, tokens, layout: str = "latent") -> np.ndarray:
+    """[B, N, V]: the fp16 reference's next-token logits along the given tokens (step 0 after the
+    prompt, step t after prompt + tokens[:, :t]): what it would have chosen from, on the same inputs."""
+    dev = next(model.parameters()).device
+    ids = torch.as_tensor(np.asarray(prompt), dtype=torch.long, device=dev)
+    if ids.ndim == 1:
+        ids = ids[None]
+    toks = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=dev).reshape(ids.shape[0], -1)
+    cache = [tuple(t.to(dev) for t in layer) for layer in model.empty_cache(ids.shape[0], layout)]
+    steps = []
+    with autocast_fp16(model):
+        for t in range(toks.shape[1]):
+            logits, cache = model.step(ids, cache, layout)
+            steps.append(_np(logits[:, -1]))
+            ids = toks[:, t:t + 1]
+    return np.stack(steps, 1) if steps else np.zeros((ids.shape[0], 0, model.config.vocab_size), np.float32)
