@@ -14,6 +14,11 @@ def _latent_kv_fusion() -> ir.passes.PassBase:
     return LatentKVFusionPass()
 
 
+def _ort_simplify() -> ir.passes.PassBase:
+    from .ort_simplify import ORTSimplifyPass
+    return ORTSimplifyPass()
+
+
 def _moe(form: str, **kw) -> Callable[[], ir.passes.PassBase]:
     def make() -> ir.passes.PassBase:
         from .moe_lowering import MoELoweringPass
@@ -41,4 +46,5 @@ PASSES: dict[str, Callable[[], ir.passes.PassBase]] = {
     "moe-ort-fused": _moe("ort-fused", report_dropped=False),
     "moe-static-gather": _moe("static-gather", report_dropped=False),
     "moe-static": _moe("static", capacity_factor=None, report_dropped=False),
+    "ort-simplify": _ort_simplify,
 }

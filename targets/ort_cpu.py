@@ -11,7 +11,7 @@ PROFILE = TargetProfile(
     name="ort-cpu",
     description="ONNX Runtime CPUExecutionProvider, fp32, dynamic batch/sequence/cache axes",
     opset=(17, 23),
-    passes=("latent-kv-fusion", "moe-ort-fused"),
+    passes=("latent-kv-fusion", "moe-ort-fused", "ort-simplify"),
     quant_schemes=("none", "int8", "w8a8", "fp8"),
     dynamic_shapes=True,
 )
