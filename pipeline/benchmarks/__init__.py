@@ -1,1 +1,24 @@
 """Benchmarks behind `mlamoe bench --suite ...` (timings, not tests)."""
+from __future__ import annotations
+
+import time
+
+
+def time_blocks(run: dict, repeats: int, warmup: int, rounds: int = 4) -> dict[str, list[float]]:
+    """{form: [ms, ...]} for the callables in `run`: each form's calls in a block (after `warmup`
+    untimed calls), the blocks repeated `rounds` times in alternating order so that slow drift of the
+    machine's load spreads over all forms. Not run by run interleaved: on a 2-core machine the previous
+    ORT session's worker threads are still spinning when the next session starts and slow it by
+    milliseconds (measured: 2-3x on a 4 ms decode step)."""
+    times: dict[str, list[float]] = {form: [] for form in run}
+    per_block = max(1, -(-repeats // rounds))
+    order = list(run)
+    for r in range(rounds):
+        for form in (order if r % 2 == 0 else order[::-1]):
+            for _ in range(warmup):
+                run[form]()
+            for _ in range(per_block):
+                t = time.perf_counter()
+                run[form]()
+                times[form].append((time.perf_counter() - t) * 1e3)
+    return times

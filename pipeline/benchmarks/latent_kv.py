@@ -9,8 +9,8 @@ Forms timed (all graphs exported from the same eager model, batch 1, fp32):
                 (ONNX opset-23 Attention, one KV head)
 Prefill: a fresh `prompt_len`-token prompt (past = 0) through the naive latent graph and the fused ones.
 Every figure is the median (and the min) of `repeats` timed runs after `warmup` runs, in ms per call
-(decode: one token per call); the forms run in turn in each round so that load from other processes
-spreads evenly over them. `mlamoe bench` calls bench_decode_forms().
+(decode: one token per call); each form runs in a block of calls, blocks in alternating order
+(pipeline.benchmarks.time_blocks). `mlamoe bench` calls bench_decode_forms().
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ if str(ROOT) not in sys.path:
 
 import onnx_ir as ir  # noqa: E402
 import onnxruntime as ort  # noqa: E402
+
+from pipeline.benchmarks import time_blocks  # noqa: E402
 
 DECODE_FORMS = ("expanded", "latent", "fused_matmul", "fused_attention")
 
@@ -76,17 +78,10 @@ def _feeds(sess: ort.InferenceSession, seq: int, past: int, vocab: int, seed: in
 
 
 def _interleaved(sessions: dict, feeds: dict, warmup: int, repeats: int) -> dict[str, tuple[float, float]]:
-    """{form: (median ms, min ms)}; forms are run in turn in every round so that load from other
-    processes on the machine spreads evenly over them."""
-    for form, sess in sessions.items():
-        for _ in range(warmup):
-            sess.run(None, feeds[form])
-    times: dict[str, list[float]] = {form: [] for form in sessions}
-    for _ in range(repeats):
-        for form, sess in sessions.items():
-            t = time.perf_counter()
-            sess.run(None, feeds[form])
-            times[form].append(1e3 * (time.perf_counter() - t))
+    """{form: (median ms, min ms)}, timed by pipeline.benchmarks.time_blocks (blocks in alternating order)."""
+    rounds = 2 if repeats < 8 else 4
+    times = time_blocks({f: (lambda s=s, f=f: s.run(None, feeds[f])) for f, s in sessions.items()},
+                        repeats, warmup, rounds)
     return {form: (statistics.median(ts), min(ts)) for form, ts in times.items()}
 
 

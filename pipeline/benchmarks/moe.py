@@ -45,6 +45,8 @@ import onnx_ir as ir  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.benchmarks import time_blocks  # noqa: E402
+
 FORMS = ("dynamic", "ort-fused", "static-gather")
 
 
@@ -55,20 +57,8 @@ def _session(proto_bytes: bytes, threads: int) -> ort.InferenceSession:
     return ort.InferenceSession(proto_bytes, so, providers=["CPUExecutionProvider"])
 
 
-def _time_blocks(run: dict, repeats: int, warmup: int, rounds: int = 4) -> dict[str, float]:
-    """{form: median ms}: each form's runs in a block, blocks in alternating order over `rounds`."""
-    times: dict = {form: [] for form in run}
-    per_block = max(1, -(-repeats // rounds))
-    order = list(run)
-    for r in range(rounds):
-        for form in (order if r % 2 == 0 else order[::-1]):
-            for _ in range(warmup):
-                run[form]()
-            for _ in range(per_block):
-                t = time.perf_counter()
-                run[form]()
-                times[form].append((time.perf_counter() - t) * 1e3)
-    return {form: statistics.median(v) for form, v in times.items()}
+def _time_blocks(run: dict, repeats: int, warmup: int) -> dict[str, float]:
+    return {form: statistics.median(v) for form, v in time_blocks(run, repeats, warmup).items()}
 
 
 def read_bandwidth_gbs(nbytes: int = 2**30) -> float:
