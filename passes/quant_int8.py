@@ -22,6 +22,12 @@ accuracy_level (MatMulNBits and QMoE attribute): None/0 = fp32 activations (weig
 4 = the kernels quantize activations to int8 per token per block (symmetric, amax/127) and use
 int8 dot products: faster on CPUs with int8 dot-product instructions, no longer weight-only.
 
+scale_dtype "float16" (the ort-cuda target, whose CUDA MatMulNBits takes scales in the activations'
+type): each scale is amax/127 rounded to the nearest fp16 (the smallest fp16 subnormal where that
+rounds to 0 for a non-zero block), and q is computed against that rounded scale, so the scales are
+stored as fp32 values that fp16 holds exactly and the later fp16 conversion changes no dequantized
+weight: W = (q - zp) * fp16(scale), exactly.
+
 Storage per weight: 1 byte + 4/bs bytes (+1/bs with zero points): 0.258x of fp32 at bs=128,
 0.266x at bs=64, 0.281x at bs=32 -- layers with in_features 32 (the `tiny` preset) cannot reach
 0.27x with fp32 scales; real models (K >= 128) are at 0.258x.
@@ -53,8 +59,22 @@ def block_size_for(in_features: int, block_size: int, zero_points: bool = False)
     return best
 
 
-def quantize_int8_blocks(w_oi: np.ndarray, block_size: int, symmetric: bool = True):
+SCALE_DTYPES = ("float32", "float16")
+
+
+def _round_scale(scale: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """scale_dtype "float16": the nearest fp16 value (kept in fp32; 0 -> smallest fp16 subnormal)."""
+    if scale_dtype == "float32":
+        return scale
+    tiny = np.float32(np.finfo(np.float16).smallest_subnormal)
+    s16 = np.minimum(scale, np.float32(np.finfo(np.float16).max)).astype(np.float16).astype(np.float32)
+    return np.where(s16 > 0, s16, tiny).astype(np.float32)
+
+
+def quantize_int8_blocks(w_oi: np.ndarray, block_size: int, symmetric: bool = True, scale_dtype: str = "float32"):
     """fp32 [N, K] -> (q uint8 [N, K/bs, bs], scales fp32 [N, K/bs], zero_points uint8 [N, K/bs], bs)."""
+    if scale_dtype not in SCALE_DTYPES:
+        raise QuantizationError(f"int8 scale_dtype {scale_dtype!r}: choose one of {', '.join(SCALE_DTYPES)}")
     n, k = w_oi.shape
     bs = block_size_for(k, block_size, zero_points=not symmetric)
     nb = -(-k // bs)
@@ -64,6 +84,7 @@ def quantize_int8_blocks(w_oi: np.ndarray, block_size: int, symmetric: bool = Tr
     if symmetric:
         amax = np.abs(blocks).max(-1)
         scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+        scale = _round_scale(scale, scale_dtype)
         q = np.clip(np.rint(blocks / scale[..., None]), -127, 127) + 128
         zp = np.full((n, nb), 128, np.uint8)
     else:
@@ -71,6 +92,7 @@ def quantize_int8_blocks(w_oi: np.ndarray, block_size: int, symmetric: bool = Tr
         hi = np.maximum(blocks.max(-1), 0).astype(np.float32)
         rng = (hi - lo).astype(np.float32)
         scale = np.where(rng > 0, rng / np.float32(255), np.float32(1)).astype(np.float32)
+        scale = _round_scale(scale, scale_dtype)
         zp = np.clip(np.rint(-lo / scale), 0, 255)
         q = np.clip(np.rint(blocks / scale[..., None]) + zp[..., None], 0, 255)
         zp = zp.astype(np.uint8)
@@ -81,9 +103,13 @@ class Int8WeightOnlyPass(ir.passes.InPlacePass):
     """Linear layers -> MatMulNBits(bits=8). See the module docstring for the exact scheme."""
 
     def __init__(self, block_size: int = 128, symmetric: bool = True, exclude: Iterable[str] = DEFAULT_EXCLUDE,
-                 logits_outputs=("logits",), accuracy_level: int | None = None, experts: str = "auto"):
+                 logits_outputs=("logits",), accuracy_level: int | None = None, experts: str = "auto",
+                 scale_dtype: str = "float32"):
         super().__init__()
         block_size_for(64, block_size)  # validates
+        if scale_dtype not in SCALE_DTYPES:
+            raise QuantizationError(f"int8 scale_dtype {scale_dtype!r}: choose one of {', '.join(SCALE_DTYPES)}")
+        self.scale_dtype = scale_dtype
         if accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise QuantizationError(f"int8 accuracy_level {accuracy_level!r}: MatMulNBits takes 0..4 "
                                     "(0: fp32 activations, 4: int8 activations per block)")
@@ -106,7 +132,8 @@ class Int8WeightOnlyPass(ir.passes.InPlacePass):
         for group in groups:
             w = group[0].weight
             n, k = group[0].out_features, group[0].in_features
-            q, scale, zp, bs = quantize_int8_blocks(group[0].weight_oi, self.block_size, self.symmetric)
+            q, scale, zp, bs = quantize_int8_blocks(group[0].weight_oi, self.block_size, self.symmetric,
+                                                    self.scale_dtype)
             base = w.name or "weight"
             qv = add_initializer(graph, f"{base}.q8", q)
             sv = add_initializer(graph, f"{base}.scales", scale.reshape(-1))
@@ -133,6 +160,8 @@ class Int8WeightOnlyPass(ir.passes.InPlacePass):
         if self.experts != "none":
             from .quant_qmoe import QMoEPass
             moe = QMoEPass(self.experts, self.block_size, self.accuracy_level, self.exclude, rep)(model).modified
+        if self.scale_dtype != "float32":
+            rep.notes.append(f"scales rounded to {self.scale_dtype} before quantizing (stored exactly in that type)")
         if self.accuracy_level is not None:
             rep.notes.append(f"accuracy_level={self.accuracy_level}: " + (
                 "activations quantized to int8 per block inside MatMulNBits/QMoE (not weight-only numerics)"

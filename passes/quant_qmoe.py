@@ -24,6 +24,11 @@ Weights (both): symmetric, scale = amax/127 (1.0 for an all-zero row/block), q =
 -127, 127) + 128 as uint8, zero point 128 = QMoE's default for 8 bits (no zero-point input);
 dequantized W = (q - 128) * scale. Layout (weights_prepacked=0, the raw layout): fc1 uint8 [E, 2I, h]
 (row n of expert e holds W[e, n, :] in input-channel order), fc2 uint8 [E, h, I].
+For the ort-cuda target (fp16 activations; onnxruntime-gpu 1.31.1's CUDA QMoE reads this raw layout when
+weights_prepacked=0, measured on the H200: benchmarks/h200_ort_cuda_int8.json qmoe_probe): scale_dtype
+"float16" rounds each scale to fp16 before q is computed (as passes/quant_int8.py does), and
+router_weights=False leaves out the Softmax router_weights input (a CPU-kernel workaround, not needed for
+the log-weight router form, whose router_probs are -inf outside the chosen experts).
 Storage: 1 byte per weight + 4 bytes per scale: (1 + 4/K)/4 of fp32 per channel, (1 + 4/bs)/4 per block.
 """
 from __future__ import annotations
@@ -53,15 +58,17 @@ def qmoe_block_size(hidden: int, inter: int, block_size: int = 128) -> int | Non
     return None
 
 
-def quantize_experts_int8(w: np.ndarray, block_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def quantize_experts_int8(w: np.ndarray, block_size: int | None = None,
+                          scale_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """fp32 [E, N, K] -> (q uint8 [E, N, K], scales fp32 [E, N] (block_size None) or [E, N, K/bs])."""
+    from .quant_int8 import _round_scale
     e, n, k = w.shape
     bs = k if block_size is None else block_size
     if k % bs:
         raise QuantizationError(f"QMoE block_size {bs} does not divide the expert weight's input dim {k}")
     blocks = w.astype(np.float32).reshape(e, n, k // bs, bs)
     amax = np.abs(blocks).max(-1)
-    scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
+    scale = _round_scale(np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32), scale_dtype)
     q = (np.clip(np.rint(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8).reshape(e, n, k)
     return q, (scale[..., 0] if block_size is None else scale)
 
@@ -87,8 +94,10 @@ class QMoEPass(ir.passes.InPlacePass):
     """
 
     def __init__(self, granularity: str = "channel", block_size: int = 128, accuracy_level: int | None = None,
-                 exclude: Iterable[str] = (), report: QuantReport | None = None):
+                 exclude: Iterable[str] = (), report: QuantReport | None = None, scale_dtype: str = "float32",
+                 router_weights: bool = True):
         super().__init__()
+        self.scale_dtype, self.router_weights = scale_dtype, router_weights
         if granularity not in GRANULARITIES:
             raise QuantizationError(f"QMoE granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
         self.granularity, self.block_size, self.accuracy_level = granularity, block_size, accuracy_level
@@ -129,8 +138,8 @@ class QMoEPass(ir.passes.InPlacePass):
                     self._skip(node, f"no power-of-two block in 16..{self.block_size} divides hidden {h} and "
                                      f"moe_intermediate {inter}")
                     continue
-            q1, s1 = quantize_experts_int8(fc1, bs)
-            q2, s2 = quantize_experts_int8(fc2, bs)
+            q1, s1 = quantize_experts_int8(fc1, bs, self.scale_dtype)
+            q2, s2 = quantize_experts_int8(fc2, bs, self.scale_dtype)
             base = node.name or fc1_v.name or "moe"
             new = [add_initializer(graph, f"{fc1_v.name}.q8", q1), add_initializer(graph, f"{fc1_v.name}.scales", s1),
                    add_initializer(graph, f"{fc2_v.name}.q8", q2), add_initializer(graph, f"{fc2_v.name}.scales", s2)]
@@ -142,7 +151,7 @@ class QMoEPass(ir.passes.InPlacePass):
                 attrs["accuracy_level"] = self.accuracy_level
             q_inputs = [ins[0], ins[1], new[0], new[1], None, new[2], new[3]]
             nodes = []
-            if not attr(node, "normalize_routing_weights", 0):
+            if self.router_weights and not attr(node, "normalize_routing_weights", 0):
                 nodes.append(ir.node("Softmax", [ins[1]], {"axis": -1}, name=f"{base}.router_weights"))
                 nodes[0].outputs[0].name = f"{base}.router_weights"
                 q_inputs += [None] * 7 + [nodes[0].outputs[0]]  # router_weights is QMoE input 14

@@ -15,11 +15,12 @@ The scheme (what tests/test_quant_w8a8.py re-implements in numpy):
                 s = amax / 127 (per tensor); QuantizeLinear(x, s, int8 0) -> DequantizeLinear:
                 saturating to [-128, 127] as QuantizeLinear does.
 ORT CPU runs both forms (in fp32: the graph simulates the integer arithmetic exactly up to
-accumulation order). For Ascend the static QDQ pairs and the int8 per-channel weight DQ are what
-AMCT/ATC's quantized deploy path consumes (AscendQuant/AscendDequant, int8 weights; needs opset <= 18,
-which these ops allow: per-axis DQ is opset 13); the explicit per-token subgraph is the pattern the
-Ascend side maps onto its dynamic-quant + quantized-matmul kernels (npu_dynamic_quant / W8A8 dynamic).
-No opset change is needed (opset 20 graphs stay opset 20).
+accumulation order). No opset change is needed (opset 20 graphs stay opset 20; per-axis DQ is opset
+13, so the ascend target's opset-18 graphs can carry it too: targets/ascend/quant.py). Whether Ascend's
+tools take these forms is NOT verified: AMCT documents QDQ ONNX models as input to
+`convert_qat_model` (-> AscendQuant/AscendDequant, int8 weights, then ATC) for Conv/Gemm/ConvTranspose
+and single-input MatMul with per-tensor weights for Gemm/MatMul; per-channel MatMul weights and the
+per-token subgraph are outside that documented scope.
 
 `calibrate(model_ir, feeds_list)` runs ORT over calibration feeds with the activations exposed as
 graph outputs and returns {activation name: amax}.

@@ -208,12 +208,12 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
                     precision: str | None = None, require_om: bool = False, ranks: int | None = None,
                     redundant: int = 0, calibrate: int = 8, int8_accuracy_level: int | None = None) -> Path:
     profile: TargetProfile = get_profile(target)
-    if profile.name == "ascend":
-        from targets.ascend.profile import make_profile
-        make_profile(soc or "Ascend910B3", precision or "mixed_float16")  # a bad --soc fails before any work
     quant = quant or profile.quant_schemes[0]
     if quant not in profile.quant_schemes:
         raise CompileError(f"--quant {quant}: target {target!r} supports {', '.join(profile.quant_schemes)}")
+    if profile.name == "ascend":
+        from targets.ascend.profile import make_profile
+        make_profile(soc or "Ascend910B3", precision or "mixed_float16", quant)  # a bad --soc fails before any work
     quant_options = {}  # passes.quant_int8 options; part of the quantize stage's parameters (and cache key)
     if int8_accuracy_level is not None:
         if quant != "int8" or profile.name != "ort-cpu":
@@ -253,12 +253,12 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
     }
     if profile.name == "ascend":
         return _compile_ascend(model, profile, out, force, runner, load, base_manifest, seed, started,
-                               soc or "Ascend910B3", precision or "mixed_float16", require_om)
+                               soc or "Ascend910B3", precision or "mixed_float16", require_om, quant)
     if profile.name == "ort-cuda":
         from .cuda_compile import build_cuda_package
         return build_cuda_package(model, profile, out, force=force, runner=runner, load=load,
                                   base_manifest=base_manifest, seed=seed, started=started,
-                                  layout=layout, gen_tokens=gen_tokens)
+                                  layout=layout, gen_tokens=gen_tokens, quant=quant)
     golden = make_golden(model, layout, gen_tokens=gen_tokens, seed=seed)
 
     with tempfile.TemporaryDirectory(prefix="mlamoe-work-") as work_s, staging(out, force) as pkg:
@@ -390,19 +390,24 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
 
 
 def _compile_ascend(model, profile: TargetProfile, out: Path, force: bool, runner: StageRunner, load: StageRecord,
-                    base_manifest: dict, seed: int, started: float, soc: str, precision: str, require_om: bool) -> Path:
+                    base_manifest: dict, seed: int, started: float, soc: str, precision: str, require_om: bool,
+                    quant: str = "none") -> Path:
     """The ascend flow (targets/ascend/flow.py): static-shape graphs, profile check, fp32 and fp16-emulated
-    parity, the atc build script (run when atc is installed) and the on-device kit."""
+    parity, the atc build script (run when atc is installed) and the on-device kit; with quant "w8a8" the
+    graphs are W8A8 QDQ (targets/ascend/quant.py), judged against eager under the quantize-w8a8 budget."""
     from targets.ascend.flow import build_ascend
     with staging(out, force) as pkg:
         rec = StageRecord(f"target/{profile.name}", {"soc_version": soc, "precision": precision,
-                                                     "require_om": require_om}, dict(load.inputs))
+                                                     "require_om": require_om, "quant": quant}, dict(load.inputs))
         t = time.perf_counter()
         build = build_ascend(model, pkg, soc_version=soc, precision_mode=precision, require_om=require_om,
-                             seed=seed, progress=runner.progress)
+                             seed=seed, progress=runner.progress, quant=quant)
         for r in build.reports:
             runner.add_report(rec, r)
         rec.notes.append(f"seconds per step: {build.seconds}")
+        for g, qr in build.quant_reports.items():
+            rec.notes.append(f"{g}: w8a8: {len(qr['quantized'])} weights quantized, linear bytes "
+                             f"{qr['linear_bytes_before']:,} -> {qr['linear_bytes_after']:,} ({qr['linear_ratio']:.4f}x)")
         rec.notes.append(build.atc.status)
         rec.seconds = round(time.perf_counter() - t, 3)
         rec.outputs = {p.relative_to(pkg).as_posix(): sha256_file(p) for p in sorted((pkg / "onnx").rglob("*"))
@@ -412,7 +417,7 @@ def _compile_ascend(model, profile: TargetProfile, out: Path, force: bool, runne
         runner.records.append(StageRecord("package", {"tarball": True}, dict(rec.outputs)))
         manifest = {
             **base_manifest,
-            "target": {"name": profile.name, "description": profile.description, "quantization": "none",
+            "target": {"name": profile.name, "description": profile.description, "quantization": quant,
                        "soc_version": soc, "precision": precision},
             "ascend": build.manifest,
             "stages": [r.to_dict() for r in runner.records],

@@ -5,11 +5,19 @@ judged by parity.compare_fp16 relative to PyTorch's own fp16 on the same inputs 
 and the manifest says the package was not yet run on a GPU; `runtime/cuda_runtime.py verify-golden
 --record` on a GPU machine completes it (records ORT version and providers in the manifest).
 
+`--quant int8` (targets/ort_cuda.py INT8_OPTIONS): a quantize stage (MatMulNBits 8-bit, fp16-exact scales;
+checked on ORT CPU with fp32 activations against eager fp32 under BUDGETS["quantize-int8"]) before the fp16
+conversion; the fp16 int8 graphs are judged against eager fp32 by compare_fp16 with quant_budget (BUDGETS
+["target-ort-cuda-int8"]). golden/ then holds those graphs' own outputs on ORT CPU (what the GPU must reproduce,
+within the fp16 limits), golden/fp32/ the eager fp32 reference with the int8 limits (the GPU test re-judges
+the CUDA outputs against it).
+
     from pipeline.cuda_compile import build_cuda_package   # from compile_package, after "load"
 """
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -22,9 +30,9 @@ from targets.base import TargetProfile
 
 from . import cuda_runtime, fp16_reference
 
-from .golden import Golden, make_golden
+from .golden import Golden, GoldenCase, make_golden, save_golden
 from .package import make_tarball, staging, write_manifest
-from .parity import FP16_RULE, compare_fp16, compare_fp16_greedy, write_reports
+from .parity import BUDGETS, FP16_RULE, QUANT_FP16_RULE, compare_fp16, compare_fp16_greedy, write_reports
 from .stages import StageRecord, StageRunner
 
 GRAPHS = ("prefill", "decode")
@@ -39,12 +47,21 @@ def _moe_subgraph_router():
 
 # passes whose ort-cuda variant differs from passes.PASSES
 CUDA_PASS_OVERRIDES = {"moe-ort-fused": _moe_subgraph_router}
+PROFILE_STAGE = "target-ort-cuda-fp16"  # the fp16 floors (BUDGETS), whatever the quantization
+INT8_STAGE = "target-ort-cuda-int8"  # an int8 package's judgement against eager fp32
+INT8_EXPERTS_NOTE = {
+    "channel": ("routed experts are com.microsoft.QMoE int8, one fp16 scale per expert output channel, raw layout "
+                "(weights_prepacked=0), experts' activations fp16 (weight-only numerics), where moe_intermediate is a "
+                f"multiple of {ort_cuda.CUDA_QMOE_INTER_MULTIPLE} (CUDA QMoE's requirement), else fp16 "
+                "com.microsoft.MoE"),
+    "none": "routed experts stay fp16 com.microsoft.MoE"}
 
 
 def _fp16_cases(runner: StageRunner, rec: StageRecord, stage: str, d: Path, golden: Golden, session: dict,
-                model, layout: str) -> None:
+                model, layout: str, quant_budget=None, results: dict | None = None) -> None:
     """Golden cases through the fp16 graphs on ORT CPU (feeds cast to the graphs' dtypes), judged by
-    compare_fp16 against eager fp32 relative to PyTorch fp16 on the same inputs."""
+    compare_fp16 against eager fp32 relative to PyTorch fp16 on the same inputs (with quant_budget: a
+    quantized graph, its budget added to the fp16 limits). results: filled with {case: outputs} (fp32)."""
     so = cuda_runtime.session_options(session)
     sessions = {g: ort.InferenceSession(str(d / f"{g}.onnx"), so, providers=["CPUExecutionProvider"]) for g in GRAPHS}
     for case in golden.cases:
@@ -53,20 +70,26 @@ def _fp16_cases(runner: StageRunner, rec: StageRecord, stage: str, d: Path, gold
         feeds = {n: np.asarray(a).astype(types[n], copy=False) for n, a in case.inputs.items()}
         got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
         got = {n: got[n].astype(np.float32) for n in case.outputs}
+        if results is not None:
+            results[case.name] = got
         ref16 = fp16_reference.case_outputs(model, case.inputs, layout)
         runner.add_report(rec, compare_fp16(f"{stage}/{case.name}", case.outputs, got, ref16, logits_outputs=["logits"],
-                                            reference_note=fp16_reference.NOTE))
+                                            budget=BUDGETS[PROFILE_STAGE], reference_note=fp16_reference.NOTE,
+                                            quant_budget=quant_budget))
 
 
 def _fp16_tolerance(reports, stage: str) -> dict:
     """The golden section's per-output limits from the compare_fp16 reports (what `verify-golden`
-    applies on the GPU: each output's atol/rtol, and the greedy near-tie allowance)."""
+    applies on the GPU: each output's atol/rtol, and the greedy near-tie allowance): the fp16 part of the
+    limits (for an int8 package, golden/ holds the int8 graphs' own outputs: the GPU reproduces them up
+    to fp16 error)."""
     cases: dict = {}
     greedy = None
     for r in reports:
         if not r.stage.startswith(f"{stage}/") or "fp16" not in r.extra:
             continue
-        lims = {n: {"atol": e["limits"]["atol"], "rtol": e["limits"]["rtol"]} for n, e in r.extra["fp16"]["outputs"].items()}
+        lims = {n: {"atol": lim["atol"], "rtol": lim["rtol"]} for n, e in r.extra["fp16"]["outputs"].items()
+                for lim in [e.get("fp16_limits") or e["limits"]]}
         name = r.stage.split("/", 1)[1]
         if name == "greedy":
             greedy = lims.get("step_logits")
@@ -86,10 +109,16 @@ def cuda_cache_spec(cfg, layout: str) -> dict:
 
 def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool, runner: StageRunner,
                        load: StageRecord, base_manifest: dict, seed: int, started: float, layout: str = "latent",
-                       gen_tokens: int = 32) -> Path:
-    """Everything after compile_package's "load" stage for target ort-cuda (quant "none" = fp16)."""
-    from .compile import assemble_package, run_graph_stages
+                       gen_tokens: int = 32, quant: str = "none") -> Path:
+    """Everything after compile_package's "load" stage for target ort-cuda (quant "none" = fp16, or "int8")."""
+    from .compile import assemble_package, check_cases, run_graph_stages
+    from .export import save_graph
 
+    if quant not in profile.quant_schemes:
+        raise ValueError(f"ort-cuda: quant {quant!r} not in {profile.quant_schemes}")
+    int8 = quant == "int8"
+    stage = INT8_STAGE if int8 else profile.parity_stage  # the judgement against eager fp32
+    quant_budget = BUDGETS["quantize-int8"] if int8 else None
     cfg = model.config
     golden = make_golden(model, layout, gen_tokens=gen_tokens, seed=seed)
     session = ort_cuda.session_config()
@@ -99,10 +128,33 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
         prev, prev_dir = run_graph_stages(runner, model, load, golden, work, profile.passes, layout,
                                           factories=CUDA_PASS_OVERRIDES,
                                           pass_params={n: {"router": "subgraph"} for n in CUDA_PASS_OVERRIDES})
-        runner.records.append(StageRecord("quantize", {"scheme": "none"}, dict(prev.outputs), dict(prev.outputs),
-                                          notes=["scheme none: fp16 compute is the target stage's conversion"]))
+        if not int8:
+            runner.records.append(StageRecord("quantize", {"scheme": "none"}, dict(prev.outputs), dict(prev.outputs),
+                                              notes=["scheme none: fp16 compute is the target stage's conversion"]))
+        else:
+            src_dir, prev_dir = prev_dir, work / "quant-int8"
+
+            def do_quant(d: Path, rec: StageRecord) -> None:
+                import onnx_ir as ir
+                summary = {}
+                for g in GRAPHS:
+                    m = ir.load(src_dir / f"{g}.onnx")
+                    report = ort_cuda.quantize_int8(m)
+                    save_graph(m, d / f"{g}.onnx")
+                    summary[g] = report.to_dict()
+                    rec.notes.append(f"{g}: " + report.summary())
+                rec.notes.append("checked here with fp32 activations (the same q and scales: MatMulNBits fp32 on "
+                                 "ORT CPU); the target stage converts to fp16 (scales stored fp16 exactly)")
+                rec.notes.append(INT8_EXPERTS_NOTE[ort_cuda.INT8_OPTIONS["experts"]])
+                (d / "reports").mkdir()
+                (d / "reports" / "quantization.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+            prev = runner.run("quantize", {"scheme": "int8", **ort_cuda.INT8_OPTIONS}, prev.outputs, prev_dir, do_quant,
+                              lambda d, rec: check_cases(runner, rec, "quantize-int8",
+                                                         {g: d / f"{g}.onnx" for g in GRAPHS}, golden))
 
         fp16_reports: dict[str, dict] = {}
+        cpu_results: dict[str, dict] = {}
 
         def do_target(d: Path, rec: StageRecord) -> None:
             for g in GRAPHS:
@@ -112,20 +164,55 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
             rec.notes.append("no offline ORT optimisation: ORT applies its CUDA EP fusions at load on the GPU "
                              f"(session {session})")
 
-        target_rec = runner.run(f"target/{profile.name}", {"target": profile.name, "precision": "fp16"},
+        target_rec = runner.run(f"target/{profile.name}", {"target": profile.name, "precision": "fp16", "quant": quant},
                                 prev.outputs, work / "target", do_target,
-                                lambda d, rec: _fp16_cases(runner, rec, profile.parity_stage, d, golden, session,
-                                                           model, layout))
+                                lambda d, rec: _fp16_cases(runner, rec, stage, d, golden, session, model, layout,
+                                                           quant_budget=quant_budget, results=cpu_results))
+
+        # ---- greedy generation through the runtime (IOBinding code path, device cpu) ----------------------
+        t = time.perf_counter()
+        tdir = work / "target"
+        rt = cuda_runtime.CudaPackageRuntime(
+            tdir, device="cpu", manifest={"io": {"vocab_size": cfg.vocab_size,
+                                                 "graphs": {g: {"file": f"{g}.onnx"} for g in GRAPHS}},
+                                          "target": {"session": session}})
+        tokens, step_logits = rt.generate(golden.prompt, golden.tokens.shape[1])
+        del rt
+        gen = compare_fp16_greedy(f"{stage}/greedy", golden.tokens, golden.step_logits, tokens, step_logits,
+                                  fp16_reference.forced_step_logits(model, golden.prompt, golden.tokens, layout),
+                                  reference_note=fp16_reference.NOTE, quant_budget=quant_budget,
+                                  budget=BUDGETS[PROFILE_STAGE])
+        # an int8 package's greedy tokens against eager fp32 are information (random-weight presets: a routing
+        # near tie flipped by int8 diverges the rest), as for ort-cpu's quantized packages
+        runner.add_report(target_rec, gen, binding=not int8)
+        expected = golden  # what the packaged graphs must reproduce on the GPU
+        if int8:
+            expected = Golden([GoldenCase(c.name, c.graph, c.inputs, {k: cpu_results[c.name][k] for k in c.outputs})
+                               for c in golden.cases], golden.prompt, tokens, step_logits)
 
         # ---- package ----------------------------------------------------------------------------------
-        t = time.perf_counter()
-        golden_section, io = assemble_package(pkg, work / "target", target_rec, Path(cuda_runtime.__file__), golden,
+        golden_section, io = assemble_package(pkg, tdir, target_rec, Path(cuda_runtime.__file__), expected,
                                               profile, cfg.vocab_size, cuda_cache_spec(cfg, layout))
+        golden_section["tolerance"].update(_fp16_tolerance(runner.reports, stage))
+        if int8:
+            if (prev_dir / "reports").is_dir():
+                shutil.copytree(prev_dir / "reports", pkg / "reports")
+            ref = save_golden(golden, pkg / "golden" / "fp32", pkg)
+            ref["stage"], ref["rule"] = INT8_STAGE, QUANT_FP16_RULE
+            ref["limits"] = {r.stage.split("/", 1)[1]: {n: e["limits"] for n, e in r.extra["fp16"]["outputs"].items()}
+                             for r in runner.reports if r.stage.startswith(f"{INT8_STAGE}/") and "fp16" in r.extra}
+            ref["note"] = ("eager fp32 PyTorch outputs; the int8 package is judged against them with these limits "
+                           "(quantize-int8 budget + fp16 limits; elementwise and top-1 not judged)")
+            golden_section["fp32_reference"] = ref
         manifest = {
             **base_manifest,
             "target": {"name": profile.name, "description": profile.description, "providers": list(profile.providers),
                        "provider_options": {"CUDAExecutionProvider": ort_cuda.cuda_provider_options()},
-                       "session": session, "quantization": "none", "precision": "fp16",
+                       "session": session, "quantization": quant, "precision": "fp16",
+                       **({"quantization_options": dict(ort_cuda.INT8_OPTIONS),
+                           "routed_experts": INT8_EXPERTS_NOTE[ort_cuda.INT8_OPTIONS["experts"]],
+                           "routed_expert_ops": _op_counts(pkg / "onnx" / "decode.onnx", ("QMoE", "MoE"))}
+                          if int8 else {}),
                        "fp32_islands": ["Softmax", "RMSNorm statistics", "MoE router (gate projection to router_probs)",
                                         "TopK", "RoPE angles / cos / sin", "causal mask"],
                        "fp16_conversion": fp16_reports, "runtime": "runtime/cuda_runtime.py",
@@ -133,38 +220,53 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
             "io": io,
             "golden": golden_section,
         }
-        rt = cuda_runtime.CudaPackageRuntime(pkg, device="cpu", manifest=manifest)
-        tokens, step_logits = rt.generate(golden.prompt, golden.tokens.shape[1])
-        gen = compare_fp16_greedy(f"{profile.parity_stage}/greedy", golden.tokens, golden.step_logits, tokens,
-                                  step_logits, fp16_reference.forced_step_logits(model, golden.prompt, golden.tokens,
-                                                                                 layout),
-                                  reference_note=fp16_reference.NOTE)
-        runner.add_report(target_rec, gen)
-        golden_section["tolerance"].update(_fp16_tolerance(runner.reports, profile.parity_stage))
         write_reports(runner.reports, pkg / "reports")
         pkg_rec = StageRecord("package", {"tarball": True}, dict(target_rec.outputs))
         pkg_rec.seconds = round(time.perf_counter() - t, 3)
         runner.records.append(pkg_rec)
         manifest["stages"] = [r.to_dict() for r in runner.records]
         manifest["parity"] = {"passed": runner.binding_passed(), "reports": ["reports/parity.json", "reports/parity.md"]}
-        manifest["verification"] = {
-            "verified_here": [f"export and passes against eager fp32 PyTorch on ORT CPU (fp32 budgets)",
-                              f"the fp16 graphs on ORT CPU {ort.__version__} (fp16 tensors, ops without an fp16 CPU "
-                              f"kernel run in fp32 between casts) against eager fp32 within {profile.parity_stage}, "
-                              "relative to PyTorch fp16 on the same inputs (README: fp16 judgement)",
-                              f"greedy generation of {golden.tokens.shape[1]} tokens through runtime/cuda_runtime.py "
-                              "(IOBinding code path, device cpu): " + (
-                                  "equal to eager" if gen.extra["tokens"]["greedy"]["equal"]
-                                  else gen.extra["tokens"]["greedy"]["reason"])],
-            "not_verified": ["not yet run on a GPU: CUDAExecutionProvider kernels (fp16 GEMMs, com.microsoft.MoE) "
-                             "are unchecked; run `python runtime/cuda_runtime.py verify-golden --record` on a "
-                             "machine with onnxruntime-gpu"],
-        }
-        (pkg / "README.md").write_text(_readme(manifest, _fp16_lines(runner.reports, profile.parity_stage)))
+        greedy = gen.extra["tokens"]["greedy"]
+        if not int8:
+            verified = [f"export and passes against eager fp32 PyTorch on ORT CPU (fp32 budgets)",
+                        f"the fp16 graphs on ORT CPU {ort.__version__} (fp16 tensors, ops without an fp16 CPU "
+                        f"kernel run in fp32 between casts) against eager fp32 within {profile.parity_stage}, "
+                        "relative to PyTorch fp16 on the same inputs (README: fp16 judgement)",
+                        f"greedy generation of {golden.tokens.shape[1]} tokens through runtime/cuda_runtime.py "
+                        "(IOBinding code path, device cpu): " + (
+                            "equal to eager" if greedy["equal"] else greedy["reason"])]
+            not_verified = ["not yet run on a GPU: CUDAExecutionProvider kernels (fp16 GEMMs, com.microsoft.MoE) "
+                            "are unchecked; run `python runtime/cuda_runtime.py verify-golden --record` on a "
+                            "machine with onnxruntime-gpu"]
+        else:
+            verified = ["export and passes against eager fp32 PyTorch on ORT CPU (fp32 budgets)",
+                        "the int8 graphs with fp32 activations (the same int8 weights and scales) against eager fp32 "
+                        "within quantize-int8 (cosine/KL/rel euclid; elementwise not judged)",
+                        f"the fp16 int8 graphs (MatMulNBits bits 8, fp16 activations and scales) on ORT CPU "
+                        f"{ort.__version__} against eager fp32 within {INT8_STAGE} (quantize-int8 budget plus the fp16 "
+                        "limits from PyTorch fp16 on the same inputs; README: int8 judgement)",
+                        f"greedy generation of {golden.tokens.shape[1]} tokens through runtime/cuda_runtime.py "
+                        f"(IOBinding code path, device cpu): {greedy['n_equal_steps']} of {greedy['n_steps_reference']} "
+                        "tokens equal to eager fp32 (information; golden/ holds these graphs' own tokens)"]
+            not_verified = ["not yet run on a GPU: CUDAExecutionProvider kernels (MatMulNBits 8-bit and QMoE int8 "
+                            "with fp16 activations, fp16 GEMMs) are unchecked; the GPU run completes "
+                            "verification: `python runtime/cuda_runtime.py verify-golden --record` on a machine with "
+                            "onnxruntime-gpu (reproduces golden/, the int8 graphs' ORT CPU outputs, within the fp16 "
+                            "limits); golden/fp32/ holds eager fp32 and the int8 limits to judge the GPU against",
+                            "the accuracy of int8 on this model's real task: random-weight presets say nothing about it; "
+                            "see the trained-small figures in the repository README"]
+        manifest["verification"] = {"verified_here": verified, "not_verified": not_verified}
+        (pkg / "README.md").write_text(_readme(manifest, _fp16_lines(runner.reports, stage)))
         write_manifest(pkg, manifest)
         runner.progress(f"[package] {out} ({time.time() - started:.1f} s in all)")
     make_tarball(out, out.parent / f"{out.name}.tar.gz")
     return out
+
+
+def _op_counts(path: Path, ops) -> dict:
+    import onnx
+    m = onnx.load(str(path), load_external_data=False)
+    return {op: sum(n.op_type == op for n in m.graph.node) for op in ops}
 
 
 def _fp16_lines(reports, stage: str) -> list[str]:
@@ -184,8 +286,13 @@ def _fp16_lines(reports, stage: str) -> list[str]:
             if e is None or o.name.startswith("present."):
                 continue
             lim, ref = e["limits"], e["fp16_reference"]
-            line = (f"- `{r.stage}` `{o.name}`: {'PASS' if o.passed else 'FAIL'}: max abs {o.max_abs:.3g} (atol "
-                    f"{lim['atol']:.3g}), cosine {o.cosine:.7g} (>= {lim['min_cosine']:.6g})")
+            atol = "not judged" if lim["atol"] is None else f"atol {lim['atol']:.3g}"
+            line = (f"- `{r.stage}` `{o.name}`: {'PASS' if o.passed else 'FAIL'}: max abs {o.max_abs:.3g} ({atol}), "
+                    f"cosine {o.cosine:.7g} (>= {lim['min_cosine']:.6g})")
+            if lim.get("max_kl") is not None and o.kl is not None:
+                line += f", KL {o.kl:.3g} (<= {lim['max_kl']:.3g})"
+            if lim.get("max_rel_euclid") is not None and o.rel_euclid is not None:
+                line += f", rel euclid {o.rel_euclid:.3g} (<= {lim['max_rel_euclid']:.3g})"
             if ref is not None:
                 line += f"; PyTorch fp16: max abs {ref['max_abs']:.3g}, cosine {ref['cosine']:.7g}"
             if "n_positions" in e:
@@ -195,13 +302,14 @@ def _fp16_lines(reports, stage: str) -> list[str]:
         t = r.extra.get("tokens", {}).get("greedy")
         if t is not None:
             out.append(f"- greedy: {t['n_equal_steps']} of {t['n_steps_reference']} tokens equal to eager fp32"
-                       + ("" if t["equal"] else f" ({t['reason']})"))
+                       + ("" if t["equal"] else f" ({t['reason']})") + ("" if t["binding"] else " (information)"))
     return out
 
 
 def _readme(manifest: dict, fp16_lines: list[str]) -> str:
     m, t, io = manifest["model"], manifest["target"], manifest["io"]
     c = io["cache"]
+    int8 = t["quantization"] == "int8"
     return "\n".join([
         f"# {m['source']} for ort-cuda", "",
         f"Compiled by mlamoe {manifest['mlamoe_version']} ({m['config']['model_type']}, {m['parameters']:,} "
@@ -211,14 +319,28 @@ def _readme(manifest: dict, fp16_lines: list[str]) -> str:
         f"layout, {c['bytes_per_token']} bytes per token); `logits` float32.",
         "- `runtime/cuda_runtime.py`: greedy generation with IOBinding (the cache stays on the GPU between "
         "steps) and `verify-golden [--record]`; needs numpy + onnxruntime-gpu.",
-        "- `golden/`: eager fp32 reference inputs/outputs; tolerance "
-        f"atol {manifest['golden']['tolerance']['atol']} / rtol {manifest['golden']['tolerance']['rtol']} floors, "
-        "per output in manifest.json (golden.tolerance.cases).", "",
-        "## fp16 judgement", "",
-        f"fp16 graphs vs eager fp32: {FP16_RULE}. PyTorch fp16 here is {fp16_reference.NOTE}: an independent "
-        "measurement of the fp16 error this model has whatever runs it, so a deep model or a large logit scale "
-        "widens the limits by what fp16 costs it, and a graph error beyond that fails. Numbers of this build "
-        "(ORT CPU running the fp16 graphs):", "", *fp16_lines, "",
+        *(["- `golden/`: eager fp32 reference inputs/outputs; tolerance "
+           f"atol {manifest['golden']['tolerance']['atol']} / rtol {manifest['golden']['tolerance']['rtol']} floors, "
+           "per output in manifest.json (golden.tolerance.cases).", ""] if not int8 else
+          ["- `golden/`: inputs and the int8 fp16 graphs' own outputs and greedy tokens on ORT CPU (what the GPU "
+           "must reproduce, within the fp16 limits per output in manifest.json golden.tolerance.cases); "
+           "`golden/fp32/`: eager fp32 outputs, with the int8 limits in golden.fp32_reference.limits.",
+           f"- int8: {', '.join(f'{k} {v}' for k, v in t['quantization_options'].items())}: linear layers except "
+           "lm_head and the router gate are `com.microsoft.MatMulNBits` (bits 8, fp16 scales rounded before "
+           f"quantizing); {t['routed_experts']} (this model's decode graph: "
+           + ", ".join(f"{v} {k}" for k, v in t["routed_expert_ops"].items()) + "); embeddings, norms, lm_head fp16, "
+           "router fp32.", "",
+           "## int8 judgement", "",
+           f"int8 fp16 graphs vs eager fp32: {QUANT_FP16_RULE}. The quantization part is BUDGETS['quantize-int8'] "
+           "(a random-weight model's routing near ties, flipped by int8, make elementwise and top-1 rules say "
+           "nothing); the fp16 part is the fp16 judgement's limits: each max(floor, 4 x the error of "
+           f"{fp16_reference.NOTE}). Numbers of this build (ORT CPU running the int8 fp16 graphs):", "",
+           *fp16_lines, ""]),
+        *(["## fp16 judgement", "",
+           f"fp16 graphs vs eager fp32: {FP16_RULE}. PyTorch fp16 here is {fp16_reference.NOTE}: an independent "
+           "measurement of the fp16 error this model has whatever runs it, so a deep model or a large logit scale "
+           "widens the limits by what fp16 costs it, and a graph error beyond that fails. Numbers of this build "
+           "(ORT CPU running the fp16 graphs):", "", *fp16_lines, ""] if not int8 else []),
         "## Verification", "",
         *[f"- verified: {s}" for s in manifest["verification"]["verified_here"]],
         *[f"- **not verified**: {s}" for s in manifest["verification"]["not_verified"]], "",

@@ -80,6 +80,7 @@ __all__ = [
     "compare_fp16_greedy",
     "fp16_limits",
     "near_ties",
+    "quant_fp16_limits",
     "write_reports",
 ]
 
@@ -166,6 +167,14 @@ BUDGETS: dict[str, Budget] = {
     "target-ort-cuda-fp16": Budget(
         atol=2e-2, rtol=2e-2, min_cosine=0.9998, max_kl=1e-3, min_top1=1.0, max_rel_euclid=0.02
     ),
+    # ORT CUDA int8 (MatMulNBits 8-bit weights, fp16 activations) vs eager fp32, judged by
+    # compare_fp16(..., quant_budget=BUDGETS["quantize-int8"]): the graph carries two independent
+    # errors, int8 weight rounding (the quantize-int8 budget's shape: cosine/KL/rel euclid only, no
+    # elementwise or top-1 rule, for the random-weight routing near ties described above) and fp16
+    # (the target-ort-cuda-fp16 limits, widened by PyTorch's own fp16 error on the same inputs).
+    # quant_fp16_limits adds them at worst case (norms of two perturbations add): this entry is the
+    # shape of the result before the fp16 part is known (the quantize-int8 limits themselves).
+    "target-ort-cuda-int8": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.99, max_kl=0.05, max_rel_euclid=0.15),
     # Ascend fp16 emulated on ORT: judged by msit's own accuracy thresholds alone (REFERENCE.md 3):
     # cosine > 0.99, relative Euclidean distance < 0.05, KL < 0.005, per output tensor. msit has no
     # elementwise or top-1 rule, so atol/rtol are not binding here (the numbers are still reported).
@@ -447,6 +456,26 @@ def fp16_limits(budget: Budget, reference_error: OutputStats | None) -> Budget:
     )
 
 
+def quant_fp16_limits(quant: Budget, fp16: Budget) -> Budget:
+    """Limits for graphs that are both quantized (error budget ``quant``) and computed in fp16 (limits
+    ``fp16``, already widened by :func:`fp16_limits`), judged against the same fp32 reference.
+
+    The two errors are separate perturbations e_q, e_f of the reference r, so at worst their norms add
+    (triangle inequality): rel euclid <= rel_q + rel_f. For a small perturbation 1 - cosine ~
+    |e_perp|^2 / (2 |r|^2), so sqrt(1 - cosine) adds the same way: 1 - cos <= (sqrt(1-cos_q) +
+    sqrt(1-cos_f))^2; KL is quadratic in a small logit perturbation, so sqrt(KL) adds: KL <=
+    (sqrt(KL_q) + sqrt(KL_f))^2. Elementwise (atol/rtol) and top-1 follow the quantization budget (there:
+    not judged). A limit either side leaves unset stays unset."""
+    def add_sqrt(a, b):
+        return None if a is None or b is None else (math.sqrt(a) + math.sqrt(b)) ** 2
+
+    cos = None if quant.min_cosine is None or fp16.min_cosine is None else \
+        1.0 - add_sqrt(max(0.0, 1.0 - quant.min_cosine), max(0.0, 1.0 - fp16.min_cosine))
+    rel = None if quant.max_rel_euclid is None or fp16.max_rel_euclid is None else quant.max_rel_euclid + fp16.max_rel_euclid
+    return Budget(atol=quant.atol, rtol=quant.rtol, min_cosine=cos, max_kl=add_sqrt(quant.max_kl, fp16.max_kl),
+                  min_top1=quant.min_top1, max_rel_euclid=rel)
+
+
 def near_ties(reference_logits: Any, budget: Budget) -> tuple[np.ndarray, np.ndarray]:
     """Per position (leading axes flattened): the reference's top-1 minus top-2 logit, and how far
     apart the two may move within ``budget``'s elementwise rule (max(atol, rtol*|r|) each). A
@@ -485,7 +514,8 @@ class Fp16Report(ParityReport):
             steps = steps[None]
         if ref.shape[0] != act.shape[0] or d >= min(ref.shape[1], act.shape[1]) or d >= steps.shape[1]:
             return record
-        lim = self.extra.get("fp16", {}).get("outputs", {}).get(logits_output, {}).get("limits")
+        e = self.extra.get("fp16", {}).get("outputs", {}).get(logits_output, {})
+        lim = e.get("fp16_limits") or e.get("limits")  # near ties: under the fp16 part of the limits
         b = self.budget if lim is None else Budget(atol=_limit(lim["atol"]), rtol=_limit(lim["rtol"]))
         rows = np.flatnonzero(ref[:, d] != act[:, d])
         margin, allowed = near_ties(steps[rows, d], b)
@@ -509,8 +539,11 @@ class Fp16Report(ParityReport):
         lines = ["", f"fp16 judgement: {rec['rule']}"]
         for name, e in rec["outputs"].items():
             lim, ref = e["limits"], e["fp16_reference"]
-            line = f"- `{name}`: limits atol {lim['atol']:.3g}, cosine >= " + (
-                "-" if lim["min_cosine"] is None else f"{lim['min_cosine']:.6g}")
+            line = ("- `{}`: limits ".format(name) + ("elementwise not judged" if lim["atol"] is None
+                                                         else f"atol {lim['atol']:.3g}") + ", cosine >= " + (
+                "-" if lim["min_cosine"] is None else f"{lim['min_cosine']:.6g}"))
+            if lim.get("max_kl") is not None and "fp16_limits" in e and e["fp16_limits"] != lim:
+                line += f", KL <= {lim['max_kl']:.3g}, rel euclid <= {lim.get('max_rel_euclid') or 0:.3g} (int8 + fp16)"
             if ref is not None:
                 line += (f" (fp16 reference vs fp32: max abs {ref['max_abs']:.3g}, cosine {ref['cosine']:.7g}, "
                          f"top-1 {ref['top1_agreement'] if ref['top1_agreement'] is not None else '-'})")
@@ -530,6 +563,11 @@ FP16_RULE = (f"each error limit is max(floor, {FP16_REFERENCE_FACTOR:g} x PyTorc
              "elementwise limits let two logits move (near ties are excluded and listed)")
 
 
+QUANT_FP16_RULE = ("quantized fp16 graph vs eager fp32: each limit combines the quantization budget with the fp16 "
+                   "limits (" + FP16_RULE + ") at worst case: rel euclid adds, sqrt(1 - cosine) and sqrt(KL) add; "
+                   "elementwise error and top-1 are not judged (as for the quantization budget)")
+
+
 def compare_fp16(
     stage: str,
     reference: Mapping[str, Any],
@@ -539,6 +577,7 @@ def compare_fp16(
     logits_outputs: Iterable[str] = (),
     budget: Budget | None = None,
     reference_note: str | None = None,
+    quant_budget: Budget | None = None,
 ) -> Fp16Report:
     """fp16 ``actual`` vs fp32 ``reference``, judged relative to ``fp16_reference`` (an independent
     fp16 run of the same inputs, e.g. PyTorch autocast; None: the budget's floors alone):
@@ -547,6 +586,11 @@ def compare_fp16(
     - top-1 (logits outputs): positions whose reference margin is a :func:`near_ties` near tie under
       those limits are excluded and listed; the rest must agree to ``budget.min_top1``;
     - everything else as :func:`compare` (missing/extra outputs, shapes, non-finite values).
+
+    ``quant_budget`` (a quantized fp16 graph, e.g. ort-cuda int8): each output is judged under
+    :func:`quant_fp16_limits` of ``quant_budget`` and the fp16 limits above (recorded as "limits"; the
+    fp16 part alone as "fp16_limits"); top-1 follows ``quant_budget`` (near ties are listed under the
+    fp16 limits, for information), and so does the report's budget (tokens binding or not).
     """
     budget = budget or budget_for(stage)
     logits = set(logits_outputs)
@@ -567,16 +611,18 @@ def compare_fp16(
         if fp16_reference is not None and name in fp16_reference \
                 and np.shape(fp16_reference[name]) == ref.shape:
             ref_err = _compare_one(name, ref, np.asarray(fp16_reference[name]), _UNJUDGED, is_logits)
-        lim = fp16_limits(budget, ref_err)
+        lim16 = lim = fp16_limits(budget, ref_err)
+        if quant_budget is not None:
+            lim = quant_fp16_limits(quant_budget, lim16)
         stats = _compare_one(name, ref, act, dataclasses.replace(lim, min_top1=None), is_logits)
-        entry: dict[str, Any] = {"limits": lim.to_dict(),
+        entry: dict[str, Any] = {"limits": lim.to_dict(), "fp16_limits": lim16.to_dict(),
                                  "fp16_reference": None if ref_err is None else {
                                      k: v for k, v in ref_err.to_dict().items()
                                      if k in ("max_abs", "mean_abs", "cosine", "rel_euclid", "kl", "top1_agreement",
                                               "n_failing", "nan_or_inf")}}
         if is_logits and stats.top1_agreement is not None:
             v = ref.shape[-1]
-            margin, allowed = near_ties(ref, lim)
+            margin, allowed = near_ties(ref, lim16)
             agree = np.argmax(ref.reshape(-1, v), -1) == np.argmax(act.reshape(-1, v), -1)
             tie = margin <= allowed
             n_dec = int(np.count_nonzero(~tie))
@@ -602,12 +648,16 @@ def compare_fp16(
                 stats.passed = False
         record["outputs"][name] = entry
         outputs.append(stats)
+    if quant_budget is not None:
+        record["rule"] = QUANT_FP16_RULE
+        budget = quant_budget
     return Fp16Report(stage=stage, budget=budget, outputs=outputs, extra={"fp16": record})
 
 
 def compare_fp16_greedy(stage: str, reference_tokens: Any, reference_steps: Any, actual_tokens: Any,
                         actual_steps: Any, fp16_reference_steps: Any = None,
-                        reference_note: str | None = None) -> Fp16Report:
+                        reference_note: str | None = None, quant_budget: Budget | None = None,
+                        budget: Budget | None = None) -> Fp16Report:
     """Greedy generation under compare_fp16: step logits [B, N, V] compared up to and including the
     first token mismatch (after it the two runs see different tokens), then the tokens, binding up to
     a near tie. ``fp16_reference_steps``: the fp16 reference's logits along the reference's tokens."""
@@ -619,7 +669,8 @@ def compare_fp16_greedy(stage: str, reference_tokens: Any, reference_steps: Any,
     cut = {"step_logits": np.asarray(reference_steps)[:, :upto]}
     fp16 = None if fp16_reference_steps is None else {"step_logits": np.asarray(fp16_reference_steps)[:, :upto]}
     rep = compare_fp16(stage, cut, {"step_logits": np.asarray(actual_steps)[:, :upto]}, fp16,
-                       logits_outputs=["step_logits"], reference_note=reference_note)
+                       logits_outputs=["step_logits"], reference_note=reference_note, quant_budget=quant_budget,
+                       budget=budget)
     rep.extra["fp16"]["greedy_steps_compared"] = upto
     rep.add_tokens("greedy", ref_t, act_t, reference_step_logits=reference_steps)
     return rep

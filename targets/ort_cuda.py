@@ -14,7 +14,7 @@ decided by structure, never by names:
       the Mul/Div by the reciprocal (x.float() * rsqrt(mean(x^2) + eps), then cast: exactly the eager
       RMSNorm's own fp32 section; the weight Mul runs in fp16 as `weight * x.to(dtype)` does);
     * the MoE router: every node on the path from the gate projection (a MatMul/Gemm by a constant
-      weight, included) to the router_probs input of com.microsoft.MoE (MoEGroupRouter, TopK, ...),
+      weight, included) to the router_probs input of com.microsoft.MoE / QMoE (MoEGroupRouter, TopK, ...),
       so expert choice is made on fp32 scores; MoE itself runs in fp16 (experts' weights fp16) with
       the fp32 router's log-scores cast to fp16 (the non-selected experts are -inf, so the
       selection cannot change in the cast);
@@ -28,6 +28,22 @@ ORT CPU runs such graphs too (its InsertCastTransformer runs ops lacking an fp16
 between Casts; every fp16 tensor is still rounded to fp16), which is how the package is checked
 against eager fp32 on a machine without a GPU (budget target-ort-cuda-fp16, judged by parity.compare_fp16
 relative to PyTorch's own fp16 on the same inputs).
+
+INT8 (`--quant int8`, INT8_OPTIONS): before the fp16 conversion, passes/quant_int8.py turns every
+linear layer but lm_head and the router gate into com.microsoft.MatMulNBits (bits 8, symmetric, blocks
+of up to 128 along K) with scale_dtype "float16": each block's scale is rounded to fp16 before q is
+computed, so `to_fp16` (which stores the scales of these fp16-activation nodes as fp16, the type the
+CUDA kernel requires: MatMulNBits' scales share the type of its input A) changes no dequantized weight.
+The quantize stage is checked on ORT CPU as an fp32-activation graph (the "fp32 twin": same q, same
+scales) against eager fp32 under BUDGETS["quantize-int8"]; the fp16 int8 graphs then run on ORT CPU,
+whose MatMulNBits has an fp16 kernel (x86: fp16 converted to fp32 around an fp32 GEMM), judged against
+eager fp32 by compare_fp16 with quant_budget (BUDGETS["target-ort-cuda-int8"]: the quantize-int8 budget
+and the fp16 limits added at worst case). Routed experts (INT8_OPTIONS["experts"] "channel") become
+com.microsoft.QMoE int8 with one fp16 scale per expert output channel, raw [E, N, K] layout
+(weights_prepacked=0: onnxruntime-gpu 1.31.1's CUDA QMoE reads it; without that attribute it expects
+CUTLASS-prepacked weights and computes garbage, measured), no router_weights input (passes/quant_qmoe.py),
+where the CUDA kernel takes the shape (moe_intermediate a multiple of CUDA_QMOE_INTER_MULTIPLE); other MoE
+layers stay fp16 com.microsoft.MoE, recorded in the quantize report's skipped list (tiny: all of them).
 """
 from __future__ import annotations
 
@@ -46,7 +62,7 @@ PROFILE = TargetProfile(
                 "fp16 latent cache, dynamic batch/sequence/cache axes, IOBinding runtime",
     opset=(17, 23),
     passes=("latent-kv-fusion", "moe-ort-fused"),
-    quant_schemes=("none",),  # "none" = fp16 compute; int8 / fp8 (issue 8): not yet, see README of the target
+    quant_schemes=("none", "int8"),  # "none" = fp16 compute; int8 = MatMulNBits 8-bit weights, fp16 compute; no fp8
     dynamic_shapes=True,
     providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
     parity_stage="target-ort-cuda-fp16",
@@ -58,6 +74,39 @@ CACHE_PREFIXES = ("past.", "present.")
 _RMS_OPS = {"Pow", "ReduceMean", "Sqrt", "Reciprocal"}
 _ALWAYS_FP32 = {"Softmax", "LogSoftmax", "TopK", "MoEGroupRouter"}
 _FP16_MAX = float(np.finfo(np.float16).max)
+
+
+# onnxruntime-gpu 1.31.1's CUDA QMoE (int weight-only): "requires inter_size to be a multiple of 64 (the
+# interleaved-weight K tile)" (its error on the H200 for tiny's moe_intermediate 32; 64 and 128 run)
+CUDA_QMOE_INTER_MULTIPLE = 64
+# `--quant int8` for this target (passes.quant_int8.Int8WeightOnlyPass options; module doc)
+INT8_OPTIONS = {"block_size": 128, "symmetric": True, "experts": "channel", "scale_dtype": "float16"}
+
+
+def quantize_int8(model: ir.Model):
+    """`--quant int8` on an fp32 ort-cuda graph, in place (before to_fp16): linear layers -> MatMulNBits
+    (passes.quant_int8, fp16-exact scales), routed experts -> QMoE (passes.quant_qmoe, per channel, fp16-exact
+    scales, no router_weights input) unless INT8_OPTIONS["experts"] is "none". -> the QuantReport."""
+    from passes.quant_qmoe import QMoEPass
+    from passes.quant_weights import DEFAULT_EXCLUDE, initializer_bytes, quantize, record
+    opts = dict(INT8_OPTIONS)
+    experts = opts.pop("experts")
+    report = quantize(model, "int8", experts="none", **opts)
+    if experts != "none":
+        keep = {}  # MoE nodes the CUDA QMoE kernel cannot run: they stay fp16 MoE
+        for node in model.graph:
+            fc1 = node.inputs[2] if node.op_type == "MoE" and len(node.inputs) > 2 else None
+            if fc1 is not None and fc1.shape is not None and int(fc1.shape[1]) // 2 % CUDA_QMOE_INTER_MULTIPLE:
+                keep[node.name] = int(fc1.shape[1]) // 2
+        QMoEPass(experts, opts["block_size"], None, DEFAULT_EXCLUDE + tuple(keep), report,
+                 scale_dtype=opts["scale_dtype"], router_weights=False)(model)
+        report.skipped = [s for s in report.skipped if s["node"] not in keep] + [
+            {"node": n, "weight": "", "role": "routed_experts",
+             "reason": f"moe_intermediate {i} is not a multiple of {CUDA_QMOE_INTER_MULTIPLE}: onnxruntime-gpu 1.31.1's "
+                       "CUDA QMoE refuses it (measured); kept fp16 com.microsoft.MoE"} for n, i in keep.items()]
+        report.weights_bytes_after = initializer_bytes(model.graph)
+        record(model, report)
+    return report
 
 
 def session_config() -> dict:
@@ -102,7 +151,7 @@ def _router_nodes(graph: ir.Graph) -> set[int]:
     """Nodes from each MoE's router_probs back to (and including) its gate projection."""
     out: set[int] = set()
     for node in graph:
-        if node.op_type != "MoE" or len(node.inputs) < 2 or node.inputs[1] is None:
+        if node.op_type not in ("MoE", "QMoE") or len(node.inputs) < 2 or node.inputs[1] is None:
             continue
         stack = [node.inputs[1]]
         while stack:

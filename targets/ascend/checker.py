@@ -20,8 +20,8 @@ from onnx import numpy_helper
 
 from models.errors import MlamoeError
 
-from .profile import (CUBE_OPS, DATA_DEPENDENT_OPS, FORBIDDEN_VALUE_DTYPES, SCATTERND_DTYPES, TOPK_DTYPES,
-                      AscendProfile)
+from .profile import (CUBE_OPS, DATA_DEPENDENT_OPS, FORBIDDEN_VALUE_DTYPES, QDQ_DTYPES, QDQ_OPS, SCATTERND_DTYPES,
+                      TOPK_DTYPES, AscendProfile)
 
 
 class AscendCheckError(MlamoeError):
@@ -142,7 +142,12 @@ def check(model, profile: AscendProfile) -> list[Violation]:
         if node.domain not in ("", "ai.onnx"):
             bad(f"op {node.domain}::{op} is outside the default ONNX domain; ATC has no parser for it")
             continue
-        if op not in profile.allowed_ops:
+        if op in QDQ_OPS:
+            if not profile.qdq:
+                bad(f"{op} in a {profile.quant!r} profile: Q/DQ nodes belong to --quant w8a8 graphs only")
+                continue
+            _check_qdq(node, attrs, consts, dtype, bad)
+        elif op not in profile.allowed_ops:
             bad("op is not in the CANN ONNX operator list the ascend profile accepts")
             continue
         # per-op dtype / attribute rules
@@ -198,6 +203,37 @@ def check(model, profile: AscendProfile) -> list[Violation]:
                     "inference with static inputs: a data-dependent intermediate shape, which fixed shapes and "
                     "gears do not support")
     return out
+
+
+def _check_qdq(node, attrs: dict, consts: dict, dtype, bad) -> None:
+    """QuantizeLinear / DequantizeLinear in the form the w8a8 profile accepts (profile docstring): int8,
+    zero point 0, constant fp32 scale that is a scalar or 1-D along a valid axis, no block_size."""
+    op = node.op_type
+    if "block_size" in attrs and attrs["block_size"]:
+        bad(f"{op} with block_size {attrs['block_size']}: blocked QDQ needs opset 21; ATC parses opset <= 18")
+    # consts: name -> array for constants (None for an initializer whose data is external: not read)
+    scale = consts.get(node.input[1]) if len(node.input) > 1 else None
+    if len(node.input) < 2 or node.input[1] not in consts:
+        bad(f"{op} scale {node.input[1] if len(node.input) > 1 else '?'!r} is not a constant; the w8a8 profile "
+            "takes calibrated (static) scales only (per-token activations use plain ops)")
+    elif scale is not None and (scale.dtype != np.float32 or scale.ndim > 1):
+        bad(f"{op} scale is {scale.dtype} with shape {list(scale.shape)}; expected fp32, scalar (per tensor) or "
+            "1-D (per axis)")
+    quantized = node.output[0] if op == "QuantizeLinear" else node.input[0]
+    qt = dtype(quantized)
+    if qt is not None and qt not in {int(d) for d in QDQ_DTYPES}:
+        bad(f"{op} quantized tensor {quantized!r} is {_dtype_name(qt)}; the w8a8 profile uses int8 only")
+    if len(node.input) > 2 and node.input[2]:
+        zp = consts.get(node.input[2])
+        if node.input[2] not in consts or (zp is not None and (np.asarray(zp) != 0).any()):
+            bad(f"{op} zero point {node.input[2]!r} is not a constant 0: W8A8 here is symmetric")
+    if op == "DequantizeLinear" and scale is not None and scale.ndim == 1 and scale.size > 1:
+        src = consts.get(node.input[0])
+        axis = attrs.get("axis", 1)
+        if node.input[0] not in consts:
+            bad(f"{op} per-axis on a computed tensor {node.input[0]!r}: per-channel scales are for constant weights")
+        elif src is not None and not -src.ndim <= axis < src.ndim or src.shape[axis] != scale.size:
+            bad(f"{op} axis {axis} with {scale.size} scales does not match weight shape {list(src.shape)}")
 
 
 def check_or_raise(model, profile: AscendProfile, what: str | None = None) -> None:

@@ -659,3 +659,41 @@ def describe(reports: list[ParityReport]) -> str:
                      + (f"following the routing flip at position {div['flipped_positions_before'][-1]})"
                         if div["routing_flip_before"] else "with no routing flip before it)"))
     return text
+
+
+class StaticGraphReference:
+    """A reference with the eager model's interface (config, empty_cache, step: what compare_runs,
+    greedy_generate and kit.golden_cases call) computed by fixed-shape graphs on ORT CPU: the fp32
+    W8A8 QDQ graphs, against which the fp16 emulation of those same graphs is judged (the quantization
+    error itself is judged separately, QDQ graphs vs eager, under BUDGETS["quantize-w8a8"])."""
+
+    def __init__(self, runner: StaticRunner):
+        self.runner, self.config = runner, runner.cfg
+
+    def empty_cache(self, batch: int, layout: str = "latent", dtype=torch.float32):
+        cfg = self.config
+        return [(torch.zeros(batch, 0, cfg.kv_lora_rank, dtype=dtype), torch.zeros(batch, 0, cfg.qk_rope_head_dim,
+                                                                                 dtype=dtype))
+                for _ in range(cfg.num_hidden_layers)]
+
+    def step(self, input_ids, past, layout: str = "latent"):
+        ids = torch.as_tensor(input_ids).numpy()
+        B, S = ids.shape
+        T = past[0][0].shape[1]
+        cache = self.runner.empty_cache()
+        for i, (ck, pe) in enumerate(past):
+            cache[f"past.{i}.c_kv"][:, :T] = ck.numpy()
+            cache[f"past.{i}.k_pe"][:, :T] = pe.numpy()
+        if S == 1:
+            logits, cache = self.runner.decode(ids[:, 0], T, cache)
+        else:
+            logits, cache = self.runner.prefill(ids, cache, start=T)
+        present = [(torch.from_numpy(np.ascontiguousarray(cache[f"past.{i}.c_kv"][:, :T + S])),
+                    torch.from_numpy(np.ascontiguousarray(cache[f"past.{i}.k_pe"][:, :T + S])))
+                   for i in range(self.config.num_hidden_layers)]
+        return torch.from_numpy(np.ascontiguousarray(logits[:, :S], dtype=np.float32)), present
+
+
+def static_reference(graphs: dict[str, tuple[StaticGraphSpec, Path]], cfg) -> StaticGraphReference:
+    specs = {n: s for n, (s, _) in graphs.items()}
+    return StaticGraphReference(StaticRunner(ort_sessions({n: p for n, (_, p) in graphs.items()}), specs, cfg))

@@ -12,6 +12,14 @@ between its `load` stage and `package`; every step can also be called on its own
     7. atc          atc.run_atc(require_om)                     .om in ascend/om/ or "om not built: atc not found"
     8. kit          kit.write_golden + kit.install_kit          golden/ascend/, ascend/kit/verify_on_device.py
 
+With quant="w8a8" (targets/ascend/quant.py) the fp32 graphs are exported to a work folder and checked
+against eager (step 4, fp32 budget) first; then the attention activations are calibrated on the fp32
+prefill graph, every graph is quantized (QDQ, opset 18) into onnx/, and steps 3-8 run on the quantized
+graphs: parity of the fp32 QDQ graphs vs eager under BUDGETS["quantize-w8a8"], the fp16 emulation of the
+QDQ graphs judged against the fp32 QDQ graphs by msit's thresholds (the device's golden data are those
+graphs' outputs), Q/DQ and the per-token quantization kept fp32 (keep_dtype), reports/quantization.json
+and the error profile of the first prefill bucket.
+
 `build_ascend` returns an AscendBuild: the parity reports (fp32 then fp16), the manifest section,
 the README section and the ATC result. It raises on a failed check, a failed parity budget or an
 ATC failure (with ATC's error text); a missing atc is not an error unless require_om.
@@ -19,6 +27,8 @@ ATC failure (with ATC's error text); a missing atc is not an error unless requir
 from __future__ import annotations
 
 import dataclasses
+import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,6 +54,8 @@ class AscendBuild:
     manifest: dict
     readme: str
     seconds: dict
+    quant: str = "none"
+    quant_reports: dict = dataclasses.field(default_factory=dict)  # graph -> QuantReport.to_dict()
 
 
 def default_shapes(cfg) -> tuple[int, int, tuple[int, ...]]:
@@ -56,38 +68,58 @@ def default_shapes(cfg) -> tuple[int, int, tuple[int, ...]]:
 def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, precision_mode: str = DEFAULT_PRECISION,
                  batch: int | None = None, max_cache: int | None = None, buckets: tuple[int, ...] | None = None,
                  require_om: bool = False, atc: str | None = None, external_weight: int = 0,
-                 gen_tokens: int = 16, seed: int = 0, progress=print) -> AscendBuild:
+                 gen_tokens: int = 16, seed: int = 0, progress=print, quant: str = "none") -> AscendBuild:
     package_dir = Path(package_dir)
-    profile = make_profile(soc_version, precision_mode)  # fails first on a bad soc / mode
+    profile = make_profile(soc_version, precision_mode, quant)  # fails first on a bad soc / mode / scheme
     db, dm, dbk = default_shapes(model.config)
     specs = graph_specs(batch or db, max_cache or dm, tuple(buckets or dbk))
     seconds = {}
+    with tempfile.TemporaryDirectory(prefix="mlamoe-ascend-") as work:
+        fp32_dir = package_dir / "onnx" if quant == "none" else Path(work) / "fp32"
+        t = time.perf_counter()
+        graphs: dict[str, tuple[StaticGraphSpec, Path]] = {}
+        keep: dict[str, list[str]] = {}
+        for spec in specs:
+            m = export_static_graph(model, spec)
+            path = save_static_graph(m, fp32_dir / f"{spec.name}.onnx")
+            graphs[spec.name] = (spec, path)
+            keep[spec.name] = [n for names in fp32_island_nodes(m).values() for n in names]
+            progress(f"[ascend] exported {spec.name}: batch {spec.batch}, seq {spec.seq}, cache {spec.max_cache}, "
+                     f"{len(m.graph)} nodes")
+        seconds["export"] = round(time.perf_counter() - t, 3)
 
-    t = time.perf_counter()
-    graphs: dict[str, tuple[StaticGraphSpec, Path]] = {}
-    keep: dict[str, list[str]] = {}
-    for spec in specs:
-        m = export_static_graph(model, spec)
-        path = save_static_graph(m, package_dir / "onnx" / f"{spec.name}.onnx")
-        graphs[spec.name] = (spec, path)
-        keep[spec.name] = [n for names in fp32_island_nodes(m).values() for n in names]
-        progress(f"[ascend] exported {spec.name}: batch {spec.batch}, seq {spec.seq}, cache {spec.max_cache}, "
-                 f"{len(m.graph)} nodes")
-    seconds["export"] = round(time.perf_counter() - t, 3)
+        reports: list[ParityReport] = []
+        quant_reports: dict = {}
+        reference = model  # what the fp16 emulation and the device golden data are judged against
+        if quant == "w8a8":
+            t = time.perf_counter()
+            reports += emulation.static_parity(model, graphs, gen_tokens=gen_tokens, seed=seed)
+            for r in reports:
+                r.raise_if_failed()
+            graphs, keep, quant_reports = _quantize_w8a8(model, graphs, package_dir, seed, progress)
+            seconds["quantize"] = round(time.perf_counter() - t, 3)
 
-    t = time.perf_counter()
-    for name, (_, path) in graphs.items():
-        checker.check_or_raise(path, profile, what=f"onnx/{name}.onnx")
-    seconds["check"] = round(time.perf_counter() - t, 3)
-    progress(f"[ascend] profile check passed ({profile.describe()})")
+        t = time.perf_counter()
+        for name, (_, path) in graphs.items():
+            checker.check_or_raise(path, profile, what=f"onnx/{name}.onnx")
+        seconds["check"] = round(time.perf_counter() - t, 3)
+        progress(f"[ascend] profile check passed ({profile.describe()})")
 
-    t = time.perf_counter()
-    reports = emulation.static_parity(model, graphs, gen_tokens=gen_tokens, seed=seed)
-    reports += emulation.emulate(model, graphs, keep, gen_tokens=gen_tokens, seed=seed)
-    for r in reports:
-        r.raise_if_failed()
-    seconds["parity"] = round(time.perf_counter() - t, 3)
-    progress(f"[ascend] parity: {len(reports)} reports passed (fp32 static graphs, fp16 emulation)")
+        t = time.perf_counter()
+        if quant == "w8a8":
+            reports += emulation.static_parity(model, graphs, stage="quantize-w8a8/ascend-static",
+                                               gen_tokens=gen_tokens, seed=seed)
+            reference = emulation.static_reference(graphs, model.config)
+        else:
+            reports += emulation.static_parity(model, graphs, gen_tokens=gen_tokens, seed=seed)
+        reports += emulation.emulate(reference, graphs, keep, gen_tokens=gen_tokens, seed=seed)
+        for r in reports:
+            r.raise_if_failed()
+        seconds["parity"] = round(time.perf_counter() - t, 3)
+        progress(f"[ascend] parity: {len(reports)} reports passed (fp32 static graphs, "
+                 + ("W8A8 QDQ graphs vs eager, fp16 emulation of them)" if quant == "w8a8" else "fp16 emulation)"))
+        if quant == "w8a8":
+            _write_quant_reports(package_dir, quant_reports, graphs, fp32_dir, model.config)
 
     agraphs = [atc_mod.atc_graph(package_dir, f"onnx/{n}.onnx", n, keep_fp32=keep[n]) for n in graphs]
     build_section = atc_mod.write_build(package_dir, agraphs, profile, external_weight)
@@ -96,20 +128,35 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
     seconds["atc"] = round(time.perf_counter() - t, 3)
     progress(f"[ascend] {result.status}")
 
-    cases = kit.write_golden(model, specs, package_dir, seed)
+    cases = kit.write_golden(model, specs, package_dir, seed,
+                             graphs={n: p for n, (_, p) in graphs.items()} if quant == "w8a8" else None)
     kit_path = kit.install_kit(package_dir)
-    import json
     atc_config = json.loads((package_dir / atc_mod.CONFIG).read_text())
     verified_here = [
         f"every graph passes the ascend profile checker ({profile.describe()})",
         "the fp32 static graphs on ONNX Runtime CPU match eager PyTorch (atol 1e-4) on a bucketed prefill, "
-        f"decode steps and {gen_tokens}-token greedy generation",
-        f"fp16 emulation (softmax/RMSNorm/router kept fp32 as in keep_dtype) {emulation.describe(reports)}",
+        f"decode steps and {gen_tokens}-token greedy generation" + (" (before quantization)" if quant == "w8a8" else ""),
     ]
+    if quant == "w8a8":
+        q = _parity_summary(reports, "quantize-w8a8/")
+        verified_here.append("the W8A8 QDQ graphs (fp32 on ONNX Runtime CPU) vs eager fp32 within the quantize-w8a8 "
+                             f"budget (cosine/KL/rel euclid; elementwise and greedy tokens reported, not judged): {q}")
+        verified_here.append("every QDQ weight dequantizes to the per-channel int8 scheme of passes/quant_w8a8.py "
+                             "(tested against an independent numpy implementation)")
+        verified_here.append("fp16 emulation of the W8A8 graphs against the fp32 W8A8 graphs (softmax/RMSNorm/router "
+                             f"and the quantization arithmetic kept fp32 as in keep_dtype) {emulation.describe(reports)}")
+    else:
+        verified_here.append("fp16 emulation (softmax/RMSNorm/router kept fp32 as in keep_dtype) "
+                             f"{emulation.describe(reports)}")
     not_verified = ["that ATC accepts the graphs and builds the .om (run `bash ascend/build_om.sh`)"
                     if result.status != atc_mod.STATUS_BUILT else "",
                     "the .om's numerics on the NPU (run `python3 ascend/kit/verify_on_device.py`)",
                     "performance on the NPU"]
+    if quant == "w8a8":
+        from .quant import VERIFICATION
+        not_verified = VERIFICATION + not_verified
+        not_verified.append("the accuracy of W8A8 on this model's real task: random-weight presets say nothing about it "
+                            "(trained-small held-out perplexity for w8a8 is in the repository README)")
     not_verified = [x for x in not_verified if x]
     readme = kit.kit_readme(atc_config, cases, result.status, verified_here, not_verified)
     manifest = {
@@ -126,4 +173,117 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
         "kit": {"verify": kit_path, "golden": f"{kit.GOLDEN_DIR}/cases.json"},
         "verification": {"verified_here": verified_here, "not_verified": not_verified},
     }
-    return AscendBuild(profile, specs, reports, result, manifest, readme, seconds)
+    if quant == "w8a8":
+        from .quant import AMCT_CONVERT_QAT_DOC, AMCT_QAT_DOC
+        manifest["quantization"] = {
+            "scheme": "w8a8",
+            "weights": "int8 per output channel (symmetric, amax/127), DequantizeLinear with axis (opset 13 form)",
+            "activations": {"attention (MLA projections)": "static per-tensor int8, QuantizeLinear/DequantizeLinear, "
+                                                           "amax from calibration on the fp32 prefill graph",
+                            "dense MLP, shared and routed experts": "per-token dynamic int8 (ReduceMax/Div/Round/Clip/Mul)"},
+            "not_quantized": ["embeddings", "norms", "lm_head", "router gate", "kv_b_proj (absorbed W_UK/W_UV)"],
+            "reports": ["reports/quantization.json", "reports/error_profile.csv"],
+            "golden_reference": "the fp32 W8A8 QDQ graphs on ONNX Runtime CPU",
+            "ascend_route": {"documented": "AMCT convert_qat_model (QDQ 'QAT' ONNX -> CANN quant model with "
+                                          "AscendQuant/AscendDequant) then ATC",
+                             "docs": [AMCT_QAT_DOC, AMCT_CONVERT_QAT_DOC],
+                             "verified": False},
+            "weights_bytes": {g: {"before": r["weights_bytes_before"], "after": r["weights_bytes_after"],
+                                  "linear_before": r["linear_bytes_before"], "linear_after": r["linear_bytes_after"]}
+                              for g, r in quant_reports.items()},
+        }
+        readme = _quant_readme(manifest["quantization"], quant_reports) + "\n" + readme
+    return AscendBuild(profile, specs, reports, result, manifest, readme, seconds, quant, quant_reports)
+
+
+def _parity_summary(reports: list[ParityReport], prefix: str) -> str:
+    """'prefill cosine 0.99x, KL ...; decode-0 ...' for the reports whose stage starts with prefix."""
+    parts = []
+    for r in reports:
+        if not r.stage.startswith(prefix):
+            continue
+        o = next((o for o in r.outputs if o.name in ("logits", "step_logits")), None)
+        if o is None or o.cosine is None:
+            continue
+        kl = "" if o.kl is None else f", KL {o.kl:.2e}"
+        parts.append(f"{r.stage.rsplit('/', 1)[-1]} cosine {o.cosine:.5f}, rel euclid {o.rel_euclid:.4f}{kl}")
+    return "; ".join(parts) or "no reports"
+
+
+def _quantize_w8a8(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], package_dir: Path, seed: int, progress):
+    """Calibrate on the first prefill bucket (fp32), quantize every graph into package_dir/onnx;
+    -> (graphs, keep lists, {graph: QuantReport dict})."""
+    import numpy as np
+    import onnx_ir as ir
+    from .quant import calibrate_static, quant_node_names, quantize_static_graph
+    from .static_export import INDEX_DTYPE, zero_inputs
+    cfg = model.config
+    cal_name = next(n for n, (s, _) in graphs.items() if s.kind == "prefill")
+    spec, path = graphs[cal_name]
+    rng = np.random.default_rng(seed + 1)
+    feeds = []
+    for _ in range(CALIBRATION_PROMPTS):
+        f = zero_inputs(cfg, spec)
+        f["input_ids"] = rng.integers(0, cfg.vocab_size, (spec.batch, spec.seq)).astype(INDEX_DTYPE)
+        feeds.append(f)
+    calibration = calibrate_static(ir.load(path), feeds)
+    progress(f"[ascend] w8a8: calibrated {len(calibration)} attention activations on {cal_name} "
+             f"({CALIBRATION_PROMPTS} seeded prompts of {spec.seq} tokens)")
+    out, keep, reps = {}, {}, {}
+    for name, (spec, p) in graphs.items():
+        m = ir.load(p)
+        rep = quantize_static_graph(m, cfg, calibration)
+        dst = save_static_graph(m, package_dir / "onnx" / f"{name}.onnx")
+        out[name] = (spec, dst)
+        keep[name] = list(dict.fromkeys([n for names in fp32_island_nodes(m).values() for n in names]
+                                        + quant_node_names(m)))
+        reps[name] = rep.to_dict()
+        progress(f"[ascend] w8a8 {name}: {rep.summary()}")
+    return out, keep, reps
+
+
+CALIBRATION_PROMPTS = 4
+
+
+def _write_quant_reports(package_dir: Path, quant_reports: dict, graphs: dict, fp32_dir: Path, cfg) -> None:
+    """reports/quantization.json and the per-linear error profile (CSV + PNG) of the first prefill bucket."""
+    import numpy as np
+    import onnx_ir as ir
+    from pipeline.quant_eval import write_error_profile
+    from .static_export import INDEX_DTYPE, zero_inputs
+    rdir = package_dir / "reports"
+    rdir.mkdir(parents=True, exist_ok=True)
+    (rdir / "quantization.json").write_text(json.dumps(quant_reports, indent=2, sort_keys=True) + "\n")
+    name = next(n for n, (s, _) in graphs.items() if s.kind == "prefill")
+    spec, qpath = graphs[name]
+    feeds = zero_inputs(cfg, spec)
+    feeds["input_ids"] = np.random.default_rng(7).integers(0, cfg.vocab_size, (spec.batch, spec.seq)).astype(INDEX_DTYPE)
+    write_error_profile(ir.load(fp32_dir / f"{name}.onnx"), ir.load(qpath), "w8a8", feeds, rdir / "error_profile.csv")
+
+
+def _quant_readme(section: dict, quant_reports: dict) -> str:
+    rows = "\n".join(f"| `{g}` | {r['linear_bytes_before']:,} | {r['linear_bytes_after']:,} | "
+                     f"{r['linear_ratio']:.3f} | {r['weights_bytes_before']:,} | {r['weights_bytes_after']:,} |"
+                     for g, r in quant_reports.items())
+    docs = " and ".join(section["ascend_route"]["docs"])
+    return f"""## W8A8 (`--quant w8a8`)
+
+The graphs in `onnx/` are W8A8 QDQ graphs (opset 18): weights {section['weights']}; attention activations
+{section['activations']['attention (MLA projections)']}; dense MLP, shared and routed experts: per-token dynamic
+int8 as plain ONNX ops. Not quantized: {', '.join(section['not_quantized'])}. `golden/ascend/` holds
+{section['golden_reference']} (what the .om must reproduce); `reports/quantization.json` has the bytes per weight
+and `reports/error_profile.csv` (+ .png) where the error enters, per linear layer.
+
+| graph | linear bytes fp32 | linear bytes int8 | ratio | all weights before | after |
+|---|---|---|---|---|---|
+{rows}
+
+**Not verified (no CANN here):** AMCT documents QDQ ONNX models ("QAT models") as input to
+`amct_onnx.convert_qat_model`, which writes the CANN quantized model (AscendQuant/AscendDequant, int8 weights)
+that ATC then converts ({docs}). Its documented scope is Conv/Gemm/ConvTranspose/single-input MatMul, per-tensor
+weights for Gemm/MatMul; these graphs use per-channel weights, per-token dynamic activations and dequantized
+expert tables feeding Gather/batched MatMul. Whether convert_qat_model or ATC accepts them, and whether ATC
+keeps int8 or folds the dequantized weights to fp16, is unknown until tried on a CANN host
+(`bash ascend/build_om.sh check` runs `atc --mode=3` on these graphs as they are).
+"""
+

@@ -20,6 +20,14 @@ checker enforces is here, as data:
               violation (ATC would need an fp32 cube kernel the operator list does not document).
 - tensors: no bf16 / fp8 / int4 / fp64 / complex / string values anywhere; graph inputs fully static.
 - soc_version: SOC_VERSIONS; bf16 precision modes only on A2/A3 (910B, 910C) and 950.
+- quantization (QUANT_SCHEMES): "none" (fp16 by the precision mode) or "w8a8" (targets/ascend/quant.py).
+  No FP8 on 910B/910C. QuantizeLinear / DequantizeLinear are accepted only in a w8a8 profile, and only
+  in the forms AMCT's QDQ ("QAT model") route documents or that opset 18 can express: int8, symmetric
+  (zero point 0), constant fp32 scale, per-tensor or per-axis (1-D scale, opset 13 form), no block_size
+  (blocked QDQ is opset 21). AMCT documents that such a model goes through `amct_onnx.convert_qat_model`
+  before ATC; that step and ATC's acceptance are unverified here (see targets/ascend/quant.py).
+  Quantized models take no high-precision mode (REFERENCE.md 3): must_keep_origin_dtype / origin are
+  refused with w8a8.
 """
 from __future__ import annotations
 
@@ -81,6 +89,11 @@ Unsqueeze Where Xor
 """Default-domain ops of the CANN ONNX operator list that these graphs can meet (a subset; an op
 outside it is reported, never silently accepted)."""
 
+QUANT_SCHEMES = ("none", "w8a8")
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+QDQ_DTYPES = frozenset({ir.DataType.INT8})
+HIGH_PRECISION_MODES = ("must_keep_origin_dtype", "origin")
+
 DATA_DEPENDENT_OPS = frozenset({"NonZero", "Unique", "Compress", "NonMaxSuppression"})
 
 CAST_TARGETS = frozenset({ir.DataType.BOOL, ir.DataType.FLOAT16, ir.DataType.FLOAT, ir.DataType.INT8,
@@ -130,6 +143,16 @@ def validate_precision(precision_mode: str, soc_version: str) -> str:
     return precision_mode
 
 
+def validate_quant(quant: str, precision_mode: str) -> str:
+    if quant not in QUANT_SCHEMES:
+        raise AscendProfileError(f"--quant {quant}: target 'ascend' supports {', '.join(QUANT_SCHEMES)} "
+                                 "(no FP8 on Ascend 910B/910C; W8A8 is how DeepSeek is served there)")
+    if quant != "none" and precision_mode in HIGH_PRECISION_MODES:
+        raise AscendProfileError(f"--quant {quant} with precision mode {precision_mode!r}: quantized models take no "
+                                 "high-precision mode; use mixed_float16, fp16 or force_fp16")
+    return quant
+
+
 @dataclasses.dataclass(frozen=True)
 class AscendProfile:
     """The ascend target's acceptance rules for one soc_version and precision mode."""
@@ -141,10 +164,12 @@ class AscendProfile:
     allowed_ops: frozenset = ALLOWED_OPS
     cast_targets: frozenset = CAST_TARGETS
     einsum_equations: frozenset = EINSUM_EQUATIONS
+    quant: str = "none"
 
     def __post_init__(self):
         validate_soc(self.soc_version)
         validate_precision(self.precision_mode, self.soc_version)
+        validate_quant(self.quant, self.precision_mode)
         if not (self.opset_range[0] <= self.target_opset <= self.opset_range[1]):
             raise AscendProfileError(f"target opset {self.target_opset} outside {self.opset_range}")
 
@@ -166,23 +191,30 @@ class AscendProfile:
     def mixed(self) -> bool:
         return self.precision_mode in MIXED_MODES
 
+    @property
+    def qdq(self) -> bool:
+        """QuantizeLinear / DequantizeLinear accepted (a w8a8 profile)."""
+        return self.quant == "w8a8"
+
     def describe(self) -> str:
         return (f"ascend {self.soc_version}, {self.precision_flag}={self.precision_mode}, ONNX opset "
-                f"{self.opset_range[0]}..{self.opset_range[1]}, static shapes")
+                f"{self.opset_range[0]}..{self.opset_range[1]}, static shapes"
+                + (f", {self.quant} QDQ" if self.quant != "none" else ""))
 
 
-def make_profile(soc_version: str = DEFAULT_SOC, precision_mode: str = DEFAULT_PRECISION) -> AscendProfile:
-    return AscendProfile(soc_version=soc_version, precision_mode=precision_mode)
+def make_profile(soc_version: str = DEFAULT_SOC, precision_mode: str = DEFAULT_PRECISION,
+                 quant: str = "none") -> AscendProfile:
+    return AscendProfile(soc_version=soc_version, precision_mode=precision_mode, quant=quant)
 
 
 # The compiler-facing declaration (targets.base.TargetProfile), for targets.PROFILES.
 PROFILE = TargetProfile(
     name="ascend",
     description="Huawei Ascend NPU via CANN ATC (ONNX opset 18, static shapes -> .om); fp16 numerics "
-                "emulated on ORT CPU",
+                "emulated on ORT CPU; --quant w8a8 as QDQ (AMCT/ATC acceptance unverified)",
     opset=OPSET_RANGE,
     passes=(),  # the static export writes the absorbed MLA + static MoE forms directly
-    quant_schemes=("none",),
+    quant_schemes=QUANT_SCHEMES,
     dynamic_shapes=False,
     providers=("CPUExecutionProvider",),
     parity_stage="ascend-fp16-emulation",

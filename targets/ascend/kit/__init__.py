@@ -60,14 +60,34 @@ def golden_cases(model, specs: list[StaticGraphSpec], seed: int = 0) -> list[dic
     return cases
 
 
-def write_golden(model, specs: list[StaticGraphSpec], package_dir: Path, seed: int = 0) -> dict:
-    """Save the cases as .npy + cases.json; -> the cases.json document (paths package-relative)."""
+def graph_outputs(cases: list[dict], graphs: dict[str, Path]) -> list[dict]:
+    """The cases with their outputs replaced by what `graphs` ({graph name: .onnx}) compute on ORT CPU
+    from the same inputs (a quantized package's golden data: what its .om must reproduce)."""
+    from ..static_export import ort_sessions
+    sessions = ort_sessions({c["graph"]: graphs[c["graph"]] for c in cases})
+    out = []
+    for c in cases:
+        sess = sessions[c["graph"]]
+        res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, c["inputs"])))
+        out.append({**c, "outputs": {n: res[n] for n in c["outputs"]}})
+    return out
+
+
+def write_golden(model, specs: list[StaticGraphSpec], package_dir: Path, seed: int = 0,
+                 graphs: dict[str, Path] | None = None) -> dict:
+    """Save the cases as .npy + cases.json; -> the cases.json document (paths package-relative).
+    graphs: the expected outputs come from these graphs (fp32, ORT CPU) instead of eager PyTorch."""
     package_dir = Path(package_dir)
     folder = package_dir / GOLDEN_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    doc = {"schema": 1, "reference": "eager PyTorch fp32", "thresholds": {"min_cosine": 0.99, "max_rel_euclid": 0.05,
-                                                                          "max_kl": 0.005}, "cases": []}
-    for c in golden_cases(model, specs, seed):
+    reference = ("eager PyTorch fp32" if graphs is None else
+                 "the package's W8A8 QDQ graphs (onnx/) run in fp32 on ONNX Runtime CPU; inputs from eager PyTorch")
+    doc = {"schema": 1, "reference": reference, "thresholds": {"min_cosine": 0.99, "max_rel_euclid": 0.05,
+                                                              "max_kl": 0.005}, "cases": []}
+    cases = golden_cases(model, specs, seed)
+    if graphs is not None:
+        cases = graph_outputs(cases, graphs)
+    for c in cases:
         entry = {"name": c["name"], "graph": c["graph"], "position": c["position"], "onnx": f"onnx/{c['graph']}.onnx",
                  "om": f"ascend/om/{c['graph']}.om", "input_order": c["input_order"],
                  "output_order": c["output_order"], "logits_outputs": ["logits"], "inputs": {}, "outputs": {}}
