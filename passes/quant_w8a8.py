@@ -55,6 +55,23 @@ def _scalar(graph: ir.Graph, name: str, value, dtype) -> ir.Value:
     return add_initializer(graph, name, np.array(value, dtype=dtype))
 
 
+def dynamic_fake_quant(graph: ir.Graph, x: ir.Value, before: ir.Node, axes: ir.Value, consts: dict,
+                       base: str) -> ir.Value:
+    """Symmetric INT8 fake quantization of x with one scale per slice over `axes` (amax / 127, floored at
+    consts["eps"]): Abs, ReduceMax, Max, Div, Div, Round, Clip(consts["qmin"], consts["qmax"]), Mul."""
+    n_abs = ir.node("Abs", [x], name=f"{base}.abs")
+    n_max = ir.node("ReduceMax", [n_abs.outputs[0], axes], {"keepdims": 1}, name=f"{base}.amax")
+    n_clamp = ir.node("Max", [n_max.outputs[0], consts["eps"]], name=f"{base}.clamp")
+    n_scale = ir.node("Div", [n_clamp.outputs[0], consts["qmax"]], name=f"{base}.scale")
+    n_div = ir.node("Div", [x, n_scale.outputs[0]], name=f"{base}.div")
+    n_round = ir.node("Round", [n_div.outputs[0]], name=f"{base}.round")
+    n_clip = ir.node("Clip", [n_round.outputs[0], consts["qmin"], consts["qmax"]], name=f"{base}.clip")
+    n_deq = ir.node("Mul", [n_clip.outputs[0], n_scale.outputs[0]], name=f"{base}.dq")
+    n_deq.outputs[0].name = f"{base}.dq"
+    graph.insert_before(before, [n_abs, n_max, n_clamp, n_scale, n_div, n_round, n_clip, n_deq])
+    return n_deq.outputs[0]
+
+
 class W8A8Pass(ir.passes.InPlacePass):
     """Linear layers -> int8 per-channel weight DQ + INT8 activation fake-quant (static or per-token)."""
 
@@ -71,18 +88,7 @@ class W8A8Pass(ir.passes.InPlacePass):
             consts["eps"] = _scalar(graph, "w8a8.eps", ACT_EPS, np.float32)
             consts["qmax"] = _scalar(graph, "w8a8.qmax", 127.0, np.float32)
             consts["qmin"] = _scalar(graph, "w8a8.qmin", -127.0, np.float32)
-        base = f"{x.name}.a8"
-        n_abs = ir.node("Abs", [x], name=f"{base}.abs")
-        n_max = ir.node("ReduceMax", [n_abs.outputs[0], consts["axes"]], {"keepdims": 1}, name=f"{base}.amax")
-        n_clamp = ir.node("Max", [n_max.outputs[0], consts["eps"]], name=f"{base}.clamp")
-        n_scale = ir.node("Div", [n_clamp.outputs[0], consts["qmax"]], name=f"{base}.scale")
-        n_div = ir.node("Div", [x, n_scale.outputs[0]], name=f"{base}.div")
-        n_round = ir.node("Round", [n_div.outputs[0]], name=f"{base}.round")
-        n_clip = ir.node("Clip", [n_round.outputs[0], consts["qmin"], consts["qmax"]], name=f"{base}.clip")
-        n_deq = ir.node("Mul", [n_clip.outputs[0], n_scale.outputs[0]], name=f"{base}.dq")
-        n_deq.outputs[0].name = f"{base}.dq"
-        graph.insert_before(before, [n_abs, n_max, n_clamp, n_scale, n_div, n_round, n_clip, n_deq])
-        return n_deq.outputs[0]
+        return dynamic_fake_quant(graph, x, before, consts["axes"], consts, f"{x.name}.a8")
 
     def _static(self, graph: ir.Graph, x: ir.Value, amax: float, before: ir.Node) -> ir.Value:
         base = f"{x.name}.a8s"

@@ -1,6 +1,8 @@
 """Benchmarks behind `mlamoe bench --suite ...` (timings, not tests)."""
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 
@@ -22,3 +24,19 @@ def time_blocks(run: dict, repeats: int, warmup: int, rounds: int = 4) -> dict[s
                 run[form]()
                 times[form].append((time.perf_counter() - t) * 1e3)
     return times
+
+
+def command_line(module: str, argv=None) -> str:
+    """The command that produced a result, as stored in its JSON (PYTHONPATH included when set)."""
+    pythonpath = os.environ.get("PYTHONPATH")
+    args = argv if argv is not None else sys.argv[1:]
+    return (f"PYTHONPATH={pythonpath} " if pythonpath else "") + f"python3 -m {module} " + " ".join(args)
+
+
+def elapsed_logger():
+    """log(msg) printing the seconds since this call before each message (long device runs)."""
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
+    return log

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -35,6 +34,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+
+from pipeline.benchmarks import command_line, elapsed_logger  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12  # H200 datasheet
 
@@ -208,13 +209,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     t0 = time.time()
+    log = elapsed_logger()
 
-    def log(msg):
-        print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
-
-    pythonpath = os.environ.get("PYTHONPATH")
-    res: dict = {"command": (f"PYTHONPATH={pythonpath} " if pythonpath else "") + "python3 -m pipeline.benchmarks.cuda "
-                 + " ".join(argv if argv is not None else sys.argv[1:]),
+    res: dict = {"command": command_line("pipeline.benchmarks.cuda", argv),
                  "model": args.model, "errors": []}
     out = Path(args.out)
 

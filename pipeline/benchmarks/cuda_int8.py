@@ -36,6 +36,8 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from pipeline.benchmarks import command_line, elapsed_logger  # noqa: E402
+
 
 def _stats(ref, got, logits: bool, budget=None) -> dict:
     from pipeline.parity import Budget, compare
@@ -201,14 +203,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     t0 = time.time()
-
-    def log(msg):
-        print(f"[{time.time() - t0:6.1f}s] {msg}", flush=True)
+    log = elapsed_logger()
 
     import onnxruntime as ort
-    pythonpath = os.environ.get("PYTHONPATH")
-    res: dict = {"command": (f"PYTHONPATH={pythonpath} " if pythonpath else "") + "python3 -m pipeline.benchmarks.cuda_int8 "
-                 + " ".join(argv if argv is not None else sys.argv[1:]),
+    res: dict = {"command": command_line("pipeline.benchmarks.cuda_int8", argv),
                  "onnxruntime": ort.__version__, "providers": ort.get_available_providers(), "packages": [],
                  "errors": []}
     out = Path(args.out)

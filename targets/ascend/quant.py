@@ -45,7 +45,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from passes.quant_w8a8 import ACT_EPS, W8A8Pass, calibrate, quantize_per_channel, static_activation_names
+from passes.quant_w8a8 import (ACT_EPS, W8A8Pass, calibrate, dynamic_fake_quant, quantize_per_channel,
+                                static_activation_names)
 from passes.quant_weights import (DEFAULT_EXCLUDE, QuantizationError, QuantReport, add_initializer, const_bytes,
                                   find_linear_sites, initializer_bytes, record)
 
@@ -115,18 +116,7 @@ def _dynamic(graph: ir.Graph, x: ir.Value, before: ir.Node, axis: int, consts: d
         consts["qmin"] = add_initializer(graph, "w8a8.experts.qmin", np.array(-127.0, np.float32))
     if axis not in consts:
         consts[axis] = add_initializer(graph, f"w8a8.experts.axes{axis}", np.array([axis], np.int64))
-    base = f"{x.name}.a8.ax{-axis}"
-    n_abs = ir.node("Abs", [x], name=f"{base}.abs")
-    n_max = ir.node("ReduceMax", [n_abs.outputs[0], consts[axis]], {"keepdims": 1}, name=f"{base}.amax")
-    n_clamp = ir.node("Max", [n_max.outputs[0], consts["eps"]], name=f"{base}.clamp")
-    n_scale = ir.node("Div", [n_clamp.outputs[0], consts["qmax"]], name=f"{base}.scale")
-    n_div = ir.node("Div", [x, n_scale.outputs[0]], name=f"{base}.div")
-    n_round = ir.node("Round", [n_div.outputs[0]], name=f"{base}.round")
-    n_clip = ir.node("Clip", [n_round.outputs[0], consts["qmin"], consts["qmax"]], name=f"{base}.clip")
-    n_deq = ir.node("Mul", [n_clip.outputs[0], n_scale.outputs[0]], name=f"{base}.dq")
-    n_deq.outputs[0].name = f"{base}.dq"
-    graph.insert_before(before, [n_abs, n_max, n_clamp, n_scale, n_div, n_round, n_clip, n_deq])
-    return n_deq.outputs[0]
+    return dynamic_fake_quant(graph, x, before, consts[axis], consts, f"{x.name}.a8.ax{-axis}")
 
 
 def _matmul_of(v: ir.Value) -> tuple[ir.Node, int] | None:
