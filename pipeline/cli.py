@@ -36,7 +36,8 @@ def main():
 
 def _targets_help() -> str:
     from targets import PLANNED, PROFILES
-    return f"deployment target: {', '.join(PROFILES)} (planned: {', '.join(PLANNED)})"
+    planned = f" (planned: {', '.join(PLANNED)})" if PLANNED else ""
+    return f"deployment target: {', '.join(PROFILES)}{planned}"
 
 
 @main.command()
@@ -154,7 +155,7 @@ def generate(source, prompt_ids, max_new_tokens, seed, as_json):
 @click.option("--suite", type=click.Choice(["package", "latent-kv", "moe", "quant", "cache-table", "all"]),
               default="package", show_default=True,
               help="package: package vs eager; latent-kv: (a) expanded / (b) latent / (c) fused decode; "
-                   "moe: dynamic vs ort-fused MoE decode; quant: ort-cpu decode graph fp32 vs int8 (MatMulNBits + QMoE); "
+                   "moe: dynamic vs ort-fused vs static-gather MoE (decode step, and the MoE layers alone vs the memory floor); quant: ort-cpu decode graph fp32 vs int8 (MatMulNBits + QMoE); "
                    "cache-table: cache sizes at DeepSeek-V3 671B dims")
 @click.option("--json", "as_json", is_flag=True, help="print the raw results as JSON")
 def bench(model_spec, target, package, threads, cache_lengths, suite, as_json):
