@@ -202,13 +202,30 @@ def _load_graphs(folder: Path) -> dict[str, ir.Model]:
     return {g: ir.load(folder / f"{g}.onnx") for g in GRAPHS}
 
 
+def _default_quant(requested: str | None, quant: str, fp8_checkpoint: bool, profile: TargetProfile
+                   ) -> tuple[str, str | None]:
+    """(scheme, why or None). Without --quant an FP8 checkpoint keeps its own FP8 weights (bytes passed
+    through) on a target with an fp8 scheme, and is dequantized (saying so) on one without."""
+    if requested is not None or not fp8_checkpoint:
+        return quant, None
+    if "fp8" in profile.quant_schemes:
+        experts = (" (the routed experts excepted: inside com.microsoft.MoE they are dequantized to fp32, ORT has no "
+                   "FP8 MoE kernel)" if "moe-ort-fused" in profile.passes else "")
+        return "fp8", ("FP8 checkpoint and no --quant: packaged as --quant fp8, the checkpoint's own E4M3 bytes and "
+                       f"scales passed through{experts}")
+    return quant, (f"FP8 checkpoint and no --quant: target {profile.name} has no fp8 scheme (it supports "
+                   f"{', '.join(profile.quant_schemes)}), so the FP8 weights are dequantized and packaged as "
+                   f"--quant {quant}")
+
+
 def compile_package(model_spec: str, target: str, out: str | Path, *, force: bool = False, quant: str | None = None,
                     seed: int = 0, cache_dir: Path | None = None, use_cache: bool = True,
                     layout: str = "latent", gen_tokens: int = 32, progress=None, soc: str | None = None,
                     precision: str | None = None, require_om: bool = False, ranks: int | None = None,
                     redundant: int = 0, calibrate: int = 8, int8_accuracy_level: int | None = None) -> Path:
     profile: TargetProfile = get_profile(target)
-    quant = quant or profile.quant_schemes[0]
+    requested_quant = quant
+    quant = quant or profile.quant_schemes[0]  # until the checkpoint is loaded: an FP8 one may change it
     if quant not in profile.quant_schemes:
         raise CompileError(f"--quant {quant}: target {target!r} supports {', '.join(profile.quant_schemes)}")
     if profile.name == "ascend":
@@ -238,8 +255,13 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
                                 "kind": kind, "seed": seed if kind == "preset" else None,
                                 "attention": model.attention},
                        {"config": config_sha256(cfg), "weights": weights_sha256(model)})
-    if getattr(model, "checkpoint", None) is not None and model.checkpoint.fp8_names:
+    fp8_checkpoint = getattr(model, "checkpoint", None) is not None and bool(model.checkpoint.fp8_names)
+    if fp8_checkpoint:
         load.notes.append(f"{len(model.checkpoint.fp8_names)} FP8 e4m3 weights dequantized to fp32 for the reference")
+    quant, quant_why = _default_quant(requested_quant, quant, fp8_checkpoint, profile)
+    if quant_why:
+        load.notes.append(quant_why)
+        runner.progress(f"[load] {quant_why}")
     load.notes.append(f"{cfg.param_count():,} parameters; eager reference is fp32 PyTorch")
     load.seconds = round(time.perf_counter() - t, 3)
     runner.records.append(load)
@@ -250,6 +272,9 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
                   "config": cfg.to_hf_dict(), "config_sha256": load.inputs["config"],
                   "weights_sha256": load.inputs["weights"], "parameters": cfg.param_count()},
         "toolchain": runner.versions,
+        "quantization_choice": {"requested": requested_quant, "scheme": quant, "fp8_checkpoint": fp8_checkpoint,
+                                "why": quant_why or ("--quant " + quant if requested_quant else
+                                                     f"the target's default ({quant})")},
     }
     if profile.name == "ascend":
         return _compile_ascend(model, profile, out, force, runner, load, base_manifest, seed, started,

@@ -155,3 +155,41 @@ def test_fp8_fresh_quantization_is_the_numpy_scheme(tiny):
     np.testing.assert_allclose(got, _eager(_fake_quant(model, lambda w: ref_fp8(w)[2])), atol=2e-5, rtol=0)
     r = compare("quantize-fp8", {"logits": _eager(model)}, {"logits": got}, logits_outputs=["logits"])
     print("tiny fp8 vs eager:", r.outputs[0].to_dict())
+
+
+def test_fp8_checkpoint_defaults_to_fp8_and_its_bytes_reach_the_package(tmp_path):
+    """No --quant + an FP8 checkpoint on ort-cpu (which has fp8): the package is fp8 and holds the
+    checkpoint's own E4M3 bytes for every weight but the routed experts; the manifest says why."""
+    import json
+
+    import onnx
+
+    from pipeline.compile import compile_package
+    src = tmp_path / "tiny-fp8"
+    models.save(models.load("tiny"), src, fp8=True)
+    ckpt = models.load(src).checkpoint
+    pkg = compile_package(str(src), "ort-cpu", tmp_path / "pkg", cache_dir=tmp_path / "cache", progress=lambda m: None)
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert manifest["target"]["quantization"] == "fp8"
+    choice = manifest["quantization_choice"]
+    assert choice["requested"] is None and choice["fp8_checkpoint"] and "passed through" in choice["why"]
+    digest = {n: hashlib.sha256(ckpt.raw_fp8(n)[0].view(torch.uint8).numpy().tobytes()).hexdigest() for n in ckpt.fp8_names}
+    got = set()
+    for f in (pkg / "onnx").glob("*.onnx"):
+        for t in onnx.load(str(f)).graph.initializer:
+            if t.data_type == onnx.TensorProto.FLOAT8E4M3FN:
+                got.add(hashlib.sha256(onnx.numpy_helper.to_array(t).view(np.uint8).tobytes()).hexdigest())
+    # routed experts live in com.microsoft.MoE (fp32: no FP8 MoE kernel in ORT) and the manifest says so
+    assert "routed experts excepted" in choice["why"]
+    missing = {n for n in ckpt.fp8_names if digest[n] not in got}
+    assert missing == {n for n in ckpt.fp8_names if ".mlp.experts." in n}, sorted(missing)[:4]
+
+
+def test_fp8_checkpoint_on_a_target_without_fp8_is_dequantized_and_says_so():
+    from pipeline.compile import _default_quant
+    from targets import get_profile
+    ascend = get_profile("ascend")
+    quant, why = _default_quant(None, "none", True, ascend)
+    assert quant == "none" and "no fp8 scheme" in why and "dequantized" in why and "none, w8a8" in why
+    assert _default_quant("w8a8", "w8a8", True, ascend) == ("w8a8", None)  # an explicit --quant wins
+    assert _default_quant(None, "none", False, get_profile("ort-cpu")) == ("none", None)  # not an FP8 checkpoint
