@@ -18,6 +18,7 @@ import onnx_ir as ir
 import pytest
 
 from targets import ort_cuda
+from test_quant_schemes import ref_int8  # the independent numpy scheme (fp16 scales: scale_dtype)
 
 F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
 HAS_CUDA, NO_CUDA_REASON = ort_cuda.has_cuda_provider()
@@ -25,23 +26,6 @@ PACKAGE_ENV = "MLAMOE_ORT_CUDA_PACKAGE"
 
 
 # ---- independent numpy reference of the ort-cuda int8 scheme ----------------------------------------------
-def ref_int8_fp16_scales(w_oi: np.ndarray, bs: int):
-    """Symmetric per-block int8 whose scale is amax/127 rounded to fp16 first (targets/ort_cuda.py):
-    -> (uint8 q [N, nb, bs] with zero point 128, fp16 scales [N, nb], dequantized fp32 [N, K])."""
-    n, k = w_oi.shape
-    nb = -(-k // bs)
-    wp = np.zeros((n, nb * bs), np.float32)
-    wp[:, :k] = w_oi
-    blk = wp.reshape(n, nb, bs)
-    amax = np.max(np.abs(blk), axis=2)
-    s16 = (amax / np.float32(127)).astype(np.float16)
-    s16[amax == 0] = 1
-    s = s16.astype(np.float32)
-    q = np.clip(np.rint(blk / s[:, :, None]), -127, 127).astype(np.int32)
-    deq = (q.astype(np.float32) * s[:, :, None]).reshape(n, nb * bs)[:, :k]
-    return (q + 128).astype(np.uint8), s16, deq
-
-
 @pytest.fixture(scope="module")
 def tiny_cuda_graphs():
     """tiny's graphs as the ort-cuda flow has them before quantization (export, latent-kv fusion, MoE with
@@ -127,7 +111,7 @@ def test_int8_then_fp16_scales_dequantize_exactly(tiny_cuda_graphs):
             assert w_oi.shape == (n_out, k)
             bs = node.attributes["block_size"].value
             assert bs == site["block_size"] and (bs == 128 or k < 128 or k % 128)
-            q, s16, deq = ref_int8_fp16_scales(np.ascontiguousarray(w_oi, np.float32), bs)
+            q, s16, deq = ref_int8(np.ascontiguousarray(w_oi, np.float32), bs, scale_dtype=np.float16)
             got_q = b.const_value.numpy()
             got_s = scales.const_value.numpy()
             assert got_s.dtype == np.float16

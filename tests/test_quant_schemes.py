@@ -27,19 +27,21 @@ HID = 128
 
 
 # ---- independent numpy references ---------------------------------------------------------------
-def ref_int8(w_oi: np.ndarray, bs: int):
-    """Symmetric per-block INT8 in MatMulNBits' storage: (uint8 [N, nb, bs], scales [N, nb], dequantized)."""
+def ref_int8(w_oi: np.ndarray, bs: int, scale_dtype=np.float32):
+    """Symmetric per-block INT8 in MatMulNBits' storage: (uint8 [N, nb, bs], scales [N, nb] as scale_dtype,
+    dequantized fp32). scale_dtype float16: amax/127 is rounded to fp16 first and quantized against (ort-cuda)."""
     n, k = w_oi.shape
     nb = -(-k // bs)
     wp = np.zeros((n, nb * bs), np.float32)
     wp[:, :k] = w_oi
     blk = wp.reshape(n, nb, bs)
     amax = np.max(np.abs(blk), axis=2)
-    scale = (amax / np.float32(127)).astype(np.float32)
-    scale[amax == 0] = 1
+    stored = (amax / np.float32(127)).astype(scale_dtype)
+    stored[amax == 0] = 1
+    scale = stored.astype(np.float32)
     q = np.clip(np.rint(blk / scale[:, :, None]), -127, 127).astype(np.int32) + 128
     deq = ((q - 128).astype(np.float32) * scale[:, :, None]).reshape(n, nb * bs)[:, :k]
-    return q.astype(np.uint8), scale, deq
+    return q.astype(np.uint8), stored, deq
 
 
 def ref_fp8(w_oi: np.ndarray):
