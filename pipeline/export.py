@@ -153,6 +153,10 @@ def save_graph(model_ir: ir.Model, path: Path) -> list[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     external = weights_bytes(model_ir) > EXTERNAL_DATA_THRESHOLD
     data_name = path.name + ".data"
+    if not external:
+        # weights still referring to another file's external data (a large graph loaded by ir.load, made
+        # small by a pass) would be written as references relative to `path`: read them in first
+        ir.external_data.load_to_model(model_ir)
     if (path.parent / data_name).exists():
         os.remove(path.parent / data_name)
     ir.save(model_ir, path, external_data=data_name if external else None)

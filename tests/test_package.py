@@ -359,3 +359,28 @@ def test_not_a_package(tmp_path):
         verify_package(tmp_path)
     with pytest.raises(PackageError, match="inside the folder"):
         make_tarball(tmp_path, tmp_path / "x.tar.gz")
+
+
+def test_save_graph_inlines_weights_loaded_from_another_files_external_data(tmp_path, monkeypatch):
+    """A large graph loaded by ir.load keeps its weights as references to its .onnx.data; after a pass makes
+    it small, save_graph must write the weights into the new file, not a reference to a data file that is
+    not beside it (seen: medium's fp8 graphs, built from the saved fp32 graphs, failed ONNX's checker)."""
+    import numpy as np
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+
+    from pipeline import export
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64)
+    g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["y"])], "g", [h.make_tensor_value_info("x", TP.FLOAT, [1, 64])],
+                     [h.make_tensor_value_info("y", TP.FLOAT, [1, 64])], initializer=[nh.from_array(w, "w")])
+    monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 1000)  # 16 KiB of weights: "large"
+    big = export.save_graph(ir.from_proto(h.make_model(g, opset_imports=[h.make_opsetid("", 20)], ir_version=10)),
+                            tmp_path / "a" / "m.onnx")
+    assert [p.name for p in big] == ["m.onnx", "m.onnx.data"]
+    monkeypatch.setattr(export, "EXTERNAL_DATA_THRESHOLD", 10**9)
+    small = export.save_graph(ir.load(tmp_path / "a" / "m.onnx"), tmp_path / "b" / "m.onnx")
+    assert [p.name for p in small] == ["m.onnx"] and not (tmp_path / "b" / "m.onnx.data").exists()
+    np.testing.assert_array_equal(nh.to_array(onnx.load(str(small[0])).graph.initializer[0]), w)
