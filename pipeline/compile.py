@@ -209,7 +209,7 @@ def _default_quant(requested: str | None, quant: str, fp8_checkpoint: bool, prof
     if requested is not None or not fp8_checkpoint:
         return quant, None
     if "fp8" in profile.quant_schemes:
-        experts = (" (the routed experts excepted: inside com.microsoft.MoE they are dequantized to fp32, ORT has no "
+        experts = (" (the routed experts excepted: inside com.microsoft.MoE they are dequantized, ORT has no "
                    "FP8 MoE kernel)" if "moe-ort-fused" in profile.passes else "")
         return "fp8", ("FP8 checkpoint and no --quant: packaged as --quant fp8, the checkpoint's own E4M3 bytes and "
                        f"scales passed through{experts}")

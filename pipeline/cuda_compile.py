@@ -12,6 +12,10 @@ conversion; the fp16 int8 graphs are judged against eager fp32 by compare_fp16 w
 within the fp16 limits), golden/fp32/ the eager fp32 reference with the int8 limits (the GPU test re-judges
 the CUDA outputs against it).
 
+`--quant fp8` (targets/ort_cuda.py FP8_OPTIONS) is built the same way: the quantize stage (passes/quant_fp8.py
+then the CUDA form of passes/quant_fp8_cuda.py, checked with fp32 activations under BUDGETS["quantize-fp8"]),
+the fp16 graphs judged under BUDGETS["target-ort-cuda-fp8"] (quantize-fp8 plus the fp16 limits).
+
     from pipeline.cuda_compile import build_cuda_package   # from compile_package, after "load"
 """
 from __future__ import annotations
@@ -48,13 +52,16 @@ def _moe_subgraph_router():
 # passes whose ort-cuda variant differs from passes.PASSES
 CUDA_PASS_OVERRIDES = {"moe-ort-fused": _moe_subgraph_router}
 PROFILE_STAGE = "target-ort-cuda-fp16"  # the fp16 floors (BUDGETS), whatever the quantization
-INT8_STAGE = "target-ort-cuda-int8"  # an int8 package's judgement against eager fp32
+QUANT_STAGES = {"int8": "target-ort-cuda-int8", "fp8": "target-ort-cuda-fp8"}  # judgement against eager fp32
+INT8_STAGE = QUANT_STAGES["int8"]
 INT8_EXPERTS_NOTE = {
     "channel": ("routed experts are com.microsoft.QMoE int8, one fp16 scale per expert output channel, raw layout "
                 "(weights_prepacked=0), experts' activations fp16 (weight-only numerics), where moe_intermediate is a "
                 f"multiple of {ort_cuda.CUDA_QMOE_INTER_MULTIPLE} (CUDA QMoE's requirement), else fp16 "
                 "com.microsoft.MoE"),
     "none": "routed experts stay fp16 com.microsoft.MoE"}
+FP8_EXPERTS_NOTE = ("routed experts are fp16 com.microsoft.MoE (ORT has no FP8 MoE kernel): an FP8 checkpoint's "
+                    "expert weights are dequantized, then rounded to fp16")
 
 
 def _fp16_cases(runner: StageRunner, rec: StageRecord, stage: str, d: Path, golden: Golden, session: dict,
@@ -110,15 +117,16 @@ def cuda_cache_spec(cfg, layout: str) -> dict:
 def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool, runner: StageRunner,
                        load: StageRecord, base_manifest: dict, seed: int, started: float, layout: str = "latent",
                        gen_tokens: int = 32, quant: str = "none") -> Path:
-    """Everything after compile_package's "load" stage for target ort-cuda (quant "none" = fp16, or "int8")."""
+    """Everything after compile_package's "load" stage for target ort-cuda (quant "none" = fp16, "int8", "fp8")."""
     from .compile import assemble_package, check_cases, run_graph_stages
     from .export import save_graph
 
     if quant not in profile.quant_schemes:
         raise ValueError(f"ort-cuda: quant {quant!r} not in {profile.quant_schemes}")
-    int8 = quant == "int8"
-    stage = INT8_STAGE if int8 else profile.parity_stage  # the judgement against eager fp32
-    quant_budget = BUDGETS["quantize-int8"] if int8 else None
+    quantized = quant != "none"
+    stage = QUANT_STAGES[quant] if quantized else profile.parity_stage  # the judgement against eager fp32
+    quant_budget = BUDGETS[f"quantize-{quant}"] if quantized else None
+    options = {"int8": ort_cuda.INT8_OPTIONS, "fp8": ort_cuda.FP8_OPTIONS}.get(quant, {})
     cfg = model.config
     golden = make_golden(model, layout, gen_tokens=gen_tokens, seed=seed)
     session = ort_cuda.session_config()
@@ -128,29 +136,42 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
         prev, prev_dir = run_graph_stages(runner, model, load, golden, work, profile.passes, layout,
                                           factories=CUDA_PASS_OVERRIDES,
                                           pass_params={n: {"router": "subgraph"} for n in CUDA_PASS_OVERRIDES})
-        if not int8:
+        if not quantized:
             runner.records.append(StageRecord("quantize", {"scheme": "none"}, dict(prev.outputs), dict(prev.outputs),
                                               notes=["scheme none: fp16 compute is the target stage's conversion"]))
         else:
-            src_dir, prev_dir = prev_dir, work / "quant-int8"
+            src_dir, prev_dir = prev_dir, work / f"quant-{quant}"
 
             def do_quant(d: Path, rec: StageRecord) -> None:
                 import onnx_ir as ir
+
+                from .quant_eval import write_error_profile
                 summary = {}
+                graphs = {}
                 for g in GRAPHS:
-                    m = ir.load(src_dir / f"{g}.onnx")
-                    report = ort_cuda.quantize_int8(m)
+                    m = graphs[g] = ir.load(src_dir / f"{g}.onnx")
+                    report = ort_cuda.quantize_int8(m) if quant == "int8" else ort_cuda.quantize_fp8(m, model)
                     save_graph(m, d / f"{g}.onnx")
                     summary[g] = report.to_dict()
                     rec.notes.append(f"{g}: " + report.summary())
-                rec.notes.append("checked here with fp32 activations (the same q and scales: MatMulNBits fp32 on "
-                                 "ORT CPU); the target stage converts to fp16 (scales stored fp16 exactly)")
-                rec.notes.append(INT8_EXPERTS_NOTE[ort_cuda.INT8_OPTIONS["experts"]])
+                    rec.notes.extend(f"{g}: {n}" for n in report.notes)
+                if quant == "int8":
+                    rec.notes.append("checked here with fp32 activations (the same q and scales: MatMulNBits fp32 on "
+                                     "ORT CPU); the target stage converts to fp16 (scales stored fp16 exactly)")
+                    rec.notes.append(INT8_EXPERTS_NOTE[ort_cuda.INT8_OPTIONS["experts"]])
+                else:
+                    rec.notes.append("checked here with fp32 activations (the CUDA form, fp8 weights dequantized in "
+                                     "fp32); the target stage rounds each dequantized weight once to fp16")
+                    rec.notes.append(FP8_EXPERTS_NOTE)
                 (d / "reports").mkdir()
                 (d / "reports" / "quantization.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+                # where the error enters, per linear layer: the fp32-activation graphs (fp16 comes on top)
+                feeds = next(c.inputs for c in golden.cases if c.name == "prefill")
+                write_error_profile(ir.load(src_dir / "prefill.onnx"), graphs["prefill"], quant, feeds,
+                                    d / "reports" / "error_profile.csv", **options)
 
-            prev = runner.run("quantize", {"scheme": "int8", **ort_cuda.INT8_OPTIONS}, prev.outputs, prev_dir, do_quant,
-                              lambda d, rec: check_cases(runner, rec, "quantize-int8",
+            prev = runner.run("quantize", {"scheme": quant, **options}, prev.outputs, prev_dir, do_quant,
+                              lambda d, rec: check_cases(runner, rec, f"quantize-{quant}",
                                                          {g: d / f"{g}.onnx" for g in GRAPHS}, golden))
 
         fp16_reports: dict[str, dict] = {}
@@ -182,11 +203,11 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
                                   fp16_reference.forced_step_logits(model, golden.prompt, golden.tokens, layout),
                                   reference_note=fp16_reference.NOTE, quant_budget=quant_budget,
                                   budget=BUDGETS[PROFILE_STAGE])
-        # an int8 package's greedy tokens against eager fp32 are information (random-weight presets: a routing
-        # near tie flipped by int8 diverges the rest), as for ort-cpu's quantized packages
-        runner.add_report(target_rec, gen, binding=not int8)
+        # a quantized package's greedy tokens against eager fp32 are information (random-weight presets: a
+        # routing near tie flipped by quantization diverges the rest), as for ort-cpu's quantized packages
+        runner.add_report(target_rec, gen, binding=not quantized)
         expected = golden  # what the packaged graphs must reproduce on the GPU
-        if int8:
+        if quantized:
             expected = Golden([GoldenCase(c.name, c.graph, c.inputs, {k: cpu_results[c.name][k] for k in c.outputs})
                                for c in golden.cases], golden.prompt, tokens, step_logits)
 
@@ -194,25 +215,26 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
         golden_section, io = assemble_package(pkg, tdir, target_rec, Path(cuda_runtime.__file__), expected,
                                               profile, cfg.vocab_size, cuda_cache_spec(cfg, layout))
         golden_section["tolerance"].update(_fp16_tolerance(runner.reports, stage))
-        if int8:
+        if quantized:
             if (prev_dir / "reports").is_dir():
                 shutil.copytree(prev_dir / "reports", pkg / "reports")
             ref = save_golden(golden, pkg / "golden" / "fp32", pkg)
-            ref["stage"], ref["rule"] = INT8_STAGE, QUANT_FP16_RULE
+            ref["stage"], ref["rule"] = stage, QUANT_FP16_RULE
             ref["limits"] = {r.stage.split("/", 1)[1]: {n: e["limits"] for n, e in r.extra["fp16"]["outputs"].items()}
-                             for r in runner.reports if r.stage.startswith(f"{INT8_STAGE}/") and "fp16" in r.extra}
-            ref["note"] = ("eager fp32 PyTorch outputs; the int8 package is judged against them with these limits "
-                           "(quantize-int8 budget + fp16 limits; elementwise and top-1 not judged)")
+                             for r in runner.reports if r.stage.startswith(f"{stage}/") and "fp16" in r.extra}
+            ref["note"] = (f"eager fp32 PyTorch outputs; the {quant} package is judged against them with these limits "
+                           f"(quantize-{quant} budget + fp16 limits; elementwise and top-1 not judged)")
             golden_section["fp32_reference"] = ref
         manifest = {
             **base_manifest,
             "target": {"name": profile.name, "description": profile.description, "providers": list(profile.providers),
                        "provider_options": {"CUDAExecutionProvider": ort_cuda.cuda_provider_options()},
                        "session": session, "quantization": quant, "precision": "fp16",
-                       **({"quantization_options": dict(ort_cuda.INT8_OPTIONS),
-                           "routed_experts": INT8_EXPERTS_NOTE[ort_cuda.INT8_OPTIONS["experts"]],
+                       **({"quantization_options": dict(options),
+                           "routed_experts": (INT8_EXPERTS_NOTE[ort_cuda.INT8_OPTIONS["experts"]] if quant == "int8"
+                                              else FP8_EXPERTS_NOTE),
                            "routed_expert_ops": _op_counts(pkg / "onnx" / "decode.onnx", ("QMoE", "MoE"))}
-                          if int8 else {}),
+                          if quantized else {}),
                        "fp32_islands": ["Softmax", "RMSNorm statistics", "MoE router (gate projection to router_probs)",
                                         "TopK", "RoPE angles / cos / sin", "causal mask"],
                        "fp16_conversion": fp16_reports, "runtime": "runtime/cuda_runtime.py",
@@ -227,7 +249,7 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
         manifest["stages"] = [r.to_dict() for r in runner.records]
         manifest["parity"] = {"passed": runner.binding_passed(), "reports": ["reports/parity.json", "reports/parity.md"]}
         greedy = gen.extra["tokens"]["greedy"]
-        if not int8:
+        if not quantized:
             verified = [f"export and passes against eager fp32 PyTorch on ORT CPU (fp32 budgets)",
                         f"the fp16 graphs on ORT CPU {ort.__version__} (fp16 tensors, ops without an fp16 CPU "
                         f"kernel run in fp32 between casts) against eager fp32 within {profile.parity_stage}, "
@@ -238,7 +260,7 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
             not_verified = ["not yet run on a GPU: CUDAExecutionProvider kernels (fp16 GEMMs, com.microsoft.MoE) "
                             "are unchecked; run `python runtime/cuda_runtime.py verify-golden --record` on a "
                             "machine with onnxruntime-gpu"]
-        else:
+        elif quant == "int8":
             verified = ["export and passes against eager fp32 PyTorch on ORT CPU (fp32 budgets)",
                         "the int8 graphs with fp32 activations (the same int8 weights and scales) against eager fp32 "
                         "within quantize-int8 (cosine/KL/rel euclid; elementwise not judged)",
@@ -254,6 +276,26 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
                             "onnxruntime-gpu (reproduces golden/, the int8 graphs' ORT CPU outputs, within the fp16 "
                             "limits); golden/fp32/ holds eager fp32 and the int8 limits to judge the GPU against",
                             "the accuracy of int8 on this model's real task: random-weight presets say nothing about it; "
+                            "see the trained-small figures in the repository README"]
+        else:
+            verified = ["export and passes against eager fp32 PyTorch on ORT CPU (fp32 budgets)",
+                        "the fp8 graphs with fp32 activations (E4M3 128x128-block weights, dequantized by per-tensor "
+                        "DequantizeLinear x block scales) against eager fp32 within quantize-fp8 (cosine/KL/rel "
+                        "euclid; elementwise not judged)",
+                        f"the fp16 fp8 graphs (each weight dequantized in fp32, rounded once to fp16, fp16 GEMMs) on "
+                        f"ORT CPU {ort.__version__} against eager fp32 within {stage} (quantize-fp8 budget plus the "
+                        "fp16 limits from PyTorch fp16 on the same inputs; README: fp8 judgement)",
+                        f"greedy generation of {golden.tokens.shape[1]} tokens through runtime/cuda_runtime.py "
+                        f"(IOBinding code path, device cpu): {greedy['n_equal_steps']} of {greedy['n_steps_reference']} "
+                        "tokens equal to eager fp32 (information; golden/ holds these graphs' own tokens)"]
+            not_verified = ["not yet run on a GPU: CUDAExecutionProvider kernels (fp8 DequantizeLinear, fp16 GEMMs, "
+                            "com.microsoft.MoE) are unchecked; the GPU run completes verification: `python "
+                            "runtime/cuda_runtime.py verify-golden --record` on a machine with onnxruntime-gpu "
+                            "(reproduces golden/, the fp8 graphs' ORT CPU outputs, within the fp16 limits); "
+                            "golden/fp32/ holds eager fp32 and the fp8 limits to judge the GPU against",
+                            "speed: every weight is dequantized on every run before an fp16 GEMM (no FP8 GEMM in ORT); "
+                            "fp8 saves weight memory, it is not expected to be faster than fp16",
+                            "the accuracy of fp8 on this model's real task: random-weight presets say nothing about it; "
                             "see the trained-small figures in the repository README"]
         manifest["verification"] = {"verified_here": verified, "not_verified": not_verified}
         (pkg / "README.md").write_text(_readme(manifest, _fp16_lines(runner.reports, stage)))
@@ -309,7 +351,13 @@ def _fp16_lines(reports, stage: str) -> list[str]:
 def _readme(manifest: dict, fp16_lines: list[str]) -> str:
     m, t, io = manifest["model"], manifest["target"], manifest["io"]
     c = io["cache"]
-    int8 = t["quantization"] == "int8"
+    q = t["quantization"]
+    what = {"int8": ("linear layers except lm_head and the router gate are `com.microsoft.MatMulNBits` (bits 8, fp16 "
+                     "scales rounded before quantizing)"),
+            "fp8": ("linear layers except lm_head and the router gate hold float8e4m3fn weights with fp32 128x128 "
+                    "block scales (DeepSeek-V3's format; an FP8 checkpoint's own bytes), dequantized on every run by "
+                    "a per-tensor `DequantizeLinear` x block scales in fp32, rounded once to fp16 for the fp16 GEMM "
+                    "(weight-only; no FP8 GEMM in ORT)")}
     return "\n".join([
         f"# {m['source']} for ort-cuda", "",
         f"Compiled by mlamoe {manifest['mlamoe_version']} ({m['config']['model_type']}, {m['parameters']:,} "
@@ -321,26 +369,28 @@ def _readme(manifest: dict, fp16_lines: list[str]) -> str:
         "steps) and `verify-golden [--record]`; needs numpy + onnxruntime-gpu.",
         *(["- `golden/`: eager fp32 reference inputs/outputs; tolerance "
            f"atol {manifest['golden']['tolerance']['atol']} / rtol {manifest['golden']['tolerance']['rtol']} floors, "
-           "per output in manifest.json (golden.tolerance.cases).", ""] if not int8 else
-          ["- `golden/`: inputs and the int8 fp16 graphs' own outputs and greedy tokens on ORT CPU (what the GPU "
+           "per output in manifest.json (golden.tolerance.cases).", ""] if q == "none" else
+          [f"- `golden/`: inputs and the {q} fp16 graphs' own outputs and greedy tokens on ORT CPU (what the GPU "
            "must reproduce, within the fp16 limits per output in manifest.json golden.tolerance.cases); "
-           "`golden/fp32/`: eager fp32 outputs, with the int8 limits in golden.fp32_reference.limits.",
-           f"- int8: {', '.join(f'{k} {v}' for k, v in t['quantization_options'].items())}: linear layers except "
-           "lm_head and the router gate are `com.microsoft.MatMulNBits` (bits 8, fp16 scales rounded before "
-           f"quantizing); {t['routed_experts']} (this model's decode graph: "
+           f"`golden/fp32/`: eager fp32 outputs, with the {q} limits in golden.fp32_reference.limits.",
+           f"- {q}: {'; '.join(f'{k} {v}' for k, v in t['quantization_options'].items())}: {what[q]}; "
+           f"{t['routed_experts']} (this model's decode graph: "
            + ", ".join(f"{v} {k}" for k, v in t["routed_expert_ops"].items()) + "); embeddings, norms, lm_head fp16, "
-           "router fp32.", "",
-           "## int8 judgement", "",
-           f"int8 fp16 graphs vs eager fp32: {QUANT_FP16_RULE}. The quantization part is BUDGETS['quantize-int8'] "
-           "(a random-weight model's routing near ties, flipped by int8, make elementwise and top-1 rules say "
+           "router fp32.",
+           "- `reports/quantization.json` (weight bytes before/after per layer), `reports/error_profile.csv` (and "
+           ".png where matplotlib is installed): per linear layer, the error of the fp32-activation quantized graph "
+           "against fp32 on the prefill case (the fp16 error comes on top).", "",
+           f"## {q} judgement", "",
+           f"{q} fp16 graphs vs eager fp32: {QUANT_FP16_RULE}. The quantization part is BUDGETS['quantize-{q}'] "
+           f"(a random-weight model's routing near ties, flipped by {q}, make elementwise and top-1 rules say "
            "nothing); the fp16 part is the fp16 judgement's limits: each max(floor, 4 x the error of "
-           f"{fp16_reference.NOTE}). Numbers of this build (ORT CPU running the int8 fp16 graphs):", "",
+           f"{fp16_reference.NOTE}). Numbers of this build (ORT CPU running the {q} fp16 graphs):", "",
            *fp16_lines, ""]),
         *(["## fp16 judgement", "",
            f"fp16 graphs vs eager fp32: {FP16_RULE}. PyTorch fp16 here is {fp16_reference.NOTE}: an independent "
            "measurement of the fp16 error this model has whatever runs it, so a deep model or a large logit scale "
            "widens the limits by what fp16 costs it, and a graph error beyond that fails. Numbers of this build "
-           "(ORT CPU running the fp16 graphs):", "", *fp16_lines, ""] if not int8 else []),
+           "(ORT CPU running the fp16 graphs):", "", *fp16_lines, ""] if q == "none" else []),
         "## Verification", "",
         *[f"- verified: {s}" for s in manifest["verification"]["verified_here"]],
         *[f"- **not verified**: {s}" for s in manifest["verification"]["not_verified"]], "",

@@ -175,6 +175,9 @@ BUDGETS: dict[str, Budget] = {
     # quant_fp16_limits adds them at worst case (norms of two perturbations add): this entry is the
     # shape of the result before the fp16 part is known (the quantize-int8 limits themselves).
     "target-ort-cuda-int8": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.99, max_kl=0.05, max_rel_euclid=0.15),
+    # ORT CUDA fp8 (E4M3 128x128-block weights dequantized to fp16, fp16 activations), the same rule with
+    # the quantize-fp8 budget as its quantization part.
+    "target-ort-cuda-fp8": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.95, max_kl=0.1, max_rel_euclid=0.32),
     # Ascend fp16 emulated on ORT: judged by msit's own accuracy thresholds alone (REFERENCE.md 3):
     # cosine > 0.99, relative Euclidean distance < 0.05, KL < 0.005, per output tensor. msit has no
     # elementwise or top-1 rule, so atol/rtol are not binding here (the numbers are still reported).

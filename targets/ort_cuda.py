@@ -44,6 +44,15 @@ com.microsoft.QMoE int8 with one fp16 scale per expert output channel, raw [E, N
 CUTLASS-prepacked weights and computes garbage, measured), no router_weights input (passes/quant_qmoe.py),
 where the CUDA kernel takes the shape (moe_intermediate a multiple of CUDA_QMOE_INTER_MULTIPLE); other MoE
 layers stay fp16 com.microsoft.MoE, recorded in the quantize report's skipped list (tiny: all of them).
+
+FP8 (`--quant fp8`, FP8_OPTIONS): passes/quant_fp8.py (DeepSeek-V3's E4M3 128x128 blocks; an FP8
+checkpoint's own bytes and scales pass through) then passes/quant_fp8_cuda.py, which rewrites each
+blocked DequantizeLinear (onnxruntime-gpu 1.31.1's CUDA EP fails on it at run time, measured) as a
+per-tensor one times the block scales in fp32; to_fp16 then rounds each dequantized weight once to fp16
+for the fp16 GEMM. Weight-only: activations stay fp16 (ORT has no FP8 GEMM), the weights are dequantized
+on every run (fp8 bytes resident: a memory saving, not a speed-up). Routed experts inside
+com.microsoft.MoE are fp16 (no FP8 MoE kernel). Checked as for int8: the fp32-activation graph of the
+same form under BUDGETS["quantize-fp8"], the fp16 graphs under BUDGETS["target-ort-cuda-fp8"].
 """
 from __future__ import annotations
 
@@ -62,7 +71,8 @@ PROFILE = TargetProfile(
                 "fp16 latent cache, dynamic batch/sequence/cache axes, IOBinding runtime",
     opset=(17, 23),
     passes=("latent-kv-fusion", "moe-ort-fused"),
-    quant_schemes=("none", "int8"),  # "none" = fp16 compute; int8 = MatMulNBits 8-bit weights, fp16 compute; no fp8
+    # "none" = fp16 compute; int8 = MatMulNBits 8-bit weights; fp8 = E4M3 128x128-block weights; fp16 compute
+    quant_schemes=("none", "int8", "fp8"),
     dynamic_shapes=True,
     providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
     parity_stage="target-ort-cuda-fp16",
@@ -81,6 +91,27 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 CUDA_QMOE_INTER_MULTIPLE = 64
 # `--quant int8` for this target (passes.quant_int8.Int8WeightOnlyPass options; module doc)
 INT8_OPTIONS = {"block_size": 128, "symmetric": True, "experts": "channel", "scale_dtype": "float16"}
+
+
+# `--quant fp8` for this target (what the manifest records; the scheme itself has no options here)
+FP8_OPTIONS = {"weights": "float8e4m3fn, 128x128 blocks, fp32 scale_inv", "activations": "fp16 (weight-only)",
+               "form": "per-tensor DequantizeLinear x block scales (passes/quant_fp8_cuda.py)",
+               "experts": "fp16 com.microsoft.MoE"}
+
+
+def quantize_fp8(model: ir.Model, eager=None):
+    """`--quant fp8` on an fp32 ort-cuda graph, in place (before to_fp16): passes.quant_fp8 (with `eager`,
+    the loaded model, an FP8 checkpoint's bytes pass through), then the CUDA form. -> the QuantReport."""
+    from passes.quant_fp8_cuda import Fp8CudaFormPass
+    from passes.quant_weights import initializer_bytes, quantize, record
+    report = quantize(model, "fp8", model=eager)
+    form = Fp8CudaFormPass()
+    form(model)
+    report.notes.append(f"{form.rewritten} blocked fp8 DequantizeLinear rewritten as per-tensor DequantizeLinear x "
+                        "block scales (onnxruntime-gpu's CUDA EP has no blocked fp8 DequantizeLinear)")
+    report.weights_bytes_after = initializer_bytes(model.graph)
+    record(model, report)
+    return report
 
 
 def quantize_int8(model: ir.Model):

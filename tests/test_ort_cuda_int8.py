@@ -2,16 +2,13 @@
 
 CPU side (fast, tiny): the quantize -> fp16 order gives fp16 scales that dequantize to an independent
 numpy implementation exactly; the combined int8 + fp16 limits; the package builds without a GPU and
-re-verifies on ORT CPU; --quant fp8 is refused. GPU side (marked gpu; skipped without onnxruntime-gpu
-and a package): a CPU-built int8 package (MLAMOE_ORT_CUDA_PACKAGE, shared/GPU.md) on the CUDA EP against
-eager fp32 under the limits the compiler recorded, and every MatMulNBits placed on the CUDA EP.
+re-verifies on ORT CPU. GPU side (marked gpu; skipped without onnxruntime-gpu and a package):
+tests/test_ort_cuda_quant_gpu.py.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 
 import numpy as np
 import onnx_ir as ir
@@ -21,8 +18,6 @@ from targets import ort_cuda
 from test_quant_schemes import ref_int8  # the independent numpy scheme (fp16 scales: scale_dtype)
 
 F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
-HAS_CUDA, NO_CUDA_REASON = ort_cuda.has_cuda_provider()
-PACKAGE_ENV = "MLAMOE_ORT_CUDA_PACKAGE"
 
 
 # ---- independent numpy reference of the ort-cuda int8 scheme ----------------------------------------------
@@ -154,13 +149,6 @@ def test_quant_fp16_limits_add_at_worst_case():
     assert BUDGETS["target-ort-cuda-int8"] == q
 
 
-def test_fp8_for_ort_cuda_is_refused_clearly(tmp_path):
-    from pipeline.compile import CompileError, compile_package
-    with pytest.raises(CompileError, match=r"--quant fp8: target 'ort-cuda' supports none, int8"):
-        compile_package("tiny", "ort-cuda", tmp_path / "pkg", quant="fp8", progress=lambda m: None)
-    assert not (tmp_path / "pkg").exists()
-
-
 def test_int8_package_builds_without_gpu(tmp_path):
     from pipeline import cuda_runtime
     from pipeline.compile import compile_package
@@ -201,69 +189,3 @@ def test_int8_package_builds_without_gpu(tmp_path):
     assert failures == [], failures
     from pipeline.package import verify_package
     assert verify_package(pkg) == []  # every file hashed in the manifest (golden/fp32 included)
-
-
-# ---- GPU (the device machine; CI skips) ---------------------------------------------------------------
-@pytest.fixture
-def int8_package(tmp_path):
-    from pipeline.package import open_package
-    src = os.environ.get(PACKAGE_ENV)
-    if not src:
-        pytest.skip(f"{PACKAGE_ENV} is not set: compile an int8 package on a CPU machine (`mlamoe compile --model "
-                    "tiny --target ort-cuda --quant int8 --out dist/tiny-ort-cuda-int8`) and point it there")
-    root, manifest, cleanup = open_package(src)
-    try:
-        if manifest["target"].get("quantization") != "int8":
-            pytest.skip(f"{src}: an ort-cuda package of quantization {manifest['target'].get('quantization')!r}, "
-                        "not int8")
-        shutil.copytree(root, tmp_path / "pkg")
-    finally:
-        cleanup()
-    return tmp_path / "pkg"
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON or "no GPU")
-def test_int8_package_on_gpu_vs_eager_fp32(int8_package):
-    """Each golden case on the CUDA EP against eager fp32 (golden/fp32) under the int8 limits the compiler
-    recorded (quantize-int8 + fp16), and the golden data (the int8 graphs' CPU outputs) reproduced."""
-    from pipeline import cuda_runtime
-    from pipeline.parity import Budget, compare
-    pkg = int8_package
-    failures, record = cuda_runtime.verify_golden(pkg, device="cuda")
-    assert failures == [], failures
-    rt = cuda_runtime.CudaPackageRuntime(pkg, device="cuda")
-    ref = rt.manifest["golden"]["fp32_reference"]
-    for case in ref["cases"]:
-        feeds = {n: np.load(pkg / f) for n, f in case["inputs"].items()}
-        got = rt.run_numpy(case["graph"], feeds)
-        for n, f in case["outputs"].items():
-            lim = ref["limits"][case["name"]][n]
-            budget = Budget(**{k: (math.inf if v is None and k in ("atol", "rtol") else v) for k, v in lim.items()})
-            rep = compare(f"gpu-int8/{case['name']}", {n: np.load(pkg / f)}, {n: got[n].astype(np.float32)},
-                          logits_outputs=["logits"] if n == "logits" else [], budget=budget)
-            assert rep.passed, rep.failure_reasons()
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON or "no GPU")
-def test_int8_matmulnbits_run_on_the_cuda_ep(int8_package, tmp_path):
-    """ORT silently places a node without a CUDA kernel (dtype, bits, block size) on the CPU EP: the
-    profile of one decode step must show every MatMulNBits and QMoE / MoE on CUDAExecutionProvider."""
-    from pipeline.cuda_runtime import CudaPackageRuntime
-    rt = CudaPackageRuntime(int8_package, device="cuda", profile=True)
-    _, past = rt.run("prefill", np.array([[1, 2, 3]]), rt.empty_cache(1))
-    rt.run("decode", np.array([[4]]), past)
-    placed = {}
-    for g, sess in rt.sessions.items():
-        path = sess.end_profiling()
-        events = json.loads(open(path).read())
-        os.remove(path)
-        for e in events:
-            a = e.get("args", {})
-            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") \
-                    and a.get("op_name") in ("MatMulNBits", "QMoE", "MoE"):
-                placed.setdefault(a["op_name"], set()).add(a.get("provider"))
-    assert placed.get("MatMulNBits") == {"CUDAExecutionProvider"}, placed
-    assert placed.get("QMoE", placed.get("MoE")) == {"CUDAExecutionProvider"}, placed  # tiny: MoE, trained-small: QMoE
-    assert all(v == {"CUDAExecutionProvider"} for v in placed.values()), placed

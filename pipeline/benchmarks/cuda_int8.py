@@ -1,4 +1,4 @@
-"""ort-cuda packages (fp16 and int8) on one GPU: accuracy against eager fp32 and decode ms/token
+"""ort-cuda packages (fp16, int8 and fp8) on one GPU: accuracy against eager fp32 and decode ms/token
 (not a pytest test; run on the GPU machine with onnxruntime-gpu, no torch needed).
 
     PYTHONPATH=/tmp/site:$PWD python3 -m pipeline.benchmarks.cuda_int8 \
@@ -7,10 +7,11 @@
 Per package (CPU-built, shared/GPU.md):
   verify    runtime verify_golden on CUDA (golden/ within the recorded per-output tolerances, greedy tokens);
   vs_fp32   each golden case on CUDA against eager fp32 (an fp16 package's golden/, an int8 package's
-            golden/fp32/): max abs, cosine, rel euclid, KL, top-1; an int8 package judged under the limits
-            its compiler recorded (quantize-int8 + fp16);
+            golden/fp32/): max abs, cosine, rel euclid, KL, top-1; a quantized package judged under the
+            limits its compiler recorded (quantize-<scheme> + fp16);
   greedy    tokens generated on CUDA (IOBinding) against eager fp32's greedy tokens: equal prefix;
-  placement which EP ran each MatMulNBits / MoE / MatMul node (one profiled prefill + decode step);
+  placement which EP ran each MatMulNBits / MoE / QMoE / MatMul / DequantizeLinear node and the nodes of the
+            fp8 CUDA form (passes/quant_fp8_cuda.py; one profiled prefill + decode step);
   decode    ms per decode step (batch 1, synthetic cache of each --lengths, cache bound on the device,
             logits copied to the host), median of --repeat after warm-up;
   bytes     onnx/ file sizes (weights).
@@ -62,9 +63,11 @@ def _placement(rt) -> dict:
         os.remove(path)
         for e in events:
             a = e.get("args", {})
-            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") \
-                    and a.get("op_name") in ("MatMulNBits", "MoE", "QMoE", "MatMul"):
-                key = f"{g}/{a['op_name']}"
+            if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+                continue
+            op = "fp8 CUDA form" if "/fp8_cuda_" in e["name"] else a.get("op_name")
+            if op in ("MatMulNBits", "MoE", "QMoE", "MatMul", "DequantizeLinear", "fp8 CUDA form"):
+                key = f"{g}/{op}"
                 placed.setdefault(key, {}).setdefault(a.get("provider"), 0)
                 placed[key][a.get("provider")] += 1
     return placed
