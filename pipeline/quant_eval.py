@@ -1,6 +1,12 @@
 """Honest accuracy of a quantization scheme: held-out perplexity, top-1 agreement, KL, per-layer error profile.
 
     python -m pipeline.quant_eval models/trained/trained-small --scheme int8 w8a8 fp8 [--csv-dir reports/]
+    python -m pipeline.quant_eval models/trained/trained-small --package dist/trained-small-ort-cuda-fp8
+
+--package: a compiled package's prefill graph as shipped (e.g. ort-cuda's fp16 graphs, int8 or fp8), run on
+ORT CPU against the fp32 exported graph of the same checkpoint, over the same held-out windows: what the
+package costs in perplexity, whatever its scheme and precision (ORT CPU rounds fp16 tensors as a GPU does;
+its kernels' accumulation order differs).
 
 Measured on a model whose outputs mean something (models/trained/trained-small, trained by
 models.train_small on the Python standard library; held-out = files it never saw). Both sides run the
@@ -79,6 +85,26 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
+def heldout_agreement(run_ref, run_other, fp32_ir: ir.Model, heldout: np.ndarray, batch: int = 8) -> dict:
+    """Next-token perplexity of two prefill graphs (run_*(feeds) -> logits) over held-out windows [N, seq+1],
+    their top-1 agreement and KL(ref || other) per token."""
+    nll_ref = nll_other = agree = kl = 0.0
+    n_tok = 0
+    for i in range(0, len(heldout), batch):
+        x = heldout[i:i + batch]
+        feeds = prefill_feeds(fp32_ir, x[:, :-1])
+        lr, lo = _log_softmax(run_ref(feeds)), _log_softmax(run_other(feeds))
+        tgt = x[:, 1:, None]
+        nll_ref -= np.take_along_axis(lr, tgt, -1).sum()
+        nll_other -= np.take_along_axis(lo, tgt, -1).sum()
+        agree += (lr.argmax(-1) == lo.argmax(-1)).sum()
+        kl += (np.exp(lr) * (lr - lo)).sum()
+        n_tok += tgt.size
+    ppl_ref, ppl_other = math.exp(nll_ref / n_tok), math.exp(nll_other / n_tok)
+    return {"heldout_tokens": int(n_tok), "ppl_fp32": float(ppl_ref), "ppl_other": float(ppl_other),
+            "ppl_increase": ppl_other / ppl_ref - 1, "top1_agreement": float(agree / n_tok), "kl": float(kl / n_tok)}
+
+
 def quantized_graph(fp32_ir: ir.Model, scheme: str, model=None, calibration_ids: np.ndarray | None = None,
                     threads: int = 1, **options):
     """(quantized copy of `fp32_ir`, QuantReport). W8A8 calibrates on `calibration_ids` windows first."""
@@ -108,24 +134,10 @@ def evaluate_quantized(model_dir: str | Path, scheme: str, *, n_windows: int = 6
     cal_ids = windows("calibration", 32, seq) if scheme == "w8a8" else None
     quant, rep = quantized_graph(fp32, scheme, model=model, calibration_ids=cal_ids, threads=threads, **options)
     s_ref, s_q = _session(fp32, threads), _session(quant, threads)
-    nll_ref = nll_q = 0.0
-    agree = kl = 0.0
-    n_tok = 0
-    for i in range(0, n_windows, 8):
-        x = heldout[i:i + 8]
-        feeds = prefill_feeds(fp32, x[:, :-1])
-        lr = _log_softmax(s_ref.run(["logits"], feeds)[0])
-        lq = _log_softmax(s_q.run(["logits"], feeds)[0])
-        tgt = x[:, 1:, None]
-        nll_ref -= np.take_along_axis(lr, tgt, -1).sum()
-        nll_q -= np.take_along_axis(lq, tgt, -1).sum()
-        agree += (lr.argmax(-1) == lq.argmax(-1)).sum()
-        kl += (np.exp(lr) * (lr - lq)).sum()
-        n_tok += tgt.size
-    ppl_ref, ppl_q = math.exp(nll_ref / n_tok), math.exp(nll_q / n_tok)
-    res = {"scheme": scheme, "options": options, "graph": graph, "model": str(model_dir), "heldout_tokens": int(n_tok),
-           "ppl_fp32": float(ppl_ref), "ppl_quant": float(ppl_q), "ppl_increase": ppl_q / ppl_ref - 1,
-           "top1_agreement": float(agree / n_tok), "kl": float(kl / n_tok), "linear_ratio": rep.linear_ratio,
+    m = heldout_agreement(lambda f: s_ref.run(["logits"], f)[0], lambda f: s_q.run(["logits"], f)[0], fp32, heldout)
+    m["ppl_quant"] = m.pop("ppl_other")
+    res = {"scheme": scheme, "options": options, "graph": graph, "model": str(model_dir), **m,
+           "linear_ratio": rep.linear_ratio,
            "linear_bytes_before": rep.linear_bytes_before, "linear_bytes_after": rep.linear_bytes_after,
            "weights_bytes_before": rep.weights_bytes_before, "weights_bytes_after": rep.weights_bytes_after,
            "n_quantized": len(rep.quantized), "notes": rep.notes}
@@ -143,7 +155,8 @@ def _weight_error(w_oi: np.ndarray, scheme: str, options: dict) -> float:
     import torch
     if scheme == "int8":
         from passes.quant_int8 import quantize_int8_blocks
-        q, s, z, _ = quantize_int8_blocks(w_oi, options.get("block_size", 128), options.get("symmetric", True))
+        q, s, z, _ = quantize_int8_blocks(w_oi, options.get("block_size", 128), options.get("symmetric", True),
+                                          options.get("scale_dtype", "float32"))
         d = ((q.astype(np.float32) - z[..., None]) * s[..., None]).reshape(w_oi.shape[0], -1)[:, :w_oi.shape[1]]
     elif scheme == "fp8":
         from models.checkpoint import fp8_block_dequantize, fp8_block_quantize
@@ -232,6 +245,47 @@ def plot_error_profile(rows: list[dict], path: Path, title: str = "") -> Path | 
     return path
 
 
+def evaluate_package(package: str | Path, model_dir: str | Path, *, n_windows: int = 64, seq: int = 128,
+                     threads: int = 1) -> dict:
+    """Held-out perplexity of a package's prefill graph (folder or .tar.gz) vs the fp32 exported graph of
+    `model_dir` (the checkpoint it was compiled from: checked against the manifest's weights hash)."""
+    import onnxruntime as ort
+
+    from models.train_small import windows
+    from pipeline.cuda_runtime import _ORT_TYPES
+    from pipeline.package import PackageError, open_package
+    from pipeline.compile import weights_sha256
+    root, manifest, cleanup = open_package(package)
+    try:
+        blob, model = _exported(str(Path(model_dir).resolve()), "raw")
+        if manifest["model"]["weights_sha256"] != weights_sha256(model):
+            raise PackageError(f"{package}: compiled from other weights than {model_dir} (manifest model.weights_sha256 "
+                               f"{manifest['model']['weights_sha256'][:12]}...): evaluate it with its own checkpoint")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        graph = manifest["io"]["graphs"]["prefill"]["file"]
+        s_pkg = ort.InferenceSession(str(root / graph), so, providers=["CPUExecutionProvider"])
+        types = {i.name: _ORT_TYPES[i.type] for i in s_pkg.get_inputs()}
+        fp32 = ir.from_proto(__import__("onnx").load_from_string(blob))
+        s_ref = _session(fp32, threads)
+        m = heldout_agreement(
+            lambda f: s_ref.run(["logits"], f)[0],
+            lambda f: s_pkg.run(["logits"], {n: a.astype(types[n]) for n, a in f.items()})[0],
+            fp32, windows("heldout", n_windows, seq + 1))
+    finally:
+        cleanup()
+    t = manifest["target"]
+    m["ppl_package"] = m.pop("ppl_other")
+    res = {"package": str(package), "target": t["name"], "quantization": t.get("quantization"),
+           "precision": t.get("precision", "fp32"), "model": str(model_dir), **m,
+           "run_on": f"onnxruntime {ort.__version__} CPU"}
+    targets = TARGETS.get(res["quantization"], {})
+    res["targets"] = targets
+    res["passed"] = bool(res["ppl_increase"] <= targets.get("max_ppl_increase", math.inf)
+                         and res["top1_agreement"] >= targets.get("min_top1", 0.0))
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="held-out accuracy of quantization schemes")
     ap.add_argument("model_dir")
@@ -241,7 +295,13 @@ def main(argv=None) -> int:
     ap.add_argument("--graph", choices=GRAPHS, default="raw",
                     help="raw: the exported graph; ort-cpu: after the ort-cpu passes (experts in MoE/QMoE)")
     ap.add_argument("--int8-accuracy-level", type=int, default=None, help="int8: MatMulNBits/QMoE accuracy_level")
+    ap.add_argument("--package", nargs="+", default=None,
+                    help="evaluate these compiled packages (folder or .tar.gz) of model_dir instead of --scheme")
     args = ap.parse_args(argv)
+    if args.package:
+        for p in args.package:
+            print(json.dumps(evaluate_package(p, args.model_dir, n_windows=args.windows)))
+        return 0
     for s in args.scheme:
         csv_path = Path(args.csv_dir) / f"error_profile_{s}.csv" if args.csv_dir else None
         opts = {"accuracy_level": args.int8_accuracy_level} if s == "int8" and args.int8_accuracy_level is not None else {}

@@ -78,3 +78,22 @@ def test_fp8_with_dynamic_activations_meets_the_fp8_target():
     res = evaluate_quantized(MODEL, "fp8", n_windows=16, activations="dynamic")
     print("fp8 dynamic activations", res)
     assert res["passed"], res
+
+
+def test_ort_cuda_fp8_package_meets_the_fp8_target_on_held_out_text(tmp_path):
+    """The ort-cuda fp8 package as shipped (fp16 graphs, E4M3 weights dequantized per run, experts fp16 MoE),
+    run on ORT CPU over held-out text against the fp32 exported graph: perplexity within the fp8 target.
+    A package of other weights is refused by name."""
+    from pipeline.compile import compile_package
+    from pipeline.package import PackageError
+    from pipeline.quant_eval import evaluate_package
+    pkg = compile_package(str(MODEL), "ort-cuda", tmp_path / "pkg", quant="fp8", progress=lambda m: None,
+                          use_cache=False, gen_tokens=4)
+    res = evaluate_package(pkg, MODEL, n_windows=16)
+    print(res)
+    assert res["quantization"] == "fp8" and res["precision"] == "fp16" and res["heldout_tokens"] == 16 * 128
+    assert res["passed"] and res["ppl_increase"] <= 0.02 and res["top1_agreement"] > 0.95, res
+    other = compile_package("tiny", "ort-cuda", tmp_path / "tiny", progress=lambda m: None, use_cache=False,
+                            gen_tokens=2)
+    with pytest.raises(PackageError, match="compiled from other weights"):
+        evaluate_package(other, MODEL, n_windows=8)
