@@ -48,9 +48,11 @@ def _targets_help() -> str:
               help="package folder to create (default dist/<model>-<target>); a .tar.gz is written beside it")
 @click.option("--force", is_flag=True, help="replace --out if it exists")
 @click.option("--quant", default=None,
-              help="quantization scheme (default none): ort-cpu none|int8|w8a8|fp8; ort-cuda none (fp16)|int8 "
-                   "(MatMulNBits 8-bit, QMoE int8 experts where CUDA takes them, fp16 compute); ascend none|w8a8 "
-                   "(int8 QDQ graphs; AMCT/ATC acceptance unverified here)")
+              help="quantization scheme (default none; an FP8 checkpoint: fp8 where the target has it): ort-cpu "
+                   "none|int8|w8a8|fp8; ort-cuda none (fp16)|int8 (MatMulNBits 8-bit, QMoE int8 experts where CUDA "
+                   "takes them, fp16 compute)|fp8 (E4M3 128x128-block weights dequantized to fp16 on every run: "
+                   "saves weight memory, not time; experts stay fp16 MoE); ascend none|w8a8 (int8 QDQ graphs; "
+                   "AMCT/ATC acceptance unverified here)")
 @click.option("--int8-accuracy-level", type=click.IntRange(0, 4), default=None,
               help="--quant int8 on ort-cpu: MatMulNBits/QMoE accuracy_level; 4 quantizes activations to int8 per "
                    "block inside the kernels (faster, not weight-only numerics); default 0")
