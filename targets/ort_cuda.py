@@ -21,6 +21,9 @@ decided by structure, never by names:
     * TopK anywhere;
 - every other activation node computes in fp16: float initializers it reads are stored fp16 (one
   fp16 copy where an fp32 island reads the same initializer), Cast-to-float becomes Cast-to-fp16;
+- a Transpose outside the activations whose input is computed at run time and whose consumers all compute
+  in fp16 (the fp8 weights dequantized on every run) runs after the cast, in fp16: bit-identical, and ORT then
+  fuses it into the consumer's FusedMatMul;
 - graph IO: the cache inputs/outputs (past.* / present.*) are fp16 (half the cache memory and the
   bytes read per decode step); logits stay fp32 (a Cast before the output).
 
@@ -169,6 +172,7 @@ class Fp16Report:
     fp16_copies: int = 0
     weight_bytes_fp16: int = 0
     weight_bytes_fp32: int = 0
+    transposes_fp16: int = 0  # computed (not constant) Transposes feeding only fp16 nodes, moved after the cast
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -242,6 +246,20 @@ def _infer_dtypes(model: ir.Model) -> None:
                     o.dtype = typed[0]
 
 
+def _transpose_for_fp16(node: ir.Node, want: dict, act: set) -> bool:
+    """A Transpose outside the activations whose input is computed at run time (e.g. a weight dequantized on
+    every run, passes/quant_fp8_cuda.py) and whose every consumer computes in fp16: transposing after the cast
+    to fp16 is bit-identical, moves half the bytes, and lets ORT fuse the Transpose into the consumer's
+    FusedMatMul (a Cast in between prevents that). Constant inputs are left alone (ORT folds those)."""
+    if node.op_type != "Transpose" or id(node) in act or want.get(id(node)) == F16:
+        return False
+    x, y = node.inputs[0], node.outputs[0]
+    if x is None or x.producer() is None or _is_const(x) or y.is_graph_output() or x.dtype != F32:
+        return False
+    uses = list(y.uses())
+    return bool(uses) and all(want.get(id(u)) == F16 and u.op_type != "Cast" for u, _ in uses)
+
+
 def to_fp16(model: ir.Model, cache_fp16: bool = True) -> Fp16Report:
     """Rewrite `model` in place to compute in fp16 with fp32 islands (module doc). -> report."""
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
@@ -262,6 +280,10 @@ def to_fp16(model: ir.Model, cache_fp16: bool = True) -> Fp16Report:
             want[id(n)] = F32
             if id(n) in act:
                 report.islands[keep[0]] = report.islands.get(keep[0], 0) + 1
+    for n in reversed(nodes):  # consumers before producers: chains of Transposes follow their consumers
+        if _transpose_for_fp16(n, want, act):
+            want[id(n)] = F16
+            report.transposes_fp16 += 1
     report.fp16_nodes = sum(d == F16 for d in want.values())
     report.fp32_nodes = len(nodes) - report.fp16_nodes
 

@@ -112,8 +112,9 @@ def test_cuda_form_leaves_other_dequantize_nodes_alone():
 
 def test_tiny_fp8_weights_reach_the_fp16_gemms_as_numpy_fp16_of_the_scheme(tiny_cuda_graphs):
     """quantize_fp8 then to_fp16 on tiny's prefill graph: each weight a MatMul/Gemm reads is a Cast to fp16
-    of the dequantized weight, equal bit for bit to fp16(float32(q) * scale_inv[block]) from numpy, and
-    the logits stay close to the fp32-activation fp8 graph (the same weights unrounded)."""
+    of the dequantized weight (its Transpose, if any, after the cast), equal bit for bit to
+    fp16(float32(q) * scale_inv[block]) from numpy, and the logits stay close to the fp32-activation fp8
+    graph (the same weights unrounded)."""
     from passes.quant_weights import find_linear_sites
     m = ir.from_proto(onnx.load_from_string(tiny_cuda_graphs["prefill"]))
     fp32 = {s.weight.name: s.weight_oi for s in find_linear_sites(m.graph)}
@@ -122,7 +123,7 @@ def test_tiny_fp8_weights_reach_the_fp16_gemms_as_numpy_fp16_of_the_scheme(tiny_
     assert names and report.linear_ratio <= 0.27
     assert not any(n.op_type == "DequantizeLinear" and n.attributes.get("block_size") is not None for n in m.graph)
     fp32_graph = ir.from_proto(onnx.load_from_string(ir.to_proto(m).SerializeToString()))
-    ort_cuda.to_fp16(m)
+    fp16_report = ort_cuda.to_fp16(m)
     # find each fp16 weight: Cast(to fp16) of "<weight>.dequantized", possibly through its Transpose
     found = {}
     for n in m.graph:
@@ -134,6 +135,10 @@ def test_tiny_fp8_weights_reach_the_fp16_gemms_as_numpy_fp16_of_the_scheme(tiny_
         if v.name.endswith(".dequantized"):
             found[n.outputs[0].name] = (v.name[: -len(".dequantized")], transposed)
     assert {b for b, _ in found.values()} == set(names)
+    # the MatMuls' Transposes run after the cast, in fp16 (bit-identical; ORT can fuse them into FusedMatMul)
+    assert not any(t for _, t in found.values()) and fp16_report.transposes_fp16 > 0
+    assert all(n.outputs[0].dtype == ir.DataType.FLOAT16 for n in m.graph if n.op_type == "Transpose"
+               and n.inputs[0].name.endswith("__fp16"))
     feeds = {"input_ids": np.array([[1, 5, 9, 200, 31]], np.int64)}
     sess_in = ort.InferenceSession(ir.to_proto(m).SerializeToString(), providers=["CPUExecutionProvider"])
     for i in sess_in.get_inputs():

@@ -11,7 +11,8 @@ Per form, one after the other in this process (the previous session destroyed fi
            at every length, minus the figure before it (the CUDA context is created first by a one-node session
            kept alive, so neither form's figure includes it);
   decode   ms per decode step (batch 1, synthetic cache of each --lengths, bound on the device, logits copied
-           to the host), median of --repeat after warm-up;
+           to the host), median of --repeat: both sessions alive, timed in blocks alternated between the forms
+           (pipeline.benchmarks.time_blocks), because the device's speed drifts between runs;
   bytes    initializer bytes by dtype in the graph file.
 Agreement: prefill logits of one random prompt (--prompt-len tokens, fresh cache) of four graphs on CUDA against
   the fp32 graph's: fp16, fp8 with fp32 activations (the quantize stage's graph: fp8 error alone), fp8 (what
@@ -37,7 +38,7 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from pipeline.benchmarks import command_line, elapsed_logger  # noqa: E402
+from pipeline.benchmarks import command_line, elapsed_logger, time_blocks  # noqa: E402
 
 
 def gpu_mib() -> float | None:
@@ -158,6 +159,7 @@ def main(argv=None) -> int:
         log(f"prefill logits vs the fp32 graph: {res['prefill_vs_fp32_graph']}")
     save()
     logits = {}
+    ids = np.array([[7]], np.int64)
     for form in ("fp16", "fp8"):
         try:
             gc.collect()
@@ -166,7 +168,6 @@ def main(argv=None) -> int:
             rt = CudaPackageRuntime(work / form, device=args.device, manifest=manifest)
             r = {"session_s": round(time.perf_counter() - t, 1), "providers": rt.providers,
                  "bytes": bytes_by_dtype(work / form / "onnx" / "decode.onnx"), "gpu_mib_before": base, "decode": {}}
-            ids = np.array([[7]], np.int64)
             for L in lengths:
                 past = rt.synthetic_cache(1, L)
                 lg, _ = rt.run("decode", ids, past)
@@ -174,14 +175,6 @@ def main(argv=None) -> int:
                     logits[form] = np.asarray(lg, np.float32)
                 for _ in range(5):
                     rt.run("decode", ids, past)
-                times = []
-                for _ in range(args.repeat):
-                    s = time.perf_counter()
-                    rt.run("decode", ids, past)
-                    times.append((time.perf_counter() - s) * 1e3)
-                r["decode"][str(L)] = {"median_ms": statistics.median(times), "min_ms": min(times),
-                                       "repeat": args.repeat}
-                log(f"{form} decode @ {L}: {r['decode'][str(L)]['median_ms']:.3f} ms")
                 del past
             r["gpu_mib_after_decode"] = gpu_mib()
             r["gpu_mib_delta"] = (None if base is None or r["gpu_mib_after_decode"] is None
@@ -193,6 +186,26 @@ def main(argv=None) -> int:
             res["errors"].append({form: traceback.format_exc()[-3000:]})
             log(res["errors"][-1])
         save()
+    # decode timing with both sessions alive, in blocks alternated between the forms (time_blocks): this
+    # machine's decode time drifts between runs by more than the fp8/fp16 difference (fp16 9.8 vs 13.7 ms, the
+    # same graph, two runs), so the forms are timed side by side in one run
+    try:
+        rts = {f: CudaPackageRuntime(work / f, device=args.device, manifest=manifest) for f in ("fp16", "fp8")}
+        for L in lengths:
+            caches = {f: rt.synthetic_cache(1, L) for f, rt in rts.items()}
+            times = time_blocks({f: (lambda rt=rt, c=caches[f]: rt.run("decode", ids, c)) for f, rt in rts.items()},
+                                repeats=args.repeat, warmup=5)
+            for f, ts in times.items():
+                res["forms"].setdefault(f, {}).setdefault("decode", {})[str(L)] = {
+                    "median_ms": statistics.median(ts), "min_ms": min(ts), "repeat": len(ts),
+                    "timing": "time_blocks: blocks of each form alternated over 4 rounds"}
+            log(f"decode @ {L}: " + ", ".join(f"{f} {statistics.median(ts):.3f} ms" for f, ts in times.items()))
+            del caches
+        del rts
+    except Exception:  # noqa: BLE001
+        res["errors"].append({"decode timing": traceback.format_exc()[-3000:]})
+        log(res["errors"][-1])
+    save()
     if len(logits) == 2:
         a, b = logits["fp16"].ravel().astype(np.float64), logits["fp8"].ravel().astype(np.float64)
         res["fp8_vs_fp16_decode_logits"] = {"cosine": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))),

@@ -66,7 +66,7 @@ def _placement(rt) -> dict:
             if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
                 continue
             op = "fp8 CUDA form" if "/fp8_cuda_" in e["name"] else a.get("op_name")
-            if op in ("MatMulNBits", "MoE", "QMoE", "MatMul", "DequantizeLinear", "fp8 CUDA form"):
+            if op in ("MatMulNBits", "MoE", "QMoE", "MatMul", "FusedMatMul", "DequantizeLinear", "fp8 CUDA form"):
                 key = f"{g}/{op}"
                 placed.setdefault(key, {}).setdefault(a.get("provider"), 0)
                 placed[key][a.get("provider")] += 1
