@@ -41,3 +41,31 @@ def hf_checkpoints(tmp_path_factory):
         model.save_pretrained(path)
         out[kind] = (model, path)
     return out
+
+
+def tiny_fused_graphs(moe_pass) -> tuple:
+    """(tiny, {graph: serialized proto}) after export, latent-kv fusion and the MoE pass `moe_pass()`
+    (the ort-cpu form with MoEGroupRouter, or the ort-cuda form with the router as plain ops)."""
+    import onnx_ir as ir
+
+    import models
+    from passes import PASSES, graphs_for
+    from passes.cleanup import cleanup
+    from pipeline.export import export_graphs
+    model = models.load("tiny", seed=0)
+    graphs = export_graphs(model, "latent")
+    for g in graphs_for("latent-kv-fusion"):
+        PASSES["latent-kv-fusion"]()(graphs[g])
+        cleanup(graphs[g])
+    for g in ("prefill", "decode"):
+        moe_pass()(graphs[g])
+        cleanup(graphs[g])
+    return model, {g: ir.to_proto(m).SerializeToString() for g, m in graphs.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_cuda_graphs():
+    """tiny's graphs as the ort-cuda flow has them before quantization (export, latent-kv fusion, MoE with
+    the subgraph router), as serialized protos; shared by test_ort_cuda_int8.py and test_ort_cuda_fp8.py."""
+    from pipeline.cuda_compile import CUDA_PASS_OVERRIDES
+    return tiny_fused_graphs(CUDA_PASS_OVERRIDES["moe-ort-fused"])[1]

@@ -15,10 +15,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-import models
-from pipeline.export import export_graphs
-from passes import PASSES, graphs_for
-from passes.cleanup import cleanup
+from passes import PASSES
 from targets import ort_cuda
 
 F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
@@ -47,15 +44,9 @@ def cpu_built_package(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_graphs():
-    model = models.load("tiny", seed=0)
-    graphs = export_graphs(model, "latent")
-    for g in graphs_for("latent-kv-fusion"):
-        PASSES["latent-kv-fusion"]()(graphs[g])
-        cleanup(graphs[g])
-    for g in ("prefill", "decode"):
-        PASSES["moe-ort-fused"]()(graphs[g])
-        cleanup(graphs[g])
-    return model, {g: ir.to_proto(m).SerializeToString() for g, m in graphs.items()}
+    """tiny with the ort-cpu MoE form (MoEGroupRouter): to_fp16 keeps that router op fp32 too."""
+    from conftest import tiny_fused_graphs
+    return tiny_fused_graphs(PASSES["moe-ort-fused"])
 
 
 def _fp16(blob: bytes):

@@ -26,7 +26,6 @@ from onnx import numpy_helper as nh
 from passes.quant_fp8_cuda import Fp8CudaFormPass
 from passes.quant_weights import quantize
 from targets import ort_cuda
-from test_ort_cuda_int8 import tiny_cuda_graphs  # noqa: F401  (fixture: tiny's ort-cuda graphs before quantization)
 from test_quant_schemes import ref_fp8  # the independent numpy scheme
 
 FP8 = onnx.TensorProto.FLOAT8E4M3FN

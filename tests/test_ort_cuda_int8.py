@@ -20,32 +20,12 @@ from test_quant_schemes import ref_int8  # the independent numpy scheme (fp16 sc
 F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
 
 
-# ---- independent numpy reference of the ort-cuda int8 scheme ----------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_cuda_graphs():
-    """tiny's graphs as the ort-cuda flow has them before quantization (export, latent-kv fusion, MoE with
-    the subgraph router), as serialized protos."""
-    import models
-    from passes import PASSES, graphs_for
-    from passes.cleanup import cleanup
-    from pipeline.cuda_compile import CUDA_PASS_OVERRIDES
-    from pipeline.export import export_graphs
-    model = models.load("tiny", seed=0)
-    graphs = export_graphs(model, "latent")
-    for g in graphs_for("latent-kv-fusion"):
-        PASSES["latent-kv-fusion"]()(graphs[g])
-        cleanup(graphs[g])
-    for g in ("prefill", "decode"):
-        CUDA_PASS_OVERRIDES["moe-ort-fused"]()(graphs[g])
-        cleanup(graphs[g])
-    return {g: ir.to_proto(m).SerializeToString() for g, m in graphs.items()}
-
-
 def _load(blob: bytes) -> ir.Model:
     import onnx
     return ir.from_proto(onnx.load_from_string(blob))
 
 
+# ---- independent numpy reference of the ort-cuda int8 scheme (tiny_cuda_graphs: tests/conftest.py) --------
 def ref_experts_fp16_scales(w: np.ndarray):
     """[E, N, K] -> (uint8 q + 128, fp16 scale per (expert, output row), dequantized fp32)."""
     amax = np.abs(w).max(-1)
