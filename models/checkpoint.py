@@ -81,9 +81,17 @@ def _resolve_weight_files(path: Path) -> dict[str, str] | None:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r}); it needs a 'weight_map' "
                                   "object mapping tensor names to shard files") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise CheckpointError(f"{index}: 'weight_map' must be an object mapping tensor names to shard file "
+                                  "names (strings); the index is damaged")
+        outside = sorted({f for f in weight_map.values() if Path(f).name != f or f in ("", ".", "..")})
+        if outside:
+            raise CheckpointError(f"{index}: names shard file {outside[0]!r}, which is not a file name in the "
+                                  "checkpoint folder; shards must lie beside the index")
         missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
         if missing:
             raise CheckpointError(f"{index}: names shard file(s) that do not exist: {', '.join(missing)}")
@@ -135,16 +143,39 @@ def _check_file_sizes(path: Path, files: set[str]) -> None:
         if len(raw) < 8:
             raise CheckpointError(f"{p}: truncated ({p.stat().st_size} bytes): not a safetensors file")
         header_len = int.from_bytes(raw, "little")
+        corrupt = CheckpointError(f"{p}: corrupt safetensors header; copy or re-save the file")
+        if header_len > p.stat().st_size - 8:
+            raise corrupt
         with open(p, "rb") as fh:
             fh.seek(8)
             try:
                 header = json.loads(fh.read(header_len))
             except (json.JSONDecodeError, UnicodeDecodeError):
-                raise CheckpointError(f"{p}: corrupt safetensors header; copy or re-save the file") from None
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                raise corrupt from None
+        try:
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (AttributeError, KeyError, TypeError, ValueError, IndexError):
+            raise corrupt from None
         if p.stat().st_size < 8 + header_len + end:
             raise CheckpointError(f"{p}: truncated: the header needs {8 + header_len + end} bytes, the file has "
                                   f"{p.stat().st_size}; copy the file again")
+
+
+def _check_shapes(path: Path, available: dict[str, str], expected: dict[str, torch.Tensor]) -> None:
+    by_file: dict[str, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(available[name], []).append(name)
+    for fname in sorted(by_file):
+        with _open(path / fname) as f:
+            for name in by_file[fname]:
+                try:
+                    shape = list(f.get_slice(name).get_shape())
+                except (SafetensorError, ValueError, TypeError) as e:
+                    raise CheckpointError(f"{path / fname}: tensor {name!r} cannot be read ({e}); the file is "
+                                          "corrupt: copy or re-save it") from None
+                if shape != list(expected[name].shape):
+                    raise CheckpointError(f"{path / fname}: tensor {name!r} has shape {shape}, the config implies "
+                                          f"{list(expected[name].shape)}; config.json and the weights do not match")
 
 
 def empty_model(cfg: DeepseekConfig, attention: str = "naive") -> DeepseekForCausalLM:
@@ -174,8 +205,8 @@ def load_checkpoint(path: str | os.PathLike, attention: str = "naive") -> Deepse
         return not (m and int(m.group(1)) >= cfg.num_hidden_layers) and not _IGNORED_RE.search(name)
 
     available = {k: v for k, v in weight_map.items() if kept(k)}
-    model = empty_model(cfg, attention)
-    expected = model.state_dict()
+    with torch.device("meta"):  # names and shapes the config implies, without allocating anything
+        expected = DeepseekForCausalLM(cfg, attention).state_dict()
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     scales = {k for k in available if k.endswith(".weight_scale_inv")}
@@ -191,6 +222,11 @@ def load_checkpoint(path: str | os.PathLike, attention: str = "naive") -> Deepse
     orphan = sorted(s for s in scales if s[: -len("_scale_inv")] not in expected)
     if orphan:
         raise CheckpointError(f"{path}: weight_scale_inv without its weight: {', '.join(orphan[:3])}")
+    _check_shapes(path, available, expected)  # before allocating: a wrong config must not allocate its model
+    model = empty_model(cfg, attention)
+    expected = model.state_dict()
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
 
     fp8_names = []
     by_file: dict[str, list[str]] = {}
@@ -200,7 +236,11 @@ def load_checkpoint(path: str | os.PathLike, attention: str = "naive") -> Deepse
         for fname in sorted(by_file):
             with _open(path / fname) as f:
                 for name in by_file[fname]:
-                    t = f.get_tensor(name)
+                    try:
+                        t = f.get_tensor(name)
+                    except (SafetensorError, ValueError, TypeError, RuntimeError) as e:
+                        raise CheckpointError(f"{path / fname}: tensor {name!r} cannot be read ({e}); the file is "
+                                              "corrupt: copy or re-save it") from None
                     target = expected[name]
                     where = f"{path / fname}: tensor {name!r}"
                     if t.dtype not in SUPPORTED_DTYPES:

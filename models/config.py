@@ -18,6 +18,32 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
+_FIELD_KINDS = {
+    "model_type": "str", "scoring_func": "str", "topk_method": "str",
+    **{n: "int" for n in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                          "num_hidden_layers", "first_k_dense_replace", "num_attention_heads", "n_routed_experts",
+                          "n_shared_experts", "num_experts_per_tok", "n_group", "topk_group", "kv_lora_rank",
+                          "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings")},
+    "q_lora_rank": "int?", "bos_token_id": "int?", "eos_token_id": "int?",
+    **{n: "number" for n in ("routed_scaling_factor", "rms_norm_eps", "rope_theta")},
+    **{n: "bool" for n in ("norm_topk_prob", "tie_word_embeddings", "attention_bias")},
+    "rope_scaling": "dict?", "quantization_config": "dict?",
+}
+_KIND_WORDS = {"str": "a string", "int": "an integer", "int?": "an integer or null", "number": "a finite number",
+               "bool": "true or false", "dict?": "an object or null"}
+_MAX_DIM = 1 << 24  # no DeepSeek dimension comes near; larger values are corrupt, not models
+
+
+def _is_kind(v: Any, kind: str) -> bool:
+    if kind.endswith("?"):
+        return v is None or _is_kind(v, kind[:-1])
+    if kind == "int":
+        return isinstance(v, int) and not isinstance(v, bool) and abs(v) <= _MAX_DIM
+    if kind == "number":
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, {"str": str, "bool": bool, "dict": dict}[kind])
+
+
 @dataclasses.dataclass
 class DeepseekConfig:
     model_type: str = "deepseek_v3"
@@ -88,6 +114,11 @@ class DeepseekConfig:
 
         if self.model_type not in MODEL_TYPES:
             raise bad("model_type", self.model_type, f"expected one of {', '.join(MODEL_TYPES)}")
+        for f in dataclasses.fields(self):  # the JSON types first: every later check may rely on them
+            v = getattr(self, f.name)
+            kind = _FIELD_KINDS.get(f.name)
+            if kind is not None and not _is_kind(v, kind):
+                raise bad(f.name, v, f"must be {_KIND_WORDS[kind]}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
                      "num_hidden_layers", "num_attention_heads", "n_routed_experts",
                      "num_experts_per_tok", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
@@ -127,15 +158,29 @@ class DeepseekConfig:
         if self.first_k_dense_replace > self.num_hidden_layers:
             raise bad("first_k_dense_replace", self.first_k_dense_replace,
                       f"larger than num_hidden_layers={self.num_hidden_layers}")
-        if self.rms_norm_eps <= 0:
-            raise bad("rms_norm_eps", self.rms_norm_eps, "must be positive")
+        for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor"):
+            if not getattr(self, name) > 0:
+                raise bad(name, getattr(self, name), "must be a positive, finite number")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v < self.vocab_size:
+                raise bad(name, v, f"must be a token id in [0, vocab_size={self.vocab_size}) or null")
         if self.rope_scaling is not None:
             rs = self.rope_scaling
             for key in ("factor", "original_max_position_embeddings"):
                 if key not in rs:
                     raise bad("rope_scaling", rs, f"YaRN needs '{key}'")
-            if not (isinstance(rs["factor"], (int, float)) and rs["factor"] >= 1):
+            for key, v in rs.items():
+                if key == "truncate":
+                    if not isinstance(v, bool):
+                        raise bad(f"rope_scaling.{key}", v, "must be true or false")
+                elif not _is_kind(v, "number") or not v > 0:
+                    raise bad(f"rope_scaling.{key}", v, "must be a positive, finite number")
+            if rs["factor"] < 1:
                 raise bad("rope_scaling.factor", rs["factor"], "must be a number >= 1")
+            if rs.get("beta_fast", 32) <= rs.get("beta_slow", 1):
+                raise bad("rope_scaling.beta_fast", rs.get("beta_fast", 32),
+                          f"must be larger than beta_slow={rs.get('beta_slow', 1)}")
         q = self.quantization_config
         if q is not None:
             if q.get("quant_method") != "fp8":
@@ -178,12 +223,17 @@ class DeepseekConfig:
             if kw.get(k) is None:
                 kw[k] = 1
         if isinstance(kw.get("eos_token_id"), list):
-            kw["eos_token_id"] = kw["eos_token_id"][0]
+            kw["eos_token_id"] = kw["eos_token_id"][0] if kw["eos_token_id"] else None
         # RoPE: transformers 5 nests everything under rope_parameters; original checkpoints use
         # rope_theta + rope_scaling (with "type" or "rope_type").
         rp = d.get("rope_parameters") or {}
         rs = d.get("rope_scaling") or {}
+        for name, value in (("rope_parameters", rp), ("rope_scaling", rs)):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: field '{name}' = {value!r} is invalid: must be an object or null")
         theta = rp.get("rope_theta", d.get("rope_theta", 10000.0))
+        if not _is_kind(theta, "number"):
+            raise ConfigError(f"{source}: field 'rope_theta' = {theta!r} is invalid: must be a positive, finite number")
         merged = {**rs, **rp}
         rope_type = merged.get("rope_type", merged.get("type", "default"))
         if rope_type not in ("default", "yarn"):
@@ -208,6 +258,11 @@ class DeepseekConfig:
             raise ConfigError(f"{path}: not found; a Hugging Face checkpoint folder needs config.json") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); config.json is damaged, "
+                              "copy it again from the checkpoint") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
         return cls.from_hf_dict(d, source=str(path))

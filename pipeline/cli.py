@@ -19,6 +19,33 @@ class _Group(click.Group):
         except MlamoeError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except Exception as e:
+            if not type(e).__module__.startswith(("onnxruntime", "onnx.")):
+                raise
+            # ONNX Runtime / onnx refusing a package's graph: a damaged or foreign package, not our bug
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            click.echo(f"error: ONNX Runtime could not load or run the package's graphs ({first}); the package "
+                       "is damaged or was not built by this mlamoe: run `mlamoe verify` on it, or rebuild it", err=True)
+            sys.exit(2)
+
+
+def _reads_package(command):
+    """For commands that read a package: a manifest.json whose fields were damaged or edited (a key
+    missing, a value of the wrong type) is one clear error naming the field, not a traceback."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapped(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, FileNotFoundError, IsADirectoryError,
+                NotADirectoryError) as e:
+            if isinstance(e, click.ClickException):
+                raise
+            what = f"{type(e).__name__}: {e}".strip()
+            raise MlamoeError(f"the package's manifest.json lacks or mistypes a field this command reads ({what}); "
+                              "it was damaged or edited after packaging: copy the package again or rebuild it") from e
+    return wrapped
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,6 +58,7 @@ def main():
       mlamoe compile --model small --target ort-cpu --out dist/small-ort-cpu
       mlamoe verify dist/small-ort-cpu.tar.gz
       mlamoe generate dist/small-ort-cpu --prompt-ids 1,2,3 --max-new-tokens 8 --json
+      mlamoe clean                      # what killed compiles left in dist/
     """
 
 
@@ -45,7 +73,8 @@ def _targets_help() -> str:
               help="a preset (tiny, tiny-v2, small, medium) or a Hugging Face checkpoint folder")
 @click.option("--target", default="ort-cpu", show_default=True, help=_targets_help())
 @click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="package folder to create (default dist/<model>-<target>); a .tar.gz is written beside it")
+              help="package folder to create (default dist/<model>-<target>); its reproducible .tar.gz and the "
+                   "build log NAME.build.json (times, cache hits) are written beside it")
 @click.option("--force", is_flag=True, help="replace --out if it exists")
 @click.option("--quant", default=None,
               help="quantization scheme (default none; an FP8 checkpoint: fp8 where the target has it): ort-cpu "
@@ -83,6 +112,7 @@ def compile(model_spec, target, out, force, quant, int8_accuracy_level, seed, no
 @main.command()
 @click.argument("package", type=click.Path(exists=True, path_type=Path))
 @click.option("--hashes-only", is_flag=True, help="check file hashes only, do not re-run golden data")
+@_reads_package
 def verify(package, hashes_only):
     """Re-check every file's sha256, then re-run the golden data where the runtime is present."""
     from .verify import verify_full
@@ -95,6 +125,7 @@ def verify(package, hashes_only):
 @main.command()
 @click.argument("package", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
+@_reads_package
 def inspect(package, as_json):
     """Show what a package holds: model, target, stages with parity, IO, files."""
     from .package import open_package
@@ -104,7 +135,8 @@ def inspect(package, as_json):
             click.echo(json.dumps(manifest, indent=2, sort_keys=True))
             return
         from .inspect import describe
-        click.echo(describe(manifest))
+        from .stages import read_build_log
+        click.echo(describe(manifest, read_build_log(package) if package.is_dir() else None))
     finally:
         cleanup()
 
@@ -125,16 +157,7 @@ def generate(source, prompt_ids, max_new_tokens, seed, as_json):
         raise click.BadParameter("needs at least one token id", param_hint="--prompt-ids")
     p = Path(source)
     if (p / "manifest.json").is_file() or p.name.endswith(".tar.gz"):
-        from .ort_runtime import PackageRuntime
-        from .package import open_package
-        root, manifest, cleanup = open_package(p)
-        try:
-            vocab = manifest["io"]["vocab_size"]
-            _check_ids(prompt, vocab)
-            tokens, logits = PackageRuntime(root, manifest=manifest).generate(prompt, max_new_tokens)
-        finally:
-            cleanup()
-        tokens, logits = tokens[0].tolist(), logits[0]
+        tokens, logits = _generate_from_package(p, prompt, max_new_tokens)
     else:
         import models
         model = models.load(source, seed=seed)
@@ -206,6 +229,36 @@ def plan(model_spec, ranks, redundant, stats_path, bytes_per_param, out, as_json
     if out:
         save_plan(p, out)
     click.echo(json.dumps(p, indent=1, sort_keys=True) if as_json else text)
+
+
+@main.command()
+@click.argument("folders", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--cache", "clean_cache", is_flag=True, help="also remove unfinished entries of the stage cache "
+                                                              "($MLAMOE_CACHE or ~/.cache/mlamoe)")
+def clean(folders, clean_cache):
+    """Remove what killed builds left: staging/scratch folders and temporary archives in FOLDERS
+    (default dist), and with --cache unfinished stage-cache entries. Live builds are left alone."""
+    from .package import clean_stale
+    from .stages import clean_cache_tmp, default_cache_dir
+    removed = [p for f in (folders or (Path("dist"),)) for p in clean_stale(f)]
+    if clean_cache:
+        removed += clean_cache_tmp(default_cache_dir())
+    for p in removed:
+        click.echo(f"removed {p}")
+    click.echo(f"{len(removed)} left-over{'s' if len(removed) != 1 else ''} removed")
+
+
+@_reads_package
+def _generate_from_package(path: Path, prompt: list[int], max_new_tokens: int):
+    from .ort_runtime import PackageRuntime
+    from .package import open_package
+    root, manifest, cleanup = open_package(path)
+    try:
+        _check_ids(prompt, manifest["io"]["vocab_size"])
+        tokens, logits = PackageRuntime(root, manifest=manifest).generate(prompt, max_new_tokens)
+    finally:
+        cleanup()
+    return tokens[0].tolist(), logits[0]
 
 
 def _check_ids(prompt, vocab):

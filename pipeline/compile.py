@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,9 +29,9 @@ from targets.base import TargetProfile
 from . import ort_runtime
 from .export import CACHE_NAMES, export_graphs, save_graph
 from .golden import Golden, make_golden, save_golden
-from .package import make_tarball, sha256_file, staging, write_manifest
+from .package import package_lock, sha256_file, staging, work_dir, write_failure, write_manifest
 from .parity import budget_for, compare, write_reports
-from .stages import StageRecord, StageRunner
+from .stages import StageRecord, StageRunner, write_build_log
 
 GRAPHS = ("prefill", "decode")
 VERSION = "0.1.0"
@@ -218,7 +217,29 @@ def _default_quant(requested: str | None, quant: str, fp8_checkpoint: bool, prof
                    f"--quant {quant}")
 
 
-def compile_package(model_spec: str, target: str, out: str | Path, *, force: bool = False, quant: str | None = None,
+def compile_package(model_spec: str, target: str, out: str | Path, **options) -> Path:
+    """Build the package for `target` at `out` (and `out`.tar.gz beside it); see _compile_package for
+    the options. Holds the package lock for the whole build (a second compile into the same --out
+    fails at once), and turns a full disk or an unwritable folder into one clear error."""
+    out = Path(out)
+    try:
+        with package_lock(out):
+            return _compile_package(model_spec, target, out, **options)
+    except OSError as e:
+        failure = write_failure(e, out, _fp32_weight_bytes(model_spec))
+        if failure is None:
+            raise
+        raise failure from e
+
+
+def _fp32_weight_bytes(model_spec: str) -> int | None:
+    try:
+        return 4 * models.load_config(model_spec).param_count()
+    except Exception:  # only sizes an error message
+        return None
+
+
+def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bool = False, quant: str | None = None,
                     seed: int = 0, cache_dir: Path | None = None, use_cache: bool = True,
                     layout: str = "latent", gen_tokens: int = 32, progress=None, soc: str | None = None,
                     precision: str | None = None, require_om: bool = False, ranks: int | None = None,
@@ -286,7 +307,7 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
                                   layout=layout, gen_tokens=gen_tokens, quant=quant)
     golden = make_golden(model, layout, gen_tokens=gen_tokens, seed=seed)
 
-    with tempfile.TemporaryDirectory(prefix="mlamoe-work-") as work_s, staging(out, force) as pkg:
+    with work_dir(out) as work_s, staging(out, force) as pkg:
         work = Path(work_s)
 
         def checker(stage: str, session: dict | None = None, reference: Golden | None = None):
@@ -410,7 +431,7 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
         (pkg / "README.md").write_text(package_readme(manifest, runner.reports))
         write_manifest(pkg, manifest)
         runner.progress(f"[package] {out} ({time.time() - started:.1f} s in all)")
-    make_tarball(out, out.parent / f"{out.name}.tar.gz")
+    write_build_log(out, runner, started)
     return out
 
 
@@ -429,7 +450,7 @@ def _compile_ascend(model, profile: TargetProfile, out: Path, force: bool, runne
                              seed=seed, progress=runner.progress, quant=quant)
         for r in build.reports:
             runner.add_report(rec, r)
-        rec.notes.append(f"seconds per step: {build.seconds}")
+        rec.timings = dict(build.seconds)
         for g, qr in build.quant_reports.items():
             rec.notes.append(f"{g}: w8a8: {len(qr['quantized'])} weights quantized, linear bytes "
                              f"{qr['linear_bytes_before']:,} -> {qr['linear_bytes_after']:,} ({qr['linear_ratio']:.4f}x)")
@@ -457,5 +478,5 @@ def _compile_ascend(model, profile: TargetProfile, out: Path, force: bool, runne
         (pkg / "README.md").write_text(head + build.readme)
         write_manifest(pkg, manifest)
         runner.progress(f"[package] {out} ({time.time() - started:.1f} s in all); {build.atc.status}")
-    make_tarball(out, out.parent / f"{out.name}.tar.gz")
+    write_build_log(out, runner, started)
     return out

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -35,9 +34,9 @@ from targets.base import TargetProfile
 from . import cuda_runtime, fp16_reference
 
 from .golden import Golden, GoldenCase, make_golden, save_golden
-from .package import make_tarball, staging, write_manifest
+from .package import staging, work_dir, write_manifest
 from .parity import BUDGETS, FP16_RULE, QUANT_FP16_RULE, compare_fp16, compare_fp16_greedy, write_reports
-from .stages import StageRecord, StageRunner
+from .stages import StageRecord, StageRunner, write_build_log
 
 GRAPHS = ("prefill", "decode")
 
@@ -130,7 +129,7 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
     cfg = model.config
     golden = make_golden(model, layout, gen_tokens=gen_tokens, seed=seed)
     session = ort_cuda.session_config()
-    with tempfile.TemporaryDirectory(prefix="mlamoe-work-") as work_s, staging(out, force) as pkg:
+    with work_dir(out) as work_s, staging(out, force) as pkg:
         work = Path(work_s)
 
         prev, prev_dir = run_graph_stages(runner, model, load, golden, work, profile.passes, layout,
@@ -301,7 +300,7 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
         (pkg / "README.md").write_text(_readme(manifest, _fp16_lines(runner.reports, stage)))
         write_manifest(pkg, manifest)
         runner.progress(f"[package] {out} ({time.time() - started:.1f} s in all)")
-    make_tarball(out, out.parent / f"{out.name}.tar.gz")
+    write_build_log(out, runner, started)
     return out
 
 

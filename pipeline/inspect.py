@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-def describe(manifest: dict) -> str:
+def describe(manifest: dict, build_log: dict | None = None) -> str:
     m, t = manifest["model"], manifest["target"]
     cfg = m["config"]
     out = [f"model     {m['source']} ({m['kind']}, {cfg['model_type']}, {m['parameters']:,} parameters)",
@@ -20,11 +20,14 @@ def describe(manifest: dict) -> str:
             out.append(f"          {g}: {spec['file']} batch {spec['batch']} seq {spec['seq']} cache {spec['max_cache']} "
                        f"MoE {spec['moe_form']}")
     out += ["", "stages"]
+    runs = {r["name"]: r for r in (build_log or {}).get("stages", [])}
     for s in manifest["stages"]:
         parity = s.get("parity") or []
         verdict = ("-" if not parity else "PASS" if all(p["passed"] for p in parity) else "FAIL")
-        out.append(f"  {s['name']:<28} {verdict:<5} {s['seconds']:>8.2f} s{'  (cached)' if s.get('cached') else ''}"
-                   f"  {len(parity)} parity report(s)")
+        run = runs.get(s["name"])
+        when = (f"{run['seconds']:>8.2f} s{'  (cached)' if run.get('cached') else ''}" if run
+                else f"{'':>8}  ")  # times live in the build log beside the package, not in the package
+        out.append(f"  {s['name']:<28} {verdict:<5} {when}  {len(parity)} parity report(s)")
     out.append("")
     out.append("io")
     for g, spec in manifest.get("io", {}).get("graphs", {}).items():

@@ -19,15 +19,20 @@ its sha256 and size. Typical build:
 from __future__ import annotations
 
 import contextlib
-import gzip
+import errno
+import fcntl
 import hashlib
+import io
 import json
 import math
 import os
+import re
 import secrets
 import shutil
+import struct
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -87,24 +92,208 @@ def _remove(path: Path) -> None:
         pass
 
 
-def _clean_stale(parent: Path, name: str) -> None:
-    """Delete `.{name}.partial-*` / `.{name}.old-*` left by killed runs.
+def _clean_stale(parent: Path, name: str, *, owner_locked: bool = False) -> list[Path]:
+    """Delete `.{name}.partial-*` / `.{name}.old-*` left by killed runs; return what was removed.
 
-    Ours are named `.{name}.partial-<pid>-<random>`; one whose pid is still alive belongs to a
-    concurrent build and is left alone. Anything unparseable is stale by definition.
+    With `owner_locked` the caller holds `.{name}.lock` (package_lock), so no live build can own any
+    of them: all are stale. Without it, an entry whose pid (`.{name}.partial-<pid>-...`) is alive is
+    left alone (a pid can be reused, which is why compile cleans under the lock).
     """
+    removed: list[Path] = []
     try:
         entries = os.listdir(parent)
-    except FileNotFoundError:
-        return
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
     for entry in entries:
         for marker in (_PARTIAL, _OLD):
             prefix = f".{name}{marker}"
             if entry.startswith(prefix):
                 pid_s = entry[len(prefix):].split("-", 1)[0]
-                if pid_s.isdigit() and _pid_alive(int(pid_s)):
+                if not owner_locked and pid_s.isdigit() and _pid_alive(int(pid_s)):
                     continue
                 _remove(parent / entry)
+                removed.append(parent / entry)
+    return removed
+
+
+# ------------------------------------------------------------------------------------ write failures
+# Peak disk of a build beside --out per byte of fp32 weights: tiny on ort-cpu peaked at 18.8 MB for 0.87 MB
+# of weights (docs/reliability.md); larger models have relatively less golden data, so this errs high.
+_PEAK_DISK_PER_WEIGHT_BYTE = 22
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _tree_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, names in os.walk(path):
+        for n in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, n)).st_size
+    return total
+
+
+def _note_written(e: BaseException, folder: Path) -> None:
+    """On a full disk, remember how much this build had written in `folder` before it is removed."""
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+        e.mlamoe_written = getattr(e, "mlamoe_written", 0) + _tree_bytes(folder)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def write_failure(e: OSError, out_dir: str | os.PathLike, weights_bytes: int | None = None) -> PackageError | None:
+    """One clear error for a build whose writes failed (full disk, quota, read-only or forbidden
+    folder), naming the path, the free space and what the build needs; None for other OSErrors.
+    `weights_bytes` (fp32 weights of the model) sizes the estimate."""
+    out_dir = Path(out_dir)
+    path = e.filename or out_dir.parent  # ONNX and torch writers name no file: then the folder of --out
+    if e.errno in _NO_SPACE:
+        try:
+            free = shutil.disk_usage(out_dir.parent if out_dir.parent.exists() else ".").free
+        except OSError:
+            free = None
+        written = getattr(e, "mlamoe_written", None)
+        parts = [f"{path}: no space left on the device ({e.strerror})"]
+        if written is not None:
+            parts.append(f"the build had written {_fmt_bytes(written)} when the disk filled")
+        if free is not None:
+            parts.append(f"{_fmt_bytes(free)} free there now")
+        need = (f"; at its peak a build needs about {_fmt_bytes(_PEAK_DISK_PER_WEIGHT_BYTE * weights_bytes)} there "
+                f"({_PEAK_DISK_PER_WEIGHT_BYTE}x the {_fmt_bytes(weights_bytes)} of fp32 weights: every stage's graphs in "
+                "scratch, the package and its archive)") if weights_bytes else ""
+        return PackageError(", ".join(parts) + need + f". Nothing was left at {out_dir}: free space or choose an "
+                            "--out on a larger disk (stage scratch is written beside --out)")
+    if e.errno in _NO_WRITE:
+        return PackageError(f"{path}: cannot write ({e.strerror}); choose an --out in a folder you can write")
+    return None
+
+
+# ------------------------------------------------------------------------------------------ locking
+_HELD: dict[str, tuple[int, int]] = {}  # resolved out path -> (fd, depth): the locks this process holds
+
+
+def _lock_path(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.lock"
+
+
+def _lock_owner(lock: Path) -> str:
+    try:
+        text = lock.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return "another process"
+    return f"pid {text}" if text else "another process"
+
+
+@contextlib.contextmanager
+def package_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Hold `.{name}.lock` beside `out_dir` (an exclusive flock, never waited for) for the whole build.
+
+    A second compile into the same --out fails at once with one clear error instead of racing the
+    first. The first acquisition in this process also removes staging/work folders of killed runs
+    (under the lock none of them can belong to a live build). Re-entrant within one process.
+    """
+    out_dir = Path(out_dir)
+    name = out_dir.name
+    if name in ("", ".", ".."):
+        raise PackageError(f"{out_dir}: not a usable package folder name; pass a path like dist/mypackage")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PackageError(f"{out_dir.parent}: cannot create the output folder ({e.strerror or e}); "
+                           "choose an --out under a writable folder") from e
+    key = os.path.realpath(out_dir)
+    if key in _HELD:
+        fd, depth = _HELD[key]
+        _HELD[key] = (fd, depth + 1)
+        try:
+            yield _lock_path(out_dir)
+        finally:
+            fd, depth = _HELD[key]
+            _HELD[key] = (fd, depth - 1)
+        return
+    lock = _lock_path(out_dir)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise PackageError(f"{lock}: cannot create the build lock ({e.strerror or e}); "
+                               "choose an --out under a writable folder") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise PackageError(f"{out_dir}: another mlamoe build ({_lock_owner(lock)}) is writing this package "
+                               f"now (lock {lock}); wait for it to finish or choose another --out") from None
+        # the lock file may have been unlinked by its previous holder between our open and flock
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        _HELD[key] = (fd, 1)
+        _clean_stale(out_dir.parent, name, owner_locked=True)
+        _clean_stale(out_dir.parent, f"{name}.tar.gz", owner_locked=True)
+        yield lock
+    finally:
+        _HELD.pop(key, None)
+        with contextlib.suppress(OSError):
+            os.unlink(lock)  # while still holding it: a waiter re-checks the inode (loop above)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def work_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """A scratch folder for intermediate stage files, beside `out_dir` and named like a staging
+    folder (`.{name}.partial-<pid>-work-...`), so that a killed run's scratch is removed by the next
+    build into the same place (or `mlamoe clean`) instead of filling $TMPDIR for ever."""
+    out_dir = Path(out_dir)
+    with package_lock(out_dir):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_PARTIAL}{os.getpid()}-work-", dir=out_dir.parent))
+        try:
+            yield tmp
+        except BaseException as e:
+            _note_written(e, tmp)
+            raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_stale(folder: str | os.PathLike) -> list[Path]:
+    """`mlamoe clean`: remove every staging, work, old-package and temporary-archive folder or file
+    under `folder` (not recursive) whose build is not running (its lock is free)."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = sorted(os.listdir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    names = set()
+    for entry in entries:
+        for marker in (_PARTIAL, _OLD):
+            if entry.startswith(".") and marker in entry:
+                base = entry[1:entry.index(marker)]
+                names.add(base[:-len(".tar.gz")] if base.endswith(".tar.gz") else base)
+    for name in sorted(names):
+        try:
+            with package_lock(folder / name):
+                pass  # the first acquisition cleans
+        except PackageError:
+            continue  # a live build holds it: its folders are not stale
+        candidates = [folder / e for e in entries if e.startswith((f".{name}{_PARTIAL}", f".{name}{_OLD}",
+                                                                    f".{name}.tar.gz{_PARTIAL}"))]
+        removed += [p for p in candidates if not (p.exists() or p.is_symlink())]
+    return removed
 
 
 def is_partial_name(name: str) -> bool:
@@ -113,33 +302,39 @@ def is_partial_name(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def staging(out_dir: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a fresh folder beside `out_dir`; on success it atomically becomes `out_dir`.
+def staging(out_dir: str | os.PathLike, force: bool = False, archive: bool = True) -> Iterator[Path]:
+    """Yield a fresh folder beside `out_dir`; on success it atomically becomes `out_dir`, and (with
+    `archive`, when the body wrote a manifest) `{out_dir}.tar.gz` is built from it first and recorded
+    in the folder's manifest (`archive`: file, sha256, size), then renamed into place after the folder.
 
-    On any exception (KeyboardInterrupt included) the temporary folder is removed, `out_dir` is left
-    as it was (with force, the old package survives a failed build) and the exception re-raised.
+    Holds package_lock(out_dir) throughout. On any exception (KeyboardInterrupt included) the
+    temporary folder and archive are removed, `out_dir` is left as it was (with force, the old package
+    survives a failed build) and the exception re-raised.
     """
     out_dir = Path(out_dir)
-    name = out_dir.name
-    if name in ("", ".", ".."):
-        raise PackageError(f"{out_dir}: not a usable package folder name; pass a path like dist/mypackage")
-    if (out_dir.exists() or out_dir.is_symlink()) and not force:
-        raise PackageError(f"{out_dir} exists; pass --force to replace it")
-    parent = out_dir.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PackageError(f"{parent}: cannot create the output folder ({e.strerror or e}); "
-                           "choose an --out under a writable folder") from e
-    _clean_stale(parent, name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}{_PARTIAL}{os.getpid()}-", dir=parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0o700; the package must be readable like any folder
-        yield tmp
-        _install(tmp, out_dir, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with package_lock(out_dir):
+        if (out_dir.exists() or out_dir.is_symlink()) and not force:
+            raise PackageError(f"{out_dir} exists; pass --force to replace it")
+        parent = out_dir.parent
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{_PARTIAL}{os.getpid()}-", dir=parent))
+        tar_tmp: Path | None = None
+        try:
+            os.chmod(tmp, 0o755)  # mkdtemp makes 0o700; the package must be readable like any folder
+            yield tmp
+            if archive and (tmp / MANIFEST_NAME).is_file():
+                tar_tmp = parent / f".{out_dir.name}.tar.gz{_PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
+                _write_tarball(tmp, tar_tmp, out_dir.name)
+                record_archive(tmp, tar_tmp, f"{out_dir.name}.tar.gz")
+            _install(tmp, out_dir, force)
+            if tar_tmp is not None:
+                os.replace(tar_tmp, parent / f"{out_dir.name}.tar.gz")
+        except BaseException as e:
+            _note_written(e, tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            if tar_tmp is not None:
+                with contextlib.suppress(OSError):
+                    tar_tmp.unlink()
+            raise
 
 
 def _install(tmp: Path, out_dir: Path, force: bool) -> None:
@@ -246,12 +441,42 @@ def write_manifest(root: str | os.PathLike, meta: dict) -> dict:
     if (p := _json_problem(meta, "")) is not None:
         raise PackageError(f"{root / MANIFEST_NAME}: metadata cannot be written as JSON: {p}")
     manifest = {"schema_version": MANIFEST_SCHEMA_VERSION, **meta, "files": file_table(root)}
-    text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    dst = root / MANIFEST_NAME
+    _write_manifest_json(root, manifest)
+    return manifest
+
+
+def _write_manifest_json(root: Path, manifest: dict) -> None:
+    text = _manifest_text(manifest)
     tmp = root / f".{MANIFEST_NAME}.tmp"
     tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, dst)
-    return manifest
+    os.replace(tmp, root / MANIFEST_NAME)
+
+
+def _manifest_text(manifest: dict) -> str:
+    return json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def _archived_manifest_bytes(root: Path) -> bytes:
+    """root/manifest.json as the archive holds it: without the folder's `archive` record."""
+    raw = (root / MANIFEST_NAME).read_bytes()
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        return raw
+    if not isinstance(manifest, dict) or "archive" not in manifest:
+        return raw
+    manifest.pop("archive")
+    return _manifest_text(manifest).encode("utf-8")
+
+
+def record_archive(root: str | os.PathLike, tar_path: str | os.PathLike, name: str) -> dict:
+    """Add `archive` {file, sha256, size} to root/manifest.json: the .tar.gz built from this folder
+    (whose own manifest.json, inside the archive, has no such key: it cannot hold its own hash)."""
+    root = Path(root)
+    manifest = read_manifest(root)
+    manifest["archive"] = {"file": name, "sha256": sha256_file(tar_path), "size": Path(tar_path).stat().st_size}
+    _write_manifest_json(root, manifest)
+    return manifest["archive"]
 
 
 def read_manifest(root: str | os.PathLike) -> dict:
@@ -276,18 +501,40 @@ def read_manifest(root: str | os.PathLike) -> dict:
 
 # ---------------------------------------------------------------------------------------- tarball
 def make_tarball(root: str | os.PathLike, tar_path: str | os.PathLike, arcname: str | None = None) -> Path:
-    """Deterministic .tar.gz of `root`: one top-level folder (`arcname`, default root.name), sorted
-    members, mtime 0, uid/gid 0, no owner names, modes 0o644/0o755, gzip header without name/mtime.
-    Written beside tar_path under a temporary name, then renamed into place."""
+    """Deterministic .tar.gz of `root` (see _write_tarball), written beside tar_path under a
+    temporary name, then renamed into place."""
     root = Path(root)
     tar_path = Path(tar_path)
-    top = arcname or root.name
+    if tar_path.resolve().is_relative_to(root.resolve()):
+        raise PackageError(f"{tar_path}: inside the folder it archives ({root}); write it beside the folder")
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(tar_path.parent, tar_path.name)  # temp archives of killed runs
+    tmp = tar_path.parent / f".{tar_path.name}{_PARTIAL}{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        _write_tarball(root, tmp, arcname or root.name)
+        os.replace(tmp, tar_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return tar_path
+
+
+# Members whose bytes gzip cannot shrink (weights: random-looking fp32/fp16/int8/fp8) are still
+# stored inside the one gzip stream, but at level 0 they cost a copy instead of minutes of deflate.
+_STORED_SUFFIXES = (".data", ".npy", ".om", ".bin", ".safetensors")
+
+
+def _write_tarball(root: Path, tmp: Path, top: str) -> None:
+    """Write the deterministic .tar.gz of `root` to `tmp`: one top-level folder `top`, sorted members,
+    mtime 0, uid/gid 0, no owner names, modes 0o644/0o755, gzip header without name/mtime. Weight-like
+    members (_STORED_SUFFIXES) are deflated at level 0 (stored), the rest at level 6; the stream stays
+    one standard gzip member that every `tar xzf` reads."""
+    root = Path(root)
     if not root.is_dir():
         raise PackageError(f"{root}: not a folder; make_tarball packs a package folder")
     if not top or "/" in top or top in (".", ".."):
         raise PackageError(f"{root}: {top!r} is not usable as the archive's top-level folder name")
-    if tar_path.resolve().is_relative_to(root.resolve()):
-        raise PackageError(f"{tar_path}: inside the folder it archives ({root}); write it beside the folder")
     dirs, files, problems = _scan(root)
     if problems:
         raise PackageError(f"{root}: cannot be archived:\n  " + "\n  ".join(problems), problems)
@@ -303,28 +550,68 @@ def make_tarball(root: str | os.PathLike, tar_path: str | os.PathLike, arcname: 
         ti.uname = ti.gname = ""
         return ti
 
-    tar_path.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(tar_path.parent, tar_path.name)  # temp archives of killed runs
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{tar_path.name}{_PARTIAL}{os.getpid()}-", dir=tar_path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as raw, \
-                gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz, \
-                tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            tar.addfile(info(top, True))
-            for rel, is_dir in members:
-                if is_dir:
-                    tar.addfile(info(f"{top}/{rel}", True))
-                    continue
-                with open(root / rel, "rb") as f:
-                    tar.addfile(info(f"{top}/{rel}", False, os.fstat(f.fileno()).st_size), f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, tar_path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    return tar_path
+    with open(tmp, "wb") as raw, _LevelGzip(raw) as gz, \
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info(top, True))
+        for rel, is_dir in members:
+            if is_dir:
+                tar.addfile(info(f"{top}/{rel}", True))
+                continue
+            if rel == MANIFEST_NAME:  # as it was before record_archive: an archive cannot hold its own hash
+                data = _archived_manifest_bytes(root)
+                tar.addfile(info(f"{top}/{rel}", False, len(data)), io.BytesIO(data))
+                continue
+            with open(root / rel, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                stored = rel.endswith(_STORED_SUFFIXES) and size >= _CHUNK
+                if stored:
+                    gz.set_level(0)
+                tar.addfile(info(f"{top}/{rel}", False, size), f)
+                if stored:
+                    gz.set_level(6)
+    os.chmod(tmp, 0o644)
+
+
+class _LevelGzip(io.RawIOBase):
+    """Write-only gzip stream (RFC 1952 header without name or mtime) whose deflate level can change
+    between members. Python's zlib has no deflateParams, so a level change sync-flushes the current
+    raw-deflate compressor (a byte-aligned, non-final block boundary) and continues with a new one:
+    the concatenation is one valid deflate stream (a new compressor only refers back into its own
+    output, which any decoder's window holds), closed by the last compressor's final block."""
+
+    def __init__(self, raw, level: int = 6):
+        super().__init__()
+        self._raw = raw
+        self._level = level
+        self._z = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 9)
+        self._crc = 0
+        self._size = 0
+        raw.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")  # magic, deflate, no flags, mtime 0, OS unknown
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._size
+
+    def set_level(self, level: int) -> None:
+        if level != self._level:
+            self._raw.write(self._z.flush(zlib.Z_SYNC_FLUSH))
+            self._z = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, 9)
+            self._level = level
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        self._crc = zlib.crc32(data, self._crc)
+        self._size += len(data)
+        self._raw.write(self._z.compress(data))
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.write(self._z.flush(zlib.Z_FINISH))
+            self._raw.write(struct.pack("<II", self._crc & 0xFFFFFFFF, self._size & 0xFFFFFFFF))
+        super().close()
 
 
 # ------------------------------------------------------------------------------------- extraction
@@ -485,12 +772,67 @@ def _check_files(root: Path, manifest: dict) -> list[str]:
     return problems
 
 
+_FILE_LIKE = re.compile(r"[\w.\-/]*/[\w.\-/]+|[\w.\-]+\.(npy|onnx|data|json|py|sh|txt|md)")
+_NOT_REFERENCES = ("files", "stages", "model", "toolchain", "verification", "quantization_choice", "archive")
+
+
+def reference_problems(manifest: dict) -> list[str]:
+    """Paths the manifest points at (golden data, graphs, runtime, ascend scripts, reports) that are not
+    among its hashed files: a damaged or edited manifest must not send a reader to an unchecked file
+    (or outside the package)."""
+    listed = {f.get("path") for f in manifest.get("files", []) if isinstance(f, dict)}
+    problems: list[str] = []
+
+    def walk(value, where: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if not (where == "" and k in _NOT_REFERENCES):
+                    walk(v, f"{where}.{k}" if where else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(value, str) and " " not in value and _FILE_LIKE.fullmatch(value) and value not in listed:
+            problems.append(f"{MANIFEST_NAME}: {where} = {value!r} is not one of the package's hashed files; the "
+                            "manifest was damaged or edited: copy the package again or rebuild it")
+
+    walk(manifest, "")
+    return problems
+
+
+def archive_check(path: str | os.PathLike) -> tuple[bool, str]:
+    """(ok, line) for the archive beside a package: a folder's manifest records its .tar.gz (name,
+    sha256, size); a .tar.gz is checked against the folder beside it when that folder is there."""
+    path = Path(path)
+    if path.is_dir():
+        folder, manifest = path, read_manifest(path)
+        rec = manifest.get("archive")
+        if not isinstance(rec, dict) or not isinstance(rec.get("file"), str) or "/" in rec["file"]:
+            return True, "note archive: none recorded in manifest.json (built before archives were recorded)"
+        tar = folder.parent / rec["file"]
+    else:
+        tar, folder = path, path.with_name(path.name[:-len(".tar.gz")] if path.name.endswith(".tar.gz") else path.stem)
+        rec = None
+        if folder.is_dir() and (folder / MANIFEST_NAME).is_file():
+            with contextlib.suppress(PackageError):
+                rec = read_manifest(folder).get("archive")
+    if not tar.is_file():
+        return True, f"note archive: {tar.name} is not beside the folder (the folder alone is a complete package)"
+    got = sha256_file(tar)
+    if not isinstance(rec, dict):
+        return True, f"note archive: {tar.name} sha256 {got} (no folder beside it records it)"
+    if got != rec.get("sha256"):
+        return False, (f"FAIL archive: {tar.name} sha256 {got[:12]}.. is not the {str(rec.get('sha256'))[:12]}.. "
+                       f"recorded in {folder.name}/{MANIFEST_NAME}: it was rebuilt, modified or belongs to another "
+                       "build; copy the pair again")
+    return True, f"ok   archive: {tar.name} sha256 {got} matches {folder.name}/{MANIFEST_NAME}"
+
+
 def verify_package(path: str | os.PathLike, tmp_root: str | os.PathLike | None = None) -> list[str]:
     """Re-hash every file of a package folder or .tar.gz against its manifest. Returns [] when all
     match; otherwise raises PackageError listing each problem by file (also in `.problems`)."""
     root, manifest, cleanup = open_package(path, tmp_root)
     try:
-        problems = _check_files(root, manifest)
+        problems = _check_files(root, manifest) + reference_problems(manifest)
     finally:
         cleanup()
     if problems:

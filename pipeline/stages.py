@@ -1,7 +1,9 @@
 """Stage runner: each stage is a function from artifacts to artifacts, recorded and cached.
 
 A stage's record (manifest "stages") holds its parameters, the sha256 of its inputs and outputs,
-tool versions, wall time, parity reports and notes. Outputs that are files are cached by content:
+tool versions, parity reports and notes. Its wall time and whether it came from the cache differ
+from build to build, so they go to the build log beside the package (`NAME.build.json`), never into
+the package: the same inputs give a byte-identical package and archive. Outputs that are files are cached by content:
 the key hashes the stage name, parameters, input hashes, tool versions and the compiler's own
 source, so an unchanged stage is restored instead of recomputed, and any change recomputes it.
 """
@@ -18,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .package import sha256_file
+from .package import PackageError, sha256_file
 from .parity import ParityReport
 
 _SOURCE_PACKAGES = ("models", "pipeline", "passes", "targets")
@@ -61,9 +63,55 @@ class StageRecord:
     cached: bool = False
     parity: list[dict] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
+    timings: dict = dataclasses.field(default_factory=dict)  # seconds per sub-step (build log only)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The manifest's record: what was done and checked, nothing that varies between builds."""
+        d = dataclasses.asdict(self)
+        for k in _RUN_FIELDS:
+            d.pop(k)
+        return d
+
+
+_RUN_FIELDS = ("seconds", "cached", "timings")
+
+
+def write_build_log(out: Path, runner: "StageRunner", started: float) -> Path:
+    """`NAME.build.json` beside the package: when it was built, how long each stage took and which
+    came from the content cache (kept out of the package so that rebuilds are byte-identical)."""
+    out = Path(out)
+    log = {"package": out.name, "archive": f"{out.name}.tar.gz",
+           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+           "wall_seconds": round(time.time() - started, 3), "cache_dir": str(runner.cache_dir),
+           "use_cache": runner.use_cache,
+           "stages": [{"name": r.name, **{k: getattr(r, k) for k in _RUN_FIELDS}} for r in runner.records]}
+    path = out.parent / f"{out.name}.build.json"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(log, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def clean_cache_tmp(cache_dir: Path) -> list[Path]:
+    """Remove `.tmp-<pid>-*` folders of the stage cache whose writer is gone (an entry only becomes
+    visible by one rename of a complete folder, so these are never read as entries)."""
+    from .package import _pid_alive
+    removed = []
+    for tmp in sorted(Path(cache_dir).glob("*/.tmp-*")):
+        pid = tmp.name.split("-")[1]
+        if not (pid.isdigit() and _pid_alive(int(pid)) and int(pid) != os.getpid()):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def read_build_log(package: Path) -> dict | None:
+    """The build log beside a package folder, if it is there."""
+    path = Path(package).parent / f"{Path(package).name}.build.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class StageRunner:
@@ -98,13 +146,8 @@ class StageRunner:
         entry = self.cache_dir / key[:2] / key
         out_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        if cacheable and self.use_cache and (entry / "record.json").is_file():
-            cached = json.loads((entry / "record.json").read_text())
-            for rel in cached["outputs"]:
-                dst = out_dir / rel
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(entry / "files" / rel, dst)
-            record.notes, record.cached = cached["notes"], True
+        if cacheable and self.use_cache and (entry / "record.json").is_file() and self._restore(entry, out_dir, name):
+            record.notes, record.cached = json.loads((entry / "record.json").read_text())["notes"], True
             self.progress(f"[{name}] reused cached result ({key[:12]})")
         else:
             self.progress(f"[{name}] running ...")
@@ -120,9 +163,31 @@ class StageRunner:
         self.progress(f"[{name}] done in {record.seconds:.1f} s")
         return record
 
+    def _restore(self, entry: Path, out_dir: Path, name: str) -> bool:
+        """Copy a cache entry's files into out_dir, each checked against the sha256 its record holds.
+        A damaged entry (a file missing, truncated or changed, an unreadable record) is removed and
+        reported, and the stage is rebuilt: the cache can only save time, never change a result."""
+        try:
+            cached = json.loads((entry / "record.json").read_text())
+            outputs, _ = cached["outputs"], cached["notes"]
+            for rel, want in outputs.items():
+                dst = out_dir / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(entry / "files" / rel, dst)
+                if sha256_file(dst) != want:
+                    raise ValueError(f"{rel}: sha256 differs from the cache record")
+            return True
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, PackageError) as e:
+            self.progress(f"[{name}] cache entry {entry} is damaged ({e}); removed, rebuilding")
+            shutil.rmtree(entry, ignore_errors=True)
+            for p in sorted(out_dir.rglob("*"), reverse=True):
+                if p.is_file() or p.is_symlink():
+                    p.unlink()
+            return False
+
     def _store(self, entry: Path, out_dir: Path, record: StageRecord) -> None:
         entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=entry.parent))
         try:
             for rel in record.outputs:
                 dst = tmp / "files" / rel

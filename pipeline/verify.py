@@ -7,7 +7,7 @@ import numpy as np
 
 from models.errors import MlamoeError
 
-from .package import PackageError, open_package, verify_package
+from .package import PackageError, archive_check, open_package, verify_package
 from .parity import compare
 
 
@@ -20,6 +20,10 @@ def verify_full(path: Path, hashes_only: bool = False) -> tuple[bool, list[str]]
     root, manifest, cleanup = open_package(path)
     try:
         lines.append(f"ok   hashes: {len(manifest['files'])} files match manifest.json")
+        archive_ok, line = archive_check(path)
+        lines.append(line)
+        if not archive_ok:
+            return False, lines
         if hashes_only:
             return True, lines
         target = manifest["target"]["name"]

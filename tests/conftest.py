@@ -28,6 +28,13 @@ HF_KINDS = {
 
 
 @pytest.fixture(scope="session")
+def stage_cache(tmp_path_factory):
+    """One stage cache for the compile tests of a run: an unchanged export is computed once, not per module
+    (every build still re-runs its parity checks on what the cache returns)."""
+    return tmp_path_factory.mktemp("stage-cache")
+
+
+@pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory):
     """{kind: (transformers model in eval mode, folder it was save_pretrained into)}, built once.
 

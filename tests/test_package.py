@@ -40,11 +40,9 @@ def _write_files(root: Path, files=FILES, order=None) -> None:
 
 
 def _build(out: Path, force: bool = False, order=None, tar: bool = True) -> Path:
-    with staging(out, force=force) as tmp:
+    with staging(out, force=force, archive=tar) as tmp:
         _write_files(tmp, order=order)
         write_manifest(tmp, META)
-    if tar:
-        make_tarball(out, out.parent / f"{out.name}.tar.gz")
     return out
 
 
@@ -116,21 +114,75 @@ def test_force_failed_build_keeps_old_package(tmp_path):
 
 
 def test_stale_partial_removed_and_build_succeeds(tmp_path):
+    """Under the package lock no live build can own `.pkg.partial-*`: all of them are stale, even one
+    whose pid is alive (pids are reused); another package's are left alone."""
     stale = tmp_path / ".pkg.partial-xyz"
     (stale / "onnx").mkdir(parents=True)
     (stale / "onnx" / "decode.onnx").write_bytes(b"half written")
     dead_old = tmp_path / ".pkg.old-999999999-abcd"  # pid that cannot be alive
     dead_old.mkdir()
-    live = tmp_path / f".pkg.partial-{os.getpid()}-live"  # a concurrent build of ours: kept
-    live.mkdir()
+    reused = tmp_path / f".pkg.partial-{os.getpid()}-reused"  # a live pid, but not holding the lock
+    reused.mkdir()
+    stale_tar = tmp_path / ".pkg.tar.gz.partial-999999999-ab"
+    stale_tar.write_bytes(b"half an archive")
     other = tmp_path / ".other.partial-xyz"  # another package's partial: not ours to touch
     other.mkdir()
     with pytest.raises(PackageError, match="unfinished build"):
         verify_package(stale)
     _build(tmp_path / "pkg", tar=False)
-    assert not stale.exists() and not dead_old.exists()
-    assert live.exists() and other.exists()
+    assert not stale.exists() and not dead_old.exists() and not reused.exists() and not stale_tar.exists()
+    assert other.exists()
     assert verify_package(tmp_path / "pkg") == []
+
+
+def _hold_lock(out: Path):
+    """A child process holding package_lock(out) until its stdin closes."""
+    child = textwrap.dedent(f"""
+        import sys, types
+        sys.path.insert(0, {str(REPO)!r})
+        m = types.ModuleType("models"); m.__path__ = [{str(REPO / "models")!r}]; sys.modules["models"] = m
+        from pipeline.package import package_lock, staging
+        with package_lock({str(out)!r}), staging({str(out)!r}, archive=False) as tmp:
+            (tmp / "half.onnx").write_bytes(b"being written")
+            print("locked", flush=True)
+            sys.stdin.read()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_concurrent_build_of_same_out_fails_clearly_and_leaves_the_live_one_alone(tmp_path):
+    out = tmp_path / "pkg"
+    proc = _hold_lock(out)
+    try:
+        live = _leftovers(tmp_path)
+        assert any(n.startswith(".pkg.partial-") for n in live)
+        with pytest.raises(PackageError, match=rf"another mlamoe build \(pid {proc.pid}\) is writing this package"):
+            _build(out)
+        from pipeline.package import clean_stale
+        assert clean_stale(tmp_path) == []  # a live build's folders are not stale
+        assert _leftovers(tmp_path) == live and not out.exists()
+        _build(tmp_path / "other")  # another --out in the same folder is not blocked
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert [n for n in _leftovers(tmp_path) if not n.startswith(".pkg.partial-")] == []
+    assert (out / "half.onnx").is_file()  # the live build finished normally
+    _build(out, force=True)  # the lock is free again
+    assert _leftovers(tmp_path) == [] and verify_package(out) == []
+
+
+def test_clean_removes_leftovers_of_killed_builds_only(tmp_path):
+    from pipeline.package import clean_stale
+    for name in (".a.partial-999999999-x", ".a.partial-999999999-work-y", ".b.old-999999999-z"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".c.tar.gz.partial-999999999-q").write_bytes(b"x")
+    (tmp_path / "keep").mkdir()
+    removed = sorted(p.name for p in clean_stale(tmp_path))
+    assert removed == [".a.partial-999999999-work-y", ".a.partial-999999999-x", ".b.old-999999999-z",
+                       ".c.tar.gz.partial-999999999-q"]
+    assert sorted(os.listdir(tmp_path)) == ["keep"]
 
 
 def test_sigkill_mid_build_leaves_no_package_and_rerun_succeeds(tmp_path):
@@ -148,7 +200,7 @@ def test_sigkill_mid_build_leaves_no_package_and_rerun_succeeds(tmp_path):
     r = subprocess.run([sys.executable, "-c", child], capture_output=True, timeout=60)
     assert r.returncode == -signal.SIGKILL, r.stderr.decode()
     assert not out.exists()
-    partials = _leftovers(tmp_path)
+    partials = [n for n in _leftovers(tmp_path) if n != ".pkg.lock"]  # a dead holder's lock file is free
     assert len(partials) == 1 and partials[0].startswith(".pkg.partial-")  # the kill really skipped cleanup
     with pytest.raises(PackageError):
         verify_package(tmp_path / partials[0])
@@ -226,9 +278,59 @@ def test_verify_good_folder_and_tarball(pkg):
     assert verify_package(pkg) == []
     assert verify_package(pkg.parent / "pkg.tar.gz") == []
     root, manifest, cleanup = open_package(pkg.parent / "pkg.tar.gz")
-    assert root.name == "pkg" and manifest == read_manifest(pkg)
+    folder = read_manifest(pkg)
+    record = folder.pop("archive")  # the folder's manifest records the archive; the archived one cannot
+    assert root.name == "pkg" and manifest == folder
+    assert record == {"file": "pkg.tar.gz", "size": (pkg.parent / "pkg.tar.gz").stat().st_size,
+                      "sha256": hashlib.sha256((pkg.parent / "pkg.tar.gz").read_bytes()).hexdigest()}
     cleanup()
     assert not root.exists()
+
+
+def test_archive_rebuilt_from_the_folder_is_the_recorded_one(pkg, tmp_path):
+    """make_tarball of a finished folder gives the very archive staging recorded (the folder's
+    `archive` record is left out of the archived manifest), so a hand-off can be re-archived and checked."""
+    again = make_tarball(pkg, tmp_path / "again.tar.gz", arcname="pkg")
+    assert again.read_bytes() == (pkg.parent / "pkg.tar.gz").read_bytes()
+
+
+def test_archive_check_catches_a_replaced_archive(pkg):
+    from pipeline.package import archive_check
+    ok, line = archive_check(pkg)
+    assert ok and line.startswith("ok   archive: pkg.tar.gz")
+    ok, line = archive_check(pkg.parent / "pkg.tar.gz")
+    assert ok and "matches pkg/manifest.json" in line
+    tar = pkg.parent / "pkg.tar.gz"
+    data = bytearray(tar.read_bytes())
+    data[-20] ^= 1  # inside the deflate stream's last block: the archive is no longer the recorded one
+    tar.write_bytes(bytes(data))
+    for p in (pkg, tar):
+        ok, line = archive_check(p)
+        assert not ok and "FAIL archive: pkg.tar.gz sha256" in line and "recorded in pkg/manifest.json" in line
+    tar.unlink()
+    ok, line = archive_check(pkg)
+    assert ok and "not beside the folder" in line
+
+
+def test_weights_are_stored_and_the_rest_compressed(tmp_path):
+    """Large weight-like members go into the gzip stream at level 0 (random bytes do not shrink),
+    the rest at level 6; the archive stays standard (tarfile and gzip read it) and exact."""
+    import numpy as np
+    out = tmp_path / "w"
+    with staging(out) as tmp:
+        (tmp / "onnx").mkdir()
+        np.random.default_rng(0).standard_normal(1 << 19).astype(np.float32).tofile(tmp / "onnx" / "w.onnx.data")
+        (tmp / "README.md").write_text("same line\n" * 50_000)
+        write_manifest(tmp, META)
+    tar = tmp_path / "w.tar.gz"
+    raw = gzip.decompress(tar.read_bytes())
+    weights = (out / "onnx" / "w.onnx.data").stat().st_size
+    text = (out / "README.md").stat().st_size
+    assert weights < tar.stat().st_size < weights + text / 50 + 64 * 1024  # weights stored, text deflated
+    with tarfile.open(tar) as t:
+        assert t.extractfile("w/onnx/w.onnx.data").read() == (out / "onnx" / "w.onnx.data").read_bytes()
+        assert t.extractfile("w/README.md").read() == (out / "README.md").read_bytes()
+    assert len(raw) % 512 == 0
 
 
 def _flip(path: Path, at: int = 3) -> None:
@@ -384,3 +486,13 @@ def test_save_graph_inlines_weights_loaded_from_another_files_external_data(tmp_
     small = export.save_graph(ir.load(tmp_path / "a" / "m.onnx"), tmp_path / "b" / "m.onnx")
     assert [p.name for p in small] == ["m.onnx"] and not (tmp_path / "b" / "m.onnx.data").exists()
     np.testing.assert_array_equal(nh.to_array(onnx.load(str(small[0])).graph.initializer[0]), w)
+
+
+def test_manifest_pointing_outside_its_hashed_files_is_refused(pkg):
+    """A damaged or edited manifest must not send verify/generate to an unchecked file or outside the package."""
+    m = json.loads((pkg / "manifest.json").read_text())
+    m["golden"] = {"cases": [{"inputs": {"ids": "../../outside.npy"}, "outputs": {"logits": "golden/input_ids.npy"}}]}
+    (pkg / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(PackageError, match=r"golden.cases\[0\].inputs.ids = '../../outside.npy' is not one of the "
+                                           r"package's hashed files"):
+        verify_package(pkg)
