@@ -522,7 +522,7 @@ def make_tarball(root: str | os.PathLike, tar_path: str | os.PathLike, arcname: 
 
 # Members whose bytes gzip cannot shrink (weights: random-looking fp32/fp16/int8/fp8) are still
 # stored inside the one gzip stream, but at level 0 they cost a copy instead of minutes of deflate.
-_STORED_SUFFIXES = (".data", ".npy", ".om", ".bin", ".safetensors")
+_STORED_SUFFIXES = (".onnx", ".data", ".npy", ".om", ".bin", ".safetensors")
 
 
 def _write_tarball(root: Path, tmp: Path, top: str) -> None:

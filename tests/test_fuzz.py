@@ -36,6 +36,7 @@ FAST = settings(max_examples=100, derandomize=True, deadline=None, database=None
                 suppress_health_check=list(HealthCheck))
 SLOW = settings(max_examples=3000, derandomize=False, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
+SLOW_PACKAGES = settings(SLOW, max_examples=500)  # each case runs verify, inspect and generate
 CASE_SECONDS = 60  # a case that takes longer is a hang
 RSS_GROWTH_LIMIT = 1 << 30  # bytes of peak-RSS growth over the whole run
 
@@ -315,5 +316,5 @@ def test_fuzzed_packages_verify_or_fail_clearly(package, tmp_path_factory):
 
 @pytest.mark.slow
 def test_fuzzed_packages_long_run(package, tmp_path_factory):
-    outcomes = _package_property(package, tmp_path_factory, SLOW)
+    outcomes = _package_property(package, tmp_path_factory, SLOW_PACKAGES)
     print(f"\npackage fuzz outcomes (target, exit code): {outcomes}")
