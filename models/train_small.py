@@ -175,6 +175,9 @@ def main(argv=None) -> int:
     print(json.dumps(stats))
     out = Path(args.out)
     save(model, out)
+    from .tokenizer import byte_level_files
+    for name, data in byte_level_files().items():  # the byte-level vocabulary it was trained with
+        (out / name).write_bytes(data)
     (out / "README.md").write_text(_readme(settings, stats))
     print(f"saved {out}")
     return 0

@@ -143,31 +143,63 @@ def inspect(package, as_json):
 
 @main.command()
 @click.argument("source")
-@click.option("--prompt-ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
+@click.option("--prompt", default=None, help="prompt text, encoded with the package's (or checkpoint's) tokenizer")
+@click.option("--chat", is_flag=True, help="with --prompt: wrap it as one user message with the tokenizer's "
+                                           "chat template")
+@click.option("--prompt-ids", default=None, help="comma-separated token ids, e.g. 1,2,3 (instead of --prompt)")
 @click.option("--max-new-tokens", default=16, show_default=True)
 @click.option("--seed", default=0, show_default=True, help="seed of a preset's weights")
-@click.option("--json", "as_json", is_flag=True, help='print {"tokens": [...], "step_logits": [[...], ...]}')
-def generate(source, prompt_ids, max_new_tokens, seed, as_json):
-    """Greedy generation from a PACKAGE (its runtime) or a preset / checkpoint folder (eager)."""
-    try:
-        prompt = [int(x) for x in prompt_ids.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"{prompt_ids!r}: expected comma-separated integers", param_hint="--prompt-ids")
-    if not prompt:
-        raise click.BadParameter("needs at least one token id", param_hint="--prompt-ids")
+@click.option("--json", "as_json", is_flag=True,
+              help='print {"tokens": [...], "step_logits": [[...], ...]} (and "text" with --prompt)')
+def generate(source, prompt, chat, prompt_ids, max_new_tokens, seed, as_json):
+    """Greedy generation from a PACKAGE (its runtime) or a preset / checkpoint folder (eager).
+
+    With --prompt it prints the generated text (the continuation only), with --prompt-ids the ids."""
+    if (prompt is None) == (prompt_ids is None):
+        raise click.BadParameter("give exactly one of --prompt TEXT or --prompt-ids IDS", param_hint="--prompt")
+    if chat and prompt is None:
+        raise click.BadParameter("--chat applies to --prompt", param_hint="--chat")
     p = Path(source)
-    if (p / "manifest.json").is_file() or p.name.endswith(".tar.gz"):
-        tokens, logits = _generate_from_package(p, prompt, max_new_tokens)
+    is_package = (p / "manifest.json").is_file() or p.name.endswith(".tar.gz")
+    tokenizer = None
+    if prompt is not None:
+        from models import tokenizer as tk
+        if is_package:
+            tokenizer = _package_tokenizer(p)
+        else:
+            import models
+            files, note = tk.package_tokenizer(source, models.load_config(source).vocab_size)
+            if not files:
+                raise tk.TokenizerError(f"{source}: {note}; use --prompt-ids")
+            tokenizer = tk.from_files(files, str(source))
+        tok, tok_config = tokenizer
+        text = tk.apply_chat_template(tok_config, prompt) if chat else prompt
+        ids = tok.encode(text, add_special_tokens=False).ids
+        if not ids:
+            raise click.BadParameter("the prompt encodes to no tokens", param_hint="--prompt")
+    else:
+        try:
+            ids = [int(x) for x in prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{prompt_ids!r}: expected comma-separated integers", param_hint="--prompt-ids")
+        if not ids:
+            raise click.BadParameter("needs at least one token id", param_hint="--prompt-ids")
+    if is_package:
+        tokens, logits = _generate_from_package(p, ids, max_new_tokens)
     else:
         import models
         model = models.load(source, seed=seed)
-        _check_ids(prompt, model.config.vocab_size)
-        t, lg = models.greedy_generate(model, prompt, max_new_tokens)
+        _check_ids(ids, model.config.vocab_size)
+        t, lg = models.greedy_generate(model, ids, max_new_tokens)
         tokens, logits = t[0].tolist(), lg[0].numpy()
+    text_out = tokenizer[0].decode(tokens, skip_special_tokens=False) if tokenizer else None
     if as_json:
-        click.echo(json.dumps({"tokens": tokens, "step_logits": [[float(v) for v in row] for row in logits]}))
+        out = {"tokens": tokens, "step_logits": [[float(v) for v in row] for row in logits]}
+        if text_out is not None:
+            out["text"] = text_out
+        click.echo(json.dumps(out))
     else:
-        click.echo(" ".join(map(str, tokens)))
+        click.echo(text_out if text_out is not None else " ".join(map(str, tokens)))
 
 
 @main.command()
@@ -246,6 +278,20 @@ def clean(folders, clean_cache):
     for p in removed:
         click.echo(f"removed {p}")
     click.echo(f"{len(removed)} left-over{'s' if len(removed) != 1 else ''} removed")
+
+
+@_reads_package
+def _package_tokenizer(path: Path):
+    from models import tokenizer as tk
+    from .package import open_package
+    root, manifest, cleanup = open_package(path)
+    try:
+        if not (root / "tokenizer" / "tokenizer.json").is_file():
+            why = (manifest.get("tokenizer") or {}).get("source", "built before packages carried tokenizers")
+            raise tk.TokenizerError(f"{path}: the package has no tokenizer ({why}); use --prompt-ids")
+        return tk.load(root / "tokenizer", manifest["io"]["vocab_size"])
+    finally:
+        cleanup()
 
 
 @_reads_package

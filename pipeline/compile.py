@@ -20,6 +20,7 @@ import onnxruntime as ort
 import models
 from models.config import DeepseekConfig
 from models.errors import MlamoeError
+from models.tokenizer import package_tokenizer
 from passes import PASSES, graphs_for
 from passes.cleanup import cleanup
 from targets import get_profile
@@ -102,6 +103,18 @@ def check_cases(runner: StageRunner, record: StageRecord, stage: str, paths: dic
     for case in golden.cases:
         report = compare(f"{stage}/{case.name}", case.outputs, results[case.name], logits_outputs=["logits"])
         runner.add_report(record, report)
+
+
+def tokenizer_section(files: dict[str, bytes], note: str) -> dict:
+    """The manifest's "tokenizer": where the files are (hashed in "files" like every file) and what they are."""
+    return {"dir": "tokenizer" if files else None, "files": [f"tokenizer/{n}" for n in sorted(files)], "source": note}
+
+
+def write_tokenizer(pkg: Path, files: dict[str, bytes]) -> None:
+    if files:
+        (pkg / "tokenizer").mkdir()
+        for name, data in sorted(files.items()):
+            (pkg / "tokenizer" / name).write_bytes(data)
 
 
 def assemble_package(pkg: Path, target_dir: Path, target_rec: StageRecord, runtime_file: Path, golden: Golden,
@@ -284,6 +297,8 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
         load.notes.append(quant_why)
         runner.progress(f"[load] {quant_why}")
     load.notes.append(f"{cfg.param_count():,} parameters; eager reference is fp32 PyTorch")
+    tokenizer, tokenizer_note = package_tokenizer(model_spec, cfg.vocab_size)
+    load.notes.append(f"tokenizer: {tokenizer_note}")
     load.seconds = round(time.perf_counter() - t, 3)
     runner.records.append(load)
     runner.progress(f"[load] {model_spec}: {cfg.param_count():,} parameters")
@@ -293,18 +308,19 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
                   "config": cfg.to_hf_dict(), "config_sha256": load.inputs["config"],
                   "weights_sha256": load.inputs["weights"], "parameters": cfg.param_count()},
         "toolchain": runner.versions,
+        "tokenizer": tokenizer_section(tokenizer, tokenizer_note),
         "quantization_choice": {"requested": requested_quant, "scheme": quant, "fp8_checkpoint": fp8_checkpoint,
                                 "why": quant_why or ("--quant " + quant if requested_quant else
                                                      f"the target's default ({quant})")},
     }
     if profile.name == "ascend":
         return _compile_ascend(model, profile, out, force, runner, load, base_manifest, seed, started,
-                               soc or "Ascend910B3", precision or "mixed_float16", require_om, quant)
+                               soc or "Ascend910B3", precision or "mixed_float16", require_om, quant, tokenizer=tokenizer)
     if profile.name == "ort-cuda":
         from .cuda_compile import build_cuda_package
         return build_cuda_package(model, profile, out, force=force, runner=runner, load=load,
                                   base_manifest=base_manifest, seed=seed, started=started,
-                                  layout=layout, gen_tokens=gen_tokens, quant=quant)
+                                  layout=layout, gen_tokens=gen_tokens, quant=quant, tokenizer=tokenizer)
     golden = make_golden(model, layout, gen_tokens=gen_tokens, seed=seed)
 
     with work_dir(out) as work_s, staging(out, force) as pkg:
@@ -427,6 +443,7 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
                                            "launch": "bash expert_parallel/launch.sh --prompt-ids 1,2,3"}
             manifest["verification"]["not_verified"].append(
                 "the expert-parallel graphs were not run by this compile (see expert_parallel/launch.sh)")
+        write_tokenizer(pkg, tokenizer)
         from .package_readme import package_readme
         (pkg / "README.md").write_text(package_readme(manifest, runner.reports))
         write_manifest(pkg, manifest)
@@ -437,7 +454,7 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
 
 def _compile_ascend(model, profile: TargetProfile, out: Path, force: bool, runner: StageRunner, load: StageRecord,
                     base_manifest: dict, seed: int, started: float, soc: str, precision: str, require_om: bool,
-                    quant: str = "none") -> Path:
+                    quant: str = "none", tokenizer: dict[str, bytes] | None = None) -> Path:
     """The ascend flow (targets/ascend/flow.py): static-shape graphs, profile check, fp32 and fp16-emulated
     parity, the atc build script (run when atc is installed) and the on-device kit; with quant "w8a8" the
     graphs are W8A8 QDQ (targets/ascend/quant.py), judged against eager under the quantize-w8a8 budget."""
@@ -475,6 +492,7 @@ def _compile_ascend(model, profile: TargetProfile, out: Path, force: bool, runne
         head = (f"# {m['source']} for Huawei Ascend ({soc})\n\nCompiled by mlamoe {VERSION} from a {m['kind']} "
                 f"({m['config']['model_type']}, {m['parameters']:,} parameters; weights sha256 "
                 f"`{m['weights_sha256'][:16]}…`). ATC status: **{build.atc.status}**.\n\n")
+        write_tokenizer(pkg, tokenizer or {})
         (pkg / "README.md").write_text(head + build.readme)
         write_manifest(pkg, manifest)
         runner.progress(f"[package] {out} ({time.time() - started:.1f} s in all); {build.atc.status}")

@@ -115,9 +115,9 @@ def cuda_cache_spec(cfg, layout: str) -> dict:
 
 def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool, runner: StageRunner,
                        load: StageRecord, base_manifest: dict, seed: int, started: float, layout: str = "latent",
-                       gen_tokens: int = 32, quant: str = "none") -> Path:
+                       gen_tokens: int = 32, quant: str = "none", tokenizer: dict[str, bytes] | None = None) -> Path:
     """Everything after compile_package's "load" stage for target ort-cuda (quant "none" = fp16, "int8", "fp8")."""
-    from .compile import assemble_package, check_cases, run_graph_stages
+    from .compile import assemble_package, check_cases, run_graph_stages, write_tokenizer
     from .export import save_graph
 
     if quant not in profile.quant_schemes:
@@ -297,6 +297,7 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
                             "the accuracy of fp8 on this model's real task: random-weight presets say nothing about it; "
                             "see the trained-small figures in the repository README"]
         manifest["verification"] = {"verified_here": verified, "not_verified": not_verified}
+        write_tokenizer(pkg, tokenizer or {})
         (pkg / "README.md").write_text(_readme(manifest, _fp16_lines(runner.reports, stage)))
         write_manifest(pkg, manifest)
         runner.progress(f"[package] {out} ({time.time() - started:.1f} s in all)")

@@ -203,3 +203,29 @@ def test_int8_package_reproduces_its_quantized_graphs_and_reports_the_error(tmp_
     # the fp32 comparison is recorded but not binding; the binding stages all passed
     target = next(s for s in m["stages"] if s["name"] == "target/ort-cpu")
     assert any(not p["binding"] for p in target["parity"]) and m["parity"]["passed"]
+
+
+def test_package_carries_the_tokenizer_and_generates_text_like_eager(packages):
+    """tiny (vocab 256) gets the byte-level tokenizer: in tokenizer/, hashed in the manifest, and
+    `generate PKG --prompt` prints the eager model's greedy continuation of the prompt's bytes."""
+    import json as _json
+
+    from click.testing import CliRunner
+
+    from models.tokenizer import byte_level_files
+    from pipeline.cli import main
+    pkg = packages["tiny"]
+    m = read_manifest(pkg)
+    listed = {f["path"] for f in m["files"]}
+    assert m["tokenizer"]["files"] == ["tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json"]
+    assert set(m["tokenizer"]["files"]) <= listed
+    for name, data in byte_level_files().items():
+        assert (pkg / "tokenizer" / name).read_bytes() == data
+    for source in (pkg, pkg.parent / "tiny.tar.gz"):
+        r = CliRunner().invoke(main, ["generate", str(source), "--prompt", "def f(x):", "--max-new-tokens", "6",
+                                      "--json"])
+        assert r.exit_code == 0, r.output
+        got = _json.loads(r.output)
+        tokens, _ = models.greedy_generate(models.load("tiny"), list(b"def f(x):"), 6)
+        assert got["tokens"] == tokens[0].tolist()
+        assert got["text"] == bytes(got["tokens"]).decode("utf-8", errors="replace")

@@ -63,7 +63,8 @@ def _compile_cli(out: Path, cache: Path, *extra) -> subprocess.Popen:
 
 def _kill_at(out: Path, cache: Path, marker: str, delay: float) -> list[str]:
     """Start a compile, SIGKILL it `delay` s after its progress prints `marker`; return what it printed."""
-    proc = _compile_cli(out, cache, "--force")
+    # a stage restored from the cache prints no "running": recompute when the marker is a stage start
+    proc = _compile_cli(out, cache, "--force", *(("--no-cache",) if "running" in marker else ()))
     seen, deadline = [], time.time() + 300
     for line in proc.stderr:
         seen.append(line)
