@@ -37,6 +37,7 @@ def package_readme(manifest: dict, reports: list[ParityReport]) -> str:
         "| `runtime/ort_runtime.py` | a runner needing only numpy + onnxruntime (greedy generation, golden re-check) |",
         "| `golden/` | inputs and expected outputs (.npy) of the eager fp32 reference |",
         "| `reports/parity.json`, `reports/parity.md` | every stage's parity numbers |",
+        *_tokenizer_rows(manifest),
         "",
         "## Inputs and outputs",
         "",
@@ -59,7 +60,9 @@ def package_readme(manifest: dict, reports: list[ParityReport]) -> str:
         "python runtime/ort_runtime.py generate --prompt-ids 1,2,3 --max-new-tokens 16",
         "sha256sum -c <(python -c \"import json;[print(f['sha256'],f['path']) for f in json.load(open('manifest.json'))['files']]\")",
         "```",
-        "With the compiler installed, `mlamoe verify <this folder or .tar.gz>` checks every hash and re-runs the golden data.",
+        "With the compiler installed, `mlamoe verify <this folder or .tar.gz>` checks every hash and re-runs the golden data"
+        + (", and `mlamoe generate <this folder> --prompt \"text\"` (or `--chat`) generates text with tokenizer/."
+           if (manifest.get("tokenizer") or {}).get("dir") else "."),
         "",
         "## What was verified, and what was not",
         "",
@@ -73,3 +76,11 @@ def package_readme(manifest: dict, reports: list[ParityReport]) -> str:
         cos = min((o.cosine for o in finite if o.cosine is not None), default=1.0)
         lines.append(f"| {r.stage} | {'yes' if r.passed else 'NO'} | {worst:.2e} | {cos:.6f} |")
     return "\n".join(lines) + "\n"
+
+
+def _tokenizer_rows(manifest: dict) -> list[str]:
+    tok = manifest.get("tokenizer") or {}
+    if tok.get("dir"):
+        return [f"| `{tok['dir']}/` | {', '.join(f.split('/')[-1] for f in tok['files'])}: {tok['source']} "
+                "(load tokenizer.json with the `tokenizers` library) |"]
+    return [f"| (no tokenizer) | {tok.get('source', 'none recorded')} |"]
