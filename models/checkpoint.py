@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -145,6 +147,16 @@ def _check_file_sizes(path: Path, files: set[str]) -> None:
         if p.stat().st_size < 8 + header_len + end:
             raise CheckpointError(f"{p}: truncated: the header needs {8 + header_len + end} bytes, the file has "
                                   f"{p.stat().st_size}; copy the file again")
+
+
+def weights_sha256(model) -> str:
+    """Content address of a model's weights: every tensor, in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(np.ascontiguousarray(t.detach().numpy()).tobytes())
+    return h.hexdigest()
 
 
 def empty_model(cfg: DeepseekConfig, attention: str = "naive") -> DeepseekForCausalLM:

@@ -19,6 +19,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 import models
+from models.checkpoint import weights_sha256
 from models.config import DeepseekConfig
 from models.errors import MlamoeError
 from passes import PASSES, graphs_for
@@ -40,16 +41,6 @@ VERSION = "0.1.0"
 
 class CompileError(MlamoeError):
     pass
-
-
-def weights_sha256(model) -> str:
-    """Content address of a model's weights: every tensor, in name order."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(np.ascontiguousarray(t.detach().numpy()).tobytes())
-    return h.hexdigest()
 
 
 def config_sha256(cfg: DeepseekConfig) -> str:
@@ -123,7 +114,7 @@ def assemble_package(pkg: Path, target_dir: Path, target_rec: StageRecord, runti
 
 
 def quantize_graph(model_ir: ir.Model, scheme: str, **kw):
-    from passes.quant_weights import quantize
+    from passes.quantize import quantize
     return quantize(model_ir, scheme, **kw)
 
 

@@ -109,7 +109,7 @@ def quantized_graph(fp32_ir: ir.Model, scheme: str, model=None, calibration_ids:
                     threads: int = 1, **options):
     """(quantized copy of `fp32_ir`, QuantReport). W8A8 calibrates on `calibration_ids` windows first."""
     from passes.quant_w8a8 import calibrate
-    from passes.quant_weights import quantize
+    from passes.quantize import quantize
     q = ir.from_proto(ir.to_proto(fp32_ir))
     cal = None
     if scheme == "w8a8" and calibration_ids is not None:
@@ -254,7 +254,7 @@ def evaluate_package(package: str | Path, model_dir: str | Path, *, n_windows: i
     from models.train_small import windows
     from pipeline.cuda_runtime import _ORT_TYPES
     from pipeline.package import PackageError, open_package
-    from pipeline.compile import weights_sha256
+    from models.checkpoint import weights_sha256
     root, manifest, cleanup = open_package(package)
     try:
         blob, model = _exported(str(Path(model_dir).resolve()), "raw")

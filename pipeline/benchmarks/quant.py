@@ -56,7 +56,8 @@ def _ort_cpu_decode(model) -> ir.Model:
 def _build(decode: ir.Model, variants: dict, folder: Path, offline: bool = True) -> dict[str, dict]:
     """Save `decode` once, then per variant: load it (weights memory-mapped from the saved file), quantize,
     save, ORT-optimise offline -> {name: {"path", "weights_mb", "ops"}}. Peak memory stays near one graph."""
-    from passes.quant_weights import initializer_bytes, quantize
+    from passes.quant_weights import initializer_bytes
+    from passes.quantize import quantize
     from pipeline.export import save_graph
     from targets.ort_cpu import optimize_offline
     folder.mkdir(parents=True, exist_ok=True)
