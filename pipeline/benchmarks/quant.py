@@ -109,7 +109,7 @@ def _time_blocks(built: dict, threads: int, past: int, vocab: int, warmup: int, 
     then repeats/rounds timed runs, the order reversed every round (A B C, C B A, ...), so slow drift of
     the machine's load hits the variants alike. Not run by run: each session has its own intra-op thread
     pool, whose threads keep spinning for a while after a run and steal the cores from the next session
-    (measured on 2 cores: +4..7 ms per run on every variant when alternated run by run)."""
+    (on 2 cores every variant slows when alternated run by run; figures: docs/benchmarks.md)."""
     from pipeline.ort_runtime import session_options
     from targets.ort_cpu import session_config
     so = session_options(session_config(threads))
