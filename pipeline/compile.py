@@ -306,7 +306,7 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
                 # for people: weight bytes before/after, and where the error enters (per linear layer)
                 (d / "reports").mkdir()
                 (d / "reports" / "quantization.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-                from .quant_eval import write_error_profile
+                from .error_profile import write_error_profile
                 feeds = next(c.inputs for c in golden.cases if c.name == "prefill")
                 write_error_profile(ir.load(src_dir / "prefill.onnx"), graphs["prefill"], quant, feeds,
                                     d / "reports" / "error_profile.csv")
