@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -176,6 +178,16 @@ def _check_shapes(path: Path, available: dict[str, str], expected: dict[str, tor
                 if shape != list(expected[name].shape):
                     raise CheckpointError(f"{path / fname}: tensor {name!r} has shape {shape}, the config implies "
                                           f"{list(expected[name].shape)}; config.json and the weights do not match")
+
+
+def weights_sha256(model) -> str:
+    """Content address of a model's weights: every tensor, in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(np.ascontiguousarray(t.detach().numpy()).tobytes())
+    return h.hexdigest()
 
 
 def empty_model(cfg: DeepseekConfig, attention: str = "naive") -> DeepseekForCausalLM:

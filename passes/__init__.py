@@ -30,8 +30,8 @@ def _moe(form: str, **kw) -> Callable[[], ir.passes.PassBase]:
 def graphs_for(name: str) -> tuple[str, ...]:
     """Which of the exported graphs a pass runs on (the others pass through unchanged).
 
-    latent-kv-fusion: decode only, unless latent_kv_fusion.PREFILL_FUSION (measured: the naive form
-    is faster for prompts past a few hundred tokens; see that module).
+    latent-kv-fusion: decode only, unless latent_kv_fusion.PREFILL_FUSION (the naive form is faster
+    for prompts past a few hundred tokens; figures: docs/benchmarks.md).
     """
     if name == "latent-kv-fusion":
         from .latent_kv_fusion import graph_forms

@@ -41,11 +41,10 @@ Two rewrite forms (`LatentKVFusionPass(form=...)`):
                V = c_kv (a view of the same cache tensor, not a second cache), attn_mask = the
                graph's mask, scale = the graph's scale, softmax_precision = FLOAT. Raises the graph's
                default-domain opset to 23 (opsets 21-23 only add types to the ops these graphs use).
-Measured on the `small` preset with ORT CPU, 2 threads (tests/bench/bench_latent_kv.py, numbers at
-DEFAULT_FORM): "matmul" is the fastest decode form and the default. Prefill of a fresh prompt
-(past = 0) is faster left naive, see PREFILL_FUSION; graph_forms() / fuse_graphs() give that choice
-per graph. Postcondition (`ensures`): no cache expansion remains except the ones reported skipped;
-`expansions_of_cache(model)` lists them.
+"matmul" is the fastest decode form on ORT CPU and the default; prefill of a fresh prompt (past = 0)
+is faster left naive, see PREFILL_FUSION; graph_forms() / fuse_graphs() give that choice per graph
+(figures: docs/benchmarks.md, benchmarks/cpu_small_latent-kv.json). Postcondition (`ensures`): no
+cache expansion remains except the ones reported skipped; `expansions_of_cache(model)` lists them.
 """
 from __future__ import annotations
 
@@ -58,25 +57,10 @@ from onnx_ir.passes import common as common_passes
 from .graph_utils import const_array as _const, consumers as _consumers
 
 FORMS = ("matmul", "attention")
-# Measured with tests/bench/bench_latent_kv.py: `small` preset, ORT 1.32 CPU, 2 threads, batch 1, on the
-# shared 2-core build machine. Five runs; medians; the machine's load (1.5-3.5 from other work) moved
-# absolute figures by up to 3x between runs, the ordering and the ratios much less.
-# Decode ms/token at past 1K / 8K / 32K (ranges over the runs):
-#   (b) latent, unfused           40-91 / 112-460 / 374-1585
-#   (c) latent, fused "matmul"    16-43 /  32-76  /  72-230    (b)/(c) at 32K: 5.2x to 6.9x
-#   (c') fused "attention"        16-43 /  53-98  / 117-501    slower than "matmul" from 8K on: the
-#        opset-23 Attention takes K = Concat(c_kv, k_pe), a fresh copy of the whole cache every step,
-#        while "matmul" reads c_kv and k_pe where they are.
-#   (a) expanded per-head cache   18-48 /  49-101 / 111-254
+# the fastest decode form measured on ORT CPU (figures: docs/benchmarks.md)
 DEFAULT_FORM = "matmul"
-# Whether to fuse the prefill graph as well. Prefill from an empty cache, ms (forms interleaved, one
-# run; median): 128 tokens: naive 139, "matmul" 121, "attention" 121; 512 tokens: naive 164,
-# "attention" 190, "matmul" 196; 2048 tokens: naive 803, "attention" 1522, "matmul" 2380 (the bench's
-# 512-token medians in other runs: naive 348-439, "matmul" 428-511, "attention" 398-712, and once
-# 135 for "attention", not reproduced). Naive wins from a few hundred tokens on, by more the
-# longer the prompt: it expands the S latent rows once, while the absorbed form scores every head
-# against the r-wide latent (r = 128 against nope = 32 for `small`): 3x the multiply-adds at S = T.
-# DeepSeek-V3.2 likewise keeps prefill naive. graph_forms()/fuse_graphs() apply this choice.
+# Whether to fuse the prefill graph as well: no, naive prefill is faster from a few hundred prompt tokens on
+# (the absorbed form does 3x the multiply-adds at S = T on `small`); figures in docs/benchmarks.md.
 PREFILL_FUSION = False
 
 ATTENTION_OPSET = 23

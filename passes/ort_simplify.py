@@ -5,7 +5,7 @@ fusions fire and drop the per-call shape arithmetic the exporter leaves around e
                 torch's `x * rsqrt(mean(x^2) + eps)` exports as Sqrt + Reciprocal + Mul, a spelling ORT's
                 SimplifiedLayerNormFusion does not recognise; with Div it fuses each RMSNorm (Pow,
                 ReduceMean, Add, Sqrt, Div, Mul by weight) into one SimplifiedLayerNormalization kernel
-                when ORT optimises the graph (measured on `small` decode: 849 -> 651 nodes). x / s and
+                when ORT optimises the graph (node counts: docs/benchmarks.md). x / s and
                 x * (1 / s) differ by at most one rounding.
   reshape-infer Reshape(x, Concat(d_0 .. d_n)) where every d_i is a 1-element constant except one
                 computed d_j (e.g. the batch read back through Shape/Gather/Squeeze/Unsqueeze):

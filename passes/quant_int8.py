@@ -40,7 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from .quant_weights import (DEFAULT_EXCLUDE, QuantizationError, QuantReport, add_initializer, const_bytes,
-                            initializer_bytes, record, remove_if_unused, select_sites, set_opset)
+                            initializer_bytes, record, remove_if_unused, round_scale, select_sites, set_opset)
 
 
 def block_size_for(in_features: int, block_size: int, zero_points: bool = False) -> int:
@@ -62,15 +62,6 @@ def block_size_for(in_features: int, block_size: int, zero_points: bool = False)
 SCALE_DTYPES = ("float32", "float16")
 
 
-def _round_scale(scale: np.ndarray, scale_dtype: str) -> np.ndarray:
-    """scale_dtype "float16": the nearest fp16 value (kept in fp32; 0 -> smallest fp16 subnormal)."""
-    if scale_dtype == "float32":
-        return scale
-    tiny = np.float32(np.finfo(np.float16).smallest_subnormal)
-    s16 = np.minimum(scale, np.float32(np.finfo(np.float16).max)).astype(np.float16).astype(np.float32)
-    return np.where(s16 > 0, s16, tiny).astype(np.float32)
-
-
 def quantize_int8_blocks(w_oi: np.ndarray, block_size: int, symmetric: bool = True, scale_dtype: str = "float32"):
     """fp32 [N, K] -> (q uint8 [N, K/bs, bs], scales fp32 [N, K/bs], zero_points uint8 [N, K/bs], bs)."""
     if scale_dtype not in SCALE_DTYPES:
@@ -84,7 +75,7 @@ def quantize_int8_blocks(w_oi: np.ndarray, block_size: int, symmetric: bool = Tr
     if symmetric:
         amax = np.abs(blocks).max(-1)
         scale = np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32)
-        scale = _round_scale(scale, scale_dtype)
+        scale = round_scale(scale, scale_dtype)
         q = np.clip(np.rint(blocks / scale[..., None]), -127, 127) + 128
         zp = np.full((n, nb), 128, np.uint8)
     else:
@@ -92,7 +83,7 @@ def quantize_int8_blocks(w_oi: np.ndarray, block_size: int, symmetric: bool = Tr
         hi = np.maximum(blocks.max(-1), 0).astype(np.float32)
         rng = (hi - lo).astype(np.float32)
         scale = np.where(rng > 0, rng / np.float32(255), np.float32(1)).astype(np.float32)
-        scale = _round_scale(scale, scale_dtype)
+        scale = round_scale(scale, scale_dtype)
         zp = np.clip(np.rint(-lo / scale), 0, 255)
         q = np.clip(np.rint(blocks / scale[..., None]) + zp[..., None], 0, 255)
         zp = zp.astype(np.uint8)

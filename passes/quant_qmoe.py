@@ -40,7 +40,8 @@ import numpy as np
 import onnx_ir as ir
 
 from .graph_utils import attr, const_array
-from .quant_weights import ROLES, QuantizationError, QuantReport, add_initializer, remove_if_unused, set_opset
+from .quant_weights import (ROLES, QuantizationError, QuantReport, add_initializer, remove_if_unused, round_scale,
+                            set_opset)
 
 MS_DOMAIN = "com.microsoft"
 GRANULARITIES = ("channel", "block")
@@ -61,14 +62,13 @@ def qmoe_block_size(hidden: int, inter: int, block_size: int = 128) -> int | Non
 def quantize_experts_int8(w: np.ndarray, block_size: int | None = None,
                           scale_dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """fp32 [E, N, K] -> (q uint8 [E, N, K], scales fp32 [E, N] (block_size None) or [E, N, K/bs])."""
-    from .quant_int8 import _round_scale
     e, n, k = w.shape
     bs = k if block_size is None else block_size
     if k % bs:
         raise QuantizationError(f"QMoE block_size {bs} does not divide the expert weight's input dim {k}")
     blocks = w.astype(np.float32).reshape(e, n, k // bs, bs)
     amax = np.abs(blocks).max(-1)
-    scale = _round_scale(np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32), scale_dtype)
+    scale = round_scale(np.where(amax > 0, amax / np.float32(127), np.float32(1)).astype(np.float32), scale_dtype)
     q = (np.clip(np.rint(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8).reshape(e, n, k)
     return q, (scale[..., 0] if block_size is None else scale)
 

@@ -4,7 +4,8 @@ The schemes live one per file and all build on this module:
     passes/quant_int8.py  INT8 weight-only, `com.microsoft.MatMulNBits` bits=8 (ONNX Runtime)
     passes/quant_fp8.py   FP8 E4M3 128x128-block weights, blocked `DequantizeLinear` (opset 21)
     passes/quant_w8a8.py  W8A8: per-channel INT8 weights, per-token dynamic / static activations (QDQ)
-:func:`quantize` runs one scheme by name (what `compile --quant` calls).
+passes/quantize.py runs one scheme by name (what `compile --quant` calls); this module imports none
+of the schemes.
 
 Finding linear layers (names never matter, only the graph):
   A *linear site* is a `MatMul` whose second input is an fp32 initializer of rank 2 ([in, out]),
@@ -333,33 +334,10 @@ def record(model: ir.Model, report: QuantReport) -> None:
         sort_keys=True)
 
 
-def quantize(model_ir: ir.Model, scheme: str, *, model=None, calibration: dict[str, float] | None = None,
-             exclude: Iterable[str] = DEFAULT_EXCLUDE, **options) -> QuantReport:
-    """Quantize `model_ir` in place with `scheme` and return the report.
-
-    scheme "int8": options block_size (default 128, capped at each layer's in_features), symmetric,
-                   accuracy_level (None/0: fp32 activations; 4: int8 activations per block inside the
-                   kernels), experts (com.microsoft.MoE -> QMoE: "auto", "channel", "block", "none").
-    scheme "fp8" : `model` (the eager model) lets an FP8 checkpoint's bytes pass through unchanged;
-                   activations "none" (default) or "dynamic" (FP8 per token per 128 channels).
-    scheme "w8a8": `calibration` ({activation name: amax}, from passes.quant_w8a8.calibrate) gives
-                   static per-tensor scales to the attention projections; without it they are dynamic too.
-    scheme "none": nothing (an empty report).
-    """
-    if scheme == "none":
-        rep = QuantReport("none")
-        rep.weights_bytes_before = rep.weights_bytes_after = initializer_bytes(model_ir.graph)
-        return rep
-    if scheme == "int8":
-        from .quant_int8 import Int8WeightOnlyPass
-        p = Int8WeightOnlyPass(exclude=exclude, **options)
-    elif scheme == "fp8":
-        from .quant_fp8 import Fp8WeightPass
-        p = Fp8WeightPass(model=model, exclude=exclude, **options)
-    elif scheme == "w8a8":
-        from .quant_w8a8 import W8A8Pass
-        p = W8A8Pass(calibration=calibration, exclude=exclude, **options)
-    else:
-        raise QuantizationError(f"unknown quantization scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
-    p(model_ir)
-    return p.report
+def round_scale(scale: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """scale_dtype "float16": the nearest fp16 value (kept in fp32; 0 -> smallest fp16 subnormal)."""
+    if scale_dtype == "float32":
+        return scale
+    tiny = np.float32(np.finfo(np.float16).smallest_subnormal)
+    s16 = np.minimum(scale, np.float32(np.finfo(np.float16).max)).astype(np.float16).astype(np.float32)
+    return np.where(s16 > 0, s16, tiny).astype(np.float32)

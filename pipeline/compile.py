@@ -18,6 +18,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 import models
+from models.checkpoint import weights_sha256
 from models.config import DeepseekConfig
 from models.errors import MlamoeError
 from models.tokenizer import package_tokenizer
@@ -40,16 +41,6 @@ VERSION = "0.1.0"
 
 class CompileError(MlamoeError):
     pass
-
-
-def weights_sha256(model) -> str:
-    """Content address of a model's weights: every tensor, in name order."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(np.ascontiguousarray(t.detach().numpy()).tobytes())
-    return h.hexdigest()
 
 
 def config_sha256(cfg: DeepseekConfig) -> str:
@@ -135,7 +126,7 @@ def assemble_package(pkg: Path, target_dir: Path, target_rec: StageRecord, runti
 
 
 def quantize_graph(model_ir: ir.Model, scheme: str, **kw):
-    from passes.quant_weights import quantize
+    from passes.quantize import quantize
     return quantize(model_ir, scheme, **kw)
 
 
@@ -352,7 +343,7 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
                 # for people: weight bytes before/after, and where the error enters (per linear layer)
                 (d / "reports").mkdir()
                 (d / "reports" / "quantization.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-                from .quant_eval import write_error_profile
+                from .error_profile import write_error_profile
                 feeds = next(c.inputs for c in golden.cases if c.name == "prefill")
                 write_error_profile(ir.load(src_dir / "prefill.onnx"), graphs["prefill"], quant, feeds,
                                     d / "reports" / "error_profile.csv")

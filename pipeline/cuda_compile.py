@@ -144,7 +144,7 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
             def do_quant(d: Path, rec: StageRecord) -> None:
                 import onnx_ir as ir
 
-                from .quant_eval import write_error_profile
+                from .error_profile import write_error_profile
                 summary = {}
                 graphs = {}
                 for g in GRAPHS:

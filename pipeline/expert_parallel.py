@@ -237,7 +237,7 @@ def _io_spec(m: ir.Model) -> dict:
 
 
 def model_hash_of(model) -> str:
-    from .compile import weights_sha256
+    from models.checkpoint import weights_sha256
     return weights_sha256(model)
 
 

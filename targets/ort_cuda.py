@@ -106,7 +106,8 @@ def quantize_fp8(model: ir.Model, eager=None):
     """`--quant fp8` on an fp32 ort-cuda graph, in place (before to_fp16): passes.quant_fp8 (with `eager`,
     the loaded model, an FP8 checkpoint's bytes pass through), then the CUDA form. -> the QuantReport."""
     from passes.quant_fp8_cuda import Fp8CudaFormPass
-    from passes.quant_weights import initializer_bytes, quantize, record
+    from passes.quant_weights import initializer_bytes, record
+    from passes.quantize import quantize
     report = quantize(model, "fp8", model=eager)
     form = Fp8CudaFormPass()
     form(model)
@@ -122,7 +123,8 @@ def quantize_int8(model: ir.Model):
     (passes.quant_int8, fp16-exact scales), routed experts -> QMoE (passes.quant_qmoe, per channel, fp16-exact
     scales, no router_weights input) unless INT8_OPTIONS["experts"] is "none". -> the QuantReport."""
     from passes.quant_qmoe import QMoEPass
-    from passes.quant_weights import DEFAULT_EXCLUDE, initializer_bytes, quantize, record
+    from passes.quant_weights import DEFAULT_EXCLUDE, initializer_bytes, record
+    from passes.quantize import quantize
     opts = dict(INT8_OPTIONS)
     experts = opts.pop("experts")
     report = quantize(model, "int8", experts="none", **opts)

@@ -70,3 +70,16 @@ def test_invalid_graph_is_reported_by_the_checker(tmp_path):
     with pytest.raises(ExportError) as e:
         check_graph(path)
     assert "bad.onnx" in str(e.value) and "checker" in str(e.value)
+
+
+def test_readme_commands_agree_with_help():
+    """Every command and option `mlamoe --help` lists appears in the README's command synopsis."""
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    synopsis = readme[readme.index("## Commands"):]
+    for name, cmd in main.commands.items():
+        assert f"mlamoe {name}" in synopsis, name
+        for p in cmd.params:
+            for opt in p.opts:
+                if opt.startswith("--") and opt != "--help":
+                    assert opt in synopsis, f"mlamoe {name} {opt} missing from the README's ## Commands"

@@ -24,7 +24,7 @@ from onnx import helper as h
 from onnx import numpy_helper as nh
 
 from passes.quant_fp8_cuda import Fp8CudaFormPass
-from passes.quant_weights import quantize
+from passes.quantize import quantize
 from targets import ort_cuda
 from test_quant_schemes import ref_fp8  # the independent numpy scheme
 

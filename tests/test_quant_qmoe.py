@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from passes.quant_qmoe import QMoEPass
-from passes.quant_weights import QuantReport, quantize
+from passes.quant_weights import QuantReport
+from passes.quantize import quantize
 
 E, I, H, K, N = 8, 32, 64, 2, 6  # experts, moe_intermediate, hidden, top-k, tokens
 

@@ -21,7 +21,8 @@ from onnx import numpy_helper as nh
 from passes.quant_fp8 import Fp8WeightPass
 from passes.quant_int8 import Int8WeightOnlyPass
 from passes.quant_w8a8 import CalibrationError, W8A8Pass, calibrate
-from passes.quant_weights import QuantizationError, find_linear_sites, quantize
+from passes.quant_weights import QuantizationError, find_linear_sites
+from passes.quantize import quantize
 
 HID = 128
 

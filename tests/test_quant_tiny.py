@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import models
-from passes.quant_weights import quantize
+from passes.quantize import quantize
 from pipeline.export import export_graph, specialize_decode
 from pipeline.parity import compare
 

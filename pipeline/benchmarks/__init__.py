@@ -11,7 +11,7 @@ def time_blocks(run: dict, repeats: int, warmup: int, rounds: int = 4) -> dict[s
     untimed calls), the blocks repeated `rounds` times in alternating order so that slow drift of the
     machine's load spreads over all forms. Not run by run interleaved: on a 2-core machine the previous
     ORT session's worker threads are still spinning when the next session starts and slow it by
-    milliseconds (measured: 2-3x on a 4 ms decode step)."""
+    milliseconds (figures: docs/benchmarks.md)."""
     times: dict[str, list[float]] = {form: [] for form in run}
     per_block = max(1, -(-repeats // rounds))
     order = list(run)

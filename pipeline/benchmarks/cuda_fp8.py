@@ -187,8 +187,8 @@ def main(argv=None) -> int:
             log(res["errors"][-1])
         save()
     # decode timing with both sessions alive, in blocks alternated between the forms (time_blocks): this
-    # machine's decode time drifts between runs by more than the fp8/fp16 difference (fp16 9.8 vs 13.7 ms, the
-    # same graph, two runs), so the forms are timed side by side in one run
+    # machine's decode time drifts between runs by more than the fp8/fp16 difference (docs/benchmarks.md), so
+    # the forms are timed side by side in one run
     try:
         rts = {f: CudaPackageRuntime(work / f, device=args.device, manifest=manifest) for f in ("fp16", "fp8")}
         for L in lengths:

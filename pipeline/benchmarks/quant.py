@@ -56,7 +56,8 @@ def _ort_cpu_decode(model) -> ir.Model:
 def _build(decode: ir.Model, variants: dict, folder: Path, offline: bool = True) -> dict[str, dict]:
     """Save `decode` once, then per variant: load it (weights memory-mapped from the saved file), quantize,
     save, ORT-optimise offline -> {name: {"path", "weights_mb", "ops"}}. Peak memory stays near one graph."""
-    from passes.quant_weights import initializer_bytes, quantize
+    from passes.quant_weights import initializer_bytes
+    from passes.quantize import quantize
     from pipeline.export import save_graph
     from targets.ort_cpu import optimize_offline
     folder.mkdir(parents=True, exist_ok=True)
@@ -108,7 +109,7 @@ def _time_blocks(built: dict, threads: int, past: int, vocab: int, warmup: int, 
     then repeats/rounds timed runs, the order reversed every round (A B C, C B A, ...), so slow drift of
     the machine's load hits the variants alike. Not run by run: each session has its own intra-op thread
     pool, whose threads keep spinning for a while after a run and steal the cores from the next session
-    (measured on 2 cores: +4..7 ms per run on every variant when alternated run by run)."""
+    (on 2 cores every variant slows when alternated run by run; figures: docs/benchmarks.md)."""
     from pipeline.ort_runtime import session_options
     from targets.ort_cpu import session_config
     so = session_options(session_config(threads))

@@ -249,7 +249,7 @@ def _write_quant_reports(package_dir: Path, quant_reports: dict, graphs: dict, f
     """reports/quantization.json and the per-linear error profile (CSV + PNG) of the first prefill bucket."""
     import numpy as np
     import onnx_ir as ir
-    from pipeline.quant_eval import write_error_profile
+    from pipeline.error_profile import write_error_profile
     from .static_export import INDEX_DTYPE, zero_inputs
     rdir = package_dir / "reports"
     rdir.mkdir(parents=True, exist_ok=True)

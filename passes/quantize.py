@@ -1,0 +1,44 @@
+"""The quantize stage's entry: one scheme by name (what `compile --quant` calls).
+
+The schemes are passes/quant_int8.py, quant_fp8.py and quant_w8a8.py; passes/quant_weights.py holds
+what they share (finding linear sites, roles, the report) and imports none of them.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import onnx_ir as ir
+
+from .quant_weights import DEFAULT_EXCLUDE, SCHEMES, QuantizationError, QuantReport, initializer_bytes
+
+
+def quantize(model_ir: ir.Model, scheme: str, *, model=None, calibration: dict[str, float] | None = None,
+             exclude: Iterable[str] = DEFAULT_EXCLUDE, **options) -> QuantReport:
+    """Quantize `model_ir` in place with `scheme` and return the report.
+
+    scheme "int8": options block_size (default 128, capped at each layer's in_features), symmetric,
+                   accuracy_level (None/0: fp32 activations; 4: int8 activations per block inside the
+                   kernels), experts (com.microsoft.MoE -> QMoE: "auto", "channel", "block", "none").
+    scheme "fp8" : `model` (the eager model) lets an FP8 checkpoint's bytes pass through unchanged;
+                   activations "none" (default) or "dynamic" (FP8 per token per 128 channels).
+    scheme "w8a8": `calibration` ({activation name: amax}, from passes.quant_w8a8.calibrate) gives
+                   static per-tensor scales to the attention projections; without it they are dynamic too.
+    scheme "none": nothing (an empty report).
+    """
+    if scheme == "none":
+        rep = QuantReport("none")
+        rep.weights_bytes_before = rep.weights_bytes_after = initializer_bytes(model_ir.graph)
+        return rep
+    if scheme == "int8":
+        from .quant_int8 import Int8WeightOnlyPass
+        p = Int8WeightOnlyPass(exclude=exclude, **options)
+    elif scheme == "fp8":
+        from .quant_fp8 import Fp8WeightPass
+        p = Fp8WeightPass(model=model, exclude=exclude, **options)
+    elif scheme == "w8a8":
+        from .quant_w8a8 import W8A8Pass
+        p = W8A8Pass(calibration=calibration, exclude=exclude, **options)
+    else:
+        raise QuantizationError(f"unknown quantization scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    p(model_ir)
+    return p.report
