@@ -173,8 +173,8 @@ def test_damaged_cache_entry_is_rebuilt_not_trusted(tmp_path, cache_dir):
     first = compile_package("tiny", "ort-cpu", tmp_path / "a" / "tiny", cache_dir=cache, **QUIET)
     files = sorted(p for p in cache.rglob("files/*.onnx*") if p.is_file())
     assert files
-    victim = files[0]
-    victim.write_bytes(victim.read_bytes()[:-7] + b"damaged")
+    for victim in files:  # the run's cache holds other models' entries too: damage every graph in it
+        victim.write_bytes(victim.read_bytes()[:-7] + b"damaged")
     stale = cache / "ab" / f".tmp-999999999-x"  # a writer killed mid-store: never read as an entry
     (stale / "files").mkdir(parents=True)
     messages: list[str] = []
@@ -182,7 +182,7 @@ def test_damaged_cache_entry_is_rebuilt_not_trusted(tmp_path, cache_dir):
     assert any("is damaged" in m and "rebuilding" in m for m in messages), messages
     assert _sha(first.parent / "tiny.tar.gz") == _sha(again.parent / "tiny.tar.gz")
     log = json.loads((again.parent / "tiny.build.json").read_text())
-    assert any(not s["cached"] for s in log["stages"]) and any(s["cached"] for s in log["stages"])
+    assert [s["name"] for s in log["stages"] if s["cached"]] == []  # every damaged entry rebuilt, none trusted
     from pipeline.stages import clean_cache_tmp
     assert clean_cache_tmp(cache) == [stale] and not stale.exists()
     verify_package(again)
