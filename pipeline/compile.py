@@ -31,7 +31,7 @@ from . import ort_runtime
 from .export import CACHE_NAMES, export_graphs, save_graph
 from .golden import Golden, make_golden, save_golden
 from .package import make_tarball, sha256_file, staging, write_manifest
-from .parity import budget_for, compare, write_reports
+from .parity import Router, budget_for, compare, compare_routed, write_reports
 from .stages import StageRecord, StageRunner
 
 GRAPHS = ("prefill", "decode")
@@ -102,6 +102,56 @@ def check_cases(runner: StageRunner, record: StageRecord, stage: str, paths: dic
     results = run_cases(paths, golden, session_config)
     for case in golden.cases:
         report = compare(f"{stage}/{case.name}", case.outputs, results[case.name], logits_outputs=["logits"])
+        runner.add_report(record, report)
+
+
+def moe_routers(model) -> list[Router]:
+    """Each MoE layer's router (in layer order, the order of the graphs' MoE nodes), for routing checks."""
+    cfg = model.config
+    return [Router.of(cfg, None if layer.mlp.gate.e_score_correction_bias is None
+                      else layer.mlp.gate.e_score_correction_bias.detach().double().numpy())
+            for i, layer in enumerate(model.model.layers) if cfg.is_moe_layer(i)]
+
+
+def routed_reports(stage: str, paths: dict[str, Path], reference_paths: dict[str, Path], golden: Golden,
+                   routers: list[Router], session_config: dict | None = None) -> list:
+    """One routing-aware report per golden case (pipeline.parity.compare_routed): the reference graphs (fp32,
+    `reference_paths`) give each MoE layer's gate logits; the lossy graphs at `paths` run once as they are
+    (recorded) and once with those gate logits forced (judged), exposing their own."""
+    from .routing import expose_gate_logits, force_gate_logits, forced_name, gate_name
+    so = ort_runtime.session_options(session_config or {"graph_optimization_level": "basic"})
+
+    def session(m: ir.Model):
+        return ort.InferenceSession(ir.to_proto(m).SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    def run(sess, feeds) -> dict:
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+    plain, ref, forced, n_layers = {}, {}, {}, {}
+    for g in paths:
+        r, f = ir.load(reference_paths[g]), ir.load(paths[g])
+        n_layers[g] = expose_gate_logits(r)
+        if force_gate_logits(f) != n_layers[g] or n_layers[g] != len(routers):
+            raise MlamoeError(f"{stage}: graph {g!r} has {n_layers[g]} MoE routers in the reference graph and "
+                              f"{len(routers)} MoE layers in the model; routing checks need one per layer")
+        ref[g], forced[g] = session(r), session(f)
+        plain[g] = ort.InferenceSession(str(paths[g]), so, providers=["CPUExecutionProvider"])
+    reports = []
+    for case in golden.cases:
+        n = n_layers[case.graph]
+        ref_gates = [run(ref[case.graph], case.inputs)[gate_name(i)] for i in range(n)]
+        fres = run(forced[case.graph], {**case.inputs, **{forced_name(i): ref_gates[i] for i in range(n)}})
+        reports.append(compare_routed(f"{stage}/{case.name}", case.outputs, fres, ref_gates,
+                                      [fres[gate_name(i)] for i in range(n)], routers, logits_outputs=["logits"],
+                                      unforced=run(plain[case.graph], case.inputs)))
+    return reports
+
+
+def check_cases_routed(runner: StageRunner, record: StageRecord, stage: str, paths: dict[str, Path],
+                       reference_paths: dict[str, Path], golden: Golden, routers: list[Router],
+                       session_config: dict | None = None) -> None:
+    """check_cases for a lossy stage, routing-aware (routed_reports)."""
+    for report in routed_reports(stage, paths, reference_paths, golden, routers, session_config):
         runner.add_report(record, report)
 
 
@@ -320,8 +370,18 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
                 write_error_profile(ir.load(src_dir / "prefill.onnx"), graphs["prefill"], quant, feeds,
                                     d / "reports" / "error_profile.csv")
 
+            routers = moe_routers(model)
+
+            def check_quant(d: Path, rec: StageRecord) -> None:
+                paths = {g: d / f"{g}.onnx" for g in GRAPHS}
+                if routers:
+                    check_cases_routed(runner, rec, f"quantize-{quant}", paths,
+                                       {g: src_dir / f"{g}.onnx" for g in GRAPHS}, golden, routers)
+                else:
+                    check_cases(runner, rec, f"quantize-{quant}", paths, golden)
+
             prev = runner.run("quantize", {"scheme": quant, **quant_options}, prev.outputs, prev_dir, do_quant,
-                              checker(f"quantize-{quant}"))
+                              check_quant)
             expected = _reference_from_graphs({g: prev_dir / f"{g}.onnx" for g in GRAPHS}, golden, cfg, layout,
                                               ort_cpu.session_config())
 
