@@ -30,6 +30,7 @@ from targets.base import TargetProfile
 from . import ort_runtime
 from .export import CACHE_NAMES, export_graphs, save_graph
 from .golden import Golden, make_golden, save_golden
+from .package_readme import random_weights_note
 from .package import make_tarball, sha256_file, staging, write_manifest
 from .parity import Router, budget_for, compare, compare_routed, write_reports
 from .stages import StageRecord, StageRunner
@@ -155,6 +156,17 @@ def check_cases_routed(runner: StageRunner, record: StageRecord, stage: str, pat
         runner.add_report(record, report)
 
 
+def check_quant_cases(runner: StageRunner, record: StageRecord, stage: str, model, paths: dict[str, Path],
+                      reference_paths: dict[str, Path], golden: Golden) -> None:
+    """A quantize stage's checks: routing-aware (check_cases_routed) for a model with MoE layers, against the
+    fp32 graphs it quantized (`reference_paths`); plain check_cases for a dense one."""
+    routers = moe_routers(model)
+    if routers:
+        check_cases_routed(runner, record, stage, paths, reference_paths, golden, routers)
+    else:
+        check_cases(runner, record, stage, paths, golden)
+
+
 def assemble_package(pkg: Path, target_dir: Path, target_rec: StageRecord, runtime_file: Path, golden: Golden,
                      profile: TargetProfile, vocab_size: int, cache: dict) -> tuple[dict, dict]:
     """Copy the target stage's graphs to onnx/, the runtime to runtime/, write golden/;
@@ -273,6 +285,7 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
                     layout: str = "latent", gen_tokens: int = 32, progress=None, soc: str | None = None,
                     precision: str | None = None, require_om: bool = False, ranks: int | None = None,
                     redundant: int = 0, calibrate: int = 8, int8_accuracy_level: int | None = None) -> Path:
+    model_spec = models.resolve(model_spec)
     profile: TargetProfile = get_profile(target)
     requested_quant = quant
     quant = quant or profile.quant_schemes[0]  # until the checkpoint is loaded: an FP8 one may change it
@@ -370,18 +383,10 @@ def compile_package(model_spec: str, target: str, out: str | Path, *, force: boo
                 write_error_profile(ir.load(src_dir / "prefill.onnx"), graphs["prefill"], quant, feeds,
                                     d / "reports" / "error_profile.csv")
 
-            routers = moe_routers(model)
-
-            def check_quant(d: Path, rec: StageRecord) -> None:
-                paths = {g: d / f"{g}.onnx" for g in GRAPHS}
-                if routers:
-                    check_cases_routed(runner, rec, f"quantize-{quant}", paths,
-                                       {g: src_dir / f"{g}.onnx" for g in GRAPHS}, golden, routers)
-                else:
-                    check_cases(runner, rec, f"quantize-{quant}", paths, golden)
-
             prev = runner.run("quantize", {"scheme": quant, **quant_options}, prev.outputs, prev_dir, do_quant,
-                              check_quant)
+                              lambda d, rec: check_quant_cases(runner, rec, f"quantize-{quant}", model,
+                                                               {g: d / f"{g}.onnx" for g in GRAPHS},
+                                                               {g: src_dir / f"{g}.onnx" for g in GRAPHS}, golden))
             expected = _reference_from_graphs({g: prev_dir / f"{g}.onnx" for g in GRAPHS}, golden, cfg, layout,
                                               ort_cpu.session_config())
 
@@ -480,6 +485,7 @@ def _compile_ascend(model, profile: TargetProfile, out: Path, force: bool, runne
     """The ascend flow (targets/ascend/flow.py): static-shape graphs, profile check, fp32 and fp16-emulated
     parity, the atc build script (run when atc is installed) and the on-device kit; with quant "w8a8" the
     graphs are W8A8 QDQ (targets/ascend/quant.py), judged against eager under the quantize-w8a8 budget."""
+    from targets.ascend import emulation
     from targets.ascend.flow import build_ascend
     with staging(out, force) as pkg:
         rec = StageRecord(f"target/{profile.name}", {"soc_version": soc, "precision": precision,
@@ -513,7 +519,9 @@ def _compile_ascend(model, profile: TargetProfile, out: Path, force: bool, runne
         m = base_manifest["model"]
         head = (f"# {m['source']} for Huawei Ascend ({soc})\n\nCompiled by mlamoe {VERSION} from a {m['kind']} "
                 f"({m['config']['model_type']}, {m['parameters']:,} parameters; weights sha256 "
-                f"`{m['weights_sha256'][:16]}…`). ATC status: **{build.atc.status}**.\n\n")
+                f"`{m['weights_sha256'][:16]}…`). ATC status: **{build.atc.status}**.\n\n"
+                f"**Judged:** fp16 emulation on ONNX Runtime CPU against the fp32 static graphs "
+                f"{emulation.describe(build.reports)}.{random_weights_note(m['kind'])}\n\n")
         (pkg / "README.md").write_text(head + build.readme)
         write_manifest(pkg, manifest)
         runner.progress(f"[package] {out} ({time.time() - started:.1f} s in all); {build.atc.status}")

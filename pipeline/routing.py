@@ -21,6 +21,7 @@ from models.errors import MlamoeError
 
 MOE_OPS = {("com.microsoft", "MoE"), ("com.microsoft", "QMoE")}
 _PROJECTIONS = {"MatMul", "Gemm", "MatMulNBits"}
+_SCORERS = {"Sigmoid", "Softmax", "MoEGroupRouter", "MoE", "QMoE"}  # what reads gate logits (models/moe.py Router)
 
 
 def gate_name(i: int) -> str:
@@ -32,7 +33,8 @@ def forced_name(i: int) -> str:
 
 
 def _gate_of(moe: ir.Node) -> ir.Value:
-    """The gate projection's output upstream of the MoE node's router input (breadth-first)."""
+    """The gate projection upstream of the MoE node's router input (breadth-first): a MatMul/Gemm whose output
+    is scored (Sigmoid/Softmax, or read by MoEGroupRouter/MoE as logits)."""
     seen, frontier = set(), [moe.inputs[1]]
     while frontier:
         nxt = []
@@ -43,7 +45,7 @@ def _gate_of(moe: ir.Node) -> ir.Value:
             p = v.producer()
             if p is None:
                 continue
-            if p.op_type in _PROJECTIONS and p.domain in ("", "com.microsoft"):
+            if p.op_type in _PROJECTIONS and any(u.op_type in _SCORERS for u, _ in v.uses()):
                 return v
             nxt += list(p.inputs)
         frontier = nxt
