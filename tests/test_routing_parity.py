@@ -23,6 +23,7 @@ from passes.quant_weights import quantize
 from pipeline.compile import _calibrate, moe_routers, routed_reports
 from pipeline.export import export_graphs, save_graph
 from pipeline.golden import make_golden
+from pipeline.package_readme import judged_line
 from pipeline.parity import ParityError, Router, route
 from targets import ort_cpu
 
@@ -86,6 +87,8 @@ def test_every_scheme_passes_with_flips_reported(fp32_stage, scheme, tmp_path):
         assert "logits" in rt["unforced"]  # the graph routing by itself, recorded
         print(r.stage, rt["summary"], "forced cosine", r.outputs[0].cosine,
               "unforced", rt["unforced"]["logits"]["cosine"])
+    line = judged_line(reports, "checkpoint")
+    assert line.startswith(f"**Judged:** Quantize-{scheme}: logits cosine >= ") and "routing decisions flipped" in line
 
 
 def _initializers_of(m: ir.Model, op_type: str, index: int) -> list[ir.Value]:
@@ -144,3 +147,15 @@ def test_route_matches_the_models_router():
                                       else r.e_score_correction_bias.detach().numpy()), logits)
         np.testing.assert_array_equal(ids, np.sort(idx.numpy(), -1))
         assert (margin >= 0).all()
+
+
+def test_default_model_is_trained_small():
+    """`mlamoe compile` with no --model (and `make compile`) builds the shipped trained checkpoint."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    help_text = CliRunner().invoke(main, ["compile", "--help"]).output
+    assert "[default: trained-small]" in help_text
+    assert models.resolve("trained-small") == str(models.TRAINED_SMALL)
+    assert models.load_config("trained-small").num_hidden_layers >= 1
+    assert "MODEL  ?= trained-small" in (models.TRAINED_SMALL.parents[2] / "Makefile").read_text()
