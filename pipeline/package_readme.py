@@ -39,7 +39,8 @@ def judged_line(reports: list[ParityReport], kind: str) -> str:
     if routed:
         flips = sum(r.extra["routing"]["n_flips"] for r in routed)
         n = sum(r.extra["routing"]["n_decisions"] for r in routed)
-        worst = min(o.cosine for r in routed for o in r.outputs if o.name == "logits")
+        worst = min((o.cosine for r in routed for o in r.outputs if o.name == "logits" and o.cosine is not None),
+                    default=float("nan"))
         parts.append(f"{routed[0].stage.split('/')[0]}: logits cosine >= {worst:.6f} with the reference's routing "
                      f"forced; {flips} of {n} (position, MoE layer) routing decisions flipped, each at a near tie")
     passed = all(r.passed for r in reports if not r.stage.startswith("info/"))
