@@ -1088,6 +1088,9 @@ def compare_routed(stage: str, reference: Mapping[str, Any], forced: Mapping[str
         if rg.shape != ag.shape:
             raise ValueError(f"MoE layer {layer}: gate logits {list(ag.shape)} vs reference {list(rg.shape)}")
         lead = rg.shape[:-1]
+        # the gate logits are judged as outputs too: a router the stage breaks would otherwise widen its own
+        # allowed margin (the movement below is measured on them)
+        base.outputs.append(_compare_one(f"routing.{layer}.gate_logits", rg, ag, base.budget, False))
         ids_r, margin = route(router, rg)
         ids_a, _ = route(router, ag)
         err = np.abs(router.choice_scores(ag) - router.choice_scores(rg))

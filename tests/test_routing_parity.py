@@ -159,3 +159,20 @@ def test_default_model_is_trained_small():
     assert models.resolve("trained-small") == str(models.TRAINED_SMALL)
     assert models.load_config("trained-small").num_hidden_layers >= 1
     assert "MODEL  ?= trained-small" in (models.TRAINED_SMALL.parents[2] / "Makefile").read_text()
+
+
+def test_router_gate_off_by_2x_fails(fp32_stage, tmp_path):
+    """One MoE layer's router gate weights doubled: forced routing hides it from the logits, the judged gate
+    logits (rel euclid 1.0) and the flips do not."""
+    model, golden, folder = fp32_stage
+
+    def fault(m):
+        gemm = next(n for n in m.graph if n.op_type in ("Gemm", "MatMul") and n.outputs[0].uses()
+                    and any(u.op_type in ("MoEGroupRouter", "MoE", "QMoE", "Sigmoid", "Softmax")
+                            for u, _ in n.outputs[0].uses()) and n.inputs[1].const_value is not None)
+        _scale(gemm.inputs[1], lambda w: w * 2)
+    reports = _reports(model, golden, folder, "int8", tmp_path, fault)
+    failed = [r for r in reports if not r.passed]
+    assert failed
+    with pytest.raises(ParityError, match=r"(?s)output 'routing\.0\.gate_logits': .*rel_euclid 1"):
+        failed[0].raise_if_failed()
