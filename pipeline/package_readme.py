@@ -30,8 +30,8 @@ def judged_line(reports: list[ParityReport], kind: str) -> str:
     for r in reports:
         t = r.extra.get("tokens", {}).get("greedy")
         if t is not None and not r.stage.startswith("info/"):
-            parts.append(f"greedy tokens of the packaged graphs equal the reference's for {t['n_equal_steps']} of "
-                         f"{t['n_steps_reference']} steps ({r.stage})")
+            parts.append(f"greedy tokens of the packaged graphs equal those of the graphs they were checked against "
+                         f"for {t['n_equal_steps']} of {t['n_steps_reference']} steps ({r.stage})")
         elif t is not None:
             parts.append(f"against eager fp32, {t['n_equal_steps']} of {t['n_steps_reference']} greedy steps equal "
                          "(informational)")
@@ -41,8 +41,10 @@ def judged_line(reports: list[ParityReport], kind: str) -> str:
         n = sum(r.extra["routing"]["n_decisions"] for r in routed)
         worst = min((o.cosine for r in routed for o in r.outputs if o.name == "logits" and o.cosine is not None),
                     default=float("nan"))
-        parts.append(f"{routed[0].stage.split('/')[0]}: logits cosine >= {worst:.6f} with the reference's routing "
-                     f"forced; {flips} of {n} (position, MoE layer) routing decisions flipped, each at a near tie")
+        parts.append(f"{routed[0].stage.split('/')[0]}: logits cosine >= {worst:.6f} against eager fp32 with its "
+                     f"routing forced; " + (f"no routing decision flipped ({n} (position, MoE layer) compared)"
+                                           if not flips else f"{flips} of {n} (position, MoE layer) routing "
+                                           "decisions flipped, each at a near tie"))
     passed = all(r.passed for r in reports if not r.stage.startswith("info/"))
     text = "; ".join(parts) + ("; every stage within its parity budget." if passed else "; SOME STAGES FAILED.")
     text += random_weights_note(kind)
