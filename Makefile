@@ -1,4 +1,4 @@
-# mlamoe: `make compile TARGET=ascend|ort-cpu|ort-cuda [MODEL=small|<checkpoint dir>] [OUT=dist/...] [QUANT=int8]`
+# mlamoe: `make compile TARGET=ascend|ort-cpu|ort-cuda [MODEL=trained-small|small|<checkpoint dir>] [OUT=dist/...] [QUANT=int8]`
 #         `make test` (the fast suite CI runs), `make test-slow`, `make bench`.
 # Each target sets up .venv with the pinned dependencies (constraints.txt) by itself.
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TARGET ?= ascend
-MODEL  ?= small
+MODEL  ?= trained-small
 QUANT  ?=
 SOC    ?= Ascend910B3
 OUT    ?= dist/$(notdir $(MODEL))-$(TARGET)

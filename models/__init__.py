@@ -16,12 +16,25 @@ from .errors import CheckpointError, ConfigError, MlamoeError
 from .generation import greedy_generate
 from .presets import CONFIG_ONLY, PRESETS, build_preset, preset_config
 
-__all__ = ["load", "save", "load_config", "DeepseekConfig", "DeepseekForCausalLM", "greedy_generate",
+__all__ = ["load", "resolve", "TRAINED_SMALL", "save", "load_config", "DeepseekConfig", "DeepseekForCausalLM", "greedy_generate",
            "PRESETS", "CONFIG_ONLY", "MlamoeError", "ConfigError", "CheckpointError", "CheckpointSource"]
 
 
+TRAINED_SMALL = Path(__file__).resolve().parent / "trained" / "trained-small"
+"""The checkpoint shipped in the repository whose outputs mean something (trained by models/train_small.py):
+the default model of `mlamoe compile` and `make compile`, named "trained-small"."""
+
+
+def resolve(path_or_preset: str | os.PathLike) -> str | os.PathLike:
+    """"trained-small" (unless a folder of that name exists here) -> the shipped checkpoint folder."""
+    if str(path_or_preset) == "trained-small" and not Path(path_or_preset).exists():
+        return str(TRAINED_SMALL)
+    return path_or_preset
+
+
 def load(path_or_preset: str | os.PathLike, seed: int = 0, attention: str = "naive") -> DeepseekForCausalLM:
-    """A preset name or a Hugging Face checkpoint folder -> eval-mode model (fp32)."""
+    """A preset name, "trained-small" or a Hugging Face checkpoint folder -> eval-mode model (fp32)."""
+    path_or_preset = resolve(path_or_preset)
     p = Path(path_or_preset)
     if p.is_dir() or os.sep in str(path_or_preset) or (p.exists()):
         return load_checkpoint(p, attention)
@@ -30,6 +43,7 @@ def load(path_or_preset: str | os.PathLike, seed: int = 0, attention: str = "nai
 
 def load_config(path_or_preset: str | os.PathLike) -> DeepseekConfig:
     """Config alone (works for the config-only presets and never reads weights)."""
+    path_or_preset = resolve(path_or_preset)
     p = Path(path_or_preset)
     if p.is_dir():
         if not (p / "config.json").is_file():

@@ -69,8 +69,10 @@ def _targets_help() -> str:
 
 
 @main.command()
-@click.option("--model", "model_spec", default="small", show_default=True,
-              help="a preset (tiny, tiny-v2, small, medium) or a Hugging Face checkpoint folder")
+@click.option("--model", "model_spec", default="trained-small", show_default=True,
+              help="trained-small (the trained checkpoint in models/trained/, whose predictions mean something), "
+                   "a random-weight preset (tiny, tiny-v2, small, medium: for tests and benchmarks) or a Hugging "
+                   "Face checkpoint folder")
 @click.option("--target", default="ort-cpu", show_default=True, help=_targets_help())
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="package folder to create (default dist/<model>-<target>); its reproducible .tar.gz and the "

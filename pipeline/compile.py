@@ -32,7 +32,8 @@ from . import ort_runtime
 from .export import CACHE_NAMES, export_graphs, save_graph
 from .golden import Golden, make_golden, save_golden
 from .package import package_lock, sha256_file, staging, work_dir, write_failure, write_manifest
-from .parity import budget_for, compare, write_reports
+from .package_readme import random_weights_note
+from .parity import Router, budget_for, compare, compare_routed, write_reports
 from .stages import StageRecord, StageRunner, write_build_log
 
 GRAPHS = ("prefill", "decode")
@@ -106,6 +107,67 @@ def write_tokenizer(pkg: Path, files: dict[str, bytes]) -> None:
         (pkg / "tokenizer").mkdir()
         for name, data in sorted(files.items()):
             (pkg / "tokenizer" / name).write_bytes(data)
+
+
+def moe_routers(model) -> list[Router]:
+    """Each MoE layer's router (in layer order, the order of the graphs' MoE nodes), for routing checks."""
+    cfg = model.config
+    return [Router.of(cfg, None if layer.mlp.gate.e_score_correction_bias is None
+                      else layer.mlp.gate.e_score_correction_bias.detach().double().numpy())
+            for i, layer in enumerate(model.model.layers) if cfg.is_moe_layer(i)]
+
+
+def routed_reports(stage: str, paths: dict[str, Path], reference_paths: dict[str, Path], golden: Golden,
+                   routers: list[Router], session_config: dict | None = None) -> list:
+    """One routing-aware report per golden case (pipeline.parity.compare_routed): the reference graphs (fp32,
+    `reference_paths`) give each MoE layer's gate logits; the lossy graphs at `paths` run once as they are
+    (recorded) and once with those gate logits forced (judged), exposing their own."""
+    from .routing import expose_gate_logits, force_gate_logits, forced_name, gate_name
+    so = ort_runtime.session_options(session_config or {"graph_optimization_level": "basic"})
+
+    def session(m: ir.Model):
+        return ort.InferenceSession(ir.to_proto(m).SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    def run(sess, feeds) -> dict:
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+    plain, ref, forced, n_layers = {}, {}, {}, {}
+    for g in paths:
+        r, f = ir.load(reference_paths[g]), ir.load(paths[g])
+        n_layers[g] = expose_gate_logits(r)
+        if force_gate_logits(f) != n_layers[g] or n_layers[g] != len(routers):
+            raise MlamoeError(f"{stage}: graph {g!r} has {n_layers[g]} MoE routers in the reference graph and "
+                              f"{len(routers)} MoE layers in the model; routing checks need one per layer")
+        ref[g], forced[g] = session(r), session(f)
+        plain[g] = ort.InferenceSession(str(paths[g]), so, providers=["CPUExecutionProvider"])
+    reports = []
+    for case in golden.cases:
+        n = n_layers[case.graph]
+        ref_gates = [run(ref[case.graph], case.inputs)[gate_name(i)] for i in range(n)]
+        fres = run(forced[case.graph], {**case.inputs, **{forced_name(i): ref_gates[i] for i in range(n)}})
+        reports.append(compare_routed(f"{stage}/{case.name}", case.outputs, fres, ref_gates,
+                                      [fres[gate_name(i)] for i in range(n)], routers, logits_outputs=["logits"],
+                                      unforced=run(plain[case.graph], case.inputs)))
+    return reports
+
+
+def check_cases_routed(runner: StageRunner, record: StageRecord, stage: str, paths: dict[str, Path],
+                       reference_paths: dict[str, Path], golden: Golden, routers: list[Router],
+                       session_config: dict | None = None) -> None:
+    """check_cases for a lossy stage, routing-aware (routed_reports)."""
+    for report in routed_reports(stage, paths, reference_paths, golden, routers, session_config):
+        runner.add_report(record, report)
+
+
+def check_quant_cases(runner: StageRunner, record: StageRecord, stage: str, model, paths: dict[str, Path],
+                      reference_paths: dict[str, Path], golden: Golden) -> None:
+    """A quantize stage's checks: routing-aware (check_cases_routed) for a model with MoE layers, against the
+    fp32 graphs it quantized (`reference_paths`); plain check_cases for a dense one."""
+    routers = moe_routers(model)
+    if routers:
+        check_cases_routed(runner, record, stage, paths, reference_paths, golden, routers)
+    else:
+        check_cases(runner, record, stage, paths, golden)
 
 
 def assemble_package(pkg: Path, target_dir: Path, target_rec: StageRecord, runtime_file: Path, golden: Golden,
@@ -248,6 +310,7 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
                     layout: str = "latent", gen_tokens: int = 32, progress=None, soc: str | None = None,
                     precision: str | None = None, require_om: bool = False, ranks: int | None = None,
                     redundant: int = 0, calibrate: int = 8, int8_accuracy_level: int | None = None) -> Path:
+    model_spec = models.resolve(model_spec)
     profile: TargetProfile = get_profile(target)
     requested_quant = quant
     quant = quant or profile.quant_schemes[0]  # until the checkpoint is loaded: an FP8 one may change it
@@ -349,7 +412,9 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
                                     d / "reports" / "error_profile.csv")
 
             prev = runner.run("quantize", {"scheme": quant, **quant_options}, prev.outputs, prev_dir, do_quant,
-                              checker(f"quantize-{quant}"))
+                              lambda d, rec: check_quant_cases(runner, rec, f"quantize-{quant}", model,
+                                                               {g: d / f"{g}.onnx" for g in GRAPHS},
+                                                               {g: src_dir / f"{g}.onnx" for g in GRAPHS}, golden))
             expected = _reference_from_graphs({g: prev_dir / f"{g}.onnx" for g in GRAPHS}, golden, cfg, layout,
                                               ort_cpu.session_config())
 
@@ -449,6 +514,7 @@ def _compile_ascend(model, profile: TargetProfile, out: Path, force: bool, runne
     """The ascend flow (targets/ascend/flow.py): static-shape graphs, profile check, fp32 and fp16-emulated
     parity, the atc build script (run when atc is installed) and the on-device kit; with quant "w8a8" the
     graphs are W8A8 QDQ (targets/ascend/quant.py), judged against eager under the quantize-w8a8 budget."""
+    from targets.ascend import emulation
     from targets.ascend.flow import build_ascend
     with staging(out, force) as pkg:
         rec = StageRecord(f"target/{profile.name}", {"soc_version": soc, "precision": precision,
@@ -482,7 +548,9 @@ def _compile_ascend(model, profile: TargetProfile, out: Path, force: bool, runne
         m = base_manifest["model"]
         head = (f"# {m['source']} for Huawei Ascend ({soc})\n\nCompiled by mlamoe {VERSION} from a {m['kind']} "
                 f"({m['config']['model_type']}, {m['parameters']:,} parameters; weights sha256 "
-                f"`{m['weights_sha256'][:16]}…`). ATC status: **{build.atc.status}**.\n\n")
+                f"`{m['weights_sha256'][:16]}…`). ATC status: **{build.atc.status}**.\n\n"
+                f"**Judged:** fp16 emulation on ONNX Runtime CPU against the fp32 static graphs "
+                f"{emulation.describe(build.reports)}.{random_weights_note(m['kind'])}\n\n")
         write_tokenizer(pkg, tokenizer or {})
         (pkg / "README.md").write_text(head + build.readme)
         write_manifest(pkg, manifest)

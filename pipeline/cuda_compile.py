@@ -117,7 +117,7 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
                        load: StageRecord, base_manifest: dict, seed: int, started: float, layout: str = "latent",
                        gen_tokens: int = 32, quant: str = "none", tokenizer: dict[str, bytes] | None = None) -> Path:
     """Everything after compile_package's "load" stage for target ort-cuda (quant "none" = fp16, "int8", "fp8")."""
-    from .compile import assemble_package, check_cases, run_graph_stages, write_tokenizer
+    from .compile import assemble_package, check_cases, check_quant_cases, run_graph_stages, write_tokenizer
     from .export import save_graph
 
     if quant not in profile.quant_schemes:
@@ -170,8 +170,9 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
                                     d / "reports" / "error_profile.csv", **options)
 
             prev = runner.run("quantize", {"scheme": quant, **options}, prev.outputs, prev_dir, do_quant,
-                              lambda d, rec: check_cases(runner, rec, f"quantize-{quant}",
-                                                         {g: d / f"{g}.onnx" for g in GRAPHS}, golden))
+                              lambda d, rec: check_quant_cases(runner, rec, f"quantize-{quant}", model,
+                                                               {g: d / f"{g}.onnx" for g in GRAPHS},
+                                                               {g: src_dir / f"{g}.onnx" for g in GRAPHS}, golden))
 
         fp16_reports: dict[str, dict] = {}
         cpu_results: dict[str, dict] = {}

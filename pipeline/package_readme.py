@@ -15,6 +15,42 @@ def _quant_lines(t: dict) -> list[str]:
                 if acc4 else "Activations stay fp32 (weight-only numerics; QMoE experts per output channel).")]
 
 
+def random_weights_note(kind: str) -> str:
+    """For a package built from a random-weight preset: what its agreement figures do not say."""
+    if kind != "preset":
+        return ""
+    return (" The model is a random-weight preset: these figures judge numerics, not predictions (top-1 and greedy "
+            "tokens of random weights follow routing near ties); `--model trained-small` gives figures that mean "
+            "something.")
+
+
+def judged_line(reports: list[ParityReport], kind: str) -> str:
+    """The README's summary: what the package's checks judged and what they showed."""
+    parts = []
+    for r in reports:
+        t = r.extra.get("tokens", {}).get("greedy")
+        if t is not None and not r.stage.startswith("info/"):
+            parts.append(f"greedy tokens of the packaged graphs equal those of the graphs they were checked against "
+                         f"for {t['n_equal_steps']} of {t['n_steps_reference']} steps ({r.stage})")
+        elif t is not None:
+            parts.append(f"against eager fp32, {t['n_equal_steps']} of {t['n_steps_reference']} greedy steps equal "
+                         "(informational)")
+    routed = [r for r in reports if "routing" in r.extra and "n_decisions" in r.extra["routing"]]
+    if routed:
+        flips = sum(r.extra["routing"]["n_flips"] for r in routed)
+        n = sum(r.extra["routing"]["n_decisions"] for r in routed)
+        worst = min((o.cosine for r in routed for o in r.outputs if o.name == "logits" and o.cosine is not None),
+                    default=float("nan"))
+        parts.append(f"{routed[0].stage.split('/')[0]}: logits cosine >= {worst:.6f} against eager fp32 with its "
+                     f"routing forced; " + (f"no routing decision flipped ({n} (position, MoE layer) compared)"
+                                           if not flips else f"{flips} of {n} (position, MoE layer) routing "
+                                           "decisions flipped, each at a near tie"))
+    passed = all(r.passed for r in reports if not r.stage.startswith("info/"))
+    text = "; ".join(parts) + ("; every stage within its parity budget." if passed else "; SOME STAGES FAILED.")
+    text += random_weights_note(kind)
+    return "**Judged:** " + text[0].upper() + text[1:]
+
+
 def package_readme(manifest: dict, reports: list[ParityReport]) -> str:
     m, t, io = manifest["model"], manifest["target"], manifest["io"]
     cfg, cache = m["config"], io["cache"]
@@ -25,6 +61,8 @@ def package_readme(manifest: dict, reports: list[ParityReport]) -> str:
         f"({cfg['model_type']}, {m['parameters']:,} parameters; weights sha256 `{m['weights_sha256'][:16]}…`).",
         f"Target: {t['description']}. Quantization: {t['quantization']}.",
         *_quant_lines(t),
+        "",
+        judged_line(reports, m["kind"]),
         "",
         "## Contents",
         "",
