@@ -514,7 +514,6 @@ def _compile_ascend(model, profile: TargetProfile, out: Path, force: bool, runne
     """The ascend flow (targets/ascend/flow.py): static-shape graphs, profile check, fp32 and fp16-emulated
     parity, the atc build script (run when atc is installed) and the on-device kit; with quant "w8a8" the
     graphs are W8A8 QDQ (targets/ascend/quant.py), judged against eager under the quantize-w8a8 budget."""
-    from targets.ascend import emulation
     from targets.ascend.flow import build_ascend
     with staging(out, force) as pkg:
         rec = StageRecord(f"target/{profile.name}", {"soc_version": soc, "precision": precision,
@@ -550,7 +549,7 @@ def _compile_ascend(model, profile: TargetProfile, out: Path, force: bool, runne
                 f"({m['config']['model_type']}, {m['parameters']:,} parameters; weights sha256 "
                 f"`{m['weights_sha256'][:16]}…`). ATC status: **{build.atc.status}**.\n\n"
                 f"**Judged:** fp16 emulation on ONNX Runtime CPU against the fp32 static graphs "
-                f"{emulation.describe(build.reports)}.{random_weights_note(m['kind'])}\n\n")
+                f"{build.judged}.{random_weights_note(m['kind'])}\n\n")
         write_tokenizer(pkg, tokenizer or {})
         (pkg / "README.md").write_text(head + build.readme)
         write_manifest(pkg, manifest)

@@ -19,7 +19,7 @@ from models.config import DeepseekConfig
 from models.moe import Router as TorchRouter
 from passes import PASSES, graphs_for
 from passes.cleanup import cleanup
-from passes.quant_weights import quantize
+from passes.quantize import quantize
 from pipeline.compile import _calibrate, moe_routers, routed_reports
 from pipeline.export import export_graphs, save_graph
 from pipeline.golden import make_golden

@@ -57,6 +57,11 @@ class AscendBuild:
     quant: str = "none"
     quant_reports: dict = dataclasses.field(default_factory=dict)  # graph -> QuantReport.to_dict()
 
+    @property
+    def judged(self) -> str:
+        """What the fp16 emulation showed, for the package README's summary line."""
+        return emulation.describe(self.reports)
+
 
 def default_shapes(cfg) -> tuple[int, int, tuple[int, ...]]:
     """(batch, max_cache, buckets) fitting the model: M = min(256, max_position_embeddings)."""
