@@ -126,7 +126,8 @@ def test_quant_fp16_limits_add_at_worst_case():
     assert lim.max_kl == pytest.approx((math.sqrt(0.05) + math.sqrt(1e-3)) ** 2)
     # never tighter than either part
     assert lim.min_cosine < min(q.min_cosine, f.min_cosine) and lim.max_kl > max(q.max_kl, f.max_kl)
-    assert BUDGETS["target-ort-cuda-int8"] == q
+    assert BUDGETS["target-ort-cuda-int8"] == q and BUDGETS["target-ort-cuda-fp8"] == BUDGETS["quantize-fp8"]
+    assert lim.max_flipped_fraction == q.max_flipped_fraction  # the flip share is the quantization's budget
 
 
 def test_int8_package_builds_without_gpu(tmp_path):
