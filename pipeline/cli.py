@@ -219,23 +219,23 @@ def generate(source, prompt, chat, prompt_ids, max_new_tokens, seed, as_json):
 @click.option("--json", "as_json", is_flag=True, help="print the raw results as JSON")
 def bench(model_spec, target, package, threads, cache_lengths, suite, as_json):
     """Time prefill and decode (package vs eager, attention forms, MoE forms, int8), one run per suite."""
-    from . import bench as b
+    from benchmarks import bench as b
     results, texts = {}, []
     lengths = [int(x) for x in cache_lengths.split(",")]
     if suite in ("package", "all"):
         results["package"] = r = b.run_bench(model_spec, target, threads, lengths, package)
         texts.append(b.format_bench(r))
     if suite in ("latent-kv", "all"):
-        from .benchmarks.latent_kv import bench_decode_forms, format_table
+        from benchmarks.latent_kv import bench_decode_forms, format_table
         kv_lengths = lengths if cache_lengths != "128,1024,4096" else [1024, 8192, 32768]
         results["latent_kv"] = r = bench_decode_forms(model_spec, kv_lengths, threads)
         texts.append(format_table(r))
     if suite in ("moe", "all"):
-        from .benchmarks.moe import bench_moe_decode, format_bench_moe
+        from benchmarks.moe import bench_moe_decode, format_bench_moe
         results["moe"] = r = bench_moe_decode(model_spec, threads)
         texts.append(format_bench_moe(r))
     if suite in ("quant", "all"):
-        from .benchmarks.quant import bench_int8_decode, format_bench_quant
+        from benchmarks.quant import bench_int8_decode, format_bench_quant
         results["quant"] = r = bench_int8_decode(model_spec, threads)
         texts.append(format_bench_quant(r))
     if suite in ("cache-table", "latent-kv", "all"):
@@ -258,7 +258,7 @@ def bench(model_spec, target, package, threads, cache_lengths, suite, as_json):
 @click.option("--json", "as_json", is_flag=True, help="print the plan as JSON")
 def plan(model_spec, ranks, redundant, stats_path, bytes_per_param, out, as_json):
     """Expert-parallel partition plan and per-device memory, from config shapes alone."""
-    from .partition import plan_command, save_plan
+    from parallel.partition import plan_command, save_plan
     p, text = plan_command(model_spec, ranks, redundant, stats_path, bytes_per_param=bytes_per_param)
     if out:
         save_plan(p, out)
@@ -298,7 +298,7 @@ def _package_tokenizer(path: Path):
 
 @_reads_package
 def _generate_from_package(path: Path, prompt: list[int], max_new_tokens: int):
-    from .ort_runtime import PackageRuntime
+    from runtime.ort_runtime import PackageRuntime
     from .package import open_package
     root, manifest, cleanup = open_package(path)
     try:

@@ -28,7 +28,7 @@ from targets import get_profile
 from targets import ort_cpu
 from targets.base import TargetProfile
 
-from . import ort_runtime
+from runtime import ort_runtime
 from .export import CACHE_NAMES, export_graphs, save_graph
 from .golden import Golden, make_golden, save_golden
 from .package import package_lock, sha256_file, staging, work_dir, write_failure, write_manifest
@@ -480,7 +480,7 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
                             "it; see reports/parity.md (greedy-vs-fp32) and the trained-small figures in the README"]
         manifest["verification"] = {"verified_here": verified, "not_verified": not_verified}
         if ranks:  # expert-parallel graphs + torchrun runtime, inside this package (so its files are hashed)
-            from .expert_parallel import build_ep_package, calibration_prompts
+            from parallel.expert_parallel import build_ep_package, calibration_prompts
             t = time.perf_counter()
             runner.progress(f"[expert-parallel] {ranks} ranks, {redundant} redundant replicas per layer ...")
             build_ep_package(model, pkg / "expert_parallel", ranks, redundant=redundant,

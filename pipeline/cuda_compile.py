@@ -31,7 +31,9 @@ import onnxruntime as ort
 from targets import ort_cuda
 from targets.base import TargetProfile
 
-from . import cuda_runtime, fp16_reference
+from runtime import cuda_runtime
+
+from . import fp16_reference
 
 from .golden import Golden, GoldenCase, make_golden, save_golden
 from .package import staging, work_dir, write_manifest

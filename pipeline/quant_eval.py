@@ -159,7 +159,7 @@ def evaluate_package(package: str | Path, model_dir: str | Path, *, n_windows: i
     import onnxruntime as ort
 
     from models.train_small import windows
-    from pipeline.cuda_runtime import _ORT_TYPES
+    from runtime.cuda_runtime import _ORT_TYPES
     from pipeline.package import PackageError, open_package
     from models.checkpoint import weights_sha256
     root, manifest, cleanup = open_package(package)

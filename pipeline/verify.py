@@ -39,7 +39,7 @@ def verify_full(path: Path, hashes_only: bool = False) -> tuple[bool, list[str]]
         if target != "ort-cpu":
             lines.append(f"skip golden re-run: the {target} runtime is not available here (hashes only)")
             return True, lines
-        from .ort_runtime import PackageRuntime
+        from runtime.ort_runtime import PackageRuntime
         rt = PackageRuntime(root, manifest=manifest)
         golden = manifest["golden"]
         stage = golden["tolerance"]["stage"]
@@ -109,7 +109,7 @@ def _verify_cuda(root: Path, lines: list[str]) -> tuple[bool, list[str]]:
     if not ok_gpu:
         lines.append(f"skip golden re-run: {reason} (hashes only; run `mlamoe verify` on a GPU machine)")
         return True, lines
-    from .cuda_runtime import record_verification, verify_golden
+    from runtime.cuda_runtime import record_verification, verify_golden
     failures, record = verify_golden(root)
     lines += [f"FAIL {f}" for f in failures] or ["ok   golden data on CUDAExecutionProvider"]
     record_verification(root, record)

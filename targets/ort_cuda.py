@@ -1,5 +1,5 @@
 """ONNX Runtime on NVIDIA GPUs (CUDAExecutionProvider): fp16 graphs with fp32 islands, an fp16 latent
-cache, CUDA EP session settings. Building needs no GPU; the runtime is pipeline/cuda_runtime.py.
+cache, CUDA EP session settings. Building needs no GPU; the runtime is runtime/cuda_runtime.py.
 
 fp16 conversion (`to_fp16`, onnx-ir only, no onnxconverter-common). Which nodes compute in fp16 is
 decided by structure, never by names:

@@ -21,7 +21,7 @@ import torch
 
 import models
 from pipeline.compile import compile_package
-from pipeline.ort_runtime import PackageRuntime
+from runtime.ort_runtime import PackageRuntime
 from pipeline.package import PackageError, read_manifest, verify_package
 
 REPO = Path(__file__).resolve().parent.parent

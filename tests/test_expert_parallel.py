@@ -1,4 +1,4 @@
-"""Expert-parallel packages and runtime (pipeline/expert_parallel.py, pipeline/ep_runtime.py) on tiny.
+"""Expert-parallel packages and runtime (parallel/expert_parallel.py, runtime/ep_runtime.py) on tiny.
 
 Partitioned runs start real processes on gloo (torchrun, or by hand where a test needs the ranks to
 outlive a dead peer) and are compared with the single-device run (world size 1, in-process) and the
@@ -20,11 +20,11 @@ import pytest
 import torch
 
 import models
-from pipeline import ep_runtime
-from pipeline.ep_runtime import EPError, ExpertParallelRuntime, load_package
-from pipeline.expert_parallel import (build_ep_package, calibration_prompts, export_segments, expert_graph,
+from runtime import ep_runtime
+from runtime.ep_runtime import EPError, ExpertParallelRuntime, load_package
+from parallel.expert_parallel import (build_ep_package, calibration_prompts, export_segments, expert_graph,
                                       model_hash_of)
-from pipeline.partition import PartitionError, plan_partition
+from parallel.partition import PartitionError, plan_partition
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -78,7 +78,7 @@ def _free_port() -> int:
 def _spawn_by_hand(package, ranks: int, args: list[str], fail: str) -> list[subprocess.Popen]:
     """Ranks as plain processes (no torchrun agent to stop the survivors): they must notice on their own."""
     port = _free_port()
-    return [subprocess.Popen([PY, "-m", "pipeline.ep_runtime", "--package", str(package), *args], cwd=REPO,
+    return [subprocess.Popen([PY, "-m", "runtime.ep_runtime", "--package", str(package), *args], cwd=REPO,
                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
                                       MASTER_PORT=str(port), MLAMOE_EP_FAIL=fail),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(ranks)]
@@ -131,7 +131,7 @@ def test_partitioned_run_matches_single_device(ranks, packages, single, eager, t
     if ranks == 2:  # the package's own launch script (and its copy of the runtime)
         cmd = [str(packages[2] / "launch.sh"), *args]
     else:
-        cmd = [TORCHRUN, "--nproc_per_node", "4", "--max-restarts", "0", "-m", "pipeline.ep_runtime",
+        cmd = [TORCHRUN, "--nproc_per_node", "4", "--max-restarts", "0", "-m", "runtime.ep_runtime",
                "--package", str(packages[4]), *args]
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=_env(TORCHRUN=TORCHRUN), capture_output=True, text=True, timeout=90)
@@ -197,7 +197,7 @@ def test_hung_rank_is_named_after_the_timeout(packages):
 
 def test_torchrun_stops_the_job_when_a_rank_dies(packages):
     t = time.perf_counter()
-    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--max-restarts", "0", "-m", "pipeline.ep_runtime",
+    proc = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--max-restarts", "0", "-m", "runtime.ep_runtime",
                            "--package", str(packages[2]), "--prompt-ids", "1,2,3", "--max-new-tokens", "8",
                            "--timeout", "20"], cwd=REPO, env=_env(MLAMOE_EP_FAIL="1:1:5"), capture_output=True,
                           text=True, timeout=60)
@@ -263,7 +263,7 @@ def test_build_rejects_a_plan_for_another_model(tiny, tmp_path):
 def test_config_only_plan_is_bound_to_the_weights(tiny, tmp_path):
     """A `mlamoe plan` plan (config hash as its model hash) builds, and the package records the weights hash."""
     import onnx_ir as ir
-    from pipeline.expert_parallel import segment_layers
+    from parallel.expert_parallel import segment_layers
     plan = plan_partition(tiny.config, 2)
     dummy = [ir.Model(ir.Graph([], [], nodes=[], opset_imports={"": 20}, name=f"s{j}"), ir_version=10)
              for j in range(len(segment_layers(tiny.config)))]

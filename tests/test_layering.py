@@ -1,17 +1,20 @@
 """Import layering, read statically (nothing is imported): no import cycles between modules, and no
-upward import across "pipeline (CLI, core) -> targets -> passes -> models" (docs/architecture.md).
+upward import across "pipeline (CLI, core) -> targets, parallel -> passes, runtime -> models"
+(docs/architecture.md).
 
-Every `import` / `from ... import` in models/, passes/, targets/ and pipeline/ counts, function-level
+Every `import` / `from ... import` in models/, runtime/, passes/, parallel/, targets/, pipeline/ and
+benchmarks/ counts, function-level
 ones included: a deferred import hides a cycle from Python, not from the design. The edge goes to the
 module whose names are used (`from pipeline import export` -> pipeline.export); the implicit import
 of a parent package's __init__ is not an edge.
 
 Rules:
-  models    import nothing of passes, targets, pipeline;
+  models    import nothing of the rest;
+  runtime   (ships inside packages) imports models at most (only models.errors, guarded, for the CLI);
   passes    import models at most;
-  targets   import passes, models and the core's public API (CORE_PUBLIC_API);
+  targets, parallel  import passes, runtime, models, each other and the core's public API (CORE_PUBLIC_API);
   core      (pipeline/ minus the entry points) imports targets only through the registry (REGISTRY);
-  entry points (CLI, `mlamoe bench` harnesses) may import everything; nothing imports them.
+  entry points (CLI, benchmarks/) may import everything; nothing imports them.
 
 KNOWN_VIOLATIONS lists what is still wrong today, each with its reason. It can only shrink: the test
 fails on any edge or cycle that is not listed, and on any listed one that no longer exists (remove it).
@@ -24,10 +27,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("models", "passes", "targets", "pipeline")
-LAYER = {"models": 0, "passes": 1, "targets": 2, "pipeline": 3}
+PACKAGES = ("models", "runtime", "passes", "parallel", "targets", "pipeline", "benchmarks")
+LAYER = {"models": 0, "runtime": 1, "passes": 1, "parallel": 2, "targets": 2, "pipeline": 3}
 ENTRY = 4
-ENTRY_POINTS = ("pipeline.cli", "pipeline.__main__", "pipeline.bench", "pipeline.benchmarks")
+ENTRY_POINTS = ("pipeline.cli", "pipeline.__main__", "benchmarks")
 # what targets may use of the core: export, parity, golden data, packaging, the stage runner, the
 # quantize stage's error profile
 CORE_PUBLIC_API = frozenset({"pipeline", "pipeline.export", "pipeline.parity", "pipeline.golden",
@@ -44,6 +47,7 @@ KNOWN_VIOLATIONS: dict[tuple[str, ...], str] = {
     ("pipeline.compile", "targets.ort_cpu"): _CORE_TARGETS,
     ("pipeline.compile", "targets.ascend.flow"): _CORE_TARGETS,
     ("pipeline.compile", "targets.ascend.profile"): _CORE_TARGETS,
+    ("pipeline.compile", "parallel.expert_parallel"): _CORE_TARGETS + " (--ranks is ort-cpu's)",
     ("pipeline.cuda_compile", "targets.ort_cuda"): _CORE_TARGETS,
     ("pipeline.verify", "targets.ort_cuda"): _CORE_TARGETS + (
         " (verify asks targets.ort_cuda.has_cuda_provider whether onnxruntime-gpu runs here)"),
@@ -165,7 +169,7 @@ def upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
                 bad.append((m, d))                          # nothing below imports an entry point
             elif lm == ENTRY:
                 continue
-            elif lm == LAYER["targets"] and ld == LAYER["pipeline"]:
+            elif lm == LAYER["targets"] and ld == LAYER["pipeline"]:  # targets and parallel
                 if d not in CORE_PUBLIC_API:
                     bad.append((m, d))
             elif lm == LAYER["pipeline"] and ld == LAYER["targets"]:
@@ -201,7 +205,7 @@ def test_known_violations_only_shrink(graph):
 
 def test_every_module_is_seen(graph):
     for m in ("models.checkpoint", "passes.quant_weights", "targets.ascend.flow", "targets.ascend.kit",
-              "targets.ascend.kit.verify_on_device", "pipeline.compile", "pipeline.benchmarks.cuda"):
+              "targets.ascend.kit.verify_on_device", "pipeline.compile", "benchmarks.cuda"):
         assert m in graph
     # a function-level import counts (compile.py imports the ascend flow inside compile_package)
     assert "targets.ascend.flow" in graph["pipeline.compile"]

@@ -92,7 +92,7 @@ def test_fp16_graphs_on_ort_cpu_within_cuda_budget(tiny_graphs, tmp_path):
     """The fp16 graphs on ORT CPU vs eager fp32, budget target-ort-cuda-fp16."""
     import torch
     from pipeline import fp16_reference
-    from pipeline.cuda_runtime import CudaPackageRuntime
+    from runtime.cuda_runtime import CudaPackageRuntime
     from pipeline.export import save_graph
     from pipeline.parity import compare, compare_fp16
     model, blobs = tiny_graphs
@@ -126,7 +126,7 @@ def test_fp16_graphs_on_ort_cpu_within_cuda_budget(tiny_graphs, tmp_path):
 
 
 def test_package_builds_without_gpu(tmp_path):
-    from pipeline import cuda_runtime
+    from runtime import cuda_runtime
     from pipeline.compile import compile_package
     pkg = compile_package("tiny", "ort-cuda", tmp_path / "pkg", progress=lambda m: None, use_cache=False, gen_tokens=8)
     manifest = json.loads((pkg / "manifest.json").read_text())
@@ -169,7 +169,7 @@ def test_package_builds_without_gpu(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON or "no GPU")
 def test_package_verifies_on_gpu_and_records(cpu_built_package):
-    from pipeline import cuda_runtime
+    from runtime import cuda_runtime
     pkg = cpu_built_package
     failures, record = cuda_runtime.verify_golden(pkg, device="cuda")
     assert failures == [], failures
@@ -185,7 +185,7 @@ def test_package_verifies_on_gpu_and_records(cpu_built_package):
 def test_golden_cases_on_gpu_within_fp16_judgement(cpu_built_package):
     """Each golden case on the CUDA EP vs eager fp32 under compare_fp16, with the limits the compiler
     derived from PyTorch fp16 (golden.tolerance.cases); cosine/top-1/KL judged too, not only atol."""
-    from pipeline.cuda_runtime import CudaPackageRuntime
+    from runtime.cuda_runtime import CudaPackageRuntime
     from pipeline.parity import budget_for, compare_fp16
     pkg = cpu_built_package
     rt = CudaPackageRuntime(pkg, device="cuda")
@@ -206,7 +206,7 @@ def test_golden_cases_on_gpu_within_fp16_judgement(cpu_built_package):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason=NO_CUDA_REASON or "no GPU")
 def test_iobinding_keeps_cache_on_device(cpu_built_package):
-    from pipeline.cuda_runtime import CudaPackageRuntime
+    from runtime.cuda_runtime import CudaPackageRuntime
     rt = CudaPackageRuntime(cpu_built_package, device="cuda")
     _, past = rt.run("prefill", np.array([[1, 2, 3]]), rt.empty_cache(1))
     _, past = rt.run("decode", np.array([[4]]), past)

@@ -160,7 +160,7 @@ def test_fp8_checkpoint_compiles_for_ort_cuda_as_fp8_with_its_bytes(tmp_path):
     import torch
 
     import models
-    from pipeline import cuda_runtime
+    from runtime import cuda_runtime
     from pipeline.compile import compile_package
     from pipeline.package import verify_package
     src = tmp_path / "tiny-fp8"

@@ -131,7 +131,7 @@ def test_quant_fp16_limits_add_at_worst_case():
 
 
 def test_int8_package_builds_without_gpu(tmp_path):
-    from pipeline import cuda_runtime
+    from runtime import cuda_runtime
     from pipeline.compile import compile_package
     pkg = compile_package("tiny", "ort-cuda", tmp_path / "pkg", quant="int8", progress=lambda m: None,
                           use_cache=False, gen_tokens=8)

@@ -46,7 +46,7 @@ def quant_package(tmp_path):
 def test_quantized_package_on_gpu_vs_eager_fp32(quant_package):
     """Each golden case on the CUDA EP against eager fp32 (golden/fp32) under the limits the compiler
     recorded (quantize-<scheme> + fp16), and the golden data (the graphs' CPU outputs) reproduced."""
-    from pipeline import cuda_runtime
+    from runtime import cuda_runtime
     from pipeline.parity import Budget, compare
     pkg = quant_package
     failures, record = cuda_runtime.verify_golden(pkg, device="cuda")
@@ -71,7 +71,7 @@ def test_quantized_ops_run_on_the_cuda_ep(quant_package):
     """The profile of one prefill and one decode step: every node of the scheme's ops (MatMulNBits, QMoE
     or MoE for int8; DequantizeLinear and MoE for fp8) and every node of the fp8 CUDA form
     (passes/quant_fp8_cuda.py names them "<weight>/fp8_cuda_*") ran on CUDAExecutionProvider."""
-    from pipeline.cuda_runtime import CudaPackageRuntime
+    from runtime.cuda_runtime import CudaPackageRuntime
     rt = CudaPackageRuntime(quant_package, device="cuda", profile=True)
     scheme = rt.manifest["target"]["quantization"]
     _, past = rt.run("prefill", np.array([[1, 2, 3]]), rt.empty_cache(1))

@@ -1,4 +1,4 @@
-"""Expert partition planning (pipeline/partition.py): balance, coverage, memory, bad input."""
+"""Expert partition planning (parallel/partition.py): balance, coverage, memory, bad input."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import models
-from pipeline.partition import (PartitionError, config_hash, contiguous_plan, load_routing_stats, moe_layers,
+from parallel.partition import (PartitionError, config_hash, contiguous_plan, load_routing_stats, moe_layers,
                                 plan_command, plan_partition, routing_stats, save_routing_stats, validate_plan)
 
 
@@ -158,7 +158,7 @@ def test_bad_stats_and_not_a_plan(tmp_path):
 
 
 def test_save_and_load_plan(tmp_path):
-    from pipeline.partition import load_plan, save_plan
+    from parallel.partition import load_plan, save_plan
     cfg = models.load_config("tiny")
     plan = plan_partition(cfg, 4, 2, model_hash="c" * 64)
     path = save_plan(plan, tmp_path / "partition.json")

@@ -1,10 +1,10 @@
-"""Expert-parallel packages: per-rank ONNX graphs cut at every MoE layer, for pipeline/ep_runtime.py.
+"""Expert-parallel packages: per-rank ONNX graphs cut at every MoE layer, for runtime/ep_runtime.py.
 
 `build_ep_package(model, out, ranks, ...)` writes a folder that `torchrun` runs on `ranks` processes
 (gloo on CPU, NCCL on GPUs): every rank runs the replicated "segment" graphs (embedding, attention,
 router, shared experts, dense layers, final norm and lm_head) on its slice of the batch, and its own
 routed experts for every MoE layer on the tokens the other ranks dispatch to it
-(pipeline/ep_runtime.py documents the runtime, dispatch/combine and failure handling).
+(runtime/ep_runtime.py documents the runtime, dispatch/combine and failure handling).
 
 How the model is cut. With MoE layers m_0 < m_1 < ... < m_{M-1}, there are M + 1 segment graphs:
 
@@ -39,7 +39,7 @@ Package layout (everything the runtime needs; the runtime file is a copy, runnab
                          summary, ranks, backend hint, segments [{file, layers, moe_layer, inputs,
                          outputs}], experts {rank: {layer: {file, experts}}}, files {path: sha256}
   routing_stats.json     tokens per expert per MoE layer of the calibration run (when the plan used one)
-  partition.json         the plan (pipeline/partition.py schema); the runtime checks it against the
+  partition.json         the plan (parallel/partition.py schema); the runtime checks it against the
                          manifest (model hash, ranks, every expert covered, each rank's expert graph
                          holding exactly the plan's experts) before any process group starts
   graphs/segment{j}.onnx replicated graphs
@@ -48,11 +48,11 @@ Package layout (everything the runtime needs; the runtime file is a copy, runnab
   launch.sh              torchrun --nproc_per_node <ranks> runtime/ep_runtime.py --package <dir> "$@"
 
 Command line:
-  python -m pipeline.expert_parallel build --model tiny --ranks 4 --redundant 2 --calibrate 8 --out DIR
+  python -m parallel.expert_parallel build --model tiny --ranks 4 --redundant 2 --calibrate 8 --out DIR
       (load for the plan: --plan partition.json | --stats routing_stats.json | --calibrate N prompts |
       uniform; memory in the plan counted at 4 bytes/param, the package's fp32 weights)
   DIR/launch.sh --prompt-ids 1,2,3 --max-new-tokens 16 --json
-  torchrun --nproc_per_node 4 -m pipeline.expert_parallel run --package DIR ...   (same, repo runtime)
+  torchrun --nproc_per_node 4 -m parallel.expert_parallel run --package DIR ...   (same, repo runtime)
 """
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ from torch.export import Dim
 from models.decoder import DeepseekForCausalLM
 from models.errors import MlamoeError
 from models.rope import rope_cos_sin
-
-from .export import finish, trace
+from pipeline.export import finish, trace
+from runtime import ep_runtime
 
 from .partition import (PartitionError, config_hash, load_plan, load_routing_stats, moe_layers, plan_partition,
                         routing_stats, save_plan, save_routing_stats, validate_plan)
@@ -268,7 +268,7 @@ def build_ep_package(model: DeepseekForCausalLM, out, ranks: int | None = None, 
     segments: already exported segment graphs (`export_segments(model)`), reused when building several
     packages of one model. Plan errors are raised before anything is written.
     """
-    from .export import save_graph
+    from pipeline.export import save_graph
     cfg = model.config
     model_hash = model_hash or model_hash_of(model)
     counts = None
@@ -315,7 +315,7 @@ def build_ep_package(model: DeepseekForCausalLM, out, ranks: int | None = None, 
         save_routing_stats(out / "routing_stats.json", counts, model_hash)
     runtime = out / "runtime"
     runtime.mkdir()
-    shutil.copyfile(Path(__file__).with_name("ep_runtime.py"), runtime / "ep_runtime.py")
+    shutil.copyfile(Path(ep_runtime.__file__), runtime / "ep_runtime.py")
     launch = out / "launch.sh"
     launch.write_text(LAUNCH_SH.format(ranks=ranks))
     launch.chmod(0o755)
@@ -368,11 +368,11 @@ def main(argv=None) -> int:
     import argparse
     import sys
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["run"]:  # torchrun --nproc_per_node N -m pipeline.expert_parallel run --package DIR ...
-        from .ep_runtime import main as run_main
+    if argv[:1] == ["run"]:  # torchrun --nproc_per_node N -m parallel.expert_parallel run --package DIR ...
+        from runtime.ep_runtime import main as run_main
         return run_main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m pipeline.expert_parallel",
-                                description="build: write an expert-parallel package; run: see pipeline/ep_runtime.py")
+    p = argparse.ArgumentParser(prog="python -m parallel.expert_parallel",
+                                description="build: write an expert-parallel package; run: see runtime/ep_runtime.py")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build")
     b.add_argument("--model", required=True, help="preset or checkpoint folder")
@@ -385,7 +385,7 @@ def main(argv=None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
     b.add_argument("--force", action="store_true")
-    sub.add_parser("run", help="(handled above) arguments of pipeline/ep_runtime.py")
+    sub.add_parser("run", help="(handled above) arguments of runtime/ep_runtime.py")
     args = p.parse_args(argv)
     try:
         _, text = build_command(args.model, args.out, args.ranks, args.redundant, args.stats, args.plan,

@@ -1,6 +1,6 @@
 """Decode/prefill latency of the MLA attention forms on ONNX Runtime CPU (not a pytest test).
 
-    python -m pipeline.benchmarks.latent_kv [--model small] [--lengths 1024,8192,32768] [--threads 2]
+    python -m benchmarks.latent_kv [--model small] [--lengths 1024,8192,32768] [--threads 2]
 
 Forms timed (all graphs exported from the same eager model, batch 1, fp32):
   (a) expanded  per-head K/V cache export (`export_graphs(model, layout="expanded")`)
@@ -10,7 +10,7 @@ Forms timed (all graphs exported from the same eager model, batch 1, fp32):
 Prefill: a fresh `prompt_len`-token prompt (past = 0) through the naive latent graph and the fused ones.
 Every figure is the median (and the min) of `repeats` timed runs after `warmup` runs, in ms per call
 (decode: one token per call); each form runs in a block of calls, blocks in alternating order
-(pipeline.benchmarks.time_blocks). `mlamoe bench` calls bench_decode_forms().
+(benchmarks.time_blocks). `mlamoe bench` calls bench_decode_forms().
 """
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import onnx_ir as ir  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from pipeline.benchmarks import time_blocks  # noqa: E402
+from benchmarks import time_blocks  # noqa: E402
 
 DECODE_FORMS = ("expanded", "latent", "fused_matmul", "fused_attention")
 
@@ -78,7 +78,7 @@ def _feeds(sess: ort.InferenceSession, seq: int, past: int, vocab: int, seed: in
 
 
 def _interleaved(sessions: dict, feeds: dict, warmup: int, repeats: int) -> dict[str, tuple[float, float]]:
-    """{form: (median ms, min ms)}, timed by pipeline.benchmarks.time_blocks (blocks in alternating order)."""
+    """{form: (median ms, min ms)}, timed by benchmarks.time_blocks (blocks in alternating order)."""
     rounds = 2 if repeats < 8 else 4
     times = time_blocks({f: (lambda s=s, f=f: s.run(None, feeds[f])) for f, s in sessions.items()},
                         repeats, warmup, rounds)

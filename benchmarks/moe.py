@@ -1,6 +1,6 @@
 """Decode latency of the MoE forms on ONNX Runtime CPU (not a pytest test).
 
-    python -m pipeline.benchmarks.moe [--model small] [--threads 2] [--past-len 128] [--repeats 20]
+    python -m benchmarks.moe [--model small] [--threads 2] [--past-len 128] [--repeats 20]
 
 Two measurements, each of the three forms:
   whole decode step  the model's decode graph, batch 1, one new token after `past_len` cached tokens, fp32,
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -45,7 +45,7 @@ import onnx_ir as ir  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.benchmarks import time_blocks  # noqa: E402
+from benchmarks import time_blocks  # noqa: E402
 
 FORMS = ("dynamic", "ort-fused", "static-gather")
 

@@ -1,6 +1,6 @@
 """ORT CUDA (fp16 graphs, IOBinding) vs eager PyTorch on one GPU (not a pytest test; run on the GPU machine).
 
-    PYTHONPATH=/tmp/site python3 -m pipeline.benchmarks.cuda --model medium --out $OUT/h200_ort_cuda.json
+    PYTHONPATH=/tmp/site python3 -m benchmarks.cuda --model medium --out $OUT/h200_ort_cuda.json
 
 Builds the ort-cuda graphs on the machine (export -> latent-kv-fusion (decode) -> moe-ort-fused -> fp16,
 exactly the package's graphs; the CPU parity stages of `compile` are skipped), then:
@@ -29,13 +29,13 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from pipeline.benchmarks import command_line, elapsed_logger  # noqa: E402
+from benchmarks import command_line, elapsed_logger  # noqa: E402
 
 HBM_BYTES_PER_S = 4.8e12  # H200 datasheet
 
@@ -122,7 +122,7 @@ def routing_flips(work: Path, prompt: np.ndarray, ref_logits: np.ndarray, ort_lo
     reported, informational."""
     import onnx_ir as ir
     import onnxruntime as ort
-    from pipeline.cuda_runtime import cuda_provider_options, session_options
+    from runtime.cuda_runtime import cuda_provider_options, session_options
     from pipeline.export import save_graph
     from pipeline.parity import compare_fp16
     from targets import ort_cuda
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     log = elapsed_logger()
 
-    res: dict = {"command": command_line("pipeline.benchmarks.cuda", argv),
+    res: dict = {"command": command_line("benchmarks.cuda", argv),
                  "model": args.model, "errors": []}
     out = Path(args.out)
 
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
                   "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     log(json.dumps(res["env"]))
     import models
-    from pipeline.cuda_runtime import CudaPackageRuntime
+    from runtime.cuda_runtime import CudaPackageRuntime
     from pipeline import fp16_reference
     from pipeline.parity import budget_for, compare, compare_fp16, compare_fp16_greedy
     from targets import ort_cuda
@@ -450,7 +450,7 @@ def main(argv=None) -> int:
 
     # ---- where the nodes ran (one profiled decode session) -------------------------------------------------
     try:
-        from pipeline.cuda_runtime import session_options, cuda_provider_options
+        from runtime.cuda_runtime import session_options, cuda_provider_options
         so = session_options(ort_cuda.session_config(), profile=True)
         so.profile_file_prefix = str(work / "prof")
         s = ort.InferenceSession(str(work / "onnx" / "decode.onnx"), so,

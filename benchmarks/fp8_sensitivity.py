@@ -1,11 +1,11 @@
 """How far FP8 (and fp16) weight rounding moves a model's logits in eager PyTorch, with no ONNX involved
-(not a pytest test; CPU). The reference for the agreement figures of pipeline.benchmarks.cuda_fp8: the same
+(not a pytest test; CPU). The reference for the agreement figures of benchmarks.cuda_fp8: the same
 prompt (rng 1, --prompt-len tokens), the same weights touched (every linear weight the ort-cuda fp8 flow
 quantizes: not the routed experts, which com.microsoft.MoE keeps fp16, nor the router gate, lm_head,
 embeddings and norms), DeepSeek-V3's 128x128-block E4M3 rounding (models.checkpoint, the scheme that
 tests/test_quant_schemes.py checks against numpy).
 
-    python -m pipeline.benchmarks.fp8_sensitivity --model medium --out benchmarks/cpu_medium_fp8_sensitivity.json
+    python -m benchmarks.fp8_sensitivity --model medium --out benchmarks/cpu_medium_fp8_sensitivity.json
 """
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from pipeline.benchmarks import command_line, elapsed_logger  # noqa: E402
+from benchmarks import command_line, elapsed_logger  # noqa: E402
 
 
 def quantized_by_fp8_flow(name: str, ndim: int) -> bool:
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
 
     ref = logits()
     saved = {n: p.detach().clone() for n, p in model.named_parameters()}
-    res = {"command": command_line("pipeline.benchmarks.fp8_sensitivity", argv), "model": args.model,
+    res = {"command": command_line("benchmarks.fp8_sensitivity", argv), "model": args.model,
            "prompt_len": args.prompt_len, "vs_eager_fp32": {}}
     for tag, rounding in (("fp8 weights", lambda w: fp8_block_dequantize(*fp8_block_quantize(w))),
                           ("fp16-rounded weights", lambda w: w.half().float())):

@@ -2,7 +2,7 @@
 (the archive before weights were stored) against make_tarball (weight-like members stored, the rest at
 level 6), on a package folder already built. Also checks both archives hold the same bytes.
 
-    python -m pipeline.benchmarks.archive dist/small-ort-cpu [--json benchmarks/cpu_small_archive.json]
+    python -m benchmarks.archive dist/small-ort-cpu [--json benchmarks/cpu_small_archive.json]
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.benchmarks import command_line
+from benchmarks import command_line
 from pipeline.package import make_tarball
 
 
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     root = args.package.resolve()
     folder_bytes = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
-    result = {"command": command_line("pipeline.benchmarks.archive", argv), "package": root.name,
+    result = {"command": command_line("benchmarks.archive", argv), "package": root.name,
               "folder_bytes": folder_bytes}
     with tempfile.TemporaryDirectory() as tmp:
         forms = {"all_deflate6": lambda t: _all_level6(root, t),

@@ -5,9 +5,9 @@ Self-contained (numpy, onnxruntime, torch): every expert-parallel package ships 
 runtime/ep_runtime.py next to launch.sh, so it runs without the compiler's repository:
 
     torchrun --nproc_per_node 2 runtime/ep_runtime.py --package . --prompt-ids 1,2,3 --max-new-tokens 8 --json
-    python -m pipeline.ep_runtime --package DIR ...   (same, from the repository; world size 1 without torchrun)
+    python -m runtime.ep_runtime --package DIR ...   (same, from the repository; world size 1 without torchrun)
 
-Package: see pipeline/expert_parallel.py (segment graphs replicated on every rank, one expert graph
+Package: see parallel/expert_parallel.py (segment graphs replicated on every rank, one expert graph
 per rank and MoE layer, partition.json, ep_manifest.json).
 
 Execution, every rank, every decoding step (prefill is step 0; the graphs take any seq length):

@@ -1,6 +1,6 @@
 """Decode latency of an ort-cpu package's graph: fp32 vs `--quant int8`, on ONNX Runtime CPU (not a pytest test).
 
-    python -m pipeline.benchmarks.quant [--model medium] [--threads 2] [--past 256] [--repeats 20] [--raw]
+    python -m benchmarks.quant [--model medium] [--threads 2] [--past 256] [--repeats 20] [--raw]
 
 What is timed is what an ort-cpu package ships: the exported decode graph after the target's passes
 (latent-kv-fusion, moe-ort-fused: routed experts in com.microsoft.MoE, V3 router in MoEGroupRouter),
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -110,7 +110,7 @@ def _time_blocks(built: dict, threads: int, past: int, vocab: int, warmup: int, 
     the machine's load hits the variants alike. Not run by run: each session has its own intra-op thread
     pool, whose threads keep spinning for a while after a run and steal the cores from the next session
     (on 2 cores every variant slows when alternated run by run; figures: docs/benchmarks.md)."""
-    from pipeline.ort_runtime import session_options
+    from runtime.ort_runtime import session_options
     from targets.ort_cpu import session_config
     so = session_options(session_config(threads))
     sessions = {n: ort.InferenceSession(str(b["path"]), so, providers=["CPUExecutionProvider"]) for n, b in built.items()}

@@ -1,10 +1,10 @@
 """ort-cuda `--quant fp8` vs fp16 on one GPU: decode ms/token, GPU memory, agreement (not a pytest test;
-run on the GPU machine: it exports the model there, as pipeline.benchmarks.cuda does).
+run on the GPU machine: it exports the model there, as benchmarks.cuda does).
 
-    PYTHONPATH=/tmp/site:$PWD python3 -m pipeline.benchmarks.cuda_fp8 --model medium --out $OUT/h200_fp8.json
+    PYTHONPATH=/tmp/site:$PWD python3 -m benchmarks.cuda_fp8 --model medium --out $OUT/h200_fp8.json
 
 Builds the ort-cuda decode graph once in fp32 (export -> latent-kv-fusion -> moe-ort-fused with the subgraph
-router, pipeline.benchmarks.cuda.build_graphs), then two forms of it: fp16 (targets.ort_cuda.to_fp16) and
+router, benchmarks.cuda.build_graphs), then two forms of it: fp16 (targets.ort_cuda.to_fp16) and
 fp8 (targets.ort_cuda.quantize_fp8, then to_fp16: what `compile --target ort-cuda --quant fp8` packages).
 Per form, one after the other in this process (the previous session destroyed first):
   memory   this process's GPU memory (nvidia-smi) after the session is created and has run the decode steps
@@ -12,7 +12,7 @@ Per form, one after the other in this process (the previous session destroyed fi
            kept alive, so neither form's figure includes it);
   decode   ms per decode step (batch 1, synthetic cache of each --lengths, bound on the device, logits copied
            to the host), median of --repeat: both sessions alive, timed in blocks alternated between the forms
-           (pipeline.benchmarks.time_blocks), because the device's speed drifts between runs;
+           (benchmarks.time_blocks), because the device's speed drifts between runs;
   bytes    initializer bytes by dtype in the graph file.
 Agreement: prefill logits of one random prompt (--prompt-len tokens, fresh cache) of four graphs on CUDA against
   the fp32 graph's: fp16, fp8 with fp32 activations (the quantize stage's graph: fp8 error alone), fp8 (what
@@ -32,13 +32,13 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from pipeline.benchmarks import command_line, elapsed_logger, time_blocks  # noqa: E402
+from benchmarks import command_line, elapsed_logger, time_blocks  # noqa: E402
 
 
 def gpu_mib() -> float | None:
@@ -103,11 +103,11 @@ def main(argv=None) -> int:
     import onnxruntime as ort
 
     import models
-    from pipeline.benchmarks.cuda import build_graphs
-    from pipeline.cuda_runtime import CudaPackageRuntime
+    from benchmarks.cuda import build_graphs
+    from runtime.cuda_runtime import CudaPackageRuntime
     from pipeline.export import save_graph
     from targets import ort_cuda
-    res: dict = {"command": command_line("pipeline.benchmarks.cuda_fp8", argv), "model": args.model,
+    res: dict = {"command": command_line("benchmarks.cuda_fp8", argv), "model": args.model,
                  "onnxruntime": ort.__version__, "errors": [], "forms": {}}
     out = Path(args.out)
 

@@ -16,8 +16,8 @@ import torch
 
 import models
 
-from .compile import cache_spec, compile_package
-from .ort_runtime import PackageRuntime
+from pipeline.compile import cache_spec, compile_package
+from runtime.ort_runtime import PackageRuntime
 
 
 def _median_ms(fn, repeat: int, warmup: int = 2) -> float:

@@ -1,7 +1,7 @@
 """ort-cuda packages (fp16, int8 and fp8) on one GPU: accuracy against eager fp32 and decode ms/token
 (not a pytest test; run on the GPU machine with onnxruntime-gpu, no torch needed).
 
-    PYTHONPATH=/tmp/site:$PWD python3 -m pipeline.benchmarks.cuda_int8 \
+    PYTHONPATH=/tmp/site:$PWD python3 -m benchmarks.cuda_int8 \
         --packages dist/tiny-ort-cuda.tar.gz dist/tiny-ort-cuda-int8.tar.gz --out $OUT/h200_ort_cuda_int8.json
 
 Per package (CPU-built, shared/GPU.md):
@@ -31,13 +31,13 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from pipeline.benchmarks import command_line, elapsed_logger  # noqa: E402
+from benchmarks import command_line, elapsed_logger  # noqa: E402
 
 
 def _stats(ref, got, logits: bool, budget=None) -> dict:
@@ -74,7 +74,7 @@ def _placement(rt) -> dict:
 
 
 def bench_package(src: str, lengths: list[int], repeat: int, log) -> dict:
-    from pipeline.cuda_runtime import CudaPackageRuntime, verify_golden
+    from runtime.cuda_runtime import CudaPackageRuntime, verify_golden
     from pipeline.package import open_package
     from pipeline.parity import Budget
     root, manifest, cleanup = open_package(src)
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     log = elapsed_logger()
 
     import onnxruntime as ort
-    res: dict = {"command": command_line("pipeline.benchmarks.cuda_int8", argv),
+    res: dict = {"command": command_line("benchmarks.cuda_int8", argv),
                  "onnxruntime": ort.__version__, "providers": ort.get_available_providers(), "packages": [],
                  "errors": []}
     out = Path(args.out)
