@@ -117,8 +117,8 @@ def _clean_stale(parent: Path, name: str, *, owner_locked: bool = False) -> list
 
 
 # ------------------------------------------------------------------------------------ write failures
-# Peak disk of a build beside --out per byte of fp32 weights: tiny on ort-cpu peaked at 18.8 MB for 0.87 MB
-# of weights (docs/reliability.md); larger models have relatively less golden data, so this errs high.
+# Peak disk of a build beside --out per byte of fp32 weights, from the tiny measurement in docs/reliability.md;
+# larger models have relatively less golden data, so this errs high.
 _PEAK_DISK_PER_WEIGHT_BYTE = 22
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NO_WRITE = (errno.EROFS, errno.EACCES, errno.EPERM)

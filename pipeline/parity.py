@@ -179,8 +179,7 @@ BUDGETS: dict[str, Budget] = {
     # its router's decisions are, so each error limit is widened to FP16_REFERENCE_FACTOR times what
     # PyTorch's own fp16 (autocast, router kept fp32 as the graphs keep it) shows against eager fp32
     # on the same inputs: an independent measurement of the fp16 error this model has anyway.
-    # Measured on the H200 (benchmarks/h200_trained_small.json, trained-small, the 16-token prompt):
-    # the graphs 0.033 max abs, autocast 0.016 on the same logits. top-1 is 1.0 on the positions where
+    # (the measured ratio of the graphs' error to autocast's: docs/benchmarks.md). top-1 is 1.0 on the positions where
     # fp32's top-1/top-2 margin exceeds what the elementwise limits let two logits move (near ties
     # are excluded and listed); greedy tokens must be equal up to such a near tie.
     "target-ort-cuda-fp16": Budget(
