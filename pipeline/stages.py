@@ -23,7 +23,7 @@ from typing import Callable
 from .package import PackageError, sha256_file
 from .parity import ParityReport
 
-_SOURCE_PACKAGES = ("models", "pipeline", "passes", "targets")
+_SOURCE_PACKAGES = ("models", "runtime", "passes", "parallel", "targets", "pipeline")
 
 
 def tool_versions() -> dict[str, str]:
