@@ -1,23 +1,31 @@
-"""DeepSeek-V2/V3 reference models in PyTorch and their Hugging Face checkpoint I/O.
+"""Reference models in PyTorch, one family per architecture, and their Hugging Face checkpoint I/O.
 
 Public API:
-    models.load(path_or_preset, seed=0, attention="naive") -> eval-mode DeepseekForCausalLM
+    models.load(path_or_preset, seed=0, attention="naive") -> eval-mode model of the family that config.json's
+                                                              model_type (or the preset) names
     models.save(model, dir, fp8=False, max_shard_bytes=None) -> Path
+    models.family_of(model) / family_for(model_type) -> Family (models/family.py)
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from .checkpoint import CheckpointSource, load_checkpoint, save_checkpoint
+from .cache import CacheSpec, CacheTensor
+from .checkpoint import CheckpointSource, save_checkpoint
 from .config import DeepseekConfig
 from .decoder import DeepseekForCausalLM
 from .errors import CheckpointError, ConfigError, MlamoeError
+from .family import FAMILIES, Family, checkpoint_family, family_for, family_of, preset_family, register
 from .generation import greedy_generate
-from .presets import CONFIG_ONLY, PRESETS, build_preset, preset_config
+from .mla_family import MLA_FAMILY
+from .presets import CONFIG_ONLY, PRESETS, preset_config
+
+register(MLA_FAMILY)
 
 __all__ = ["load", "resolve", "TRAINED_SMALL", "save", "load_config", "DeepseekConfig", "DeepseekForCausalLM", "greedy_generate",
-           "PRESETS", "CONFIG_ONLY", "MlamoeError", "ConfigError", "CheckpointError", "CheckpointSource"]
+           "PRESETS", "CONFIG_ONLY", "MlamoeError", "ConfigError", "CheckpointError", "CheckpointSource",
+           "Family", "FAMILIES", "register", "family_for", "family_of", "CacheSpec", "CacheTensor"]
 
 
 TRAINED_SMALL = Path(__file__).resolve().parent / "trained" / "trained-small"
@@ -32,24 +40,27 @@ def resolve(path_or_preset: str | os.PathLike) -> str | os.PathLike:
     return path_or_preset
 
 
-def load(path_or_preset: str | os.PathLike, seed: int = 0, attention: str = "naive") -> DeepseekForCausalLM:
-    """A preset name, "trained-small" or a Hugging Face checkpoint folder -> eval-mode model (fp32)."""
+def load(path_or_preset: str | os.PathLike, seed: int = 0, attention: str = "naive"):
+    """A preset name, "trained-small" or a Hugging Face checkpoint folder -> eval-mode model (fp32) of the
+    family its config.json's model_type (or the preset) belongs to."""
     path_or_preset = resolve(path_or_preset)
     p = Path(path_or_preset)
     if p.is_dir() or os.sep in str(path_or_preset) or (p.exists()):
-        return load_checkpoint(p, attention)
-    return build_preset(str(path_or_preset), seed, attention)
+        return checkpoint_family(p).load_checkpoint(p, attention)
+    name = str(path_or_preset)
+    return preset_family(name).build_preset(name, seed, attention)
 
 
-def load_config(path_or_preset: str | os.PathLike) -> DeepseekConfig:
+def load_config(path_or_preset: str | os.PathLike):
     """Config alone (works for the config-only presets and never reads weights)."""
     path_or_preset = resolve(path_or_preset)
     p = Path(path_or_preset)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise CheckpointError(f"{p}: no config.json; a Hugging Face checkpoint folder needs config.json")
-        return DeepseekConfig.from_json(p / "config.json")
-    return preset_config(str(path_or_preset))
+        return checkpoint_family(p).config_from_json(p / "config.json")
+    name = str(path_or_preset)
+    return preset_family(name).preset_config(name)
 
 
 def save(model: DeepseekForCausalLM, path: str | os.PathLike, **kw) -> Path:

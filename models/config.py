@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .family import read_config_json
 
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -251,21 +252,7 @@ class DeepseekConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "DeepseekConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: not found; a Hugging Face checkpoint folder needs config.json") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); config.json is damaged, "
-                              "copy it again from the checkpoint") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
-        return cls.from_hf_dict(d, source=str(path))
+        return cls.from_hf_dict(read_config_json(path), source=str(path))
 
     def to_hf_dict(self) -> dict:
         v3 = self.model_type == "deepseek_v3"

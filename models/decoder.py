@@ -8,16 +8,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .cache import CacheSpec
 from .config import DeepseekConfig
-from .mla import MLA
+from .mla import CACHE_LAYOUTS, MLA, cache_spec
 from .moe import MLP, MoE
 from .norm import RMSNorm
 from .rope import attention_factor, inv_freq, rope_cos_sin, softmax_scale
 
 ATTENTION_FORMS = ("naive", "absorbed")
-CACHE_LAYOUTS = ("latent", "expanded")
 
-Cache = list  # per layer: (c_kv, k_pe) for the latent layout, (k, v) for the expanded one
+Cache = list  # per layer: a tuple of the cache spec's tensors (mla.cache_spec)
 
 
 class DecoderLayer(nn.Module):
@@ -69,21 +69,16 @@ class DeepseekForCausalLM(nn.Module):
             raise ValueError(f"attention form {form!r}: expected one of {ATTENTION_FORMS}")
         self._attention = form
 
+    def cache_spec(self, layout: str = "latent") -> CacheSpec:
+        return cache_spec(self.config, layout)
+
     def empty_cache(self, batch: int, layout: str = "latent", dtype=torch.float32) -> Cache:
-        cfg = self.config
-        if layout == "latent":
-            shapes = ((batch, 0, cfg.kv_lora_rank), (batch, 0, cfg.qk_rope_head_dim))
-        elif layout == "expanded":
-            H = cfg.num_attention_heads
-            shapes = ((batch, H, 0, cfg.qk_head_dim), (batch, H, 0, cfg.v_head_dim))
-        else:
-            raise ValueError(f"cache layout {layout!r}: expected one of {CACHE_LAYOUTS}")
-        return [tuple(torch.zeros(s, dtype=dtype) for s in shapes) for _ in range(cfg.num_hidden_layers)]
+        return self.cache_spec(layout).empty(batch, dtype)
 
     def step(self, input_ids: torch.Tensor, past: Cache, layout: str = "latent") -> tuple[torch.Tensor, Cache]:
         """input_ids [B, S] following `past` (T0 cached tokens) -> logits [B, S, vocab], present cache."""
         S = input_ids.shape[1]
-        past_len = past[0][0].shape[1 if layout == "latent" else 2]
+        past_len = self.cache_spec(layout).length(past)
         positions = torch.arange(S, device=input_ids.device) + past_len
         cos, sin = rope_cos_sin(positions, self.rope_inv_freq, self.rope_factor)
         keys = torch.arange(past_len + S, device=input_ids.device)

@@ -10,11 +10,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .cache import CacheSpec, CacheTensor
 from .config import DeepseekConfig
+from .errors import ConfigError
 from .norm import RMSNorm
 from .rope import apply_rope
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm (not config.rms_norm_eps)
+CACHE_LAYOUTS = ("latent", "expanded")
+
+
+def cache_spec(cfg: DeepseekConfig, layout: str = "latent") -> CacheSpec:
+    """MLA's cache per layer: latent (c_kv, k_pe), shared by all heads; expanded (key, value) per head."""
+    if layout == "latent":
+        tensors = (CacheTensor("c_kv", ("batch", "past", cfg.kv_lora_rank)),
+                   CacheTensor("k_pe", ("batch", "past", cfg.qk_rope_head_dim)))
+    elif layout == "expanded":
+        H = cfg.num_attention_heads
+        tensors = (CacheTensor("key", ("batch", H, "past", cfg.qk_head_dim)),
+                   CacheTensor("value", ("batch", H, "past", cfg.v_head_dim)))
+    else:
+        raise ConfigError(f"cache layout {layout!r}: expected one of {', '.join(CACHE_LAYOUTS)}")
+    return CacheSpec(layout, cfg.num_hidden_layers, tensors)
 
 
 class MLA(nn.Module):
