@@ -29,7 +29,7 @@ from targets import ort_cpu
 from targets.base import TargetProfile
 
 from runtime import ort_runtime
-from .export import CACHE_NAMES, export_graphs, save_graph
+from .export import export_graphs, save_graph
 from .golden import Golden, make_golden, save_golden
 from .package import package_lock, sha256_file, staging, work_dir, write_failure, write_manifest
 from .package_readme import random_weights_note
@@ -61,20 +61,9 @@ def graph_io(path: Path) -> dict:
             "opset": {o.domain or "ai.onnx": o.version for o in m.opset_import}}
 
 
-def cache_spec(cfg: DeepseekConfig, layout: str) -> dict:
-    if layout == "latent":
-        widths = [cfg.kv_lora_rank, cfg.qk_rope_head_dim]
-        shapes = [["batch", "past", cfg.kv_lora_rank], ["batch", "past", cfg.qk_rope_head_dim]]
-    else:
-        H = cfg.num_attention_heads
-        widths = [H * cfg.qk_head_dim, H * cfg.v_head_dim]
-        shapes = [["batch", H, "past", cfg.qk_head_dim], ["batch", H, "past", cfg.v_head_dim]]
-    values = sum(widths)
-    return {"layout": layout, "num_layers": cfg.num_hidden_layers, "dtype": "float32",
-            "per_layer": [{"name": n, "shape": s} for n, s in zip(CACHE_NAMES[layout], shapes)],
-            "values_per_token_per_layer": values, "bytes_per_token_per_layer": values * 4,
-            "bytes_per_token": values * 4 * cfg.num_hidden_layers,
-            "input_names": "past.{layer}.{name}", "output_names": "present.{layer}.{name}"}
+def cache_spec(cfg, layout: str) -> dict:
+    """The manifest's io.cache section: the model family's cache spec (models/cache.py)."""
+    return models.family_for(cfg.model_type).cache_spec(cfg, layout).to_manifest()
 
 
 def run_cases(paths: dict[str, Path], golden: Golden, session_config: dict | None = None) -> dict[str, dict]:

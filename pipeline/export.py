@@ -1,10 +1,9 @@
-"""Export stage: an eager DeepSeek model -> ONNX `prefill` and `decode` graphs (torch.onnx.export, dynamo).
+"""Export stage: an eager model -> ONNX `prefill` and `decode` graphs (torch.onnx.export, dynamo).
 
-Graph IO (per layer i):
+Graph IO (per layer i; the tensors, shapes and layouts are the family's cache spec, models/cache.py):
   inputs : input_ids int64 [batch, seq] (decode: [batch, 1]),
-           past.{i}.c_kv [batch, past, kv_lora_rank], past.{i}.k_pe [batch, past, rope]   (latent layout)
-           past.{i}.key [batch, H, past, nope+rope],  past.{i}.value [batch, H, past, v]  (expanded layout)
-  outputs: logits fp32 [batch, seq, vocab], present.{i}.* = past.{i}.* with this step appended.
+           past.{i}.{name} for each tensor of the layout's spec, its growing axis "past" dynamic
+  outputs: logits fp32 [batch, seq, vocab], present.{i}.{name} = past.{i}.{name} with this step appended.
 Positions are past + arange(seq): a fresh prompt passes caches with past = 0.
 """
 from __future__ import annotations
@@ -20,12 +19,11 @@ import onnx_ir as ir
 import torch
 from torch.export import Dim
 
-from models.decoder import CACHE_LAYOUTS, DeepseekForCausalLM
 from models.errors import MlamoeError
+from models.family import family_of
 from passes.cleanup import cleanup
 
 GRAPHS = ("prefill", "decode")
-CACHE_NAMES = {"latent": ("c_kv", "k_pe"), "expanded": ("key", "value")}
 # Past the protobuf limit weights must live in external data; we switch a little earlier.
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)
 
@@ -34,32 +32,21 @@ class ExportError(MlamoeError):
     pass
 
 
-def cache_names(num_layers: int, layout: str, prefix: str) -> list[str]:
-    return [f"{prefix}.{i}.{k}" for i in range(num_layers) for k in CACHE_NAMES[layout]]
-
-
-def cache_shapes(cfg, layout: str, batch="batch", length="past") -> list[list]:
-    """Symbolic shape of each cache tensor of one layer, in CACHE_NAMES order."""
-    if layout == "latent":
-        return [[batch, length, cfg.kv_lora_rank], [batch, length, cfg.qk_rope_head_dim]]
-    H = cfg.num_attention_heads
-    return [[batch, H, length, cfg.qk_head_dim], [batch, H, length, cfg.v_head_dim]]
-
-
 class CausalLMGraph(torch.nn.Module):
-    """Flat-tensor wrapper the exporter traces: (input_ids, *past) -> (logits, *present)."""
+    """Flat-tensor wrapper the exporter traces: (input_ids, *past) -> (logits, *present), the cache
+    tensors layer-major in the spec's order."""
 
-    def __init__(self, model: DeepseekForCausalLM, layout: str):
+    def __init__(self, model, layout: str):
         super().__init__()
         self.model, self.layout = model, layout
+        self.spec = model.cache_spec(layout)
 
     def forward(self, input_ids, *past):
-        cache = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, present = self.model.step(input_ids, cache, self.layout)
+        logits, present = self.model.step(input_ids, self.spec.group(past), self.layout)
         return (logits, *[t for layer in present for t in layer])
 
 
-def example_inputs(model: DeepseekForCausalLM, graph: str, layout: str, batch: int = 2, seq: int = 3, past: int = 2):
+def example_inputs(model, graph: str, layout: str, batch: int = 2, seq: int = 3, past: int = 2):
     """Inputs to trace with. Sizes avoid 0/1 so the exporter keeps those axes symbolic."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1 if graph == "decode" else seq), generator=g)
@@ -69,24 +56,25 @@ def example_inputs(model: DeepseekForCausalLM, graph: str, layout: str, batch: i
     return (ids, *[t for layer in cache for t in layer])
 
 
-def export_graph(model: DeepseekForCausalLM, graph: str, layout: str = "latent", verbose: bool = False) -> ir.Model:
+def export_graph(model, graph: str, layout: str = "latent", verbose: bool = False) -> ir.Model:
     """Trace one graph and return it as an onnx-ir model (opset 20, fp32)."""
     if graph not in GRAPHS:
         raise ExportError(f"unknown graph {graph!r}: expected one of {GRAPHS}")
-    if layout not in CACHE_LAYOUTS:
-        raise ExportError(f"unknown cache layout {layout!r}: expected one of {CACHE_LAYOUTS}")
+    layouts = family_of(model).cache_layouts
+    if layout not in layouts:
+        raise ExportError(f"unknown cache layout {layout!r}: expected one of {layouts}")
     cfg = model.config
-    L = cfg.num_hidden_layers
+    spec = model.cache_spec(layout)
     batch = Dim("batch", min=1, max=1024)
     past = Dim("past", min=0, max=cfg.max_position_embeddings)
-    seq_axis = 2 if layout == "expanded" else 1
     ids_shape = {0: batch} if graph == "decode" else {0: batch, 1: Dim("seq", min=1, max=cfg.max_position_embeddings)}
-    dynamic = {"input_ids": ids_shape, "past": tuple({0: batch, seq_axis: past} for _ in range(2 * L))}
+    dynamic = {"input_ids": ids_shape,
+               "past": tuple({0: batch, t.grows: past} for _ in range(spec.num_layers) for t in spec.tensors)}
     args = example_inputs(model, graph, layout)
     wrapper = CausalLMGraph(model, layout).eval()
     program = trace(wrapper, args, f"the {graph} graph ({layout} cache)", ExportError, verbose,
-                    dynamic_shapes=dynamic, input_names=["input_ids", *cache_names(L, layout, "past")],
-                    output_names=["logits", *cache_names(L, layout, "present")])
+                    dynamic_shapes=dynamic, input_names=["input_ids", *spec.input_names()],
+                    output_names=["logits", *spec.output_names()])
     return finish(program.model, graph)
 
 
@@ -134,7 +122,7 @@ def specialize_decode(prefill: ir.Model) -> ir.Model:
     return cleanup(decode)
 
 
-def export_graphs(model: DeepseekForCausalLM, layout: str = "latent") -> dict[str, ir.Model]:
+def export_graphs(model, layout: str = "latent") -> dict[str, ir.Model]:
     """Both graphs, prefill traced once and decode specialised from it."""
     prefill = export_graph(model, "prefill", layout)
     return {"prefill": prefill, "decode": specialize_decode(prefill)}

@@ -16,8 +16,6 @@ import torch
 
 from models.moe import Router
 
-from .export import CACHE_NAMES
-
 NOTE = ("PyTorch autocast fp16 of the same model on the same inputs (router gate fp32, as in the graphs), "
         "vs eager fp32")
 
@@ -56,14 +54,13 @@ def _np(t: torch.Tensor) -> np.ndarray:
 def case_outputs(model, inputs: dict[str, np.ndarray], layout: str = "latent") -> dict[str, np.ndarray]:
     """The fp16 reference's outputs (logits, present.*) for one golden case's inputs (input_ids, past.*)."""
     dev = next(model.parameters()).device
-    names = CACHE_NAMES[layout]
-    cache = [tuple(torch.from_numpy(np.asarray(inputs[f"past.{i}.{n}"])).to(dev) for n in names)
-             for i in range(model.config.num_hidden_layers)]
+    spec = model.cache_spec(layout)
+    cache = [tuple(torch.from_numpy(np.asarray(a)).to(dev) for a in layer) for layer in spec.unflatten(inputs)]
     ids = torch.from_numpy(np.asarray(inputs["input_ids"])).to(dev)
     with autocast_fp16(model):
         logits, present = model.step(ids, cache, layout)
     out = {"logits": _np(logits)}
-    out.update({f"present.{i}.{n}": _np(t) for i, layer in enumerate(present) for n, t in zip(names, layer)})
+    out.update(spec.flatten([tuple(_np(t) for t in layer) for layer in present], "present"))
     return out
 
 

@@ -8,10 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.decoder import DeepseekForCausalLM
 from models.generation import greedy_generate
-
-from .export import CACHE_NAMES
 
 
 @dataclasses.dataclass
@@ -30,29 +27,25 @@ class Golden:
     step_logits: np.ndarray  # [1, N, vocab]
 
 
-def _flat(cache, layout: str, prefix: str) -> dict[str, np.ndarray]:
-    names = CACHE_NAMES[layout]
-    return {f"{prefix}.{i}.{n}": t.numpy() for i, layer in enumerate(cache) for n, t in zip(names, layer)}
-
-
 @torch.no_grad()
-def make_golden(model: DeepseekForCausalLM, layout: str = "latent", batch: int = 2, prompt_len: int = 8,
+def make_golden(model, layout: str = "latent", batch: int = 2, prompt_len: int = 8,
                 chunk_len: int = 4, gen_tokens: int = 32, seed: int = 0) -> Golden:
+    spec = model.cache_spec(layout)
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size
     prompt = torch.randint(0, V, (batch, prompt_len), generator=g)
     chunk = torch.randint(0, V, (batch, chunk_len), generator=g)
     empty = model.empty_cache(batch, layout)
     logits, present = model.step(prompt, empty, layout)
-    cases = [GoldenCase("prefill", "prefill", {"input_ids": prompt.numpy(), **_flat(empty, layout, "past")},
-                        {"logits": logits.numpy(), **_flat(present, layout, "present")})]
+    cases = [GoldenCase("prefill", "prefill", {"input_ids": prompt.numpy(), **spec.flatten(empty, "past")},
+                        {"logits": logits.numpy(), **spec.flatten(present, "present")})]
     logits_c, present_c = model.step(chunk, present, layout)
-    cases.append(GoldenCase("prefill-chunk", "prefill", {"input_ids": chunk.numpy(), **_flat(present, layout, "past")},
-                            {"logits": logits_c.numpy(), **_flat(present_c, layout, "present")}))
+    cases.append(GoldenCase("prefill-chunk", "prefill", {"input_ids": chunk.numpy(), **spec.flatten(present, "past")},
+                            {"logits": logits_c.numpy(), **spec.flatten(present_c, "present")}))
     nxt = logits_c[:, -1].argmax(-1, keepdim=True)
     logits_d, present_d = model.step(nxt, present_c, layout)
-    cases.append(GoldenCase("decode", "decode", {"input_ids": nxt.numpy(), **_flat(present_c, layout, "past")},
-                            {"logits": logits_d.numpy(), **_flat(present_d, layout, "present")}))
+    cases.append(GoldenCase("decode", "decode", {"input_ids": nxt.numpy(), **spec.flatten(present_c, "past")},
+                            {"logits": logits_d.numpy(), **spec.flatten(present_d, "present")}))
     gen_prompt = prompt[:1]
     tokens, step_logits = greedy_generate(model, gen_prompt, gen_tokens, layout)
     return Golden(cases, gen_prompt.numpy(), tokens.numpy(), step_logits.numpy())

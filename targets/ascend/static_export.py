@@ -10,10 +10,10 @@ One wrapper, two uses (the same IO for both, so graphs chain without host-side r
 
     inputs : input_ids   int32 [B, S]      S = 1 for decode, S = bucket length for prefill
              position    int32 [B]         position of input_ids[:, 0] (= tokens already cached)
-             past.{i}.c_kv  [B, M, kv_lora_rank] fp32   fixed maximum cache length M
-             past.{i}.k_pe  [B, M, rope]         fp32
+             past.{i}.{name}  fp32          the family's cache spec (models/cache.py) in its static
+                                            layout, the growing axis fixed to the maximum length M
     outputs: logits      fp32 [B, S, vocab]
-             present.{i}.c_kv / .k_pe  [B, M, .]  = past with rows position .. position+S-1 replaced
+             present.{i}.{name}  same shapes  = past with rows position .. position+S-1 replaced
 
 Decisions (and why):
 
@@ -29,10 +29,10 @@ Decisions (and why):
   anything (zeros, padding of a shorter prompt): they get exactly zero weight.
 - **Cache written in place with Where, not ScatterND.** ONNX ScatterND takes int64 indices only;
   building them from the int32 position needs a Cast to int64 (forbidden) or an extra int64 input.
-  Decode (S = 1) writes `Where(key_pos == position, new_row, past)` (the new row broadcasts over M).
-  Prefill (S > 1) builds the one-hot [B, S, M] matrix `key_pos == position + s`, moves the S new
-  rows to their places with one MatMul (one-hot, so exact in fp16 too) and selects with Where.
-  Writes past M - 1 are dropped: the caller keeps position + S <= M.
+  This wrapper builds `write` = the one-hot [B, S, M] matrix `key_pos == position + s` and `covered`
+  (rows position .. position+S-1); the family's static step (for MLA models/mla_static.py) selects
+  the new rows into the cache with them. Writes past M - 1 are dropped: the caller keeps
+  position + S <= M.
 - **Prefill in fixed buckets, one graph per bucket.** A prompt shorter than its bucket is padded on
   the right (any token id); its logits are read at column len-1 and the next decode step uses
   position = len, which overwrites the first padded cache row; the others stay masked. Chunked
@@ -41,9 +41,8 @@ Decisions (and why):
   LLM conversions for Ascend ship (REFERENCE.md section 3).
 - **RoPE from constant cos/sin tables [M, rope/2]** gathered by position (int32 Gather), so no
   angle is ever computed in fp16 (position * inv_freq loses whole radians in fp16 past ~2K).
-- **Absorbed MLA** (the latent-KV form: q_lat = q_nope @ W_UK, scores against the latent cache,
-  o = (p @ c_kv) @ W_UV^T), written directly in torch with W_UK / W_UV precomputed as constants.
-  It is the same math as `passes/latent_kv_fusion.py` applied to the naive graph; no Einsum.
+- **Attention is the family's static step** (models.family.StaticStep; for MLA the absorbed form in
+  models/mla_static.py), its per-layer constants registered here as buffers `{name}_{layer}`.
 - **MoE without data-dependent shapes** (REFERENCE.md section 2): written here in torch until the
   static MoE lowering passes (passes/moe_lowering.py) exist; then this can be swapped for them.
   The router is re-expressed with one-hot compares instead of ScatterElements/GatherElements.
@@ -65,11 +64,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.decoder import DeepseekForCausalLM
+from models.cache import CacheSpec
 from models.errors import MlamoeError
-from models.mla import MLA
+from models.family import family_for, family_of
 from models.moe import MoE
-from models.rope import apply_rope, rope_cos_sin
+from models.rope import rope_cos_sin
 
 MASK_VALUE = -65504.0  # fp16 lowest finite value: masked scores, exact zero after softmax
 MOE_FORMS = ("gather", "dense")
@@ -113,12 +112,21 @@ def graph_specs(batch: int, max_cache: int, buckets: tuple[int, ...]) -> list[St
     return specs
 
 
-def input_names(num_layers: int) -> list[str]:
-    return ["input_ids", "position"] + [f"past.{i}.{n}" for i in range(num_layers) for n in ("c_kv", "k_pe")]
+def static_cache_spec(cfg) -> CacheSpec:
+    """The cache spec of the family's fixed-shape form (its static step's layout)."""
+    family = family_for(cfg.model_type)
+    if family.static_step is None:
+        raise StaticExportError(f"model family {family.name!r} has no fixed-shape form (Family.static_step), "
+                                "so it has no static graphs")
+    return family.cache_spec(cfg, family.static_step.layout)
 
 
-def output_names(num_layers: int) -> list[str]:
-    return ["logits"] + [f"present.{i}.{n}" for i in range(num_layers) for n in ("c_kv", "k_pe")]
+def input_names(cache: CacheSpec) -> list[str]:
+    return ["input_ids", "position"] + cache.input_names()
+
+
+def output_names(cache: CacheSpec) -> list[str]:
+    return ["logits"] + cache.output_names()
 
 
 # ------------------------------------------------------------------------------------ the wrapper
@@ -171,13 +179,15 @@ class StaticRouter(nn.Module):
 
 
 class StaticCausalLM(nn.Module):
-    """Fixed-shape decode / prefill-bucket step over a [B, M] latent cache (see module docstring)."""
+    """Fixed-shape decode / prefill-bucket step over a cache of fixed length M (see module docstring)."""
 
-    def __init__(self, model: DeepseekForCausalLM, seq: int, max_cache: int, moe_form: str = "gather"):
+    def __init__(self, model, seq: int, max_cache: int, moe_form: str = "gather"):
         super().__init__()
         if moe_form not in MOE_FORMS:
             raise StaticExportError(f"moe_form {moe_form!r}: expected one of {MOE_FORMS}")
         cfg = model.config
+        self.cache = static_cache_spec(cfg)
+        self.static_step = family_of(model).static_step
         self.cfg, self.model, self.S, self.M, self.moe_form = cfg, model, seq, max_cache, moe_form
         cos, sin = rope_cos_sin(torch.arange(max_cache), model.rope_inv_freq, model.rope_factor)
         self.register_buffer("rope_cos", cos.contiguous(), persistent=False)  # [M, rope/2]
@@ -190,9 +200,8 @@ class StaticCausalLM(nn.Module):
         self.routers = nn.ModuleList(StaticRouter(cfg) for _ in model.model.layers)
         with torch.no_grad():
             for i, layer in enumerate(model.model.layers):
-                w_uk, w_uv = layer.self_attn.w_uk_uv()  # [H, nope, r], [H, v, r]
-                self.register_buffer(f"w_uk_{i}", w_uk.clone().contiguous(), persistent=False)
-                self.register_buffer(f"w_uv_t_{i}", w_uv.transpose(1, 2).contiguous(), persistent=False)
+                for name, t in self.static_step.constants(layer.self_attn).items():
+                    self.register_buffer(f"{name}_{i}", t, persistent=False)
                 if isinstance(layer.mlp, MoE):
                     ex = layer.mlp.experts
                     g = torch.stack([e.gate_proj.weight for e in ex])  # [E, inter, h]
@@ -207,36 +216,6 @@ class StaticCausalLM(nn.Module):
                         self.register_buffer(f"moe_gate_up_t_{i}", torch.cat([g, u], 1).reshape(E * 2 * inter, h)
                                              .t().contiguous(), persistent=False)  # [h, E*2*inter]
                         self.register_buffer(f"moe_down_t_{i}", d.transpose(1, 2).contiguous(), persistent=False)
-
-    # ---- attention ----------------------------------------------------------------------------
-    def _attention(self, i: int, attn: MLA, x, cos, sin, mask, write, covered, past_c, past_pe):
-        B, S, _ = x.shape
-        H, nope, rope = attn.n_heads, attn.nope, attn.rope
-        if self.cfg.q_lora_rank is None:
-            q = attn.q_proj(x)
-        else:
-            q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x)))
-        q = q.view(B, S, H, nope + rope).transpose(1, 2)  # [B, H, S, nope+rope]
-        q_nope, q_pe = q.split([nope, rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos.unsqueeze(1), sin.unsqueeze(1))  # cos [B, 1, S, rope/2]
-        c, k_pe = attn.kv_a_proj_with_mqa(x).split([attn.kv_lora_rank, rope], dim=-1)
-        c = attn.kv_a_layernorm(c)
-        k_pe = apply_rope(k_pe, cos, sin)  # [B, S, rope]
-        if S == 1:  # decode: the new row broadcasts over M, selected where key_pos == position
-            sel = write.transpose(1, 2)  # [B, M, 1] bool
-            c_all = torch.where(sel, c, past_c)
-            pe_all = torch.where(sel, k_pe, past_pe)
-        else:  # prefill: one-hot [B, M, S] @ rows [B, S, .] places each new row at its position
-            place = write.transpose(1, 2).to(c.dtype)
-            c_all = torch.where(covered, place @ c, past_c)
-            pe_all = torch.where(covered, place @ k_pe, past_pe)
-        q_lat = q_nope @ getattr(self, f"w_uk_{i}")  # [B, H, S, r]
-        c_t = c_all.unsqueeze(1)  # [B, 1, M, r]
-        scores = q_lat @ c_t.transpose(2, 3) + q_pe @ pe_all.unsqueeze(1).transpose(2, 3)  # [B, H, S, M]
-        p = self.attn_softmax[i](scores, mask.unsqueeze(1)).to(c_t.dtype)
-        o = (p @ c_t) @ getattr(self, f"w_uv_t_{i}")  # [B, H, S, v]
-        out = attn.o_proj(o.transpose(1, 2).reshape(B, S, H * attn.v_dim))
-        return out, c_all, pe_all
 
     # ---- MoE ----------------------------------------------------------------------------------
     def _moe(self, i: int, moe: MoE, x):
@@ -278,13 +257,14 @@ class StaticCausalLM(nn.Module):
         covered = ((keys >= position.view(-1, 1, 1)) & (keys < position.view(-1, 1, 1) + self.S)).transpose(1, 2)
         h = F.embedding(input_ids, self.model.model.embed_tokens.weight)
         present = []
-        for i, layer in enumerate(self.model.model.layers):
-            a, c_all, pe_all = self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, mask, write,
-                                               covered, past[2 * i], past[2 * i + 1])
+        for i, (layer, layer_past) in enumerate(zip(self.model.model.layers, self.cache.group(past))):
+            a, layer_present = self.static_step.attention(layer.self_attn, layer.input_layernorm(h), cos, sin, mask, write,
+                                                   covered, layer_past, lambda name, i=i: getattr(self, f"{name}_{i}"),
+                                                   self.attn_softmax[i])
             h = h + a
             x = layer.post_attention_layernorm(h)
             h = h + (self._moe(i, layer.mlp, x) if isinstance(layer.mlp, MoE) else layer.mlp(x))
-            present += [c_all, pe_all]
+            present += layer_present
         logits = self.model.lm_head(self.model.model.norm(h)).float()
         return (logits, *present)
 
@@ -294,9 +274,7 @@ def zero_inputs(cfg, spec: StaticGraphSpec) -> dict[str, np.ndarray]:
     """Inputs of the right names/dtypes/shapes: position 0, empty (zero) caches."""
     B, S, M = spec.batch, spec.seq, spec.max_cache
     feeds = {"input_ids": np.zeros((B, S), INDEX_DTYPE), "position": np.zeros((B,), INDEX_DTYPE)}
-    for i in range(cfg.num_hidden_layers):
-        feeds[f"past.{i}.c_kv"] = np.zeros((B, M, cfg.kv_lora_rank), np.float32)
-        feeds[f"past.{i}.k_pe"] = np.zeros((B, M, cfg.qk_rope_head_dim), np.float32)
+    feeds.update(static_cache_spec(cfg).static_empty(B, M))
     return feeds
 
 
@@ -368,17 +346,16 @@ def fp32_island_nodes(model_ir: ir.Model) -> dict[str, list[str]]:
     return out
 
 
-def export_static_graph(model: DeepseekForCausalLM, spec: StaticGraphSpec, opset: int = TARGET_OPSET,
+def export_static_graph(model, spec: StaticGraphSpec, opset: int = TARGET_OPSET,
                         verbose: bool = False) -> ir.Model:
     """Trace one fixed-shape graph (opset 20 from the exporter), fold it, convert it to `opset`."""
     from passes.cleanup import cleanup
     from pipeline.export import finish, trace
     cfg = model.config
-    L = cfg.num_hidden_layers
     wrapper = StaticCausalLM(model, spec.seq, spec.max_cache, spec.moe_form).eval()
     args = _example_args(cfg, spec)
     program = trace(wrapper, args, f"the static {spec.name} graph", StaticExportError, verbose,
-                    input_names=input_names(L), output_names=output_names(L))
+                    input_names=input_names(wrapper.cache), output_names=output_names(wrapper.cache))
     m = program.model
     name_nodes_by_scope(m)
     m = cleanup(m)
@@ -388,7 +365,7 @@ def export_static_graph(model: DeepseekForCausalLM, spec: StaticGraphSpec, opset
     return m
 
 
-def export_static_graphs(model: DeepseekForCausalLM, batch: int = 1, max_cache: int = 256,
+def export_static_graphs(model, batch: int = 1, max_cache: int = 256,
                          buckets: tuple[int, ...] = (16, 64), opset: int = TARGET_OPSET) -> dict[str, tuple[StaticGraphSpec, ir.Model]]:
     """decode + one prefill graph per bucket: {name: (spec, model)}."""
     return {s.name: (s, export_static_graph(model, s, opset)) for s in graph_specs(batch, max_cache, tuple(buckets))}
