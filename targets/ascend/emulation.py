@@ -52,7 +52,7 @@ import torch
 
 from pipeline.parity import ParityError, ParityReport, compare
 
-from .static_export import INDEX_DTYPE, StaticGraphSpec, StaticRunner, ort_sessions
+from .static_export import INDEX_DTYPE, StaticGraphSpec, StaticRunner, ort_sessions, static_cache_spec
 
 STAGE = "ascend-fp16-emulation"
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
@@ -269,6 +269,7 @@ class _RoutingTrace:
 
     def __init__(self, ref: RoutingRunner, act: RoutingRunner):
         self.ref, self.act = ref, act
+        self.cache = static_cache_spec(act.cfg)
         self.layers = 0
         self.positions: dict[tuple[int, int], list[dict]] = {}
         self.new: list[tuple[int, int]] = []  # positions the last add() found flipped
@@ -338,11 +339,12 @@ class _RoutingTrace:
             first = self.first_layer(b, p)
             layers = [i for i in range(num_layers) if first is None or i > first]
             for i in layers:
-                for j, part in enumerate(("c_kv", "k_pe")):
-                    key = f"past.{i}.{part}"
+                for j, t in enumerate(self.cache.tensors):
+                    key = f"past.{i}.{t.name}"
                     if not cache16[key].flags.writeable:
                         cache16[key] = cache16[key].copy()
-                    cache16[key][b, p] = reference_cache[i][j][b, p].numpy()
+                    row = (b,) + t.rows(p, p + 1)[1:]
+                    cache16[key][row] = reference_cache[i][j][row].numpy()
             if layers:
                 done.append({"batch": b, "position": p, "layers": layers})
             self.reset.add((b, p))
@@ -554,9 +556,10 @@ def compare_runs(model, runner: StaticRunner, stage: str, prompt_len: int | None
     ref = {"logits": ref_logits.numpy()}
     act = {"logits": logits}
     # cache rows 0..L-1 are the ones this prefill wrote (rows L.. hold the bucket's padding)
-    for i, (ck, pe) in enumerate(cache):
-        ref[f"present.{i}.c_kv"], act[f"present.{i}.c_kv"] = ck.numpy(), c16[f"past.{i}.c_kv"][:, :L]
-        ref[f"present.{i}.k_pe"], act[f"present.{i}.k_pe"] = pe.numpy(), c16[f"past.{i}.k_pe"][:, :L]
+    spec = static_cache_spec(cfg)
+    for i, layer in enumerate(cache):
+        for t, a in zip(spec.tensors, layer):
+            ref[f"present.{i}.{t.name}"], act[f"present.{i}.{t.name}"] = a.numpy(), c16[f"past.{i}.{t.name}"][t.rows(0, L)]
     reports.append(_judge(f"{stage}/prefill", ref, act, ["logits"], trace, np.tile(np.arange(L), (B, 1))))
     if trace is not None:
         reports[-1].extra["routing"]["cache_rows_reset"] = trace.repair(c16, cache, cfg.num_hidden_layers)
@@ -670,26 +673,27 @@ class StaticGraphReference:
     def __init__(self, runner: StaticRunner):
         self.runner, self.config = runner, runner.cfg
 
-    def empty_cache(self, batch: int, layout: str = "latent", dtype=torch.float32):
-        cfg = self.config
-        return [(torch.zeros(batch, 0, cfg.kv_lora_rank, dtype=dtype), torch.zeros(batch, 0, cfg.qk_rope_head_dim,
-                                                                                 dtype=dtype))
-                for _ in range(cfg.num_hidden_layers)]
+    def cache_spec(self, layout: str | None = None):
+        return static_cache_spec(self.config)
 
-    def step(self, input_ids, past, layout: str = "latent"):
+    def empty_cache(self, batch: int, layout: str | None = None, dtype=torch.float32):
+        return self.cache_spec().empty(batch, dtype)
+
+    def step(self, input_ids, past, layout: str | None = None):
         ids = torch.as_tensor(input_ids).numpy()
         B, S = ids.shape
-        T = past[0][0].shape[1]
+        spec = self.cache_spec()
+        T = spec.length(past)
         cache = self.runner.empty_cache()
-        for i, (ck, pe) in enumerate(past):
-            cache[f"past.{i}.c_kv"][:, :T] = ck.numpy()
-            cache[f"past.{i}.k_pe"][:, :T] = pe.numpy()
+        for i, layer in enumerate(past):
+            for t, a in zip(spec.tensors, layer):
+                cache[f"past.{i}.{t.name}"][t.rows(0, T)] = a.numpy()
         if S == 1:
             logits, cache = self.runner.decode(ids[:, 0], T, cache)
         else:
             logits, cache = self.runner.prefill(ids, cache, start=T)
-        present = [(torch.from_numpy(np.ascontiguousarray(cache[f"past.{i}.c_kv"][:, :T + S])),
-                    torch.from_numpy(np.ascontiguousarray(cache[f"past.{i}.k_pe"][:, :T + S])))
+        present = [tuple(torch.from_numpy(np.ascontiguousarray(cache[f"past.{i}.{t.name}"][t.rows(0, T + S)]))
+                         for t in spec.tensors)
                    for i in range(self.config.num_hidden_layers)]
         return torch.from_numpy(np.ascontiguousarray(logits[:, :S], dtype=np.float32)), present
 

@@ -38,7 +38,7 @@ from . import atc as atc_mod
 from . import checker, emulation, kit
 from .profile import DEFAULT_PRECISION, DEFAULT_SOC, AscendProfile, make_profile
 from .static_export import (TARGET_OPSET, StaticGraphSpec, export_static_graph, fp32_island_nodes,
-                            graph_specs, save_static_graph)
+                            graph_specs, save_static_graph, static_cache_spec)
 
 DEFAULT_BATCH = 1
 DEFAULT_MAX_CACHE = 256
@@ -172,7 +172,7 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
                             "max_cache": s.max_cache, "moe_form": s.moe_form,
                             "checker": checker.summary(graphs[s.name][1])} for s in specs},
         "io": {"input_ids": "int32 [B, S]", "position": "int32 [B]",
-               "cache": "past.{i}.c_kv fp32 [B, M, kv_lora_rank], past.{i}.k_pe fp32 [B, M, rope] -> present.{i}.*"},
+               "cache": _cache_io(static_cache_spec(model.config))},
         "build": build_section,
         "om": {"status": result.status, "files": result.om_files, "log": result.log},
         "kit": {"verify": kit_path, "golden": f"{kit.GOLDEN_DIR}/cases.json"},
@@ -199,6 +199,13 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
         }
         readme = _quant_readme(manifest["quantization"], quant_reports) + "\n" + readme
     return AscendBuild(profile, specs, reports, result, manifest, readme, seconds, quant, quant_reports)
+
+
+def _cache_io(cache) -> str:
+    """The manifest's io.cache line: each cache tensor of layer i at its fixed shapes (M rows)."""
+    short = {"float32": "fp32", "float16": "fp16"}
+    return ", ".join(f"past.{{i}}.{t.name} {short.get(t.dtype, t.dtype)} [{', '.join(map(str, t.symbolic('B', 'M')))}]"
+                     for t in cache.tensors) + " -> present.{i}.*"
 
 
 def _parity_summary(reports: list[ParityReport], prefix: str) -> str:

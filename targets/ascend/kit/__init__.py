@@ -18,15 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..static_export import INDEX_DTYPE, StaticGraphSpec, input_names, output_names
+from ..static_export import INDEX_DTYPE, StaticGraphSpec, input_names, output_names, static_cache_spec
 
 KIT_FILE = Path(__file__).resolve().parent / "verify_on_device.py"
 GOLDEN_DIR = "golden/ascend"
 
 
-def _pad(t: torch.Tensor, M: int) -> np.ndarray:
-    out = np.zeros((t.shape[0], M, t.shape[2]), np.float32)
-    out[:, : t.shape[1]] = t.numpy()
+def _pad(t: torch.Tensor, tensor, M: int) -> np.ndarray:
+    """A cache tensor of T rows -> its fixed-shape form: M rows along the growing axis, rows T.. zero."""
+    out = np.zeros(tensor.symbolic(t.shape[0], M), np.float32)
+    out[tensor.rows(0, t.shape[tensor.grows])] = t.numpy()
     return out
 
 
@@ -34,29 +35,30 @@ def _pad(t: torch.Tensor, M: int) -> np.ndarray:
 def golden_cases(model, specs: list[StaticGraphSpec], seed: int = 0) -> list[dict]:
     """[{name, graph, inputs: {name: array}, outputs: {name: array}}] from the eager model."""
     cfg = model.config
-    L = cfg.num_hidden_layers
+    cache = static_cache_spec(cfg)
+    layout = cache.layout
     g = torch.Generator().manual_seed(seed + 1234)
     cases = []
     for spec in specs:
         B, S, M = spec.batch, spec.seq, spec.max_cache
         if spec.kind == "prefill":
             ids = torch.randint(0, cfg.vocab_size, (B, S), generator=g)
-            logits, present = model.step(ids, model.empty_cache(B))
-            past = [(torch.zeros(B, 0, cfg.kv_lora_rank), torch.zeros(B, 0, cfg.qk_rope_head_dim))] * L
+            past = model.empty_cache(B, layout)
+            logits, present = model.step(ids, past, layout)
             pos = 0
         else:
             pos = min(M - 1, max(1, M // 2))
             ctx = torch.randint(0, cfg.vocab_size, (B, pos), generator=g)
-            _, past = model.step(ctx, model.empty_cache(B))
+            _, past = model.step(ctx, model.empty_cache(B, layout), layout)
             ids = torch.randint(0, cfg.vocab_size, (B, 1), generator=g)
-            logits, present = model.step(ids, past)
+            logits, present = model.step(ids, past, layout)
         inputs = {"input_ids": ids.numpy().astype(INDEX_DTYPE), "position": np.full((B,), pos, INDEX_DTYPE)}
         outputs = {"logits": logits.numpy()}
-        for i in range(L):
-            inputs[f"past.{i}.c_kv"], inputs[f"past.{i}.k_pe"] = _pad(past[i][0], M), _pad(past[i][1], M)
-            outputs[f"present.{i}.c_kv"], outputs[f"present.{i}.k_pe"] = _pad(present[i][0], M), _pad(present[i][1], M)
+        for prefix, cache_rows, into in (("past", past, inputs), ("present", present, outputs)):
+            padded = [tuple(_pad(a, t, M) for t, a in zip(cache.tensors, layer)) for layer in cache_rows]
+            into.update(cache.flatten(padded, prefix))
         cases.append({"name": spec.name, "graph": spec.name, "position": pos, "inputs": inputs, "outputs": outputs,
-                      "input_order": input_names(L), "output_order": output_names(L)})
+                      "input_order": input_names(cache), "output_order": output_names(cache)})
     return cases
 
 
@@ -122,6 +124,8 @@ def kit_readme(atc_config: dict, cases_doc: dict, atc_status: str, verified_here
     g_lines = "\n".join(f"| `{g['name']}` | `{g['onnx']}` | `{g['input_shape'] if len(g['input_shape']) < 90 else g['input_shape'][:87] + '...'}` |"
                         for g in atc_config["graphs"])
     cmds = "\n".join(compare_commands(cases_doc))
+    layer0 = [n.split(".", 2)[2] for n in cases_doc["cases"][0]["input_order"] if n.startswith("past.0.")]
+    cache_names = " / ".join(f"`past.{{i}}.{n}`" for n in layer0)
     here = "\n".join(f"- {v}" for v in verified_here) or "- (nothing)"
     there = "\n".join(f"- {v}" for v in not_verified) or "- (nothing)"
     return f"""## Ascend (CANN / ATC)
@@ -151,7 +155,7 @@ Per-op debugging (ONNX on CPU vs OM on NPU, layer by layer):
     {cmds.replace(chr(10), chr(10) + '    ')}
 
 Runtime contract: `input_ids` int32 [B, S], `position` int32 [B] (index of input_ids[:, 0] in the
-cache), caches `past.{{i}}.c_kv` / `past.{{i}}.k_pe` fp32 [B, M, .] -> `present.*` (same shape, rows
+cache), caches {cache_names} fp32 [B, M, .] -> `present.*` (same shape, rows
 position..position+S-1 written). Prefill: right-pad the prompt to a bucket, read logits at
 len-1, then decode at position = len. Keep position + S <= M.
 
