@@ -31,10 +31,11 @@ def _median_ms(fn, repeat: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def synthetic_cache(cfg, length: int, batch: int = 1, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def synthetic_cache(cfg, length: int, batch: int = 1, seed: int = 0, layout: str = "latent") -> list[tuple]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, length, cfg.kv_lora_rank, generator=g),
-             torch.randn(batch, length, cfg.qk_rope_head_dim, generator=g)) for _ in range(cfg.num_hidden_layers)]
+    spec = models.family_for(cfg.model_type).cache_spec(cfg, layout)
+    return [tuple(torch.randn(s, generator=g) for s in spec.symbolic_shapes(batch, length))
+            for _ in range(spec.num_layers)]
 
 
 def bench_package(package: Path, model, threads: int, cache_lengths=(128, 1024, 4096), prompt_len: int = 128,
@@ -53,7 +54,7 @@ def bench_package(package: Path, model, threads: int, cache_lengths=(128, 1024, 
         tok = torch.tensor([[7]])
         for L in cache_lengths:
             cache = synthetic_cache(cfg, L)
-            feeds = {f"past.{i}.{n}": t.numpy() for i, (c, k) in enumerate(cache) for n, t in (("c_kv", c), ("k_pe", k))}
+            feeds = model.cache_spec().flatten(cache)
             ort_d = _median_ms(lambda: rt.run("decode", tok.numpy(), feeds), repeat)
             eager_d = _median_ms(lambda: model.step(tok, cache), repeat)
             res["decode_ms"][str(L)] = {"package": ort_d, "eager": eager_d, "eager_over_package": eager_d / ort_d}
@@ -68,7 +69,8 @@ def bench_package(package: Path, model, threads: int, cache_lengths=(128, 1024, 
 def cache_table(cfg, dtype_bytes: int = 2, context: int = 2**20) -> dict:
     """Cache size per token per layer and for a whole context: latent vs naive MLA vs textbook MHA."""
     H, L = cfg.num_attention_heads, cfg.num_hidden_layers
-    rows = {"latent (c_kv + k_pe)": cfg.latent_cache_width,
+    latent = models.family_for(cfg.model_type).cache_spec(cfg, "latent")
+    rows = {f"latent ({' + '.join(latent.names)})": cfg.latent_cache_width,
             "naive MLA (K nope+rope, V per head)": cfg.expanded_cache_width,
             "textbook MHA 2*n_h*d_h": 2 * H * cfg.v_head_dim}
     return {name: {"elements": n, "bytes": n * dtype_bytes, "bytes_all_layers": n * dtype_bytes * L,
@@ -76,7 +78,7 @@ def cache_table(cfg, dtype_bytes: int = 2, context: int = 2**20) -> dict:
 
 
 def format_cache_table(table: dict, name: str, dtype: str = "bf16", context: int = 2**20) -> str:
-    latent = table["latent (c_kv + k_pe)"]["elements"]
+    latent = next(iter(table.values()))["elements"]  # the latent row comes first
     lines = [f"cache per token per layer at {name} dims ({dtype}; context {context:,} tokens)",
              f"  {'form':<38}{'elements':>10}{'bytes':>10}{'all layers':>14}{'context':>14}  vs latent"]
     for form, r in table.items():

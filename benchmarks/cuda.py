@@ -122,11 +122,13 @@ def routing_flips(work: Path, prompt: np.ndarray, ref_logits: np.ndarray, ort_lo
     reported, informational."""
     import onnx_ir as ir
     import onnxruntime as ort
+    import models
     from runtime.cuda_runtime import cuda_provider_options, session_options
     from pipeline.export import save_graph
     from pipeline.parity import compare_fp16
     from targets import ort_cuda
     from targets.ascend.emulation import MAX_FLIP_MARGIN, MAX_FLIPPED_FRACTION, _margins, expose_routing
+    spec = models.family_for(cfg.model_type).cache_spec(cfg, "latent")
     runs, decisions = {}, {}
     for tag, src, scores in (("fp32", work / "fp32" / "prefill.onnx", True),
                              ("fp16", work / "onnx" / "prefill.onnx", False)):
@@ -139,10 +141,8 @@ def routing_flips(work: Path, prompt: np.ndarray, ref_logits: np.ndarray, ort_lo
                                     providers=[("CUDAExecutionProvider", cuda_provider_options()), "CPUExecutionProvider"])
         types = {i.name: i.type for i in sess.get_inputs()}
         feeds = {"input_ids": prompt.astype(np.int64)}
-        for i in sess.get_inputs():
-            if i.name.startswith("past."):
-                w = cfg.kv_lora_rank if i.name.endswith("c_kv") else cfg.qk_rope_head_dim
-                feeds[i.name] = np.zeros((1, 0, w), np.float16 if types[i.name] == "tensor(float16)" else np.float32)
+        for name, a in spec.flatten(spec.empty(1)).items():
+            feeds[name] = a.astype(np.float16 if types[name] == "tensor(float16)" else np.float32)
         runs[tag] = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
         del sess
     S = prompt.shape[1]
@@ -279,8 +279,7 @@ def main(argv=None) -> int:
         ref_tokens = torch.cat(toks, 1).numpy()
         ref_steps = torch.stack(steps, 1).numpy()
         ort_prefill, _ = rt.run("prefill", prompt.numpy(), rt.empty_cache(1))
-        empty = {f"past.{i}.{n}": t.numpy() for i, layer in enumerate(model.empty_cache(1, "latent"))
-                 for n, t in zip(("c_kv", "k_pe"), layer)}
+        empty = model.cache_spec("latent").flatten(model.empty_cache(1, "latent"))
         ref16 = fp16_reference.case_outputs(model, {"input_ids": prompt.numpy(), **empty})["logits"]
         steps16 = fp16_reference.forced_step_logits(model, prompt.numpy(), ref_tokens)
         rep = compare_fp16("target-ort-cuda-fp16/h200-prefill", {"logits": ref_logits.cpu().numpy()},

@@ -95,7 +95,7 @@ def bench_package(src: str, lengths: list[int], repeat: int, log) -> dict:
             feeds = {n: np.load(root / f) for n, f in case["inputs"].items()}
             got = rt.run_numpy(case["graph"], feeds)
             for n, f in case["outputs"].items():
-                if n != "logits" and not n.endswith(".c_kv"):
+                if n != "logits" and not n.endswith("." + manifest["io"]["cache"]["per_layer"][0]["name"]):
                     continue
                 budget = None
                 lim = (ref.get("limits") or {}).get(case["name"], {}).get(n)

@@ -4,7 +4,7 @@
 
 Forms timed (all graphs exported from the same eager model, batch 1, fp32):
   (a) expanded  per-head K/V cache export (`export_graphs(model, layout="expanded")`)
-  (b) latent    latent cache (c_kv + k_pe), naive graph: kv_b_proj re-expands the whole cache per step
+  (b) latent    latent cache (models/mla.py cache_spec), naive graph: kv_b_proj re-expands the whole cache per step
   (c) fused     latent cache after LatentKVFusionPass: form "matmul" (the default) and "attention"
                 (ONNX opset-23 Attention, one KV head)
 Prefill: a fresh `prompt_len`-token prompt (past = 0) through the naive latent graph and the fused ones.

@@ -178,7 +178,7 @@ def bench_moe_decode(model_name: str = "small", threads: int = 2, past_len: int 
     with torch.no_grad():
         logits0, cache = model.step(ids, model.empty_cache(1))
     step = {"input_ids": np.array([[int(logits0[0, -1].argmax())]], dtype=np.int64)}
-    step.update({f"past.{i}.{n}": t.numpy() for i, layer in enumerate(cache) for n, t in zip(("c_kv", "k_pe"), layer)})
+    step.update(model.cache_spec().flatten(cache))
     del model, graphs, decode, logits0, cache
     gc.collect()  # medium: keep only the serialized graphs and their sessions in memory
 

@@ -21,7 +21,7 @@ How the model is cut. With MoE layers m_0 < m_1 < ... < m_{M-1}, there are M + 1
   Outputs of segments 0..M-1: h_out [batch, seq, hidden] (the residual after attention), x [tokens, hidden]
   (the normed MoE input, tokens = batch * seq), topk_weights [tokens, k] fp32 (routed_scaling_factor
   included), topk_ids [tokens, k] int64, shared [batch, seq, hidden] (zeros when the model has no shared
-  experts; named shared_out), present.{i}.c_kv / present.{i}.k_pe for the segment's layers (latent cache; positions are
+  experts; named shared_out), present.{i}.{name} for the segment's layers (the family's cache spec, default layout; positions are
   past + arange(seq), past read from the first cache input, as in the single-device graphs).
   Every segment is traced once from the eager model's own submodules (torch.onnx.export, dynamo, no
   expert loop inside; about 3.5 s each for tiny, mostly the exporter's fixed cost) and is identical on
@@ -66,8 +66,10 @@ import onnx_ir as ir
 import torch
 from torch.export import Dim
 
+from models.cache import CacheSpec
 from models.decoder import DeepseekForCausalLM
 from models.errors import MlamoeError
+from models.family import family_for
 from models.rope import rope_cos_sin
 from pipeline.export import finish, trace
 from runtime import ep_runtime
@@ -84,6 +86,12 @@ class ExpertParallelBuildError(MlamoeError):
 
 
 # ---- segments --------------------------------------------------------------------------------------
+def cache_spec(cfg) -> CacheSpec:
+    """The cache the segment graphs carry: the family's default layout."""
+    family = family_for(cfg.model_type)
+    return family.cache_spec(cfg, family.cache_layouts[0])
+
+
 def segment_layers(cfg) -> list[dict]:
     """[{layers: [cache layers], moe_layer: int | None, first: bool}] for the M + 1 segments."""
     moe = moe_layers(cfg)
@@ -103,6 +111,7 @@ class Segment(torch.nn.Module):
     def __init__(self, model: DeepseekForCausalLM, layers: list[int], moe_layer: int | None, first: bool):
         super().__init__()
         self.model, self.layers, self.moe_layer, self.first = model, layers, moe_layer, first
+        self.cache = cache_spec(model.config)
 
     def forward(self, *args):
         m, cfg = self.model, self.model.config
@@ -116,19 +125,19 @@ class Segment(torch.nn.Module):
         B, S = h.shape[0], h.shape[1]
         presents = []
         if self.layers:
-            past_len = past_flat[0].shape[1]
+            past_len = self.cache.length(self.cache.group(past_flat))
             positions = torch.arange(S) + past_len
             cos, sin = rope_cos_sin(positions, m.rope_inv_freq, m.rope_factor)
             keys = torch.arange(past_len + S)
             mask = torch.where(keys[None, :] <= positions[:, None], 0.0, float("-inf"))
             absorbed = m.attention == "absorbed"
-        for n, i in enumerate(self.layers):
+        layout = self.cache.layout
+        for i, past in zip(self.layers, self.cache.group(past_flat)):
             layer = m.model.layers[i]
-            past = (past_flat[2 * n], past_flat[2 * n + 1])
             if i != self.moe_layer:
-                h, p = layer(h, cos, sin, mask, m.softmax_scale, past, "latent", absorbed)
+                h, p = layer(h, cos, sin, mask, m.softmax_scale, past, layout, absorbed)
             else:
-                a, p = layer.self_attn(layer.input_layernorm(h), cos, sin, mask, m.softmax_scale, past, "latent",
+                a, p = layer.self_attn(layer.input_layernorm(h), cos, sin, mask, m.softmax_scale, past, layout,
                                        absorbed)
                 h = h + a
             presents += list(p)
@@ -142,7 +151,7 @@ class Segment(torch.nn.Module):
 
 
 def segment_io(cfg, seg: dict) -> tuple[list[str], list[str]]:
-    cache_in = [f"past.{i}.{k}" for i in seg["layers"] for k in ("c_kv", "k_pe")]
+    cache_in = cache_spec(cfg).input_names(seg["layers"])
     cache_out = [n.replace("past.", "present.", 1) for n in cache_in]
     ins = (["input_ids"] if seg["first"] else ["h", "shared", "routed"]) + cache_in
     outs = (["logits"] if seg["moe_layer"] is None else ["h_out", "x", "topk_weights", "topk_ids", "shared_out"]) + cache_out
@@ -156,10 +165,8 @@ def _example(model: DeepseekForCausalLM, seg: dict, batch: int = 2, seq: int = 3
         head = [torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)]
     else:
         head = [torch.randn(batch, seq, cfg.hidden_size, generator=g) for _ in range(3)]
-    caches = []
-    for _ in seg["layers"]:
-        caches += [torch.randn(batch, past, cfg.kv_lora_rank, generator=g),
-                   torch.randn(batch, past, cfg.qk_rope_head_dim, generator=g)]
+    caches = [torch.randn(shape, generator=g) for _ in seg["layers"]
+              for shape in cache_spec(cfg).symbolic_shapes(batch, past)]
     return tuple(head + caches)
 
 
@@ -170,7 +177,7 @@ def export_segment(model: DeepseekForCausalLM, seg: dict, index: int) -> ir.Mode
     past = Dim("past", min=0, max=cfg.max_position_embeddings)
     ins, outs = segment_io(cfg, seg)
     head = [{0: batch, 1: seq}] if seg["first"] else [{0: batch, 1: seq}] * 3
-    dynamic = {"args": tuple(head + [{0: batch, 1: past}] * (2 * len(seg["layers"])))}
+    dynamic = {"args": tuple(head + [{0: batch, t.grows: past} for _ in seg["layers"] for t in cache_spec(cfg).tensors])}
     wrapper = Segment(model, seg["layers"], seg["moe_layer"], seg["first"]).eval()
     program = trace(wrapper, _example(model, seg), f"segment {index}", ExpertParallelBuildError,
                     dynamic_shapes=dynamic, input_names=ins, output_names=outs, opset_version=OPSET)
@@ -178,7 +185,7 @@ def export_segment(model: DeepseekForCausalLM, seg: dict, index: int) -> ir.Mode
 
 
 def export_segments(model: DeepseekForCausalLM) -> list[ir.Model]:
-    """The M + 1 replicated segment graphs (latent cache)."""
+    """The M + 1 replicated segment graphs (the family's default cache layout)."""
     return [export_segment(model, seg, j) for j, seg in enumerate(segment_layers(model.config))]
 
 
@@ -327,11 +334,10 @@ def build_ep_package(model: DeepseekForCausalLM, out, ranks: int | None = None, 
         "config_hash": config_hash(cfg),
         "model": {"model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
                   "num_hidden_layers": cfg.num_hidden_layers, "n_routed_experts": cfg.n_routed_experts,
-                  "num_experts_per_tok": cfg.num_experts_per_tok, "kv_lora_rank": cfg.kv_lora_rank,
-                  "qk_rope_head_dim": cfg.qk_rope_head_dim, "moe_layers": moe_layers(cfg)},
+                  "num_experts_per_tok": cfg.num_experts_per_tok, "moe_layers": moe_layers(cfg)},
         "ranks": ranks,
         "backend": backend,
-        "cache": {"layout": "latent", "names": ["c_kv", "k_pe"], "dtype": "float32"},
+        "cache": cache_spec(cfg).to_manifest(),
         "segments": seg_entries,
         "experts": experts,
         "files": files,

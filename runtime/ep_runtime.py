@@ -13,7 +13,8 @@ per rank and MoE layer, partition.json, ep_manifest.json).
 Execution, every rank, every decoding step (prefill is step 0; the graphs take any seq length):
   * Data-parallel attention: the batch rows are split over the ranks (np.array_split order: rank r
     gets a contiguous slice; a rank with no row - fewer prompts than ranks - runs no segment graph but
-    still serves its experts). Each rank keeps the latent cache (c_kv, k_pe per layer) of its own rows.
+    still serves its experts). Each rank keeps the cache of its own rows (past.{i}.{name} per layer,
+    names and shapes from ep_manifest.json's "cache", the model family's cache spec).
   * Segment j (embedding / dense layers / attention of MoE layer m_j, router, shared experts) runs on
     the local rows -> x [n, h], topk ids/weights [n, k].
   * Dispatch. Every (token, chosen expert) pair is one row. The destination is a rank holding the
@@ -449,7 +450,7 @@ class ExpertParallelRuntime:
             if b:
                 feeds = {"input_ids": ids} if entry["first"] else dict(zip(("h", "shared", "routed"), carry))
                 for i in entry["layers"]:
-                    for c in ("c_kv", "k_pe"):
+                    for c in self.cache_names:
                         feeds[f"past.{i}.{c}"] = cache[f"past.{i}.{c}"]
                 outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
                 present.update({n.replace("present.", "past.", 1): v for n, v in outs.items()
@@ -466,12 +467,18 @@ class ExpertParallelRuntime:
                 carry = (outs["h_out"], outs["shared_out"], routed.reshape(b, S, self.hidden))
         raise EPError("package has no final segment")
 
+    @property
+    def cache_names(self) -> list[str]:
+        return [t["name"] for t in self.man["cache"]["per_layer"]]
+
     def empty_cache(self, b: int) -> dict:
-        m = self.man["model"]
+        """Zero-length past.* arrays: each cache tensor's shape with batch b and 0 rows on its growing axis."""
+        c = self.man["cache"]
         out = {}
-        for i in range(m["num_hidden_layers"]):
-            out[f"past.{i}.c_kv"] = np.zeros((b, 0, m["kv_lora_rank"]), np.float32)
-            out[f"past.{i}.k_pe"] = np.zeros((b, 0, m["qk_rope_head_dim"]), np.float32)
+        for i in range(c["num_layers"]):
+            for t in c["per_layer"]:
+                shape = [b if d == "batch" else 0 if d == "past" else d for d in t["shape"]]
+                out[f"past.{i}.{t['name']}"] = np.zeros(shape, np.dtype(c["dtype"]))
         return out
 
     def generate(self, prompt_ids, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
