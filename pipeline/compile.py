@@ -66,6 +66,12 @@ def cache_spec(cfg, layout: str) -> dict:
     return models.family_for(cfg.model_type).cache_spec(cfg, layout).to_manifest()
 
 
+def family_passes(model, pass_names) -> tuple[str, ...]:
+    """The target's passes that apply to the model's family (models.Family.passes), in the target's order."""
+    family = models.family_of(model)
+    return tuple(p for p in pass_names if family.applies(p))
+
+
 def run_cases(paths: dict[str, Path], golden: Golden, session_config: dict | None = None) -> dict[str, dict]:
     """Run each golden case on ORT CPU; -> {case name: {output name: array}}."""
     so = ort_runtime.session_options(session_config or {"graph_optimization_level": "basic"})
@@ -296,7 +302,7 @@ def _fp32_weight_bytes(model_spec: str) -> int | None:
 
 def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bool = False, quant: str | None = None,
                     seed: int = 0, cache_dir: Path | None = None, use_cache: bool = True,
-                    layout: str = "latent", gen_tokens: int = 32, progress=None, soc: str | None = None,
+                    layout: str | None = None, gen_tokens: int = 32, progress=None, soc: str | None = None,
                     precision: str | None = None, require_om: bool = False, ranks: int | None = None,
                     redundant: int = 0, calibrate: int = 8, int8_accuracy_level: int | None = None) -> Path:
     model_spec = models.resolve(model_spec)
@@ -327,6 +333,7 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
     t = time.perf_counter()
     model = models.load(model_spec, seed=seed)
     cfg = model.config
+    layout = layout or models.family_of(model).cache_layouts[0]  # the family's default cache layout
     kind = "checkpoint" if Path(model_spec).is_dir() else "preset"
     load = StageRecord("load", {"model": str(model_spec) if kind == "preset" else Path(model_spec).name,
                                 "kind": kind, "seed": seed if kind == "preset" else None,
@@ -373,7 +380,8 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
             return lambda d, rec: check_cases(runner, rec, stage, {g: d / f"{g}.onnx" for g in GRAPHS},
                                               reference or golden, session)
 
-        prev, prev_dir = run_graph_stages(runner, model, load, golden, work, profile.passes, layout)
+        prev, prev_dir = run_graph_stages(runner, model, load, golden, work, family_passes(model, profile.passes),
+                                          layout)
 
         # ---- quantize ---------------------------------------------------------------------------
         expected = golden  # what the packaged graphs must reproduce
