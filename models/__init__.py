@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from .cache import CacheSpec, CacheTensor
-from .checkpoint import CheckpointSource, save_checkpoint
+from .checkpoint import CheckpointSource
 from .config import DeepseekConfig
 from .decoder import DeepseekForCausalLM
 from .errors import CheckpointError, ConfigError, MlamoeError
@@ -63,5 +63,8 @@ def load_config(path_or_preset: str | os.PathLike):
     return preset_family(name).preset_config(name)
 
 
-def save(model: DeepseekForCausalLM, path: str | os.PathLike, **kw) -> Path:
-    return save_checkpoint(model, path, **kw)
+def save(model, path: str | os.PathLike, **kw) -> Path:
+    family = family_of(model)
+    if family.save_checkpoint is None:
+        raise ConfigError(f"model family {family.name!r} has no checkpoint format to save to")
+    return family.save_checkpoint(model, path, **kw)

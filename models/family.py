@@ -33,10 +33,19 @@ class StaticStep:
 
 @dataclasses.dataclass(frozen=True)
 class Family:
+    """What the compiler asks of a model family.
+
+    Its config has model_type, vocab_size, num_hidden_layers, max_position_embeddings, to_hf_dict() and
+    param_count(); its eager model has config, attention (the form's name), cache_spec(layout),
+    empty_cache(batch, layout) and step(input_ids, past, layout) -> (logits, present), the cache a list
+    of per-layer tuples in the spec's order."""
+
     name: str
     model_types: tuple[str, ...]  # config.json model_type values it reads
     config_from_json: Callable[[Path], Any]  # config.json -> validated config
+    module: Callable[[Any, str], Any]  # (config, attention form) -> the reference module
     load_checkpoint: Callable[[Path, str], Any]  # (folder, attention form) -> eval-mode model
+    save_checkpoint: Callable[..., Path] | None  # (model, folder, **options) -> folder
     presets: Mapping[str, Any]  # name -> config
     preset_config: Callable[[str], Any]
     build_preset: Callable[[str, int, str], Any]  # (name, seed, attention form) -> eval-mode model

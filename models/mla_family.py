@@ -7,8 +7,9 @@ the fixed-shape form is mla_static.py.
 from __future__ import annotations
 
 from . import mla_static
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import MODEL_TYPES, DeepseekConfig
+from .decoder import DeepseekForCausalLM
 from .family import Family, StaticStep
 from .mla import CACHE_LAYOUTS, cache_spec
 from .presets import PRESETS, build_preset, preset_config
@@ -17,7 +18,9 @@ MLA_FAMILY = Family(
     name="mla",
     model_types=MODEL_TYPES,
     config_from_json=DeepseekConfig.from_json,
+    module=DeepseekForCausalLM,
     load_checkpoint=load_checkpoint,
+    save_checkpoint=save_checkpoint,
     presets=PRESETS,
     preset_config=preset_config,
     build_preset=build_preset,

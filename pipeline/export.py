@@ -56,11 +56,13 @@ def example_inputs(model, graph: str, layout: str, batch: int = 2, seq: int = 3,
     return (ids, *[t for layer in cache for t in layer])
 
 
-def export_graph(model, graph: str, layout: str = "latent", verbose: bool = False) -> ir.Model:
-    """Trace one graph and return it as an onnx-ir model (opset 20, fp32)."""
+def export_graph(model, graph: str, layout: str | None = None, verbose: bool = False) -> ir.Model:
+    """Trace one graph and return it as an onnx-ir model (opset 20, fp32); layout: the family's default
+    cache layout unless given."""
     if graph not in GRAPHS:
         raise ExportError(f"unknown graph {graph!r}: expected one of {GRAPHS}")
     layouts = family_of(model).cache_layouts
+    layout = layout or layouts[0]
     if layout not in layouts:
         raise ExportError(f"unknown cache layout {layout!r}: expected one of {layouts}")
     cfg = model.config
@@ -122,7 +124,7 @@ def specialize_decode(prefill: ir.Model) -> ir.Model:
     return cleanup(decode)
 
 
-def export_graphs(model, layout: str = "latent") -> dict[str, ir.Model]:
+def export_graphs(model, layout: str | None = None) -> dict[str, ir.Model]:
     """Both graphs, prefill traced once and decode specialised from it."""
     prefill = export_graph(model, "prefill", layout)
     return {"prefill": prefill, "decode": specialize_decode(prefill)}

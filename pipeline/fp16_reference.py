@@ -14,6 +14,7 @@ import contextlib
 import numpy as np
 import torch
 
+from models.family import family_of
 from models.moe import Router
 
 NOTE = ("PyTorch autocast fp16 of the same model on the same inputs (router gate fp32, as in the graphs), "
@@ -51,9 +52,10 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def case_outputs(model, inputs: dict[str, np.ndarray], layout: str = "latent") -> dict[str, np.ndarray]:
+def case_outputs(model, inputs: dict[str, np.ndarray], layout: str | None = None) -> dict[str, np.ndarray]:
     """The fp16 reference's outputs (logits, present.*) for one golden case's inputs (input_ids, past.*)."""
     dev = next(model.parameters()).device
+    layout = layout or family_of(model).cache_layouts[0]
     spec = model.cache_spec(layout)
     cache = [tuple(torch.from_numpy(np.asarray(a)).to(dev) for a in layer) for layer in spec.unflatten(inputs)]
     ids = torch.from_numpy(np.asarray(inputs["input_ids"])).to(dev)
@@ -65,7 +67,7 @@ def case_outputs(model, inputs: dict[str, np.ndarray], layout: str = "latent") -
 
 
 @torch.no_grad()
-def forced_step_logits(model, prompt, tokens, layout: str = "latent") -> np.ndarray:
+def forced_step_logits(model, prompt, tokens, layout: str | None = None) -> np.ndarray:
     """[B, N, V]: the fp16 reference's next-token logits along the given tokens (step 0 after the
     prompt, step t after prompt + tokens[:, :t]): what it would have chosen from, on the same inputs."""
     dev = next(model.parameters()).device
@@ -73,6 +75,7 @@ def forced_step_logits(model, prompt, tokens, layout: str = "latent") -> np.ndar
     if ids.ndim == 1:
         ids = ids[None]
     toks = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=dev).reshape(ids.shape[0], -1)
+    layout = layout or family_of(model).cache_layouts[0]
     cache = [tuple(t.to(dev) for t in layer) for layer in model.empty_cache(ids.shape[0], layout)]
     steps = []
     with autocast_fp16(model):

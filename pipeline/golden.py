@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.family import family_of
 from models.generation import greedy_generate
 
 
@@ -28,8 +29,10 @@ class Golden:
 
 
 @torch.no_grad()
-def make_golden(model, layout: str = "latent", batch: int = 2, prompt_len: int = 8,
+def make_golden(model, layout: str | None = None, batch: int = 2, prompt_len: int = 8,
                 chunk_len: int = 4, gen_tokens: int = 32, seed: int = 0) -> Golden:
+    """The golden cases in `layout` (the family's default cache layout unless given)."""
+    layout = layout or family_of(model).cache_layouts[0]
     spec = model.cache_spec(layout)
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size

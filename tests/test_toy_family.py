@@ -105,7 +105,8 @@ def no_checkpoints(path, attention):
     raise ConfigError(f"{path}: the toy family has no checkpoint format")
 
 
-TOY = Family(name="toy", model_types=(MODEL_TYPE,), config_from_json=no_checkpoints, load_checkpoint=no_checkpoints,
+TOY = Family(name="toy", model_types=(MODEL_TYPE,), config_from_json=no_checkpoints,
+             module=lambda cfg, attention: ToyDecoder(cfg), load_checkpoint=no_checkpoints, save_checkpoint=None,
              presets={PRESET: ToyConfig()}, preset_config=lambda name: ToyConfig(), build_preset=build_toy,
              cache_layouts=(LAYOUT,), cache_spec=toy_cache_spec, passes=("ort-simplify",))
 
