@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import torch
 
-from .decoder import DeepseekForCausalLM
 
 
 @torch.no_grad()
-def greedy_generate(model: DeepseekForCausalLM, prompt_ids, max_new_tokens: int, layout: str = "latent"):
+def greedy_generate(model, prompt_ids, max_new_tokens: int, layout: str | None = None):
     """prompt_ids [B, S] (or a list of ints) -> (tokens [B, N] int64, step_logits [B, N, vocab] fp32).
 
-    step_logits[:, i] are the logits that chose tokens[:, i].
+    step_logits[:, i] are the logits that chose tokens[:, i]; layout: the model's default cache layout
+    unless given.
     """
+    layout = layout or model.cache_spec().layout
     ids = torch.as_tensor(prompt_ids, dtype=torch.long)
     if ids.dim() == 1:
         ids = ids.unsqueeze(0)

@@ -269,7 +269,6 @@ class _RoutingTrace:
 
     def __init__(self, ref: RoutingRunner, act: RoutingRunner):
         self.ref, self.act = ref, act
-        self.cache = static_cache_spec(act.cfg)
         self.layers = 0
         self.positions: dict[tuple[int, int], list[dict]] = {}
         self.new: list[tuple[int, int]] = []  # positions the last add() found flipped
@@ -329,7 +328,7 @@ class _RoutingTrace:
         layers = [f["layer"] for f in self.positions.get((b, p), [])]
         return min(layers) if layers and all(isinstance(x, int) for x in layers) else None
 
-    def repair(self, cache16: dict, reference_cache, num_layers: int) -> list[dict]:
+    def repair(self, cache16: dict, reference_cache, spec) -> list[dict]:
         """Reset the cache rows that the last call's flipped tokens wrote after their first flip
         (layers > the first flipped router layer; every layer when layers have no order) to the
         reference's rows, in place; -> what was replaced. Later decode steps then measure fp16
@@ -337,9 +336,9 @@ class _RoutingTrace:
         done = []
         for b, p in self.new:
             first = self.first_layer(b, p)
-            layers = [i for i in range(num_layers) if first is None or i > first]
+            layers = [i for i in range(spec.num_layers) if first is None or i > first]
             for i in layers:
-                for j, t in enumerate(self.cache.tensors):
+                for j, t in enumerate(spec.tensors):
                     key = f"past.{i}.{t.name}"
                     if not cache16[key].flags.writeable:
                         cache16[key] = cache16[key].copy()
@@ -548,7 +547,8 @@ def compare_runs(model, runner: StaticRunner, stage: str, prompt_len: int | None
         raise TypeError("compare_runs: routing_ref needs a RoutingRunner as runner")
     trace = _RoutingTrace(routing_ref, runner) if routing_ref is not None else None
     reports = []
-    ref_logits, cache = model.step(prompt, model.empty_cache(B))
+    cache_spec = static_cache_spec(cfg)
+    ref_logits, cache = model.step(prompt, model.empty_cache(B, cache_spec.layout), cache_spec.layout)
     logits, c16 = runner.prefill(prompt.numpy())
     if trace is not None:
         _, c32 = routing_ref.prefill(prompt.numpy())
@@ -556,19 +556,18 @@ def compare_runs(model, runner: StaticRunner, stage: str, prompt_len: int | None
     ref = {"logits": ref_logits.numpy()}
     act = {"logits": logits}
     # cache rows 0..L-1 are the ones this prefill wrote (rows L.. hold the bucket's padding)
-    spec = static_cache_spec(cfg)
     for i, layer in enumerate(cache):
-        for t, a in zip(spec.tensors, layer):
+        for t, a in zip(cache_spec.tensors, layer):
             ref[f"present.{i}.{t.name}"], act[f"present.{i}.{t.name}"] = a.numpy(), c16[f"past.{i}.{t.name}"][t.rows(0, L)]
     reports.append(_judge(f"{stage}/prefill", ref, act, ["logits"], trace, np.tile(np.arange(L), (B, 1))))
     if trace is not None:
-        reports[-1].extra["routing"]["cache_rows_reset"] = trace.repair(c16, cache, cfg.num_hidden_layers)
+        reports[-1].extra["routing"]["cache_rows_reset"] = trace.repair(c16, cache, cache_spec)
     tok = ref_logits[:, -1].argmax(-1, keepdim=True)
     pos = L
     for step in range(decode_steps):
         if pos >= dec.max_cache:
             break
-        ref_logits, cache = model.step(tok, cache)
+        ref_logits, cache = model.step(tok, cache, cache_spec.layout)
         logits, c16 = runner.decode(tok.numpy(), pos, c16)
         if trace is not None:
             _, c32 = routing_ref.decode(tok.numpy(), pos, c32)
@@ -576,12 +575,12 @@ def compare_runs(model, runner: StaticRunner, stage: str, prompt_len: int | None
         reports.append(_judge(f"{stage}/decode-{step}", {"logits": ref_logits.numpy()}, {"logits": logits},
                               ["logits"], trace, np.full((B, 1), pos)))
         if trace is not None:
-            reports[-1].extra["routing"]["cache_rows_reset"] = trace.repair(c16, cache, cfg.num_hidden_layers)
+            reports[-1].extra["routing"]["cache_rows_reset"] = trace.repair(c16, cache, cache_spec)
         tok = ref_logits[:, -1].argmax(-1, keepdim=True)
         pos += 1
     from models.generation import greedy_generate
     n = min(gen_tokens, dec.max_cache - L)
-    ref_tokens, ref_steps = greedy_generate(model, prompt, n)
+    ref_tokens, ref_steps = greedy_generate(model, prompt, n, cache_spec.layout)
     mark = len(runner.calls) if trace is not None else 0
     tokens, steps = runner.generate(prompt.numpy(), n)
     gtrace, agree32 = None, 0
