@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 
-
 @torch.no_grad()
 def greedy_generate(model, prompt_ids, max_new_tokens: int, layout: str | None = None):
     """prompt_ids [B, S] (or a list of ints) -> (tokens [B, N] int64, step_logits [B, N, vocab] fp32).
