@@ -558,7 +558,8 @@ def compare_runs(model, runner: StaticRunner, stage: str, prompt_len: int | None
     # cache rows 0..L-1 are the ones this prefill wrote (rows L.. hold the bucket's padding)
     for i, layer in enumerate(cache):
         for t, a in zip(cache_spec.tensors, layer):
-            ref[f"present.{i}.{t.name}"], act[f"present.{i}.{t.name}"] = a.numpy(), c16[f"past.{i}.{t.name}"][t.rows(0, L)]
+            ref[f"present.{i}.{t.name}"] = a.numpy()
+            act[f"present.{i}.{t.name}"] = c16[f"past.{i}.{t.name}"][t.rows(0, L)]
     reports.append(_judge(f"{stage}/prefill", ref, act, ["logits"], trace, np.tile(np.arange(L), (B, 1))))
     if trace is not None:
         reports[-1].extra["routing"]["cache_rows_reset"] = trace.repair(c16, cache, cache_spec)

@@ -258,9 +258,9 @@ class StaticCausalLM(nn.Module):
         h = F.embedding(input_ids, self.model.model.embed_tokens.weight)
         present = []
         for i, (layer, layer_past) in enumerate(zip(self.model.model.layers, self.cache.group(past))):
-            a, layer_present = self.static_step.attention(layer.self_attn, layer.input_layernorm(h), cos, sin, mask, write,
-                                                   covered, layer_past, lambda name, i=i: getattr(self, f"{name}_{i}"),
-                                                   self.attn_softmax[i])
+            a, layer_present = self.static_step.attention(
+                layer.self_attn, layer.input_layernorm(h), cos, sin, mask, write, covered, layer_past,
+                lambda name, i=i: getattr(self, f"{name}_{i}"), self.attn_softmax[i])
             h = h + a
             x = layer.post_attention_layernorm(h)
             h = h + (self._moe(i, layer.mlp, x) if isinstance(layer.mlp, MoE) else layer.mlp(x))
