@@ -1,0 +1,254 @@
+"""The core's public stage helpers for target builders (targets/*/build.py): the build context the core
+hands a target, the export and pass stages (run_graph_stages), the golden-case checks (plain, routing-aware,
+quantize), the quantize helpers, and the package assembly shared by the ORT targets.
+
+Imports no target (tests/test_layering.py): a target builder calls these; the core calls the builder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+import models
+from models.config import DeepseekConfig
+from models.errors import MlamoeError
+from passes import PASSES, graphs_for
+from passes.cleanup import cleanup
+from runtime import ort_runtime
+
+from .export import export_graphs, save_graph
+from .golden import Golden, GoldenCase, save_golden
+from .io_spec import cache_spec, graph_io
+from .parity import Router, budget_for, compare, compare_routed
+from .routing import expose_gate_logits, force_gate_logits, forced_name, gate_name
+from .stages import StageRecord, StageRunner
+
+GRAPHS = ("prefill", "decode")
+
+
+@dataclasses.dataclass
+class BuildContext:
+    """What the core hands a target's build after the `load` stage (pipeline/compile.py)."""
+    model: object  # the eager reference (models.load)
+    profile: object  # the target's TargetProfile
+    out: Path  # where the package will be (the staged folder is renamed there on success)
+    package: Path  # the staged package folder the build fills
+    runner: StageRunner
+    load: StageRecord  # the load stage's record (its inputs: config and weights hashes)
+    base_manifest: dict  # model, toolchain, tokenizer, quantization choice
+    quant: str  # the quantization scheme (resolved: --quant, the target's default, or an FP8 checkpoint's)
+    seed: int
+    started: float  # time.time() at the start of the compile
+    tokenizer: dict  # file name -> bytes (tokenizer/), possibly empty
+    layout: str = "latent"
+    gen_tokens: int = 32
+    options: dict = dataclasses.field(default_factory=dict)  # the target's own options (targets.base.TargetOption)
+
+
+def family_passes(model, pass_names) -> tuple[str, ...]:
+    """The target's passes that apply to the model's family (models.Family.passes), in the target's order."""
+    family = models.family_of(model)
+    return tuple(p for p in pass_names if family.applies(p))
+
+
+def prefill_feeds(model_ir: ir.Model, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds for a fresh prompt: input_ids [B, S] and every past.* input empty (past = 0)."""
+    feeds = {"input_ids": np.asarray(ids, dtype=np.int64)}
+    for v in model_ir.graph.inputs:
+        if v.name != "input_ids":
+            shape = [ids.shape[0] if i == 0 else d if isinstance(d, int) else 0 for i, d in enumerate(v.shape)]
+            feeds[v.name] = np.zeros(shape, np.float32)
+    return feeds
+
+
+def run_cases(paths: dict[str, Path], golden: Golden, session_config: dict | None = None) -> dict[str, dict]:
+    """Run each golden case on ORT CPU; -> {case name: {output name: array}}."""
+    so = ort_runtime.session_options(session_config or {"graph_optimization_level": "basic"})
+    sessions = {g: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for g, p in paths.items()}
+    results = {}
+    for case in golden.cases:
+        sess = sessions[case.graph]
+        names = [o.name for o in sess.get_outputs()]
+        results[case.name] = dict(zip(names, sess.run(None, case.inputs)))
+    return results
+
+
+def check_cases(runner: StageRunner, record: StageRecord, stage: str, paths: dict[str, Path], golden: Golden,
+                session_config: dict | None = None) -> None:
+    results = run_cases(paths, golden, session_config)
+    for case in golden.cases:
+        report = compare(f"{stage}/{case.name}", case.outputs, results[case.name], logits_outputs=["logits"])
+        runner.add_report(record, report)
+
+
+def tokenizer_section(files: dict[str, bytes], note: str) -> dict:
+    """The manifest's "tokenizer": where the files are (hashed in "files" like every file) and what they are."""
+    return {"dir": "tokenizer" if files else None, "files": [f"tokenizer/{n}" for n in sorted(files)], "source": note}
+
+
+def write_tokenizer(pkg: Path, files: dict[str, bytes]) -> None:
+    if files:
+        (pkg / "tokenizer").mkdir()
+        for name, data in sorted(files.items()):
+            (pkg / "tokenizer" / name).write_bytes(data)
+
+
+def moe_routers(model) -> list[Router]:
+    """Each MoE layer's router (in layer order, the order of the graphs' MoE nodes), for routing checks."""
+    cfg = model.config
+    return [Router.of(cfg, None if layer.mlp.gate.e_score_correction_bias is None
+                      else layer.mlp.gate.e_score_correction_bias.detach().double().numpy())
+            for i, layer in enumerate(model.model.layers) if cfg.is_moe_layer(i)]
+
+
+def routed_reports(stage: str, paths: dict[str, Path], reference_paths: dict[str, Path], golden: Golden,
+                   routers: list[Router], session_config: dict | None = None) -> list:
+    """One routing-aware report per golden case (pipeline.parity.compare_routed): the reference graphs (fp32,
+    `reference_paths`) give each MoE layer's gate logits; the lossy graphs at `paths` run once as they are
+    (recorded) and once with those gate logits forced (judged), exposing their own."""
+    so = ort_runtime.session_options(session_config or {"graph_optimization_level": "basic"})
+
+    def session(m: ir.Model):
+        return ort.InferenceSession(ir.to_proto(m).SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    def run(sess, feeds) -> dict:
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+    plain, ref, forced, n_layers = {}, {}, {}, {}
+    for g in paths:
+        r, f = ir.load(reference_paths[g]), ir.load(paths[g])
+        n_layers[g] = expose_gate_logits(r)
+        if force_gate_logits(f) != n_layers[g] or n_layers[g] != len(routers):
+            raise MlamoeError(f"{stage}: graph {g!r} has {n_layers[g]} MoE routers in the reference graph and "
+                              f"{len(routers)} MoE layers in the model; routing checks need one per layer")
+        ref[g], forced[g] = session(r), session(f)
+        plain[g] = ort.InferenceSession(str(paths[g]), so, providers=["CPUExecutionProvider"])
+    reports = []
+    for case in golden.cases:
+        n = n_layers[case.graph]
+        ref_gates = [run(ref[case.graph], case.inputs)[gate_name(i)] for i in range(n)]
+        fres = run(forced[case.graph], {**case.inputs, **{forced_name(i): ref_gates[i] for i in range(n)}})
+        reports.append(compare_routed(f"{stage}/{case.name}", case.outputs, fres, ref_gates,
+                                      [fres[gate_name(i)] for i in range(n)], routers, logits_outputs=["logits"],
+                                      unforced=run(plain[case.graph], case.inputs)))
+    return reports
+
+
+def check_cases_routed(runner: StageRunner, record: StageRecord, stage: str, paths: dict[str, Path],
+                       reference_paths: dict[str, Path], golden: Golden, routers: list[Router],
+                       session_config: dict | None = None) -> None:
+    """check_cases for a lossy stage, routing-aware (routed_reports)."""
+    for report in routed_reports(stage, paths, reference_paths, golden, routers, session_config):
+        runner.add_report(record, report)
+
+
+def check_quant_cases(runner: StageRunner, record: StageRecord, stage: str, model, paths: dict[str, Path],
+                      reference_paths: dict[str, Path], golden: Golden) -> None:
+    """A quantize stage's checks: routing-aware (check_cases_routed) for a model with MoE layers, against the
+    fp32 graphs it quantized (`reference_paths`); plain check_cases for a dense one."""
+    routers = moe_routers(model)
+    if routers:
+        check_cases_routed(runner, record, stage, paths, reference_paths, golden, routers)
+    else:
+        check_cases(runner, record, stage, paths, golden)
+
+
+def assemble_package(pkg: Path, target_dir: Path, target_rec: StageRecord, runtime_file: Path, golden: Golden,
+                     profile, vocab_size: int, cache: dict) -> tuple[dict, dict]:
+    """Copy the target stage's graphs to onnx/, the runtime to runtime/, write golden/;
+    -> (the manifest's "golden" section, its "io" section)."""
+    (pkg / "onnx").mkdir()
+    for rel in target_rec.outputs:
+        shutil.copyfile(target_dir / rel, pkg / "onnx" / rel)
+    (pkg / "runtime").mkdir()
+    shutil.copyfile(runtime_file, pkg / "runtime" / runtime_file.name)
+    golden_section = save_golden(golden, pkg / "golden", pkg)
+    tol = budget_for(profile.parity_stage)
+    golden_section["tolerance"] = {"atol": tol.atol, "rtol": tol.rtol, "stage": profile.parity_stage}
+    io = {"vocab_size": vocab_size, "cache": cache,
+          "graphs": {g: {"file": f"onnx/{g}.onnx", **graph_io(pkg / "onnx" / f"{g}.onnx")} for g in GRAPHS}}
+    return golden_section, io
+
+
+def quantize_graph(model_ir: ir.Model, scheme: str, **kw):
+    from passes.quantize import quantize
+    return quantize(model_ir, scheme, **kw)
+
+
+def calibrate_w8a8(prefill: ir.Model, cfg: DeepseekConfig, seed: int, n: int = 4, seq: int = 32) -> dict[str, float]:
+    """Static activation ranges for w8a8 from a few seeded prompts (token ids uniform over the vocabulary)."""
+    from passes.quant_w8a8 import calibrate
+    rng = np.random.default_rng(seed + 1)
+    feeds = [prefill_feeds(prefill, rng.integers(0, cfg.vocab_size, (1, seq))) for _ in range(n)]
+    return calibrate(prefill, feeds)
+
+
+def reference_from_graphs(paths: dict[str, Path], golden: Golden, cfg: DeepseekConfig, layout: str,
+                           session: dict) -> Golden:
+    """Golden data recomputed by running `paths` (the quantized graphs) on ORT CPU with the target's
+    session settings (ORT fuses Q/DQ pairs into integer kernels, which changes the numbers): what a
+    quantized package must reproduce on its target."""
+    results = run_cases(paths, golden, session)
+    cases = [GoldenCase(c.name, c.graph, c.inputs, {k: results[c.name][k] for k in c.outputs}) for c in golden.cases]
+    manifest = {"io": {"vocab_size": cfg.vocab_size, "cache": cache_spec(cfg, layout),
+                       "graphs": {g: {"file": p.name, **graph_io(p)} for g, p in paths.items()}},
+                "target": {"session": session}}
+    root = next(iter(paths.values())).parent
+    rt = ort_runtime.PackageRuntime(root, manifest=manifest)
+    tokens, step_logits = rt.generate(golden.prompt, golden.tokens.shape[1])
+    return Golden(cases, golden.prompt, tokens, step_logits)
+
+
+def run_graph_stages(runner: StageRunner, model, load: StageRecord, golden: Golden, work: Path,
+                     pass_names, layout: str, factories=None, pass_params=None) -> tuple[StageRecord, Path]:
+    """The export stage, then each named pass (on the graphs passes.graphs_for names), each checked
+    against the golden data at the fp32 budgets. -> (last stage's record, folder of its graphs).
+
+    factories: name -> pass factory overriding passes.PASSES (a target's variant of a pass);
+    pass_params: name -> extra stage parameters (part of the cache key) for such a variant.
+    """
+    factories = {**PASSES, **(factories or {})}
+
+    def checker(stage: str):
+        return lambda d, rec: check_cases(runner, rec, stage, {g: d / f"{g}.onnx" for g in GRAPHS}, golden)
+
+    def do_export(d: Path, rec: StageRecord) -> None:
+        for g, m in export_graphs(model, layout).items():
+            save_graph(m, d / f"{g}.onnx")
+
+    prev = runner.run("export", {"layout": layout, "exporter": "torch.onnx.export(dynamo=True)"},
+                      dict(load.inputs), work / "export", do_export, checker("export"))
+    prev_dir = work / "export"
+    for i, name in enumerate(pass_names):
+        src_dir, dst_dir = prev_dir, work / f"pass{i}-{name}"
+
+        def do_pass(d: Path, rec: StageRecord, name=name, src_dir=src_dir) -> None:
+            wanted = graphs_for(name)
+            for g, m in load_graphs(src_dir).items():
+                if g not in wanted:
+                    for f in src_dir.glob(f"{g}.onnx*"):  # the graph and its external data, if any
+                        shutil.copyfile(f, d / f.name)
+                    rec.notes.append(f"{g}: left unchanged ({name} runs on {', '.join(wanted)})")
+                    continue
+                p = factories[name]()
+                result = p(m)
+                cleanup(result.model)
+                save_graph(result.model, d / f"{g}.onnx")
+                report = getattr(p, "report", None)
+                if report is not None:
+                    rec.notes.append(f"{g}: " + json.dumps(report, sort_keys=True, default=str))
+
+        params = {"pass": name, **((pass_params or {}).get(name, {}))}
+        prev = runner.run(f"passes/{name}", params, prev.outputs, dst_dir, do_pass, checker(f"passes/{name}"))
+        prev_dir = dst_dir
+    return prev, prev_dir
+
+
+def load_graphs(folder: Path) -> dict[str, ir.Model]:
+    return {g: ir.load(folder / f"{g}.onnx") for g in GRAPHS}
