@@ -16,7 +16,8 @@ import torch
 
 import models
 
-from pipeline.compile import cache_spec, compile_package
+from pipeline.compile import compile_package
+from pipeline.io_spec import cache_spec
 from runtime.ort_runtime import PackageRuntime
 
 

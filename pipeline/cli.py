@@ -62,6 +62,11 @@ def main():
     """
 
 
+def _default_target() -> str:
+    from targets import DEFAULT
+    return DEFAULT
+
+
 def _targets_help() -> str:
     from targets import PLANNED, PROFILES
     planned = f" (planned: {', '.join(PLANNED)})" if PLANNED else ""
@@ -73,7 +78,7 @@ def _targets_help() -> str:
               help="trained-small (the trained checkpoint in models/trained/, whose predictions mean something), "
                    "a random-weight preset (tiny, tiny-v2, small, medium: for tests and benchmarks) or a Hugging "
                    "Face checkpoint folder")
-@click.option("--target", default="ort-cpu", show_default=True, help=_targets_help())
+@click.option("--target", default=_default_target(), show_default=True, help=_targets_help())
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="package folder to create (default dist/<model>-<target>); its reproducible .tar.gz and the "
                    "build log NAME.build.json (times, cache hits) are written beside it")
@@ -98,16 +103,17 @@ def _targets_help() -> str:
 @click.option("--redundant", type=int, default=0, show_default=True, help="with --ranks: extra replicas of hot experts")
 def compile(model_spec, target, out, force, quant, int8_accuracy_level, seed, no_cache, soc, precision, require_om, ranks, redundant):
     """Build a verified package: load, export, passes, quantize, target, package."""
+    import targets
     from .compile import compile_package
-    for flag, value in (("--soc", soc), ("--precision", precision), ("--require-om", require_om)):
-        if value and target != "ascend":
-            raise click.BadParameter(f"{flag} applies to --target ascend only", param_hint=flag)
+    given = {"soc": soc, "precision": precision, "require_om": require_om, "ranks": ranks, "redundant": redundant,
+             "int8_accuracy_level": int8_accuracy_level}
+    # options the target does not take at all (the --quant-dependent ones: compile_package, once --quant is known)
+    for problem in targets.option_problems(target, quant, given) if target in targets.TARGETS else ():
+        if not problem.needs_quant:
+            raise click.BadParameter(problem.message, param_hint=problem.flag)
     out = out or Path("dist") / f"{Path(model_spec).name}-{target}"
-    if (ranks or redundant) and target != "ort-cpu":
-        raise click.BadParameter("--ranks/--redundant apply to --target ort-cpu", param_hint="--ranks")
     path = compile_package(model_spec, target, out, force=force, quant=quant, seed=seed, use_cache=not no_cache,
-                           soc=soc, precision=precision, require_om=require_om, ranks=ranks, redundant=redundant,
-                           int8_accuracy_level=int8_accuracy_level)
+                           **given)
     click.echo(f"package: {path}\narchive: {path.parent / (path.name + '.tar.gz')}")
 
 
@@ -206,7 +212,7 @@ def generate(source, prompt, chat, prompt_ids, max_new_tokens, seed, as_json):
 
 @main.command()
 @click.option("--model", "model_spec", default="small", show_default=True, help="preset or checkpoint folder")
-@click.option("--target", default="ort-cpu", show_default=True, help="target to compile and time")
+@click.option("--target", default=_default_target(), show_default=True, help="target to compile and time")
 @click.option("--package", type=click.Path(exists=True, path_type=Path), default=None,
               help="time an existing package instead of compiling one")
 @click.option("--threads", default=2, show_default=True, help="intra-op threads for ORT and torch alike")

@@ -1,6 +1,8 @@
 """`mlamoe inspect`: a human summary of a package's manifest."""
 from __future__ import annotations
 
+import targets
+
 
 def describe(manifest: dict, build_log: dict | None = None) -> str:
     m, t = manifest["model"], manifest["target"]
@@ -13,12 +15,9 @@ def describe(manifest: dict, build_log: dict | None = None) -> str:
         cache = manifest["io"]["cache"]
         out.append(f"cache     {cache['layout']}: {cache['values_per_token_per_layer']} values = "
                    f"{cache['bytes_per_token_per_layer']} bytes per token per layer, {cache['num_layers']} layers")
-    if "ascend" in manifest:
-        a = manifest["ascend"]
-        out.append(f"ascend    {a['soc_version']}, {a['precision']}, opset {a['opset']}, om: {a['om']['status']}")
-        for g, spec in a["graphs"].items():
-            out.append(f"          {g}: {spec['file']} batch {spec['batch']} seq {spec['seq']} cache {spec['max_cache']} "
-                       f"MoE {spec['moe_form']}")
+    target = targets.find(t["name"])
+    if target is not None:
+        out += target.describe(manifest)
     out += ["", "stages"]
     runs = {r["name"]: r for r in (build_log or {}).get("stages", [])}
     for s in manifest["stages"]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from .build import prefill_feeds
 from .error_profile import write_error_profile
 
 TARGETS = {"int8": {"max_ppl_increase": 0.01, "min_top1": 0.97},
@@ -35,26 +36,26 @@ TARGETS = {"int8": {"max_ppl_increase": 0.01, "min_top1": 0.97},
            "fp8": {"max_ppl_increase": 0.02}}
 
 
-GRAPHS = ("raw", "ort-cpu")
+RAW = "raw"  # the exported graph; any other `graph` names a target, whose passes run on it
 
 
 @functools.lru_cache(maxsize=4)
-def _exported(model_dir: str, graph: str = "raw") -> tuple[bytes, object]:
+def _exported(model_dir: str, graph: str = RAW) -> tuple[bytes, object]:
     """(serialized fp32 prefill graph, eager model) of a checkpoint folder, exported once per process.
 
     graph "raw": the exported graph (every routed expert a MatMul: a scheme quantizes all of them);
-    "ort-cpu": after the ort-cpu target's passes that run on prefill (moe-ort-fused: experts in
-    com.microsoft.MoE, which int8 turns into QMoE and the other schemes leave fp32), i.e. what that
-    target's package ships."""
-    if graph not in GRAPHS:
-        raise ValueError(f"graph {graph!r}: choose one of {', '.join(GRAPHS)}")
-    if graph == "ort-cpu":
+    a target's name (e.g. "ort-cpu"): after that target's passes that run on prefill (ort-cpu's
+    moe-ort-fused: experts in com.microsoft.MoE, which int8 turns into QMoE and the other schemes leave
+    fp32), i.e. what that target's package ships."""
+    from targets import PROFILES, get_profile
+    if graph != RAW and graph not in PROFILES:
+        raise ValueError(f"graph {graph!r}: choose one of {', '.join((RAW, *PROFILES))}")
+    if graph != RAW:
         from passes import PASSES, graphs_for
         from passes.cleanup import cleanup
-        from targets import get_profile
-        blob, model = _exported(model_dir, "raw")
+        blob, model = _exported(model_dir, RAW)
         m = ir.from_proto(__import__("onnx").load_from_string(blob))
-        for name in get_profile("ort-cpu").passes:
+        for name in get_profile(graph).passes:
             if "prefill" in graphs_for(name):
                 PASSES[name]()(m)
                 cleanup(m)
@@ -63,16 +64,6 @@ def _exported(model_dir: str, graph: str = "raw") -> tuple[bytes, object]:
     from pipeline.export import export_graph
     model = models.load(model_dir)
     return ir.to_proto(export_graph(model, "prefill")).SerializeToString(), model
-
-
-def prefill_feeds(model_ir: ir.Model, ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Feeds for a fresh prompt: input_ids [B, S] and every past.* input empty (past = 0)."""
-    feeds = {"input_ids": np.asarray(ids, dtype=np.int64)}
-    for v in model_ir.graph.inputs:
-        if v.name != "input_ids":
-            shape = [ids.shape[0] if i == 0 else d if isinstance(d, int) else 0 for i, d in enumerate(v.shape)]
-            feeds[v.name] = np.zeros(shape, np.float32)
-    return feeds
 
 
 def _session(model_ir: ir.Model, threads: int, extra_outputs=()):
@@ -120,13 +111,13 @@ def quantized_graph(fp32_ir: ir.Model, scheme: str, model=None, calibration_ids:
 
 
 def evaluate_quantized(model_dir: str | Path, scheme: str, *, n_windows: int = 64, seq: int = 128,
-                       threads: int = 1, profile_csv: str | Path | None = None, graph: str = "raw",
+                       threads: int = 1, profile_csv: str | Path | None = None, graph: str = RAW,
                        **options) -> dict:
     """Held-out perplexity fp32 vs `scheme`, top-1 agreement, KL, sizes; optionally the per-layer CSV.
 
     Returns {scheme, ppl_fp32, ppl_quant, ppl_increase, top1_agreement, kl, linear_ratio, weights bytes,
     targets, passed, ...}. `options` go to the scheme's pass (e.g. block_size, accuracy_level for int8).
-    graph: "raw" (the exported graph) or "ort-cpu" (as the ort-cpu package ships it; see _exported).
+    graph: "raw" (the exported graph) or a target's name (as that target's package ships it; see _exported).
     """
     from models.train_small import windows
     blob, model = _exported(str(Path(model_dir).resolve()), graph)
@@ -164,7 +155,7 @@ def evaluate_package(package: str | Path, model_dir: str | Path, *, n_windows: i
     from models.checkpoint import weights_sha256
     root, manifest, cleanup = open_package(package)
     try:
-        blob, model = _exported(str(Path(model_dir).resolve()), "raw")
+        blob, model = _exported(str(Path(model_dir).resolve()), RAW)
         if manifest["model"]["weights_sha256"] != weights_sha256(model):
             raise PackageError(f"{package}: compiled from other weights than {model_dir} (manifest model.weights_sha256 "
                                f"{manifest['model']['weights_sha256'][:12]}...): evaluate it with its own checkpoint")
@@ -199,8 +190,9 @@ def main(argv=None) -> int:
     ap.add_argument("--scheme", nargs="+", default=["int8", "w8a8", "fp8"])
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--csv-dir", default=None)
-    ap.add_argument("--graph", choices=GRAPHS, default="raw",
-                    help="raw: the exported graph; ort-cpu: after the ort-cpu passes (experts in MoE/QMoE)")
+    from targets import PROFILES
+    ap.add_argument("--graph", choices=(RAW, *PROFILES), default=RAW,
+                    help="raw: the exported graph; a target: after its passes (ort-cpu: experts in MoE/QMoE)")
     ap.add_argument("--int8-accuracy-level", type=int, default=None, help="int8: MatMulNBits/QMoE accuracy_level")
     ap.add_argument("--package", nargs="+", default=None,
                     help="evaluate these compiled packages (folder or .tar.gz) of model_dir instead of --scheme")

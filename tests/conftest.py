@@ -74,5 +74,5 @@ def tiny_fused_graphs(moe_pass) -> tuple:
 def tiny_cuda_graphs():
     """tiny's graphs as the ort-cuda flow has them before quantization (export, latent-kv fusion, MoE with
     the subgraph router), as serialized protos; shared by test_ort_cuda_int8.py and test_ort_cuda_fp8.py."""
-    from pipeline.cuda_compile import CUDA_PASS_OVERRIDES
+    from targets.ort_cuda.build import CUDA_PASS_OVERRIDES
     return tiny_fused_graphs(CUDA_PASS_OVERRIDES["moe-ort-fused"])[1]

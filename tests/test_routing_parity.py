@@ -20,7 +20,7 @@ from models.moe import Router as TorchRouter
 from passes import PASSES, graphs_for
 from passes.cleanup import cleanup
 from passes.quantize import quantize
-from pipeline.compile import _calibrate, moe_routers, routed_reports
+from pipeline.build import calibrate_w8a8, moe_routers, routed_reports
 from pipeline.export import export_graphs, save_graph
 from pipeline.golden import make_golden
 from pipeline.package_readme import judged_line
@@ -57,7 +57,7 @@ def fp32_stage(request, tmp_path_factory):
 
 
 def _quantized(model, folder, scheme: str, out, fault=None) -> dict:
-    calibration = _calibrate(ir.load(folder / "prefill.onnx"), model.config, 0) if scheme == "w8a8" else None
+    calibration = calibrate_w8a8(ir.load(folder / "prefill.onnx"), model.config, 0) if scheme == "w8a8" else None
     paths = {}
     for g in ("prefill", "decode"):
         m = ir.load(folder / f"{g}.onnx")

@@ -1,20 +1,10 @@
-"""ONNX Runtime on CPU: fp32 graphs, offline-optimised by ORT, with session settings and a runtime."""
+"""ort-cpu's ONNX Runtime settings: the offline optimisation that writes the package's graphs, and the session
+settings recorded in the manifest (read by runtime/ort_runtime.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import onnxruntime as ort
-
-from .base import TargetProfile
-
-PROFILE = TargetProfile(
-    name="ort-cpu",
-    description="ONNX Runtime CPUExecutionProvider, fp32, dynamic batch/sequence/cache axes",
-    opset=(17, 23),
-    passes=("latent-kv-fusion", "moe-ort-fused", "ort-simplify"),
-    quant_schemes=("none", "int8", "w8a8", "fp8"),
-    dynamic_shapes=True,
-)
 
 # Offline optimisation level: "extended" fusions are portable across CPUs (unlike the layout
 # transforms of ORT_ENABLE_ALL, which ORT applies again at load time anyway).

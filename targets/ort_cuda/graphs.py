@@ -1,5 +1,6 @@
-"""ONNX Runtime on NVIDIA GPUs (CUDAExecutionProvider): fp16 graphs with fp32 islands, an fp16 latent
-cache, CUDA EP session settings. Building needs no GPU; the runtime is runtime/cuda_runtime.py.
+"""ort-cuda's graphs and settings (ONNX Runtime on NVIDIA GPUs, CUDAExecutionProvider): fp16 graphs with fp32
+islands, an fp16 latent cache, the int8 / fp8 quantize helpers, CUDA EP session settings.
+Building needs no GPU; the runtime is runtime/cuda_runtime.py.
 
 fp16 conversion (`to_fp16`, onnx-ir only, no onnxconverter-common). Which nodes compute in fp16 is
 decided by structure, never by names:
@@ -65,22 +66,6 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
-
-from .base import TargetProfile
-
-PROFILE = TargetProfile(
-    name="ort-cuda",
-    description="ONNX Runtime CUDAExecutionProvider (CPU fallback), fp16 with fp32 softmax/RMSNorm/router, "
-                "fp16 latent cache, dynamic batch/sequence/cache axes, IOBinding runtime",
-    opset=(17, 23),
-    passes=("latent-kv-fusion", "moe-ort-fused"),
-    # "none" = fp16 compute; int8 = MatMulNBits 8-bit weights; fp8 = E4M3 128x128-block weights; fp16 compute
-    quant_schemes=("none", "int8", "fp8"),
-    dynamic_shapes=True,
-    providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
-    parity_stage="target-ort-cuda-fp16",
-    runtime_here=False,  # the CUDA EP needs a GPU; the fp16 graphs are checked on ORT CPU here
-)
 
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 CACHE_PREFIXES = ("past.", "present.")

@@ -1,22 +1,22 @@
-"""The ort-cuda compile flow: export -> passes (checked against eager fp32 on ORT CPU, as for ort-cpu)
--> fp16 conversion (targets.ort_cuda.to_fp16) -> package. Needs no GPU: the fp16 graphs are checked
+"""The ort-cuda build, after the core's `load` stage: export -> passes (checked against eager fp32 on ORT CPU,
+as for ort-cpu) -> fp16 conversion (targets/ort_cuda/graphs.py to_fp16) -> package. Needs no GPU: the fp16 graphs are checked
 on ORT CPU against eager fp32 under BUDGETS["target-ort-cuda-fp16"] (cases and greedy tokens), each
 judged by parity.compare_fp16 relative to PyTorch's own fp16 on the same inputs (pipeline.fp16_reference),
 and the manifest says the package was not yet run on a GPU; `runtime/cuda_runtime.py verify-golden
 --record` on a GPU machine completes it (records ORT version and providers in the manifest).
 
-`--quant int8` (targets/ort_cuda.py INT8_OPTIONS): a quantize stage (MatMulNBits 8-bit, fp16-exact scales;
+`--quant int8` (targets/ort_cuda/graphs.py INT8_OPTIONS): a quantize stage (MatMulNBits 8-bit, fp16-exact scales;
 checked on ORT CPU with fp32 activations against eager fp32 under BUDGETS["quantize-int8"]) before the fp16
 conversion; the fp16 int8 graphs are judged against eager fp32 by compare_fp16 with quant_budget (BUDGETS
 ["target-ort-cuda-int8"]). golden/ then holds those graphs' own outputs on ORT CPU (what the GPU must reproduce,
 within the fp16 limits), golden/fp32/ the eager fp32 reference with the int8 limits (the GPU test re-judges
 the CUDA outputs against it).
 
-`--quant fp8` (targets/ort_cuda.py FP8_OPTIONS) is built the same way: the quantize stage (passes/quant_fp8.py
+`--quant fp8` (targets/ort_cuda/graphs.py FP8_OPTIONS) is built the same way: the quantize stage (passes/quant_fp8.py
 then the CUDA form of passes/quant_fp8_cuda.py, checked with fp32 activations under BUDGETS["quantize-fp8"]),
 the fp16 graphs judged under BUDGETS["target-ort-cuda-fp8"] (quantize-fp8 plus the fp16 limits).
 
-    from pipeline.cuda_compile import build_cuda_package   # from compile_package, after "load"
+    targets.ort_cuda.TARGET.build(ctx) -> build_cuda_package(ctx)   # pipeline/compile.py, after "load"
 """
 from __future__ import annotations
 
@@ -28,19 +28,19 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from targets import ort_cuda
-from targets.base import TargetProfile
-
+from pipeline import fp16_reference
+from pipeline.build import (GRAPHS, BuildContext, assemble_package, check_quant_cases, run_graph_stages,
+                            write_tokenizer)
+from pipeline.error_profile import write_error_profile
+from pipeline.export import save_graph
+from pipeline.golden import Golden, GoldenCase, make_golden, save_golden
+from pipeline.io_spec import cache_spec
+from pipeline.package import work_dir, write_manifest
+from pipeline.parity import BUDGETS, FP16_RULE, QUANT_FP16_RULE, compare_fp16, compare_fp16_greedy, write_reports
+from pipeline.stages import StageRecord, StageRunner
 from runtime import cuda_runtime
 
-from . import fp16_reference
-
-from .golden import Golden, GoldenCase, make_golden, save_golden
-from .package import staging, work_dir, write_manifest
-from .parity import BUDGETS, FP16_RULE, QUANT_FP16_RULE, compare_fp16, compare_fp16_greedy, write_reports
-from .stages import StageRecord, StageRunner, write_build_log
-
-GRAPHS = ("prefill", "decode")
+from . import graphs as ort_cuda
 
 
 def _moe_subgraph_router():
@@ -107,7 +107,6 @@ def _fp16_tolerance(reports, stage: str) -> dict:
 
 
 def cuda_cache_spec(cfg, layout: str) -> dict:
-    from .compile import cache_spec
     spec = cache_spec(cfg, layout)
     spec["dtype"] = "float16"
     spec["bytes_per_token_per_layer"] = spec["values_per_token_per_layer"] * 2
@@ -115,13 +114,12 @@ def cuda_cache_spec(cfg, layout: str) -> dict:
     return spec
 
 
-def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool, runner: StageRunner,
-                       load: StageRecord, base_manifest: dict, seed: int, started: float, layout: str = "latent",
-                       gen_tokens: int = 32, quant: str = "none", tokenizer: dict[str, bytes] | None = None) -> Path:
-    """Everything after compile_package's "load" stage for target ort-cuda (quant "none" = fp16, "int8", "fp8")."""
-    from .compile import assemble_package, check_cases, check_quant_cases, run_graph_stages, write_tokenizer
-    from .export import save_graph
-
+def build_cuda_package(ctx: BuildContext) -> None:
+    """Everything after the core's "load" stage for target ort-cuda (quant "none" = fp16, "int8", "fp8")."""
+    model, profile, runner, load, quant, seed = ctx.model, ctx.profile, ctx.runner, ctx.load, ctx.quant, ctx.seed
+    out, pkg, started, layout, gen_tokens, tokenizer = (ctx.out, ctx.package, ctx.started, ctx.layout,
+                                                        ctx.gen_tokens, ctx.tokenizer)
+    base_manifest = ctx.base_manifest
     if quant not in profile.quant_schemes:
         raise ValueError(f"ort-cuda: quant {quant!r} not in {profile.quant_schemes}")
     quantized = quant != "none"
@@ -131,7 +129,7 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
     cfg = model.config
     golden = make_golden(model, layout, gen_tokens=gen_tokens, seed=seed)
     session = ort_cuda.session_config()
-    with work_dir(out) as work_s, staging(out, force) as pkg:
+    with work_dir(out) as work_s:
         work = Path(work_s)
 
         prev, prev_dir = run_graph_stages(runner, model, load, golden, work, profile.passes, layout,
@@ -146,7 +144,6 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
             def do_quant(d: Path, rec: StageRecord) -> None:
                 import onnx_ir as ir
 
-                from .error_profile import write_error_profile
                 summary = {}
                 graphs = {}
                 for g in GRAPHS:
@@ -304,8 +301,6 @@ def build_cuda_package(model, profile: TargetProfile, out: Path, *, force: bool,
         (pkg / "README.md").write_text(_readme(manifest, _fp16_lines(runner.reports, stage)))
         write_manifest(pkg, manifest)
         runner.progress(f"[package] {out} ({time.time() - started:.1f} s in all)")
-    write_build_log(out, runner, started)
-    return out
 
 
 def _op_counts(path: Path, ops) -> dict:

@@ -1,0 +1,45 @@
+"""The `ort-cuda` target: ONNX Runtime on NVIDIA GPUs (CUDAExecutionProvider), fp16 graphs with fp32 islands
+(or int8 / fp8 weights), an fp16 latent cache and runtime/cuda_runtime.py (IOBinding). Its graphs and settings:
+targets/ort_cuda/graphs.py (re-exported here); its build: targets/ort_cuda/build.py; its verification:
+targets/ort_cuda/verify.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..base import Target, TargetProfile
+from .graphs import (CUDA_QMOE_INTER_MULTIPLE, FP8_OPTIONS, INT8_OPTIONS, Fp16Report, convert_graph_files,
+                     cuda_provider_options, graph_dtypes, has_cuda_provider, providers, quantize_fp8, quantize_int8,
+                     session_config, to_fp16)
+
+__all__ = ["CUDA_QMOE_INTER_MULTIPLE", "FP8_OPTIONS", "INT8_OPTIONS", "PROFILE", "TARGET", "Fp16Report",
+           "convert_graph_files", "cuda_provider_options", "graph_dtypes", "has_cuda_provider", "providers",
+           "quantize_fp8", "quantize_int8", "session_config", "to_fp16"]
+
+PROFILE = TargetProfile(
+    name="ort-cuda",
+    description="ONNX Runtime CUDAExecutionProvider (CPU fallback), fp16 with fp32 softmax/RMSNorm/router, "
+                "fp16 latent cache, dynamic batch/sequence/cache axes, IOBinding runtime",
+    opset=(17, 23),
+    passes=("latent-kv-fusion", "moe-ort-fused"),
+    # "none" = fp16 compute; int8 = MatMulNBits 8-bit weights; fp8 = E4M3 128x128-block weights; fp16 compute
+    quant_schemes=("none", "int8", "fp8"),
+    dynamic_shapes=True,
+    providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
+    parity_stage="target-ort-cuda-fp16",
+    runtime_here=False,  # the CUDA EP needs a GPU; the fp16 graphs are checked on ORT CPU here
+)
+
+
+class OrtCudaTarget(Target):
+    profile = PROFILE
+
+    def build(self, ctx) -> None:
+        from .build import build_cuda_package
+        build_cuda_package(ctx)
+
+    def verify(self, root: Path, manifest: dict, lines: list[str]) -> tuple[bool, list[str]]:
+        from .verify import verify_on_gpu
+        return verify_on_gpu(root, lines)
+
+
+TARGET = OrtCudaTarget()
