@@ -44,7 +44,7 @@ def _exported(model_dir: str, graph: str = RAW) -> tuple[bytes, object]:
     """(serialized fp32 prefill graph, eager model) of a checkpoint folder, exported once per process.
 
     graph "raw": the exported graph (every routed expert a MatMul: a scheme quantizes all of them);
-    a target's name (e.g. "ort-cpu"): after that target's passes that run on prefill (ort-cpu's
+    a target's name (e.g. ort-cpu): after that target's passes that run on prefill (ort-cpu's
     moe-ort-fused: experts in com.microsoft.MoE, which int8 turns into QMoE and the other schemes leave
     fp32), i.e. what that target's package ships."""
     from targets import PROFILES, get_profile
