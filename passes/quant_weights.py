@@ -2,6 +2,7 @@
 
 The schemes live one per file and all build on this module:
     passes/quant_int8.py  INT8 weight-only, `com.microsoft.MatMulNBits` bits=8 (ONNX Runtime)
+    passes/quant_int4.py  INT4 weight-only (RTN), `com.microsoft.MatMulNBits` bits=4, QMoE 4-bit experts
     passes/quant_fp8.py   FP8 E4M3 128x128-block weights, blocked `DequantizeLinear` (opset 21)
     passes/quant_w8a8.py  W8A8: per-channel INT8 weights, per-token dynamic / static activations (QDQ)
 passes/quantize.py runs one scheme by name (what `compile --quant` calls); this module imports none
@@ -43,7 +44,7 @@ from models.errors import MlamoeError
 
 ROLES = ("attention", "mlp", "router", "lm_head")
 DEFAULT_EXCLUDE = ("lm_head", "router")
-SCHEMES = ("none", "int8", "w8a8", "fp8")
+SCHEMES = ("none", "int8", "int4", "w8a8", "fp8")
 METADATA_KEY = "mlamoe.quantization"
 
 _PASS_THROUGH = {"Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten"}
