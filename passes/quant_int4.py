@@ -30,6 +30,11 @@ accuracy_level (MatMulNBits attribute): None/0 = fp32 activations (weight-only n
 A @ dequant(W)^T to float tolerance); 4 = the CPU kernel quantizes activations to int8 per token per
 block and uses int8 dot products (ORT GenAI's CPU default; faster, no longer weight-only).
 
+attention_bits (option, 4 by default): 8 writes the attention-role linears (MLA projections; roles in
+passes/quant_weights.py) as quant_int8 does (MatMulNBits bits=8, symmetric, blocks of 128) and keeps 4 bits
+for the MLP / shared / routed experts, where a DeepSeek model's bytes are. On trained-small it is what brings
+top-1 agreement past 95% (measured: benchmarks/cpu_small_int4.json).
+
 Routed experts in `com.microsoft.MoE` (the ort-cpu target's moe-ort-fused pass) become
 `com.microsoft.QMoE` with expert_weight_bits=4 (passes/quant_qmoe.py), per block of the largest power
 of two <= block_size dividing hidden and moe_intermediate, with the same numbers (asymmetric with zero
@@ -141,9 +146,13 @@ class Int4WeightOnlyPass(ir.passes.InPlacePass):
     """Linear layers -> MatMulNBits(bits=4), routed experts -> QMoE 4-bit. See the module docstring."""
 
     def __init__(self, block_size: int = 32, symmetric: bool = False, exclude: Iterable[str] = DEFAULT_EXCLUDE,
-                 logits_outputs=("logits",), accuracy_level: int | None = None, experts: str = "auto"):
+                 logits_outputs=("logits",), accuracy_level: int | None = None, experts: str = "auto",
+                 attention_bits: int = 4):
         super().__init__()
         check_block_size(block_size)
+        if attention_bits not in (4, 8):
+            raise QuantizationError(f"int4 attention_bits {attention_bits!r}: 4 or 8 (MatMulNBits as --quant int8)")
+        self.attention_bits = attention_bits
         if accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise QuantizationError(f"int4 accuracy_level {accuracy_level!r}: MatMulNBits takes 0..4 "
                                     "(0: fp32 activations, 4: int8 activations per block)")
@@ -166,19 +175,25 @@ class Int4WeightOnlyPass(ir.passes.InPlacePass):
         for group in groups:
             w = group[0].weight
             n, k = group[0].out_features, group[0].in_features
-            bs = block_size_for(k, self.block_size, not self.symmetric)
-            b, scale, zp, _ = quantize_int4_blocks(group[0].weight_oi, bs, self.symmetric)
             base = w.name or "weight"
-            new_inits = [add_initializer(graph, f"{base}.q4", b), add_initializer(graph, f"{base}.scales", scale.reshape(-1))]
-            if not self.symmetric:
-                new_inits.append(add_initializer(graph, f"{base}.zero_points", zp.reshape(-1)))
-            attrs = {"K": k, "N": n, "bits": 4, "block_size": bs}
+            bits = 8 if group[0].role == "attention" and self.attention_bits == 8 else 4
+            if bits == 8:
+                from .quant_int8 import quantize_int8_blocks
+                b, scale, _, bs = quantize_int8_blocks(group[0].weight_oi, 128)
+                new_inits = [add_initializer(graph, f"{base}.q8", b), add_initializer(graph, f"{base}.scales", scale.reshape(-1))]
+            else:
+                bs = block_size_for(k, self.block_size, not self.symmetric)
+                b, scale, zp, _ = quantize_int4_blocks(group[0].weight_oi, bs, self.symmetric)
+                new_inits = [add_initializer(graph, f"{base}.q4", b), add_initializer(graph, f"{base}.scales", scale.reshape(-1))]
+                if not self.symmetric:
+                    new_inits.append(add_initializer(graph, f"{base}.zero_points", zp.reshape(-1)))
+            attrs = {"K": k, "N": n, "bits": bits, "block_size": bs}
             if self.accuracy_level:  # 0 is the attribute's default: written only when non-zero (as ORT's quantizer)
                 attrs["accuracy_level"] = self.accuracy_level
             for site in group:
                 old = site.node
                 nodes = [ir.node("MatMulNBits", [site.activation, *new_inits], attrs, domain="com.microsoft",
-                                 name=f"{old.name}.int4")]
+                                 name=f"{old.name}.int{bits}")]
                 out = nodes[0].outputs[0]
                 if old.op_type == "Gemm" and len(old.inputs) > 2 and old.inputs[2] is not None:
                     nodes.append(ir.node("Add", [out, old.inputs[2]], name=f"{old.name}.bias"))
@@ -186,8 +201,8 @@ class Int4WeightOnlyPass(ir.passes.InPlacePass):
                 ir.convenience.replace_nodes_and_values(graph, old, [old], nodes, [old.outputs[0]], [out])
                 remove_if_unused(graph, site.transpose.outputs[0] if site.transpose else None)
             remove_if_unused(graph, w)
-            rep.add_site(base, group, (n, k), const_bytes(new_inits), block_size=bs, bits=4,
-                         zero_points=not self.symmetric)
+            rep.add_site(base, group, (n, k), const_bytes(new_inits), block_size=bs, bits=bits,
+                         zero_points=bits == 4 and not self.symmetric)
         moe = False
         if self.experts != "none":
             from .quant_qmoe import QMoEPass
@@ -199,7 +214,9 @@ class Int4WeightOnlyPass(ir.passes.InPlacePass):
                               symmetric=self.symmetric)
             moe = qp(model).modified
         rep.notes.append(f"int4 RTN, block {self.block_size}, " + ("symmetric (zero point 8)" if self.symmetric
-                                                                   else "asymmetric (zero points)"))
+                                                                   else "asymmetric (zero points)")
+                         + ("; attention linears int8 (MatMulNBits bits=8, symmetric, blocks of 128)"
+                            if self.attention_bits == 8 else ""))
         if self.accuracy_level is not None:
             rep.notes.append(f"accuracy_level={self.accuracy_level}: " + (
                 "activations quantized to int8 per block inside MatMulNBits/QMoE (not weight-only numerics)"

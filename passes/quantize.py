@@ -23,7 +23,8 @@ def quantize(model_ir: ir.Model, scheme: str, *, model=None, calibration: dict[s
                    zero points, as onnxruntime's MatMulNBitsQuantizer), accuracy_level (None/0: fp32
                    activations; 4: int8 activations per block inside the kernels, ORT CPU's fast path),
                    experts (com.microsoft.MoE -> QMoE 4-bit: "auto" = "block", "channel"; "int8": QMoE
-                   int8 as scheme int8 writes it; "none": fp32).
+                   int8 as scheme int8 writes it; "none": fp32), attention_bits (4, or 8: the attention
+                   linears as scheme int8 writes them, MLP and experts 4-bit).
     scheme "fp8" : `model` (the eager model) lets an FP8 checkpoint's bytes pass through unchanged;
                    activations "none" (default) or "dynamic" (FP8 per token per 128 channels).
     scheme "w8a8": `calibration` ({activation name: amax}, from passes.quant_w8a8.calibrate) gives
