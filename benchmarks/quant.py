@@ -29,6 +29,7 @@ exported per-expert loop) fp32 vs int8, the previous, not-shipped comparison.
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import sys
 import tempfile
@@ -170,7 +171,7 @@ def bench_int8_decode(model_name: str = "medium", threads: int = 2, past: int = 
 
 
 def bench_quant_decode(model_name: str = "medium", threads: int = 2, past: int = 256, warmup: int = 3,
-                       repeats: int = 20, raw: bool = False, variants: dict | None = None) -> dict:
+                       repeats: int = 20, raw: bool = False, variants: dict | None = None, rounds: int = 2) -> dict:
     """-> {"model", "threads", "past", "graph", "ms_per_token": {variant: ms}, "speedup_vs_fp32": {variant: x},
     "weights_mb": {variant: MB}, "contrib_ops": {variant: {op: count}}, ["raw_graph": the same for the raw
     exported decode graph]} (ms per decoded token, medians). Also the flat keys fp32_ms, int8_ms,
@@ -190,8 +191,10 @@ def bench_quant_decode(model_name: str = "medium", threads: int = 2, past: int =
         built = _build(decode, variants, Path(tmp))
         del decode
         gc.collect()
-        ms = _time_blocks(built, threads, past, vocab, warmup, repeats)
-        res.update(_summary(ms, built))
+        load = os.getloadavg()
+        ms = _time_blocks(built, threads, past, vocab, warmup, repeats, rounds)
+        res.update(_summary(ms, built), rounds=rounds, load_avg_1m_before_after=[round(load[0], 2),
+                                                                             round(os.getloadavg()[0], 2)])
         if any(v is not None and v[0] == "int4" for v in variants.values()):
             res["variants"] = {n: (None if v is None else {"scheme": v[0], **v[1]}) for n, v in variants.items()}
             res["logits_vs_fp32"] = _logits_vs_fp32(built, threads, past, vocab)
@@ -239,10 +242,11 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--raw", action="store_true", help="also time the raw exported decode graph")
     ap.add_argument("--int4", action="store_true", help="also the int4 variants (INT4_VARIANTS)")
+    ap.add_argument("--rounds", type=int, default=2, help="timing blocks per variant, order reversed each round")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     r = bench_quant_decode(args.model, args.threads, args.past, repeats=args.repeats, raw=args.raw,
-                           variants=INT4_VARIANTS if args.int4 else None)
+                           variants=INT4_VARIANTS if args.int4 else None, rounds=args.rounds)
     print(json.dumps(r, indent=2, sort_keys=True, default=str) if args.json else format_bench_quant(r))
     return 0
 
