@@ -3,7 +3,7 @@
 Independent references, none of them the pass's own helpers:
   - onnxruntime's own `MatMulNBitsQuantizer` (default algorithm, RTN) on the same MatMul: the packed
     weights, scales and zero points must be its bytes exactly (blocks 32 and 128, K not a multiple of
-    the block, symmetric and with zero points);
+    the block, symmetric and with zero points; an attention_bits=8 layer is test_quant_schemes' int8);
   - a numpy unpacking written here from MatMulNBits' schema (low nibble first, zero point 8 by default):
     ORT's output at accuracy_level 0 is x @ dequant(W)^T to float rounding; at level 4 it is that with
     x quantized to int8 per block (what the kernel does);
@@ -240,6 +240,24 @@ def test_every_eligible_weight_is_the_ort_quantizers_and_the_rest_stay_fp32():
         quantize(build_graph(), "int4", experts="fp8")
 
 
+def test_attention_bits_8_writes_the_attention_linears_as_int8():
+    from test_quant_schemes import ref_int8
+    W = _weights()
+    m = build_graph()
+    rep = quantize(m, "int4", attention_bits=8)
+    bits = {q["weight"]: q["bits"] for q in rep.quantized}
+    assert bits == {"W1_io": 8, "W2_oi": 8, "Wg": 4, "Wu": 4, "Wd": 4}  # q_like/o_like are the attention role
+    for src in ("W1", "W2"):
+        node = next(n for n in m.graph if n.op_type == "MatMulNBits" and n.inputs[1].name == f"{QUANTIZED[src]}.q8")
+        bs = node.attributes["block_size"].value
+        q, s, _ = ref_int8(W[src], bs)
+        assert node.attributes["bits"].value == 8 and len(node.inputs) == 3
+        np.testing.assert_array_equal(node.inputs[1].const_value.numpy(), q)
+        np.testing.assert_array_equal(node.inputs[2].const_value.numpy(), s.reshape(-1))
+    with pytest.raises(QuantizationError, match="attention_bits"):
+        quantize(build_graph(), "int4", attention_bits=2)
+
+
 # ---- (c) routed experts: QMoE 4-bit ----------------------------------------------------------------------
 def ort_q4_experts(w: np.ndarray, bs: int, symmetric: bool):
     """Per expert, onnxruntime's quantize_matmul_4bits (QMoE raw layout's producer): (packed [E, N, K/2],
@@ -386,30 +404,67 @@ def tiny_ort_cpu(tmp_path_factory):
     return model, make_golden(model, "latent", gen_tokens=2), folder
 
 
-@pytest.mark.parametrize("bs,level", [(32, None), (32, 4), (128, 4)])
-def test_tiny_int4_routing_aware_parity(tiny_ort_cpu, tmp_path, bs, level):
-    from pipeline.compile import moe_routers, routed_reports
+def _quantized_tiny(folder, out, fault=None, **options) -> dict:
     from pipeline.export import save_graph
-    from pipeline.parity import budget_for
-    model, golden, folder = tiny_ort_cpu
     paths = {}
     for g in ("prefill", "decode"):
         m = ir.load(folder / f"{g}.onnx")
-        rep = quantize(m, "int4", block_size=bs, accuracy_level=level)
+        rep = quantize(m, "int4", **options)
         ops = [n.op_type for n in m.graph]
         linear = [q for q in rep.quantized if q["role"] != "routed_experts"]
         assert ops.count("QMoE") == 2 and "MoE" not in ops and len(linear) >= 20
         assert ops.count("MatMulNBits") == sum(len(q["nodes"]) for q in linear)
         assert sorted(s["role"] for s in rep.skipped) == ["lm_head", "router", "router"]
-        paths[g] = tmp_path / f"{g}.onnx"
+        if fault is not None:
+            fault(m)
+        paths[g] = out / f"{g}.onnx"
         save_graph(m, paths[g])
-    reports = routed_reports("quantize-int4", paths, {g: folder / f"{g}.onnx" for g in paths}, golden,
-                             moe_routers(model))
-    budget = budget_for("quantize-int4")
-    for r in reports:
-        rt = r.extra["routing"]
-        o = r.outputs[0]
-        print(f"tiny int4 block {bs} acc {level} {r.stage}: forced cosine {o.cosine:.6f} kl {o.kl} "
-              f"rel_euclid {o.rel_euclid:.4f}; {rt['summary']}; unforced cosine {rt['unforced']['logits']['cosine']:.6f}")
+    return paths
+
+
+def _tiny_reports(tiny_ort_cpu, out, fault=None, **options):
+    from pipeline.compile import moe_routers, routed_reports
+    model, golden, folder = tiny_ort_cpu
+    paths = _quantized_tiny(folder, out, fault, **options)
+    return routed_reports("quantize-int4", paths, {g: folder / f"{g}.onnx" for g in paths}, golden, moe_routers(model))
+
+
+@pytest.mark.parametrize("options", [{}, {"accuracy_level": 4}, {"block_size": 128, "accuracy_level": 4},
+                                     {"accuracy_level": 4, "attention_bits": 8}],
+                         ids=["b32", "b32-acc4", "b128-acc4", "b32-acc4-attn8"])
+def test_tiny_int4_is_within_the_quantize_int4_budget(tiny_ort_cpu, tmp_path, options):
+    """tiny (random weights) through the ort-cpu passes, int4, judged routing-aware (pipeline.parity's
+    quantize-int4 budget: numeric error with the reference's routing forced, flips on their own)."""
+    for r in _tiny_reports(tiny_ort_cpu, tmp_path, **options):
+        rt, o = r.extra["routing"], r.outputs[0]
+        print(f"tiny int4 {options} {r.stage}: forced cosine {o.cosine:.5f} KL {o.kl:.4f} rel euclid "
+              f"{o.rel_euclid:.3f}; {rt['summary']}; unforced cosine {rt['unforced']['logits']['cosine']:.4f}")
         r.raise_if_failed()
-        assert budget.min_cosine is not None and o.cosine >= budget.min_cosine
+
+
+def _nibbles_swapped_everywhere(m: ir.Model) -> None:
+    for n in m.graph:
+        if n.op_type == "MatMulNBits":
+            _swap_nibbles(n)
+
+
+def _expert_scales_doubled(m: ir.Model) -> None:
+    node = [n for n in m.graph if n.op_type == "QMoE"][1]
+    for i in (3, 6):
+        v = node.inputs[i]
+        v.const_value = ir.tensor(v.const_value.numpy() * np.float32(2), name=v.name)
+
+
+def _one_block_shift_first_layer(m: ir.Model) -> None:
+    for n in [n for n in m.graph if n.op_type == "MatMulNBits"][:4]:
+        _scales_off_by_one_block(n)
+
+
+@pytest.mark.parametrize("fault", [_nibbles_swapped_everywhere, _expert_scales_doubled, _one_block_shift_first_layer])
+def test_tiny_int4_budget_catches_a_wrong_quantizer(tiny_ort_cpu, tmp_path, fault):
+    from pipeline.parity import ParityError
+    reports = _tiny_reports(tiny_ort_cpu, tmp_path, fault=fault)
+    with pytest.raises(ParityError, match="quantize-int4/"):
+        for r in reports:
+            print(fault.__name__, r.stage, r.outputs[0].cosine, r.extra["routing"]["summary"])
+            r.raise_if_failed()
