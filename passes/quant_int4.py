@@ -26,6 +26,10 @@ block (measured on tiny/small: tests/test_quant_int4.py, benchmarks/cpu_small_in
 0.75 bytes of scale and zero point per 32 weights against 0.1875 at 128. Storage per weight:
 0.5 byte + (4 + 0.5)/bs: 0.1484x of fp32 at bs=32, 0.1338x at 128 (0.1406x / 0.1328x symmetric).
 
+scale_dtype "float16" (for a target whose MatMulNBits takes scales in fp16, as quant_int8's option): each
+scale is rounded to fp16 (sign kept) before the zero point and codes are computed against it; the bytes then
+differ from ORT's fp32 quantizer by design, and W = (q - zp) * fp16(scale) exactly.
+
 accuracy_level (MatMulNBits attribute): None/0 = fp32 activations (weight-only numerics, Y equals
 A @ dequant(W)^T to float tolerance); 4 = the CPU kernel quantizes activations to int8 per token per
 block and uses int8 dot products (ORT GenAI's CPU default; faster, no longer weight-only).
@@ -66,20 +70,39 @@ def check_block_size(block_size: int) -> int:
     return block_size
 
 
-def int4_codes(blocks: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+SCALE_DTYPES = ("float32", "float16")
+
+
+def round_scale_signed(scale: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """scale_dtype "float16": the nearest fp16 value, kept in fp32 (sign kept: symmetric scales may be negative;
+    a non-zero scale that rounds to 0 becomes the smallest fp16 subnormal of its sign; 0 stays 0)."""
+    if scale_dtype == "float32":
+        return scale
+    if scale_dtype not in SCALE_DTYPES:
+        raise QuantizationError(f"int4 scale_dtype {scale_dtype!r}: choose one of {', '.join(SCALE_DTYPES)}")
+    big = np.float32(np.finfo(np.float16).max)
+    s16 = np.clip(scale, -big, big).astype(np.float16).astype(np.float32)
+    tiny = np.float32(np.finfo(np.float16).smallest_subnormal)
+    return np.where((s16 == 0) & (scale != 0), np.copysign(tiny, scale), s16).astype(np.float32)
+
+
+def int4_codes(blocks: np.ndarray, symmetric: bool, scale_dtype: str = "float32"
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """fp32 [..., bs] blocks -> (codes uint8 [..., bs] in 0..15, scales fp32 [...], zero points uint8 [...]).
 
     The MLAS round-to-nearest formulas of the module docstring; callers zero-pad partial blocks (zeros never
-    change lo/hi, which include 0 anyway, nor the largest magnitude)."""
+    change lo/hi, which include 0 anyway, nor the largest magnitude). scale_dtype "float16" (ort-cuda, whose
+    MatMulNBits takes scales in the activations' type): each scale is rounded to fp16 first and the zero point
+    and codes are computed against it, so a later fp16 conversion of the scales changes no dequantized weight."""
     blocks = blocks.astype(np.float32, copy=False)
     bmax, bmin = blocks.max(-1), blocks.min(-1)
     if symmetric:
         m = np.where(np.abs(bmax) > np.abs(bmin), bmax, bmin)
-        scale = (-m / np.float32(8)).astype(np.float32)
+        scale = round_scale_signed((-m / np.float32(8)).astype(np.float32), scale_dtype)
         zp = np.full(scale.shape, 8, np.float32)
     else:
         lo, hi = np.minimum(bmin, np.float32(0)), np.maximum(bmax, np.float32(0))
-        scale = ((hi - lo) / np.float32(15)).astype(np.float32)
+        scale = round_scale_signed(((hi - lo) / np.float32(15)).astype(np.float32), scale_dtype)
         nz = scale != 0
         zfp = np.where(nz, np.float32(0) - lo / np.where(nz, scale, np.float32(1)), lo).astype(np.float32)
         zp = np.clip(_roundf(zfp), 0, 15).astype(np.float32)
@@ -114,7 +137,7 @@ def block_size_for(in_features: int, block_size: int, zero_points: bool = True) 
     return best
 
 
-def quantize_int4_blocks(w_oi: np.ndarray, block_size: int = 32, symmetric: bool = False):
+def quantize_int4_blocks(w_oi: np.ndarray, block_size: int = 32, symmetric: bool = False, scale_dtype: str = "float32"):
     """fp32 [N, K] -> (B uint8 [N, nb, bs/2], scales fp32 [N, nb], packed zero points uint8 [N, ceil(nb/2)],
     zero-point codes uint8 [N, nb]) in MatMulNBits' bits=4 layout (module docstring)."""
     bs = check_block_size(block_size)
@@ -122,7 +145,7 @@ def quantize_int4_blocks(w_oi: np.ndarray, block_size: int = 32, symmetric: bool
     nb = -(-k // bs)
     pad = np.zeros((n, nb * bs), np.float32)
     pad[:, :k] = w_oi
-    q, scale, zp = int4_codes(pad.reshape(n, nb, bs), symmetric)
+    q, scale, zp = int4_codes(pad.reshape(n, nb, bs), symmetric, scale_dtype)
     q = q.reshape(n, nb * bs)
     q[:, k:] = 0  # ORT's quantizer leaves the padding past K at nibble 0
     return pack_nibbles(q.reshape(n, nb, bs)), scale, pack_nibbles(zp, pad=8), zp
@@ -147,9 +170,11 @@ class Int4WeightOnlyPass(ir.passes.InPlacePass):
 
     def __init__(self, block_size: int = 32, symmetric: bool = False, exclude: Iterable[str] = DEFAULT_EXCLUDE,
                  logits_outputs=("logits",), accuracy_level: int | None = None, experts: str = "auto",
-                 attention_bits: int = 4):
+                 attention_bits: int = 4, scale_dtype: str = "float32"):
         super().__init__()
         check_block_size(block_size)
+        round_scale_signed(np.zeros(1, np.float32), scale_dtype)  # validates
+        self.scale_dtype = scale_dtype
         if attention_bits not in (4, 8):
             raise QuantizationError(f"int4 attention_bits {attention_bits!r}: 4 or 8 (MatMulNBits as --quant int8)")
         self.attention_bits = attention_bits
@@ -179,11 +204,11 @@ class Int4WeightOnlyPass(ir.passes.InPlacePass):
             bits = 8 if group[0].role == "attention" and self.attention_bits == 8 else 4
             if bits == 8:
                 from .quant_int8 import quantize_int8_blocks
-                b, scale, _, bs = quantize_int8_blocks(group[0].weight_oi, 128)
+                b, scale, _, bs = quantize_int8_blocks(group[0].weight_oi, 128, scale_dtype=self.scale_dtype)
                 new_inits = [add_initializer(graph, f"{base}.q8", b), add_initializer(graph, f"{base}.scales", scale.reshape(-1))]
             else:
                 bs = block_size_for(k, self.block_size, not self.symmetric)
-                b, scale, zp, _ = quantize_int4_blocks(group[0].weight_oi, bs, self.symmetric)
+                b, scale, zp, _ = quantize_int4_blocks(group[0].weight_oi, bs, self.symmetric, self.scale_dtype)
                 new_inits = [add_initializer(graph, f"{base}.q4", b), add_initializer(graph, f"{base}.scales", scale.reshape(-1))]
                 if not self.symmetric:
                     new_inits.append(add_initializer(graph, f"{base}.zero_points", zp.reshape(-1)))
@@ -208,15 +233,17 @@ class Int4WeightOnlyPass(ir.passes.InPlacePass):
             from .quant_qmoe import QMoEPass
             if self.experts == "int8":
                 qp = QMoEPass("block" if self.accuracy_level == 4 else "channel", 128, self.accuracy_level,
-                              self.exclude, rep)
+                              self.exclude, rep, scale_dtype=self.scale_dtype)
             else:
                 qp = QMoEPass(self.experts, self.block_size, self.accuracy_level, self.exclude, rep, bits=4,
-                              symmetric=self.symmetric)
+                              symmetric=self.symmetric, scale_dtype=self.scale_dtype)
             moe = qp(model).modified
         rep.notes.append(f"int4 RTN, block {self.block_size}, " + ("symmetric (zero point 8)" if self.symmetric
                                                                    else "asymmetric (zero points)")
                          + ("; attention linears int8 (MatMulNBits bits=8, symmetric, blocks of 128)"
                             if self.attention_bits == 8 else ""))
+        if self.scale_dtype != "float32":
+            rep.notes.append(f"scales rounded to {self.scale_dtype} before quantizing (stored exactly in that type)")
         if self.accuracy_level is not None:
             rep.notes.append(f"accuracy_level={self.accuracy_level}: " + (
                 "activations quantized to int8 per block inside MatMulNBits/QMoE (not weight-only numerics)"

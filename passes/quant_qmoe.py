@@ -83,7 +83,8 @@ def quantize_experts_int8(w: np.ndarray, block_size: int | None = None,
     return q, (scale[..., 0] if block_size is None else scale)
 
 
-def quantize_experts_int4(w: np.ndarray, block_size: int | None = None, symmetric: bool = False):
+def quantize_experts_int4(w: np.ndarray, block_size: int | None = None, symmetric: bool = False,
+                          scale_dtype: str = "float32"):
     """fp32 [E, N, K] -> (packed uint8 [E, N, K/2], scales fp32 [E, N] (block_size None) or [E, N, K/bs],
     packed zero points uint8 [E, ceil(N/2)] or [E, N, ceil(K/bs/2)], or None when symmetric)."""
     from .quant_int4 import int4_codes, pack_nibbles
@@ -91,7 +92,7 @@ def quantize_experts_int4(w: np.ndarray, block_size: int | None = None, symmetri
     bs = k if block_size is None else block_size
     if k % bs or k % 2:
         raise QuantizationError(f"QMoE 4-bit block_size {bs} does not divide the expert weight's input dim {k}")
-    q, scale, zp = int4_codes(w.astype(np.float32).reshape(e, n, k // bs, bs), symmetric)
+    q, scale, zp = int4_codes(w.astype(np.float32).reshape(e, n, k // bs, bs), symmetric, scale_dtype)
     packed = pack_nibbles(q.reshape(e, n, k))
     if block_size is None:
         scale, zp = scale[..., 0], zp[..., 0]
@@ -126,8 +127,6 @@ class QMoEPass(ir.passes.InPlacePass):
         self.scale_dtype, self.router_weights = scale_dtype, router_weights
         if bits not in (4, 8):
             raise QuantizationError(f"QMoE expert bits {bits!r}: 4 or 8")
-        if bits == 4 and scale_dtype != "float32":
-            raise QuantizationError("QMoE 4-bit experts take float32 scales only here")
         if bits == 8 and not symmetric:
             raise QuantizationError("QMoE 8-bit experts are symmetric only here")
         self.bits, self.symmetric = bits, symmetric
@@ -182,8 +181,8 @@ class QMoEPass(ir.passes.InPlacePass):
                 q1, s1 = quantize_experts_int8(fc1, bs, self.scale_dtype)
                 q2, s2 = quantize_experts_int8(fc2, bs, self.scale_dtype)
             else:
-                q1, s1, z1 = quantize_experts_int4(fc1, bs, self.symmetric)
-                q2, s2, z2 = quantize_experts_int4(fc2, bs, self.symmetric)
+                q1, s1, z1 = quantize_experts_int4(fc1, bs, self.symmetric, self.scale_dtype)
+                q2, s2, z2 = quantize_experts_int4(fc2, bs, self.symmetric, self.scale_dtype)
             base = node.name or fc1_v.name or "moe"
             tag = f"q{self.bits}"
             new = [add_initializer(graph, f"{fc1_v.name}.{tag}", q1), add_initializer(graph, f"{fc1_v.name}.scales", s1),

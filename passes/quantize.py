@@ -24,7 +24,8 @@ def quantize(model_ir: ir.Model, scheme: str, *, model=None, calibration: dict[s
                    activations; 4: int8 activations per block inside the kernels, ORT CPU's fast path),
                    experts (com.microsoft.MoE -> QMoE 4-bit: "auto" = "block", "channel"; "int8": QMoE
                    int8 as scheme int8 writes it; "none": fp32), attention_bits (4, or 8: the attention
-                   linears as scheme int8 writes them, MLP and experts 4-bit).
+                   linears as scheme int8 writes them, MLP and experts 4-bit), scale_dtype ("float32";
+                   "float16": scales rounded to fp16 first, for fp16-scale kernels such as CUDA's).
     scheme "fp8" : `model` (the eager model) lets an FP8 checkpoint's bytes pass through unchanged;
                    activations "none" (default) or "dynamic" (FP8 per token per 128 channels).
     scheme "w8a8": `calibration` ({activation name: amax}, from passes.quant_w8a8.calibrate) gives

@@ -258,6 +258,27 @@ def test_attention_bits_8_writes_the_attention_linears_as_int8():
         quantize(build_graph(), "int4", attention_bits=2)
 
 
+@pytest.mark.parametrize("symmetric", [False, True], ids=["zero_points", "symmetric"])
+def test_float16_scales_are_exact_in_fp16_and_still_rtn(symmetric):
+    """scale_dtype float16 (fp16-scale kernels, e.g. CUDA): every scale is an fp16 value, the codes are
+    computed against it (RTN bound on the rounded scale), ORT CPU still computes x @ dequant(W)^T, and fp16
+    scales written into the same graph change no output."""
+    rng = np.random.default_rng(12)
+    w = (rng.standard_normal((40, 200)) / 14).astype(np.float32)
+    w[2] = 1e-9  # scales that round to 0 in fp16: the smallest subnormal instead (of the right sign)
+    x = rng.standard_normal((3, 200)).astype(np.float32)
+    m = ir.from_proto(matmul_model(np.ascontiguousarray(w.T)))
+    quantize(m, "int4", exclude=(), block_size=32, symmetric=symmetric, scale_dtype="float16")
+    node = mnb_node(m)
+    s = node.inputs[2].const_value.numpy()
+    np.testing.assert_array_equal(s.astype(np.float16).astype(np.float32), s)
+    tiny = np.float32(np.finfo(np.float16).smallest_subnormal)
+    np.testing.assert_array_equal(s.reshape(40, -1)[2], -tiny if symmetric else tiny)  # -m/8 < 0 when m > 0
+    check_output(m, x, w)
+    with pytest.raises(QuantizationError, match="scale_dtype"):
+        quantize(build_graph(), "int4", scale_dtype="bfloat16")
+
+
 # ---- (c) routed experts: QMoE 4-bit ----------------------------------------------------------------------
 def ort_q4_experts(w: np.ndarray, bs: int, symmetric: bool):
     """Per expert, onnxruntime's quantize_matmul_4bits (QMoE raw layout's producer): (packed [E, N, K/2],
