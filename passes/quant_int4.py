@@ -22,7 +22,7 @@ Y = A @ dequant(B)^T.
 Block size (option, 16..256, a power of two; a layer whose K is not a multiple of it gets the power of two
 <= it storing its rows in the fewest bytes, `block_size_for`, as quant_int8 does): 32 by default, the ecosystem's CPU default (ONNX Runtime
 GenAI's model builder, the ORT quantizer's command line): at 4 bits the error grows quickly with the
-block (measured on tiny/small: tests/test_quant_int4.py, benchmarks/cpu_small_int4.json), and 32 costs
+block (measured on trained-small: benchmarks/cpu_trained_small_int4_accuracy.json), and 32 costs
 0.75 bytes of scale and zero point per 32 weights against 0.1875 at 128. Storage per weight:
 0.5 byte + (4 + 0.5)/bs: 0.1484x of fp32 at bs=32, 0.1338x at 128 (0.1406x / 0.1328x symmetric).
 
@@ -37,7 +37,7 @@ block and uses int8 dot products (ORT GenAI's CPU default; faster, no longer wei
 attention_bits (option, 4 by default): 8 writes the attention-role linears (MLA projections; roles in
 passes/quant_weights.py) as quant_int8 does (MatMulNBits bits=8, symmetric, blocks of 128) and keeps 4 bits
 for the MLP / shared / routed experts, where a DeepSeek model's bytes are. On trained-small it is what brings
-top-1 agreement past 95% (measured: benchmarks/cpu_small_int4.json).
+top-1 agreement past 95% (measured: benchmarks/cpu_trained_small_int4_accuracy.json).
 
 Routed experts in `com.microsoft.MoE` (the ort-cpu target's moe-ort-fused pass) become
 `com.microsoft.QMoE` with expert_weight_bits=4 (passes/quant_qmoe.py), per block of the largest power
@@ -52,73 +52,17 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from .quant_weights import (DEFAULT_EXCLUDE, QuantizationError, QuantReport, add_initializer, const_bytes,
-                            initializer_bytes, record, remove_if_unused, select_sites, set_opset)
+from .quant_weights import (DEFAULT_EXCLUDE, QuantizationError, QuantReport, add_initializer,
+                            const_bytes, initializer_bytes, int4_codes, pack_nibbles, record, remove_if_unused,
+                            round_scale_signed, select_sites, set_opset)
 
 EXPERT_MODES = ("auto", "block", "channel", "int8", "none")
-
-
-def _roundf(x: np.ndarray) -> np.ndarray:
-    """C roundf (half away from zero) of float32 values, exactly (float64 holds |x| + 0.5 exactly here)."""
-    x = x.astype(np.float64)
-    return np.sign(x) * np.floor(np.abs(x) + 0.5)
 
 
 def check_block_size(block_size: int) -> int:
     if not isinstance(block_size, int) or block_size < 16 or block_size > 256 or block_size & (block_size - 1):
         raise QuantizationError(f"int4 block_size must be a power of two in 16..256, got {block_size!r}")
     return block_size
-
-
-SCALE_DTYPES = ("float32", "float16")
-
-
-def round_scale_signed(scale: np.ndarray, scale_dtype: str) -> np.ndarray:
-    """scale_dtype "float16": the nearest fp16 value, kept in fp32 (sign kept: symmetric scales may be negative;
-    a non-zero scale that rounds to 0 becomes the smallest fp16 subnormal of its sign; 0 stays 0)."""
-    if scale_dtype == "float32":
-        return scale
-    if scale_dtype not in SCALE_DTYPES:
-        raise QuantizationError(f"int4 scale_dtype {scale_dtype!r}: choose one of {', '.join(SCALE_DTYPES)}")
-    big = np.float32(np.finfo(np.float16).max)
-    s16 = np.clip(scale, -big, big).astype(np.float16).astype(np.float32)
-    tiny = np.float32(np.finfo(np.float16).smallest_subnormal)
-    return np.where((s16 == 0) & (scale != 0), np.copysign(tiny, scale), s16).astype(np.float32)
-
-
-def int4_codes(blocks: np.ndarray, symmetric: bool, scale_dtype: str = "float32"
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """fp32 [..., bs] blocks -> (codes uint8 [..., bs] in 0..15, scales fp32 [...], zero points uint8 [...]).
-
-    The MLAS round-to-nearest formulas of the module docstring; callers zero-pad partial blocks (zeros never
-    change lo/hi, which include 0 anyway, nor the largest magnitude). scale_dtype "float16" (ort-cuda, whose
-    MatMulNBits takes scales in the activations' type): each scale is rounded to fp16 first and the zero point
-    and codes are computed against it, so a later fp16 conversion of the scales changes no dequantized weight."""
-    blocks = blocks.astype(np.float32, copy=False)
-    bmax, bmin = blocks.max(-1), blocks.min(-1)
-    if symmetric:
-        m = np.where(np.abs(bmax) > np.abs(bmin), bmax, bmin)
-        scale = round_scale_signed((-m / np.float32(8)).astype(np.float32), scale_dtype)
-        zp = np.full(scale.shape, 8, np.float32)
-    else:
-        lo, hi = np.minimum(bmin, np.float32(0)), np.maximum(bmax, np.float32(0))
-        scale = round_scale_signed(((hi - lo) / np.float32(15)).astype(np.float32), scale_dtype)
-        nz = scale != 0
-        zfp = np.where(nz, np.float32(0) - lo / np.where(nz, scale, np.float32(1)), lo).astype(np.float32)
-        zp = np.clip(_roundf(zfp), 0, 15).astype(np.float32)
-    nz = scale != 0
-    recip = np.where(nz, np.float32(1) / np.where(nz, scale, np.float32(1)), np.float32(0)).astype(np.float32)
-    v = (blocks * recip[..., None]).astype(np.float32) + zp[..., None]
-    q = np.clip(_roundf(v.astype(np.float32)), 0, 15).astype(np.uint8)
-    return q, scale, zp.astype(np.uint8)
-
-
-def pack_nibbles(codes: np.ndarray, pad: int = 0) -> np.ndarray:
-    """uint8 codes [..., L] -> uint8 [..., ceil(L/2)]: element 2j in the low nibble of byte j, 2j+1 in the
-    high one (an odd L's missing last element is `pad`)."""
-    if codes.shape[-1] % 2:
-        codes = np.concatenate([codes, np.full(codes.shape[:-1] + (1,), pad, np.uint8)], -1)
-    return (codes[..., 0::2] & 0xF) | ((codes[..., 1::2] & 0xF) << 4)
 
 
 def block_size_for(in_features: int, block_size: int, zero_points: bool = True) -> int:

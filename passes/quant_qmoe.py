@@ -32,7 +32,7 @@ the log-weight router form, whose router_probs are -inf outside the chosen exper
 Storage: 1 byte per weight + 4 bytes per scale: (1 + 4/K)/4 of fp32 per channel, (1 + 4/bs)/4 per block.
 
 4-bit experts (bits=4, `--quant int4`, passes/quant_int4.py): expert_weight_bits=4, the same per-row / per-block
-round-to-nearest numbers as MatMulNBits 4-bit (quant_int4.int4_codes: asymmetric with zero points by default,
+round-to-nearest numbers as MatMulNBits 4-bit (quant_weights.int4_codes: asymmetric with zero points by default,
 or symmetric scale = -m/8 with QMoE's 4-bit default zero point 8). Layout (weights_prepacked=0): fc1 uint8
 [E, 2I, h/2], fc2 uint8 [E, h, I/2], element 2j of a row in the low nibble of byte j; zero points (asymmetric)
 fc1_zero_points / fc2_zero_points (inputs 11, 12) uint8 [E, N, ceil(nb/2)] per block, [E, ceil(N/2)] per channel,
@@ -50,8 +50,8 @@ import numpy as np
 import onnx_ir as ir
 
 from .graph_utils import attr, const_array
-from .quant_weights import (ROLES, QuantizationError, QuantReport, add_initializer, remove_if_unused, round_scale,
-                            set_opset)
+from .quant_weights import (ROLES, QuantizationError, QuantReport, add_initializer, int4_codes, pack_nibbles,
+                            remove_if_unused, round_scale, set_opset)
 
 MS_DOMAIN = "com.microsoft"
 GRANULARITIES = ("channel", "block")
@@ -87,7 +87,6 @@ def quantize_experts_int4(w: np.ndarray, block_size: int | None = None, symmetri
                           scale_dtype: str = "float32"):
     """fp32 [E, N, K] -> (packed uint8 [E, N, K/2], scales fp32 [E, N] (block_size None) or [E, N, K/bs],
     packed zero points uint8 [E, ceil(N/2)] or [E, N, ceil(K/bs/2)], or None when symmetric)."""
-    from .quant_int4 import int4_codes, pack_nibbles
     e, n, k = w.shape
     bs = k if block_size is None else block_size
     if k % bs or k % 2:
