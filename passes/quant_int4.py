@@ -4,7 +4,10 @@ The scheme is the one onnxruntime's own `MatMulNBitsQuantizer` (its default algo
 the MLAS `quantize_matmul_4bits` kernel) writes, byte for byte (tests/test_quant_int4.py compares the
 two); per output row n, blocks of `bs` consecutive input channels (bs = block_size, 32 by default; K
 not a multiple of bs: the last block is partial), all arithmetic in float32:
-  asymmetric (default, zero points; MatMulNBitsQuantizer's default is_symmetric=False):
+  asymmetric (default, zero points; MatMulNBitsQuantizer's own default is_symmetric=False -- ONNX Runtime
+  GenAI's model builder and the quantizer's command line pass symmetric instead; zero points cost 1/64
+  byte per weight at block 32 and halve trained-small's perplexity increase, benchmarks/
+  cpu_trained_small_int4_accuracy.json):
       lo = min(block, 0), hi = max(block, 0), scale = (hi - lo) / 15,
       zp = clip(roundf(0 - lo / scale), 0, 15) (zp = 0 when scale is 0),
       q  = clip(roundf(w * (1 / scale) + zp), 0, 15)  (q = zp when scale is 0)
@@ -19,12 +22,12 @@ scales fp32 [N * n_blocks] (row-major [N, n_blocks]); zero_points uint8 [N * cei
 (row n: block 2i in the low nibble, 2i+1 in the high nibble, an odd row's unused high nibble = 8).
 Y = A @ dequant(B)^T.
 
-Block size (option, 16..256, a power of two; a layer whose K is not a multiple of it gets the power of two
-<= it storing its rows in the fewest bytes, `block_size_for`, as quant_int8 does): 32 by default, the ecosystem's CPU default (ONNX Runtime
-GenAI's model builder, the ORT quantizer's command line): at 4 bits the error grows quickly with the
-block (measured on trained-small: benchmarks/cpu_trained_small_int4_accuracy.json), and 32 costs
-0.75 bytes of scale and zero point per 32 weights against 0.1875 at 128. Storage per weight:
-0.5 byte + (4 + 0.5)/bs: 0.1484x of fp32 at bs=32, 0.1338x at 128 (0.1406x / 0.1328x symmetric).
+Block size (option, 16..256, a power of two; a layer whose K is not a multiple of it gets the power of
+two <= it storing its rows in the fewest bytes, `block_size_for`, as quant_int8 does): 32 by default, the
+ecosystem's CPU default (ONNX Runtime GenAI's model builder, the ORT quantizer's command line): at 4 bits
+the error grows quickly with the block (measured on trained-small: benchmarks/
+cpu_trained_small_int4_accuracy.json). Storage per weight: 0.5 byte + (4 + 0.5)/bs of scale and zero
+point: 0.1602x of fp32 at bs=32, 0.1338x at 128 (symmetric: 0.1563x / 0.1328x).
 
 scale_dtype "float16" (for a target whose MatMulNBits takes scales in fp16, as quant_int8's option): each
 scale is rounded to fp16 (sign kept) before the zero point and codes are computed against it; the bytes then
@@ -32,7 +35,7 @@ differ from ORT's fp32 quantizer by design, and W = (q - zp) * fp16(scale) exact
 
 accuracy_level (MatMulNBits attribute): None/0 = fp32 activations (weight-only numerics, Y equals
 A @ dequant(W)^T to float tolerance); 4 = the CPU kernel quantizes activations to int8 per token per
-block and uses int8 dot products (ORT GenAI's CPU default; faster, no longer weight-only).
+block and uses int8 dot products (ORT GenAI's model builder's CPU default; faster, no longer weight-only).
 
 attention_bits (option, 4 by default): 8 writes the attention-role linears (MLA projections; roles in
 passes/quant_weights.py) as quant_int8 does (MatMulNBits bits=8, symmetric, blocks of 128) and keeps 4 bits
