@@ -1,6 +1,6 @@
-"""Decode latency of an ort-cpu package's graph: fp32 vs `--quant int8`, on ONNX Runtime CPU (not a pytest test).
+"""Decode latency of an ort-cpu package's graph: fp32 vs `--quant int8` (and int4), on ONNX Runtime CPU (not a pytest test).
 
-    python -m benchmarks.quant [--model medium] [--threads 2] [--past 256] [--repeats 20] [--raw]
+    python -m benchmarks.quant [--model medium] [--threads 2] [--past 256] [--repeats 20] [--raw] [--int4]
 
 What is timed is what an ort-cpu package ships: the exported decode graph after the target's passes
 (latent-kv-fusion, moe-ort-fused: routed experts in com.microsoft.MoE, V3 router in MoEGroupRouter),
@@ -12,6 +12,14 @@ quantized as `compile --quant int8` does, optimised offline by ORT at the target
              (fp32 activations); the default of `--quant int8`
   int8_acc4  `--int8-accuracy-level 4`: MatMulNBits accuracy_level=4 + QMoE int8 per block of 128:
              activations quantized to int8 per token per block inside the kernels (not weight-only)
+`--int4` (bench_quant_decode(..., INT4_VARIANTS)) adds passes/quant_int4.py (MatMulNBits bits=4, RTN with
+zero points, QMoE 4-bit experts per block):
+  int4_b32       block 32, accuracy_level 0: fp32 activations (weight-only numerics)
+  int4_b32_acc4  block 32, accuracy_level 4: int8 activations per block inside the kernels (ORT GenAI's CPU form)
+  int4_b128_acc4 block 128, accuracy_level 4
+  int4_b32_acc4_attn8  as int4_b32_acc4 with the attention linears int8 (attention_bits=8)
+and, per variant, the decode logits against fp32's on the same feeds (cosine, KL of the next-token
+distribution, top-1 agreement: one token, so 0 or 1).
 lm_head, router gate, embeddings and norms stay fp32 in every variant. Batch 1, one new token after
 `past` cached tokens (random cache values: they do not change the cost). Figures are medians of
 `repeats` timed runs in ms per token, in blocks per variant, alternating order (see _time_blocks). `raw=True` also times the raw exported decode graph (naive attention, the
@@ -21,6 +29,7 @@ exported per-expert loop) fp32 vs int8, the previous, not-shipped comparison.
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import sys
 import tempfile
@@ -36,7 +45,12 @@ if str(ROOT) not in sys.path:
 import onnx_ir as ir  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-VARIANTS = {"fp32": None, "int8": {}, "int8_acc4": {"accuracy_level": 4}}  # name -> quantize options
+# name -> (scheme, quantize options), None for fp32
+VARIANTS = {"fp32": None, "int8": ("int8", {}), "int8_acc4": ("int8", {"accuracy_level": 4})}
+INT4_VARIANTS = {**VARIANTS, "int4_b32": ("int4", {"block_size": 32}),
+                 "int4_b32_acc4": ("int4", {"block_size": 32, "accuracy_level": 4}),
+                 "int4_b128_acc4": ("int4", {"block_size": 128, "accuracy_level": 4}),
+                 "int4_b32_acc4_attn8": ("int4", {"block_size": 32, "accuracy_level": 4, "attention_bits": 8})}
 
 
 def _ort_cpu_decode(model) -> ir.Model:
@@ -64,16 +78,17 @@ def _build(decode: ir.Model, variants: dict, folder: Path, offline: bool = True)
     base = folder / "decode.fp32.onnx"
     save_graph(decode, base)
     out = {}
-    for name, options in variants.items():
+    for name, variant in variants.items():
         m = ir.load(base)
-        if options is not None:
-            quantize(m, "int8", **options)
+        if variant is not None:
+            scheme, options = variant
+            quantize(m, scheme, **options)
         ops: dict[str, int] = {}
         for n in m.graph:
             if n.domain == "com.microsoft":
                 ops[n.op_type] = ops.get(n.op_type, 0) + 1
         info = {"weights_mb": round(initializer_bytes(m.graph) / 2**20, 2), "ops": ops}
-        if options is None:
+        if variant is None:
             src = base
         else:
             src = folder / f"{name}.src.onnx"
@@ -129,8 +144,34 @@ def _time_blocks(built: dict, threads: int, past: int, vocab: int, warmup: int, 
     return {n: statistics.median(v) for n, v in times.items()}
 
 
+def _logits_vs_fp32(built: dict, threads: int, past: int, vocab: int) -> dict[str, dict]:
+    """Each variant's decode logits against fp32's on the same feeds: cosine, KL(fp32 || variant), top-1."""
+    from runtime.ort_runtime import session_options
+    from targets.ort_cpu import session_config
+    so = session_options(session_config(threads))
+    out, ref = {}, None
+    for n, b in built.items():
+        s = ort.InferenceSession(str(b["path"]), so, providers=["CPUExecutionProvider"])
+        y = s.run(["logits"], _feeds(s, past, vocab))[0].reshape(-1).astype(np.float64)
+        del s
+        if ref is None:
+            ref = y
+            continue
+        lr, lq = ref - ref.max(), y - y.max()
+        lr, lq = lr - np.log(np.exp(lr).sum()), lq - np.log(np.exp(lq).sum())
+        out[n] = {"cosine": round(float(ref @ y / (np.linalg.norm(ref) * np.linalg.norm(y))), 6),
+                  "kl": round(float((np.exp(lr) * (lr - lq)).sum()), 6), "top1": int(ref.argmax() == y.argmax())}
+    return out
+
+
 def bench_int8_decode(model_name: str = "medium", threads: int = 2, past: int = 256, warmup: int = 3,
                       repeats: int = 20, raw: bool = False) -> dict:
+    """The int8 comparison (VARIANTS); see bench_quant_decode."""
+    return bench_quant_decode(model_name, threads, past, warmup, repeats, raw)
+
+
+def bench_quant_decode(model_name: str = "medium", threads: int = 2, past: int = 256, warmup: int = 3,
+                       repeats: int = 20, raw: bool = False, variants: dict | None = None, rounds: int = 2) -> dict:
     """-> {"model", "threads", "past", "graph", "ms_per_token": {variant: ms}, "speedup_vs_fp32": {variant: x},
     "weights_mb": {variant: MB}, "contrib_ops": {variant: {op: count}}, ["raw_graph": the same for the raw
     exported decode graph]} (ms per decoded token, medians). Also the flat keys fp32_ms, int8_ms,
@@ -146,21 +187,27 @@ def bench_int8_decode(model_name: str = "medium", threads: int = 2, past: int = 
         decode = _ort_cpu_decode(model)
         raw_decode = specialize_decode(export_graph(model, "prefill")) if raw else None
         del model
-        built = _build(decode, VARIANTS, Path(tmp))
+        variants = VARIANTS if variants is None else variants
+        built = _build(decode, variants, Path(tmp))
         del decode
         gc.collect()
-        ms = _time_blocks(built, threads, past, vocab, warmup, repeats)
-        res.update(_summary(ms, built))
+        load = os.getloadavg()
+        ms = _time_blocks(built, threads, past, vocab, warmup, repeats, rounds)
+        res.update(_summary(ms, built), rounds=rounds, load_avg_1m_before_after=[round(load[0], 2),
+                                                                             round(os.getloadavg()[0], 2)])
+        if any(v is not None and v[0] == "int4" for v in variants.values()):
+            res["variants"] = {n: (None if v is None else {"scheme": v[0], **v[1]}) for n, v in variants.items()}
+            res["logits_vs_fp32"] = _logits_vs_fp32(built, threads, past, vocab)
         if raw:
-            rb = _build(raw_decode, {"fp32": None, "int8": {}, "int8_acc4": {"accuracy_level": 4}}, Path(tmp) / "raw",
+            rb = _build(raw_decode, VARIANTS, Path(tmp) / "raw",
                         offline=False)
             del raw_decode
             gc.collect()
             res["raw_graph"] = {"graph": "raw exported decode graph (naive attention, per-expert loop), no passes",
                                 **_summary(_time_blocks(rb, threads, past, vocab, warmup, repeats), rb)}
-    res.update(fp32_ms=res["ms_per_token"]["fp32"], int8_ms=res["ms_per_token"]["int8"],
-               int8_acc4_ms=res["ms_per_token"]["int8_acc4"], speedup=res["speedup_vs_fp32"]["int8"],
-               speedup_acc4=res["speedup_vs_fp32"]["int8_acc4"])
+    ms, sp = res["ms_per_token"], res["speedup_vs_fp32"]
+    res.update(fp32_ms=ms["fp32"], int8_ms=ms.get("int8"), int8_acc4_ms=ms.get("int8_acc4"),
+               speedup=sp.get("int8"), speedup_acc4=sp.get("int8_acc4"))
     return res
 
 
@@ -172,14 +219,16 @@ def _summary(ms: dict, built: dict) -> dict:
 
 
 def format_bench_quant(r: dict) -> str:
-    lines = [f"INT8 decode on ORT CPU: {r['model']}, batch 1, past {r['past']}, {r['threads']} threads, "
+    lines = [f"{'INT8/INT4' if 'logits_vs_fp32' in r else 'INT8'} decode on ORT CPU: {r['model']}, batch 1, past {r['past']}, {r['threads']} threads, "
              f"median of {r['repeats']}", f"  {r['graph']}"]
     for part in [r] + ([r["raw_graph"]] if "raw_graph" in r else []):
         if part is not r:
             lines.append(f"  {part['graph']}")
         for n, v in part["ms_per_token"].items():
             x = "" if n == "fp32" else f"  {part['speedup_vs_fp32'][n]:.2f}x vs fp32"
-            lines.append(f"    {n:10s} {v:9.3f} ms/token  weights {part['weights_mb'][n]:9.2f} MB{x}")
+            c = part.get("logits_vs_fp32", {}).get(n)
+            c = f"  logits cosine {c['cosine']:.5f} KL {c['kl']:.5f}" if c else ""
+            lines.append(f"    {n:14s} {v:9.3f} ms/token  weights {part['weights_mb'][n]:9.2f} MB{x}{c}")
     return "\n".join(lines)
 
 
@@ -192,9 +241,19 @@ def main(argv=None) -> int:
     ap.add_argument("--past", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--raw", action="store_true", help="also time the raw exported decode graph")
+    ap.add_argument("--int4", action="store_true", help="also the int4 variants (INT4_VARIANTS)")
+    ap.add_argument("--variants", nargs="+", help="only these variants (fp32 always): names of INT4_VARIANTS")
+    ap.add_argument("--rounds", type=int, default=2, help="timing blocks per variant, order reversed each round")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    r = bench_int8_decode(args.model, args.threads, args.past, repeats=args.repeats, raw=args.raw)
+    variants = INT4_VARIANTS if args.int4 else None
+    if args.variants:
+        unknown = set(args.variants) - set(INT4_VARIANTS)
+        if unknown:
+            ap.error(f"unknown variants {sorted(unknown)}: choose from {', '.join(INT4_VARIANTS)}")
+        variants = {n: v for n, v in INT4_VARIANTS.items() if n == "fp32" or n in args.variants}
+    r = bench_quant_decode(args.model, args.threads, args.past, repeats=args.repeats, raw=args.raw,
+                           variants=variants, rounds=args.rounds)
     print(json.dumps(r, indent=2, sort_keys=True, default=str) if args.json else format_bench_quant(r))
     return 0
 

@@ -30,6 +30,16 @@ weights_prepacked=0, measured on the H200: benchmarks/h200_ort_cuda_int8.json qm
 router_weights=False leaves out the Softmax router_weights input (a CPU-kernel workaround, not needed for
 the log-weight router form, whose router_probs are -inf outside the chosen experts).
 Storage: 1 byte per weight + 4 bytes per scale: (1 + 4/K)/4 of fp32 per channel, (1 + 4/bs)/4 per block.
+
+4-bit experts (bits=4, `--quant int4`, passes/quant_int4.py): expert_weight_bits=4, the same per-row / per-block
+round-to-nearest numbers as MatMulNBits 4-bit (quant_weights.int4_codes: asymmetric with zero points by default,
+or symmetric scale = -m/8 with QMoE's 4-bit default zero point 8). Layout (weights_prepacked=0): fc1 uint8
+[E, 2I, h/2], fc2 uint8 [E, h, I/2], element 2j of a row in the low nibble of byte j; zero points (asymmetric)
+fc1_zero_points / fc2_zero_points (inputs 11, 12) uint8 [E, N, ceil(nb/2)] per block, [E, ceil(N/2)] per channel,
+packed two per byte the same way. Unlike 8-bit blocks, ORT 1.32's CPU kernel keeps fp32 activations for 4-bit
+blocks at accuracy_level None/0 (weight-only numerics, x @ dequant(W)^T to float rounding) and quantizes them
+to int8 per token per block (as above) only at accuracy_level=4; measured against numpy, tests/test_quant_int4.py.
+Storage: (0.5 + 4/bs [+ 0.5/bs with zero points]) bytes per weight.
 """
 from __future__ import annotations
 
@@ -40,8 +50,8 @@ import numpy as np
 import onnx_ir as ir
 
 from .graph_utils import attr, const_array
-from .quant_weights import (ROLES, QuantizationError, QuantReport, add_initializer, remove_if_unused, round_scale,
-                            set_opset)
+from .quant_weights import (ROLES, QuantizationError, QuantReport, add_initializer, int4_codes, pack_nibbles,
+                            remove_if_unused, round_scale, set_opset)
 
 MS_DOMAIN = "com.microsoft"
 GRANULARITIES = ("channel", "block")
@@ -73,6 +83,21 @@ def quantize_experts_int8(w: np.ndarray, block_size: int | None = None,
     return q, (scale[..., 0] if block_size is None else scale)
 
 
+def quantize_experts_int4(w: np.ndarray, block_size: int | None = None, symmetric: bool = False,
+                          scale_dtype: str = "float32"):
+    """fp32 [E, N, K] -> (packed uint8 [E, N, K/2], scales fp32 [E, N] (block_size None) or [E, N, K/bs],
+    packed zero points uint8 [E, ceil(N/2)] or [E, N, ceil(K/bs/2)], or None when symmetric)."""
+    e, n, k = w.shape
+    bs = k if block_size is None else block_size
+    if k % bs or k % 2:
+        raise QuantizationError(f"QMoE 4-bit block_size {bs} does not divide the expert weight's input dim {k}")
+    q, scale, zp = int4_codes(w.astype(np.float32).reshape(e, n, k // bs, bs), symmetric, scale_dtype)
+    packed = pack_nibbles(q.reshape(e, n, k))
+    if block_size is None:
+        scale, zp = scale[..., 0], zp[..., 0]
+    return packed, scale, None if symmetric else pack_nibbles(zp, pad=8)
+
+
 def _excluded(node: ir.Node, weights: Iterable[ir.Value], exclude: Iterable[str]) -> str | None:
     for pat in exclude:
         if pat in ("mlp", "experts"):
@@ -86,7 +111,8 @@ def _excluded(node: ir.Node, weights: Iterable[ir.Value], exclude: Iterable[str]
 
 
 class QMoEPass(ir.passes.InPlacePass):
-    """Every `com.microsoft.MoE` with constant fp32 fc1/fc2 (and no fc3, no biases) -> `QMoE` int8.
+    """Every `com.microsoft.MoE` with constant fp32 fc1/fc2 (and no fc3, no biases) -> `QMoE` int8 (bits=8) or
+    int4 (bits=4; symmetric or with zero points).
 
     granularity "channel" (weight-only numerics) or "block" (block_size, activations quantized per
     block inside the kernel); accuracy_level is written to the node when given. Results are added to
@@ -95,14 +121,25 @@ class QMoEPass(ir.passes.InPlacePass):
 
     def __init__(self, granularity: str = "channel", block_size: int = 128, accuracy_level: int | None = None,
                  exclude: Iterable[str] = (), report: QuantReport | None = None, scale_dtype: str = "float32",
-                 router_weights: bool = True):
+                 router_weights: bool = True, bits: int = 8, symmetric: bool = True):
         super().__init__()
         self.scale_dtype, self.router_weights = scale_dtype, router_weights
+        if bits not in (4, 8):
+            raise QuantizationError(f"QMoE expert bits {bits!r}: 4 or 8")
+        if bits == 8 and not symmetric:
+            raise QuantizationError("QMoE 8-bit experts are symmetric only here")
+        self.bits, self.symmetric = bits, symmetric
         if granularity not in GRANULARITIES:
             raise QuantizationError(f"QMoE granularity {granularity!r}: choose one of {', '.join(GRANULARITIES)}")
         self.granularity, self.block_size, self.accuracy_level = granularity, block_size, accuracy_level
         self.exclude = tuple(exclude)
         self.report = report if report is not None else QuantReport("int8")
+
+    def _activations(self, bs: int | None) -> str:
+        """What the ORT 1.32 CPU kernel does to the activations (module docstring)."""
+        if bs is None or (self.bits == 4 and self.accuracy_level != 4):
+            return "fp32 (weight-only)"
+        return f"int8 per token per {bs}-block inside the kernel"
 
     def _skip(self, node: ir.Node, reason: str) -> None:
         self.report.skipped.append({"node": node.name, "weight": "", "role": "routed_experts", "reason": reason})
@@ -138,34 +175,44 @@ class QMoEPass(ir.passes.InPlacePass):
                     self._skip(node, f"no power-of-two block in 16..{self.block_size} divides hidden {h} and "
                                      f"moe_intermediate {inter}")
                     continue
-            q1, s1 = quantize_experts_int8(fc1, bs, self.scale_dtype)
-            q2, s2 = quantize_experts_int8(fc2, bs, self.scale_dtype)
+            zps = []
+            if self.bits == 8:
+                q1, s1 = quantize_experts_int8(fc1, bs, self.scale_dtype)
+                q2, s2 = quantize_experts_int8(fc2, bs, self.scale_dtype)
+            else:
+                q1, s1, z1 = quantize_experts_int4(fc1, bs, self.symmetric, self.scale_dtype)
+                q2, s2, z2 = quantize_experts_int4(fc2, bs, self.symmetric, self.scale_dtype)
             base = node.name or fc1_v.name or "moe"
-            new = [add_initializer(graph, f"{fc1_v.name}.q8", q1), add_initializer(graph, f"{fc1_v.name}.scales", s1),
-                   add_initializer(graph, f"{fc2_v.name}.q8", q2), add_initializer(graph, f"{fc2_v.name}.scales", s2)]
+            tag = f"q{self.bits}"
+            new = [add_initializer(graph, f"{fc1_v.name}.{tag}", q1), add_initializer(graph, f"{fc1_v.name}.scales", s1),
+                   add_initializer(graph, f"{fc2_v.name}.{tag}", q2), add_initializer(graph, f"{fc2_v.name}.scales", s2)]
+            if self.bits == 4 and not self.symmetric:
+                zps = [add_initializer(graph, f"{fc1_v.name}.zero_points", z1),
+                       add_initializer(graph, f"{fc2_v.name}.zero_points", z2)]
             attrs = {a: node.attributes[a].value for a in _KEPT_ATTRS if a in node.attributes}
-            attrs.update(expert_weight_bits=8, weights_prepacked=0, quant_type="int")
+            attrs.update(expert_weight_bits=self.bits, weights_prepacked=0, quant_type="int")
             if bs is not None:
                 attrs["block_size"] = bs
             if self.accuracy_level is not None:
                 attrs["accuracy_level"] = self.accuracy_level
             q_inputs = [ins[0], ins[1], new[0], new[1], None, new[2], new[3]]
+            if zps:
+                q_inputs += [None] * 4 + zps  # fc1_zero_points, fc2_zero_points are QMoE inputs 11, 12
             nodes = []
             if self.router_weights and not attr(node, "normalize_routing_weights", 0):
                 nodes.append(ir.node("Softmax", [ins[1]], {"axis": -1}, name=f"{base}.router_weights"))
                 nodes[0].outputs[0].name = f"{base}.router_weights"
-                q_inputs += [None] * 7 + [nodes[0].outputs[0]]  # router_weights is QMoE input 14
-            qnode = ir.node("QMoE", q_inputs, attrs, domain=MS_DOMAIN, name=f"{base}.int8")
+                q_inputs += [None] * (14 - len(q_inputs)) + [nodes[0].outputs[0]]  # router_weights is QMoE input 14
+            qnode = ir.node("QMoE", q_inputs, attrs, domain=MS_DOMAIN, name=f"{base}.int{self.bits}")
             nodes.append(qnode)
             ir.convenience.replace_nodes_and_values(graph, node, [node], nodes, [node.outputs[0]], [qnode.outputs[0]])
             remove_if_unused(graph, fc1_v, fc2_v)
             before = (fc1.size + fc2.size) * 4
-            after = sum(v.const_value.nbytes for v in new)
+            after = sum(v.const_value.nbytes for v in new + zps)
             rep.quantized.append({"weight": f"{fc1_v.name}, {fc2_v.name}", "nodes": [qnode.name], "role": "routed_experts",
                                   "op": "com.microsoft.QMoE", "shape": [E, two_i, h], "experts": E,
-                                  "granularity": self.granularity, "block_size": bs,
-                                  "activations": "fp32 (weight-only)" if bs is None else
-                                  f"int8 per token per {bs}-block inside the kernel",
+                                  "granularity": self.granularity, "block_size": bs, "bits": self.bits,
+                                  "activations": self._activations(bs),
                                   "bytes_before": before, "bytes_after": after})
             rep.linear_bytes_before += before
             rep.linear_bytes_after += after

@@ -2,6 +2,7 @@
 
 The schemes live one per file and all build on this module:
     passes/quant_int8.py  INT8 weight-only, `com.microsoft.MatMulNBits` bits=8 (ONNX Runtime)
+    passes/quant_int4.py  INT4 weight-only (RTN), `com.microsoft.MatMulNBits` bits=4, QMoE 4-bit experts
     passes/quant_fp8.py   FP8 E4M3 128x128-block weights, blocked `DequantizeLinear` (opset 21)
     passes/quant_w8a8.py  W8A8: per-channel INT8 weights, per-token dynamic / static activations (QDQ)
 passes/quantize.py runs one scheme by name (what `compile --quant` calls); this module imports none
@@ -43,7 +44,7 @@ from models.errors import MlamoeError
 
 ROLES = ("attention", "mlp", "router", "lm_head")
 DEFAULT_EXCLUDE = ("lm_head", "router")
-SCHEMES = ("none", "int8", "w8a8", "fp8")
+SCHEMES = ("none", "int8", "int4", "w8a8", "fp8")
 METADATA_KEY = "mlamoe.quantization"
 
 _PASS_THROUGH = {"Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten"}
@@ -341,3 +342,61 @@ def round_scale(scale: np.ndarray, scale_dtype: str) -> np.ndarray:
     tiny = np.float32(np.finfo(np.float16).smallest_subnormal)
     s16 = np.minimum(scale, np.float32(np.finfo(np.float16).max)).astype(np.float16).astype(np.float32)
     return np.where(s16 > 0, s16, tiny).astype(np.float32)
+
+
+# ---- 4-bit codes (MatMulNBits bits=4 in quant_int4.py, QMoE 4-bit in quant_qmoe.py) --------------------
+def _roundf(x: np.ndarray) -> np.ndarray:
+    """C roundf (half away from zero) of float32 values, exactly (float64 holds |x| + 0.5 exactly here)."""
+    x = x.astype(np.float64)
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+INT4_SCALE_DTYPES = ("float32", "float16")
+
+
+def round_scale_signed(scale: np.ndarray, scale_dtype: str) -> np.ndarray:
+    """scale_dtype "float16": the nearest fp16 value, kept in fp32 (sign kept: symmetric scales may be negative;
+    a non-zero scale that rounds to 0 becomes the smallest fp16 subnormal of its sign; 0 stays 0)."""
+    if scale_dtype == "float32":
+        return scale
+    if scale_dtype not in INT4_SCALE_DTYPES:
+        raise QuantizationError(f"int4 scale_dtype {scale_dtype!r}: choose one of {', '.join(INT4_SCALE_DTYPES)}")
+    big = np.float32(np.finfo(np.float16).max)
+    s16 = np.clip(scale, -big, big).astype(np.float16).astype(np.float32)
+    tiny = np.float32(np.finfo(np.float16).smallest_subnormal)
+    return np.where((s16 == 0) & (scale != 0), np.copysign(tiny, scale), s16).astype(np.float32)
+
+
+def int4_codes(blocks: np.ndarray, symmetric: bool, scale_dtype: str = "float32"
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """fp32 [..., bs] blocks -> (codes uint8 [..., bs] in 0..15, scales fp32 [...], zero points uint8 [...]).
+
+    The MLAS round-to-nearest formulas of passes/quant_int4.py's docstring (shared with QMoE 4-bit); callers zero-pad partial blocks (zeros never
+    change lo/hi, which include 0 anyway, nor the largest magnitude). scale_dtype "float16" (ort-cuda, whose
+    MatMulNBits takes scales in the activations' type): each scale is rounded to fp16 first and the zero point
+    and codes are computed against it, so a later fp16 conversion of the scales changes no dequantized weight."""
+    blocks = blocks.astype(np.float32, copy=False)
+    bmax, bmin = blocks.max(-1), blocks.min(-1)
+    if symmetric:
+        m = np.where(np.abs(bmax) > np.abs(bmin), bmax, bmin)
+        scale = round_scale_signed((-m / np.float32(8)).astype(np.float32), scale_dtype)
+        zp = np.full(scale.shape, 8, np.float32)
+    else:
+        lo, hi = np.minimum(bmin, np.float32(0)), np.maximum(bmax, np.float32(0))
+        scale = round_scale_signed(((hi - lo) / np.float32(15)).astype(np.float32), scale_dtype)
+        nz = scale != 0
+        zfp = np.where(nz, np.float32(0) - lo / np.where(nz, scale, np.float32(1)), lo).astype(np.float32)
+        zp = np.clip(_roundf(zfp), 0, 15).astype(np.float32)
+    nz = scale != 0
+    recip = np.where(nz, np.float32(1) / np.where(nz, scale, np.float32(1)), np.float32(0)).astype(np.float32)
+    v = (blocks * recip[..., None]).astype(np.float32) + zp[..., None]
+    q = np.clip(_roundf(v.astype(np.float32)), 0, 15).astype(np.uint8)
+    return q, scale, zp.astype(np.uint8)
+
+
+def pack_nibbles(codes: np.ndarray, pad: int = 0) -> np.ndarray:
+    """uint8 codes [..., L] -> uint8 [..., ceil(L/2)]: element 2j in the low nibble of byte j, 2j+1 in the
+    high one (an odd L's missing last element is `pad`)."""
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.full(codes.shape[:-1] + (1,), pad, np.uint8)], -1)
+    return (codes[..., 0::2] & 0xF) | ((codes[..., 1::2] & 0xF) << 4)

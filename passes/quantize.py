@@ -1,6 +1,6 @@
 """The quantize stage's entry: one scheme by name (what `compile --quant` calls).
 
-The schemes are passes/quant_int8.py, quant_fp8.py and quant_w8a8.py; passes/quant_weights.py holds
+The schemes are passes/quant_int8.py, quant_int4.py, quant_fp8.py and quant_w8a8.py; passes/quant_weights.py holds
 what they share (finding linear sites, roles, the report) and imports none of them.
 """
 from __future__ import annotations
@@ -19,6 +19,13 @@ def quantize(model_ir: ir.Model, scheme: str, *, model=None, calibration: dict[s
     scheme "int8": options block_size (default 128, capped at each layer's in_features), symmetric,
                    accuracy_level (None/0: fp32 activations; 4: int8 activations per block inside the
                    kernels), experts (com.microsoft.MoE -> QMoE: "auto", "channel", "block", "none").
+    scheme "int4": options block_size (default 32; 16..256, a power of two), symmetric (default False:
+                   zero points, as onnxruntime's MatMulNBitsQuantizer), accuracy_level (None/0: fp32
+                   activations; 4: int8 activations per block inside the kernels, ORT CPU's fast path),
+                   experts (com.microsoft.MoE -> QMoE 4-bit: "auto" = "block", "channel"; "int8": QMoE
+                   int8 as scheme int8 writes it; "none": fp32), attention_bits (4, or 8: the attention
+                   linears as scheme int8 writes them, MLP and experts 4-bit), scale_dtype ("float32";
+                   "float16": scales rounded to fp16 first, for fp16-scale kernels such as CUDA's).
     scheme "fp8" : `model` (the eager model) lets an FP8 checkpoint's bytes pass through unchanged;
                    activations "none" (default) or "dynamic" (FP8 per token per 128 channels).
     scheme "w8a8": `calibration` ({activation name: amax}, from passes.quant_w8a8.calibrate) gives
@@ -32,6 +39,9 @@ def quantize(model_ir: ir.Model, scheme: str, *, model=None, calibration: dict[s
     if scheme == "int8":
         from .quant_int8 import Int8WeightOnlyPass
         p = Int8WeightOnlyPass(exclude=exclude, **options)
+    elif scheme == "int4":
+        from .quant_int4 import Int4WeightOnlyPass
+        p = Int4WeightOnlyPass(exclude=exclude, **options)
     elif scheme == "fp8":
         from .quant_fp8 import Fp8WeightPass
         p = Fp8WeightPass(model=model, exclude=exclude, **options)

@@ -168,6 +168,11 @@ BUDGETS: dict[str, Budget] = {
     # give cosine < 0.5 and KL > 4.
     "quantize-int8": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.99, max_kl=0.05, max_rel_euclid=0.15,
                             max_flipped_fraction=0.10),
+    # INT4 (MatMulNBits 4-bit RTN, QMoE 4-bit experts): 16 levels per block, ~16x int8's weight error, so
+    # the same shape with fp8-like limits; tests/test_quant_int4.py measures tiny against them and shows
+    # wrong quantizers (swapped nibbles, expert scales x2, scales one block off) fail them.
+    "quantize-int4": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.94, max_kl=0.1, max_rel_euclid=0.35,
+                            max_flipped_fraction=0.45),
     "quantize-w8a8": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.98, max_kl=0.1, max_rel_euclid=0.2,
                             max_flipped_fraction=0.20),
     "quantize-fp8": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.95, max_kl=0.4, max_rel_euclid=0.32,

@@ -164,7 +164,7 @@ def test_never_quantized_and_exclude(scheme):
     rep2 = quantize(m2, scheme, exclude=("lm_head", "router", "mlp", "W1_*"))
     assert {q["weight"] for q in rep2.quantized} == {"W2_oi"}
     with pytest.raises(QuantizationError, match="unknown quantization scheme"):
-        quantize(build_graph(), "int4")
+        quantize(build_graph(), "int3")
 
 
 def test_int8_matches_numpy_exactly():
