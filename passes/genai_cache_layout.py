@@ -38,7 +38,7 @@ PRESENT_VALUE_NAMES = "present.%d.value"
 _STATE = re.compile(r"^(past|present)\.(\d+)\.(.+)$")
 
 
-class GenaiCacheLayoutError(ValueError):
+class GenaiCacheLayoutError(ir.passes.PreconditionError):
     """The graph's cache IO does not have the shape this pass rewrites."""
 
 
