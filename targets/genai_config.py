@@ -1,10 +1,20 @@
-"""genai_config.json for ONNX Runtime GenAI, from the model config and the genai-layout decoder graph.
+"""genai_config.json for ONNX Runtime GenAI, from the model config and the genai-layout graphs.
 
-The decoder graph is a package graph rewritten by passes.genai_cache_layout (one key/value pair per
-layer, [batch, 1, seq, H]); everything about the cache (names, H, layer count) is read from that
-graph, everything about the model (vocabulary, special tokens, context length) from its config.json
-dict. Field meanings: onnxruntime-genai's src/config.h and its model builder's make_genai_config
+The graphs are package graphs rewritten by passes.genai_cache_layout (one key/value pair per layer,
+[batch, 1, seq, H]); everything about the cache (names, H, layer count) is read from them, everything
+about the model (vocabulary, special tokens, context length) from its config.json dict. Field
+meanings: onnxruntime-genai's src/config.h and its model builder's make_genai_config
 (onnxruntime_genai/models/builders/base.py), which this follows field for field.
+
+Two forms:
+  type "decoder"           one graph (the prefill graph: it takes any seq and any past) runs the
+                           prompt and every generated token;
+  type "decoder-pipeline"  the prefill graph runs the prompt (run_on_prompt) and the decode graph
+                           (latent-fused attention, input_ids [batch, 1]) every generated token
+                           (run_on_token_gen): the same two graphs the package runtime runs.
+                           genai calls a step a prompt step when it appends more than one token
+                           (src/models/decoder_only_pipeline.cpp: first_run_ = next_tokens.size() > 1),
+                           so a one-token prompt runs on the decode graph (it takes an empty past).
 
 What the fields mean for an MLA graph (genai reads them as if the cache were multi-head K/V):
   num_key_value_heads = 1 and head_size = H: the shape genai allocates for every past key and value
@@ -23,6 +33,7 @@ from passes.genai_cache_layout import layout_of
 
 DECODER_FILENAME = "model.onnx"
 MODEL_TYPE = "decoder"  # genai's generic decoder-only LLM (src/models/model_type.h ModelType::IsLLM)
+PIPELINE_TYPE = "decoder-pipeline"  # several graphs, each run on the prompt and/or the generated tokens (IsPipe)
 
 
 def _token_ids(value) -> list[int]:
@@ -31,14 +42,26 @@ def _token_ids(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-def genai_config(model_config: dict, decoder: ir.Model, filename: str = DECODER_FILENAME,
-                 max_length: int | None = None, provider_options: list | None = None) -> dict:
-    """The genai_config.json dict for `decoder` (a graph rewritten by GenaiCacheLayoutPass).
+def _io(model: ir.Model) -> tuple[list[str], list[str]]:
+    return [v.name for v in model.graph.inputs], [v.name for v in model.graph.outputs]
 
+
+def genai_config(model_config: dict, decoder: ir.Model, filename: str = DECODER_FILENAME,
+                 token_gen: tuple[str, ir.Model] | None = None, max_length: int | None = None,
+                 provider_options: list | None = None) -> dict:
+    """The genai_config.json dict for `decoder` (a graph rewritten by GenaiCacheLayoutPass), saved as
+    `filename` beside the config.
+
+    token_gen: (filename, graph) of a second rewritten graph for the generated tokens (the decode
+      graph): the "decoder-pipeline" form; without it the "decoder" form runs `decoder` for both.
     model_config: the model's config.json dict (the package manifest's model.config).
     max_length: search.max_length (prompt + generated tokens); default: the context length.
     """
     layout = layout_of(decoder)
+    if token_gen is not None:
+        other = layout_of(token_gen[1])
+        if other != layout or _io(token_gen[1]) != _io(decoder):
+            raise ValueError("the token-generation graph's cache layout or IO differs from the prompt graph's")
     heads = {spec["head_size"] for spec in layout["layers"]}
     if len(heads) != 1:  # genai reads per-layer widths from the graph, but one value goes in the config
         raise ValueError(f"layers have different key/value widths {sorted(heads)}")
@@ -77,9 +100,18 @@ def genai_config(model_config: dict, decoder: ir.Model, filename: str = DECODER_
             "num_key_value_heads": 1,
         },
         "pad_token_id": int(pad),
-        "type": MODEL_TYPE,
+        "type": MODEL_TYPE if token_gen is None else PIPELINE_TYPE,
         "vocab_size": int(model_config["vocab_size"]),
     }
+    if token_gen is not None:
+        ins, outs = _io(decoder)
+        del model["decoder"]["filename"]
+        # one model per array element, so that the order survives sorted keys
+        model["decoder"]["pipeline"] = [
+            {"prompt": {"filename": filename, "inputs": ins, "outputs": outs,
+                        "run_on_prompt": True, "run_on_token_gen": False}},
+            {"token_gen": {"filename": token_gen[0], "inputs": ins, "outputs": outs,
+                           "run_on_prompt": False, "run_on_token_gen": True}}]
     if bos:
         model["bos_token_id"] = bos[0]
     if eos:

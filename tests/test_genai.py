@@ -71,7 +71,16 @@ def tiny(tmp_path_factory, stage_cache):
     out = tmp_path_factory.mktemp("genai")
     pkg = compile_package("tiny", "ort-cpu", out / "tiny", cache_dir=stage_cache, progress=lambda m: None)
     from_package(pkg, out / "tiny-genai")
+    from_package(pkg, out / "tiny-genai-single", form="single")
     return pkg, out / "tiny-genai"
+
+
+@pytest.fixture(scope="module")
+def tiny_single(tiny):
+    return tiny[0], tiny[1].parent / "tiny-genai-single"
+
+
+GRAPHS = (("prefill", "prefill.onnx", (2, 5, 4), (1, 0, 7), (1, 9, 1)), ("decode", "decode.onnx", (2, 5, 1), (1, 0, 1)))
 
 
 def _random_state(sess: ort.InferenceSession, batch: int, past: int, seq: int, seed: int = 0) -> dict:
@@ -85,11 +94,13 @@ def _random_state(sess: ort.InferenceSession, batch: int, past: int, seq: int, s
     return feeds
 
 
-def test_rewritten_graph_computes_what_the_package_graph_computes(tiny):
+@pytest.mark.parametrize("graph", GRAPHS, ids=[g[0] for g in GRAPHS])
+def test_rewritten_graph_computes_what_the_package_graph_computes(tiny, graph):
     pkg, genai = tiny
-    ref, new = _session(pkg / "onnx" / "prefill.onnx"), _session(genai / "model.onnx")
-    layout = layout_of(ir.load(genai / "model.onnx"))
-    for batch, past, seq in ((2, 5, 4), (1, 0, 7), (1, 9, 1)):
+    name, filename, *shapes = graph
+    ref, new = _session(pkg / "onnx" / f"{name}.onnx"), _session(genai / filename)
+    layout = layout_of(ir.load(genai / filename))
+    for batch, past, seq in shapes:
         feeds = _random_state(ref, batch, past, seq)
         want = _run(ref, feeds)
         got = _run(new, {"input_ids": feeds["input_ids"], **split_state(layout, feeds)})
@@ -103,7 +114,7 @@ def test_rewritten_graph_computes_what_the_package_graph_computes(tiny):
 def test_layout_is_one_key_value_pair_per_layer_of_half_the_latent_row(tiny):
     pkg, genai = tiny
     before = {i.name: i for i in onnx.load(pkg / "onnx" / "prefill.onnx", load_external_data=False).graph.input}
-    model = ir.load(genai / "model.onnx")
+    model = ir.load(genai / "prefill.onnx")
     layout = layout_of(model)
     inputs = {v.name: v for v in model.graph.inputs}
     assert not any(n.startswith("past.") for n in inputs)  # every state tensor went into the pair
@@ -118,13 +129,24 @@ def test_layout_is_one_key_value_pair_per_layer_of_half_the_latent_row(tiny):
         assert 2 * spec["head_size"] == sum(widths) + spec["pad"] and spec["pad"] in (0, 1)
 
 
-def test_genai_config_describes_the_rewritten_graph(tiny):
+def test_genai_config_describes_the_rewritten_graphs(tiny, tiny_single):
     pkg, genai = tiny
     cfg = json.loads((genai / "genai_config.json").read_text())
-    model = ir.load(genai / "model.onnx")
+    model = ir.load(genai / "prefill.onnx")
     manifest = json.loads((pkg / "manifest.json").read_text())
     dec = cfg["model"]["decoder"]
-    assert (genai / dec["filename"]).is_file() and cfg["model"]["type"] == "decoder"
+    assert cfg["model"]["type"] == "decoder-pipeline" and "filename" not in dec
+    (prompt,), (token_gen,) = (list(d.values()) for d in dec["pipeline"])
+    assert (prompt["filename"], prompt["run_on_prompt"], prompt["run_on_token_gen"]) == ("prefill.onnx", True, False)
+    assert (token_gen["filename"], token_gen["run_on_prompt"], token_gen["run_on_token_gen"]) == (
+        "decode.onnx", False, True)
+    for spec in (prompt, token_gen):
+        g = onnx.load(genai / spec["filename"], load_external_data=False).graph
+        assert spec["inputs"] == [i.name for i in g.input] and spec["outputs"] == [o.name for o in g.output]
+    single = json.loads((tiny_single[1] / "genai_config.json").read_text())
+    assert single["model"]["type"] == "decoder" and (tiny_single[1] / single["model"]["decoder"]["filename"]).is_file()
+    assert {k: v for k, v in single["model"]["decoder"].items() if k != "filename"} == {
+        k: v for k, v in dec.items() if k != "pipeline"}
     values = {v.name: v for v in [*model.graph.inputs, *model.graph.outputs]}
     names = set(values)
     for i in range(dec["num_hidden_layers"]):
@@ -144,8 +166,8 @@ def test_genai_config_describes_the_rewritten_graph(tiny):
 def test_swapped_halves_break_the_comparison(tiny):
     """Fault: key and value fed the wrong way round (a config naming them swapped) must not pass."""
     pkg, genai = tiny
-    ref, new = _session(pkg / "onnx" / "prefill.onnx"), _session(genai / "model.onnx")
-    layout = layout_of(ir.load(genai / "model.onnx"))
+    ref, new = _session(pkg / "onnx" / "prefill.onnx"), _session(genai / "prefill.onnx")
+    layout = layout_of(ir.load(genai / "prefill.onnx"))
     feeds = _random_state(ref, 1, 6, 3)
     want = _run(ref, feeds)
     state = split_state(layout, feeds)
@@ -259,9 +281,12 @@ def _eos(pkg: Path) -> list[int]:
 
 
 @needs_genai
-@pytest.mark.parametrize("prompt", ["def main():", "import os\nimport sys\n\nclass"])
-def test_genai_generates_the_package_runtimes_tokens_on_tiny(tiny, prompt):
-    pkg, genai = tiny
+@pytest.mark.parametrize("form", ["pipeline", "single"])
+@pytest.mark.parametrize("prompt", ["def main():", "import os\nimport sys\n\nclass", "d"])
+def test_genai_generates_the_package_runtimes_tokens_on_tiny(tiny, tiny_single, prompt, form):
+    """A one-token prompt ("d") runs on the decode graph in the pipeline form (genai's prompt step is
+    one of more than one token)."""
+    pkg, genai = tiny if form == "pipeline" else tiny_single
     got, want = genai_generate(genai, prompt, 24), mlamoe_generate(pkg, prompt, 24)
     assert got["prompt_ids"] == list(prompt.encode("utf-8"))  # byte-level tokenizer through genai's own
     assert_same_generation(got, want, _eos(pkg))
@@ -286,13 +311,33 @@ def test_genai_fault_swapped_cache_names_change_the_logits(tiny, tmp_path):
 
 
 @needs_genai
+def test_genai_fault_a_wrong_token_gen_graph_changes_the_tokens(tiny, tmp_path):
+    """The pipeline really runs decode.onnx for the generated tokens: with its logits negated the
+    first token (from prefill.onnx) still agrees and the next ones do not."""
+    pkg, genai = tiny
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in genai.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    m = onnx.load(bad / "decode.onnx")
+    for node in m.graph.node:
+        node.output[:] = ["logits.inner" if o == "logits" else o for o in node.output]
+    m.graph.node.append(onnx.helper.make_node("Neg", ["logits.inner"], ["logits"]))
+    onnx.save(m, bad / "decode.onnx")
+    got, want = genai_generate(bad, "def main():", 6), mlamoe_generate(pkg, "def main():", 6)
+    assert got["tokens"][0] == want["tokens"][0] and got["tokens"][1:] != want["tokens"][1:]
+
+
+@needs_genai
 @pytest.mark.skipif(not (TRAINED / "model.safetensors").is_file(),
                     reason="models/trained/trained-small not built (python -m models.train_small)")
 def test_genai_on_trained_small_equals_mlamoe_generate(tmp_path, stage_cache):
     """The issue's check: trained-small's ort-cpu package, "def main():", 16 new tokens, greedy."""
     pkg = compile_package("trained-small", "ort-cpu", tmp_path / "ts", cache_dir=stage_cache, progress=lambda m: None)
-    genai = tmp_path / "ts-genai"
-    from_package(pkg, genai)
-    got, want = genai_generate(genai, "def main():", 16), mlamoe_generate(pkg, "def main():", 16)
-    assert got["tokens"] == want["tokens"] and len(got["tokens"]) == 16
-    assert_same_generation(got, want, _eos(pkg))
+    want = mlamoe_generate(pkg, "def main():", 16)
+    for form in ("pipeline", "single"):
+        genai = tmp_path / f"ts-genai-{form}"
+        from_package(pkg, genai, form=form)
+        got = genai_generate(genai, "def main():", 16)
+        assert got["tokens"] == want["tokens"] and len(got["tokens"]) == 16, form
+        assert_same_generation(got, want, _eos(pkg))
