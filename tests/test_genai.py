@@ -27,7 +27,7 @@ import pytest
 from passes.genai_cache_layout import GenaiCacheLayoutError, GenaiCacheLayoutPass, join_state, layout_of, split_state
 from pipeline.compile import compile_package
 from targets.genai_config import genai_config
-from targets.genai_folder import from_package
+from targets.genai_folder import check_golden, from_package, manifest_section
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINED = REPO / "models" / "trained" / "trained-small"
@@ -179,6 +179,42 @@ def test_swapped_halves_break_the_comparison(tiny):
     assert np.abs(got["logits"] - want["logits"]).max() > 1e-2
 
 
+def _copy(folder: Path, to: Path) -> Path:
+    to.mkdir()
+    for f in folder.iterdir():
+        (to / f.name).write_bytes(f.read_bytes())
+    return to
+
+
+def _swap_config_names(folder: Path) -> None:
+    cfg = json.loads((folder / "genai_config.json").read_text())
+    dec = cfg["model"]["decoder"]
+    dec["inputs"]["past_key_names"], dec["inputs"]["past_value_names"] = (
+        dec["inputs"]["past_value_names"], dec["inputs"]["past_key_names"])
+    (folder / "genai_config.json").write_text(json.dumps(cfg))
+
+
+def test_genai_graphs_reproduce_the_packages_golden_data(tiny, tiny_single, tmp_path):
+    """The build-time check (no onnxruntime-genai needed): golden cases and greedy tokens through the
+    genai graphs, bound by the config's names; a config naming key and value swapped fails it."""
+    pkg, genai = tiny
+    assert check_golden(pkg, genai) == [] and check_golden(pkg, tiny_single[1]) == []
+    bad = _copy(genai, tmp_path / "bad")
+    _swap_config_names(bad)
+    failures = check_golden(pkg, bad)
+    assert any(f.startswith("prefill-chunk/logits") for f in failures), failures
+    assert any("greedy generation" in f for f in failures), failures
+
+
+def test_manifest_section_names_the_folder_and_the_graphs(tiny):
+    pkg, genai = tiny
+    sec = manifest_section(genai.parent, genai)
+    assert sec["dir"] == genai.name and sec["type"] == "decoder-pipeline"
+    assert sec["graphs"] == {"prefill": f"{genai.name}/prefill.onnx", "decode": f"{genai.name}/decode.onnx"}
+    head = json.loads((genai / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
+    assert sec["cache"]["shape"] == ["batch", 1, "seq", head]
+
+
 def _odd_graph() -> ir.Model:
     """A stand-in family: per layer states "a" [B, S, 3] and "b" [B, S, 4] (an odd row of 7), each
     appended a slice of x; y = every present state summed over the sequence."""
@@ -296,15 +332,8 @@ def test_genai_generates_the_package_runtimes_tokens_on_tiny(tiny, tiny_single, 
 def test_genai_fault_swapped_cache_names_change_the_logits(tiny, tmp_path):
     """A genai_config.json naming key and value the wrong way round runs, but the check catches it."""
     pkg, genai = tiny
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in genai.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
-    cfg = json.loads((bad / "genai_config.json").read_text())
-    dec = cfg["model"]["decoder"]
-    dec["inputs"]["past_key_names"], dec["inputs"]["past_value_names"] = (
-        dec["inputs"]["past_value_names"], dec["inputs"]["past_key_names"])
-    (bad / "genai_config.json").write_text(json.dumps(cfg))
+    bad = _copy(genai, tmp_path / "bad")
+    _swap_config_names(bad)
     got, want = genai_generate(bad, "def main():", 8), mlamoe_generate(pkg, "def main():", 8)
     with pytest.raises(AssertionError):
         assert_same_generation(got, want, _eos(pkg))
@@ -315,10 +344,7 @@ def test_genai_fault_a_wrong_token_gen_graph_changes_the_tokens(tiny, tmp_path):
     """The pipeline really runs decode.onnx for the generated tokens: with its logits negated the
     first token (from prefill.onnx) still agrees and the next ones do not."""
     pkg, genai = tiny
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    for f in genai.iterdir():
-        (bad / f.name).write_bytes(f.read_bytes())
+    bad = _copy(genai, tmp_path / "bad")
     m = onnx.load(bad / "decode.onnx")
     for node in m.graph.node:
         node.output[:] = ["logits.inner" if o == "logits" else o for o in node.output]
@@ -338,6 +364,7 @@ def test_genai_on_trained_small_equals_mlamoe_generate(tmp_path, stage_cache):
     for form in ("pipeline", "single"):
         genai = tmp_path / f"ts-genai-{form}"
         from_package(pkg, genai, form=form)
+        assert check_golden(pkg, genai) == [], form
         got = genai_generate(genai, "def main():", 16)
         assert got["tokens"] == want["tokens"] and len(got["tokens"]) == 16, form
         assert_same_generation(got, want, _eos(pkg))
