@@ -87,6 +87,17 @@ class GenaiCacheLayoutPass(ir.passes.InPlacePass):
                 if _width(past) != _width(present):
                     raise GenaiCacheLayoutError(f"{past.name} and {present.name} differ in width")
 
+    def ensures(self, model: ir.Model) -> None:
+        graph, layout = model.graph, layout_of(model)
+        names = {v.name for v in [*graph.inputs, *graph.outputs]}
+        pairs = {layout[k] % spec["layer"] for spec in layout["layers"]
+                 for k in ("key_names", "value_names", "present_key_names", "present_value_names")}
+        if pairs - names:
+            raise ir.passes.PostconditionError(f"key/value pairs missing from the graph's IO: {sorted(pairs - names)}")
+        left = sorted(n for n in names - pairs if _STATE.match(n or ""))
+        if left:
+            raise ir.passes.PostconditionError(f"cache tensors left in the old layout: {left}")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         layers = cache_entries(graph)
