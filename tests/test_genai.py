@@ -6,9 +6,10 @@ References, each independent of the code under test:
     graph must compute the same logits and the same new state: it only moves the cache's IO);
   - `mlamoe generate PACKAGE --prompt ... --json` (the package runtime) for the tokens and logits that
     onnxruntime-genai 0.18 produces from the genai folder. onnxruntime-genai lives in its own
-    environment (it cannot share one with the compiler's onnxruntime): MLAMOE_GENAI_PYTHON, else
-    .venv-genai/bin/python in the repository, else /work/genai-venv/bin/python; the tests that need it
-    skip with the reason where none of them imports onnxruntime_genai (docs/genai.md: how to make one).
+    environment (it cannot share one with the compiler's onnxruntime): MLAMOE_GENAI_PYTHON when set
+    (only it), else .venv-genai/bin/python in the repository, else /work/genai-venv/bin/python; the
+    tests that need it skip with the reason where none imports onnxruntime_genai (docs/genai.md: how
+    to make one).
 """
 from __future__ import annotations
 
@@ -37,10 +38,9 @@ LOGITS_ATOL = 1e-4  # genai and the package runtime run the same graph on the sa
 
 def _genai_python() -> tuple[str | None, str]:
     tried = []
-    for cand in (os.environ.get("MLAMOE_GENAI_PYTHON"), str(REPO / ".venv-genai" / "bin" / "python"),
-                 "/work/genai-venv/bin/python"):
-        if not cand:
-            continue
+    given = os.environ.get("MLAMOE_GENAI_PYTHON")  # when set, the only one tried
+    for cand in [given] if given is not None else [str(REPO / ".venv-genai" / "bin" / "python"),
+                                                    "/work/genai-venv/bin/python"]:
         tried.append(cand)
         if Path(cand).is_file():
             r = subprocess.run([cand, "-c", "import onnxruntime_genai as og; print(og.__version__)"],
