@@ -8,7 +8,7 @@ graph on held-out windows of 128 tokens, top-1 agreement, KL) on the graph an or
 (graph="ort-cpu": routed experts in QMoE); int8 (the `--quant int8` default) is the comparison. Issue 18's
 targets for int4: perplexity increase <= 3%, top-1 agreement >= 95%.
 
-`--routing`: the routing-aware judgement compile applies (pipeline.compile.routed_reports: numeric error with
+`--routing`: the routing-aware judgement compile applies (pipeline.build.routed_reports: numeric error with
 the reference's routing forced, flips on their own) of int8 and int4 forms on the ort-cpu graphs of `tiny`
 and of tests/test_routing_parity.py's randomized transformers checkpoints (weights x3), per golden case.
 """
@@ -81,7 +81,7 @@ def routing_parity(forms=ROUTING_FORMS) -> dict:
     from passes import PASSES, graphs_for
     from passes.cleanup import cleanup
     from passes.quantize import quantize
-    from pipeline.compile import moe_routers, routed_reports
+    from pipeline.build import moe_routers, routed_reports
     from pipeline.export import export_graphs, save_graph
     from pipeline.golden import make_golden
     out = {}

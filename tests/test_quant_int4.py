@@ -444,7 +444,7 @@ def _quantized_tiny(folder, out, fault=None, **options) -> dict:
 
 
 def _tiny_reports(tiny_ort_cpu, out, fault=None, **options):
-    from pipeline.compile import moe_routers, routed_reports
+    from pipeline.build import moe_routers, routed_reports
     model, golden, folder = tiny_ort_cpu
     paths = _quantized_tiny(folder, out, fault, **options)
     return routed_reports("quantize-int4", paths, {g: folder / f"{g}.onnx" for g in paths}, golden, moe_routers(model))
