@@ -12,7 +12,7 @@ SOC    ?= Ascend910B3
 OUT    ?= dist/$(notdir $(MODEL))-$(TARGET)
 EXTRA  ?=
 
-.PHONY: venv test test-slow compile bench clean
+.PHONY: venv genai-venv test test-slow compile bench clean
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+# onnxruntime-genai in its own environment (it must not share one with onnxruntime-gpu); tests/test_genai.py
+# finds it at .venv-genai/ (or $$MLAMOE_GENAI_PYTHON) and skips, saying so, where it is absent
+genai-venv:
+	test -x .venv-genai/bin/python || $(PYTHON) -m venv .venv-genai
+	.venv-genai/bin/python -m pip install -q --disable-pip-version-check onnxruntime-genai==0.18.0
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -24,6 +24,7 @@ from models.family import family_of
 from passes.cleanup import cleanup
 
 GRAPHS = ("prefill", "decode")
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 # Past the protobuf limit weights must live in external data; we switch a little earlier.
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)
 
@@ -97,8 +98,12 @@ def trace(wrapper: torch.nn.Module, args: tuple, what: str, error: type[MlamoeEr
 
 
 def finish(model_ir: ir.Model, name: str) -> ir.Model:
-    """Cleanup, graph name and producer fields every exported graph gets."""
+    """Cleanup, graph name and producer fields every exported graph gets; the exporter's per-node stack traces
+    (source paths and line numbers of this checkout) are dropped, so a graph does not depend on where the
+    repository lives or on an edit that only moves lines."""
     model_ir = cleanup(model_ir)
+    for node in ir.traversal.RecursiveGraphIterator(model_ir.graph):
+        node.metadata_props.pop(STACK_TRACE_KEY, None)
     model_ir.graph.name = name
     model_ir.producer_name = "mlamoe"
     model_ir.producer_version = ""

@@ -102,15 +102,17 @@ def graph_files(genai_dir: str | Path) -> dict[str, str]:
     return {g: v[0] for g, v in pick.items()}
 
 
-def check_golden(package_dir: str | Path, genai_dir: str | Path, providers=None) -> list[str]:
+def check_golden(package_dir: str | Path, genai_dir: str | Path, providers=None, manifest: dict | None = None
+                 ) -> list[str]:
     """Re-run the package's golden cases and greedy tokens through the genai folder's graphs on ONNX
     Runtime, the state fed and read under the names its genai_config.json gives (what genai binds);
     -> failures, [] when every output is within the package's recorded tolerance (Polygraphy's rule)
-    and the greedy tokens are equal. Needs onnxruntime only, not onnxruntime-genai."""
+    and the greedy tokens are equal. Needs onnxruntime only, not onnxruntime-genai. manifest: the package's
+    (default: read from the folder; a builder passes the one it is about to write)."""
     import onnx
     import onnxruntime as ort
     root, genai = Path(package_dir), Path(genai_dir)
-    manifest = json.loads((root / "manifest.json").read_text())
+    manifest = manifest or json.loads((root / "manifest.json").read_text())
     dec = json.loads((genai / "genai_config.json").read_text())["model"]["decoder"]
     files = graph_files(genai)
     so = ort.SessionOptions()

@@ -87,8 +87,11 @@ def test_package_layout_and_manifest(packages):
     assert stage_names[0] == "load" and stage_names[1] == "export" and stage_names[-1] == "package"
     assert any(n.startswith("passes/") for n in stage_names) and "quantize" in stage_names
     for s in m["stages"]:
-        if s["name"] not in ("load", "quantize", "package"):
+        if s["name"] not in ("load", "quantize", "package", "genai"):
             assert s["parity"] and all(p["passed"] for p in s["parity"]), s["name"]
+    # genai/ (the onnxruntime-genai folder): its check re-runs the golden data and fails the build on a difference
+    assert m["genai"]["dir"] == "genai" and m["genai"]["type"] == "decoder-pipeline"
+    assert (root / m["genai"]["config"]).is_file()
     listed = {f["path"] for f in m["files"]}
     on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {"manifest.json"}
     assert listed == on_disk

@@ -489,3 +489,24 @@ def test_tiny_int4_budget_catches_a_wrong_quantizer(tiny_ort_cpu, tmp_path, faul
         for r in reports:
             print(fault.__name__, r.stage, r.outputs[0].cosine, r.extra["routing"]["summary"])
             r.raise_if_failed()
+
+
+def test_tiny_int4_ort_cpu_package_builds_verifies_and_records_its_form(tmp_path, stage_cache):
+    """--quant int4 on ort-cpu: the target's recommended form (block 32, accuracy_level 4, attention 8-bit) is
+    what the quantize stage ran and what the manifest records; the package verifies (hashes and golden data)."""
+    import json
+    from pipeline.compile import compile_package
+    from pipeline.verify import verify_full
+    from targets.ort_cpu import INT4_OPTIONS
+    pkg = compile_package("tiny", "ort-cpu", tmp_path / "tiny-int4", quant="int4", cache_dir=stage_cache,
+                          progress=lambda m: None, genai="none")
+    m = json.loads((pkg / "manifest.json").read_text())
+    assert m["target"]["quantization"] == "int4" and m["target"]["quantization_options"] == INT4_OPTIONS
+    quant = next(s for s in m["stages"] if s["name"] == "quantize")
+    assert quant["params"] == {"scheme": "int4", **INT4_OPTIONS}
+    reports = json.loads((pkg / "reports" / "parity.json").read_text())["stages"]
+    assert any(r["stage"].startswith("quantize-int4/") for r in reports) and all(
+        r["passed"] for r in reports if not r["stage"].startswith("info/"))
+    assert "genai" not in m and not (pkg / "genai").exists()
+    ok, lines = verify_full(pkg)
+    assert ok, lines

@@ -6,16 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..base import Target, TargetError, TargetOption, TargetProfile
-from .session import OFFLINE_LEVEL, optimize_offline, session_config
+from .session import INT4_OPTIONS, OFFLINE_LEVEL, optimize_offline, session_config
 
-__all__ = ["OFFLINE_LEVEL", "PROFILE", "TARGET", "optimize_offline", "session_config"]
+__all__ = ["INT4_OPTIONS", "OFFLINE_LEVEL", "PROFILE", "TARGET", "optimize_offline", "session_config"]
 
 PROFILE = TargetProfile(
     name="ort-cpu",
     description="ONNX Runtime CPUExecutionProvider, fp32, dynamic batch/sequence/cache axes",
     opset=(17, 23),
     passes=("latent-kv-fusion", "moe-ort-fused", "ort-simplify"),
-    quant_schemes=("none", "int8", "w8a8", "fp8"),
+    quant_schemes=("none", "int8", "int4", "w8a8", "fp8"),
     dynamic_shapes=True,
 )
 
@@ -29,6 +29,7 @@ class OrtCpuTarget(Target):
         TargetOption("ranks", "--ranks", None, group="--ranks/--redundant"),
         TargetOption("redundant", "--redundant", 0, group="--ranks/--redundant"),
         TargetOption("calibrate", None, 8),  # with --ranks: routing-statistics prompts for the partition plan
+        TargetOption("genai", "--genai", None),  # the genai/ folder's form (targets/genai_folder.py); None: pipeline
     )
 
     def validate(self, quant: str, options: dict) -> None:

@@ -35,8 +35,11 @@ def build_ort_cpu(ctx: BuildContext) -> None:
     layout, gen_tokens, tokenizer = ctx.layout, ctx.gen_tokens, ctx.tokenizer
     ranks, redundant, calibrate = ctx.options["ranks"], ctx.options["redundant"], ctx.options["calibrate"]
     # passes.quant_int8 options; part of the quantize stage's parameters (and cache key)
-    quant_options = ({} if ctx.options["int8_accuracy_level"] is None
-                     else {"accuracy_level": ctx.options["int8_accuracy_level"]})
+    if quant == "int4":
+        quant_options = dict(ort_cpu.INT4_OPTIONS)
+    else:
+        quant_options = ({} if ctx.options["int8_accuracy_level"] is None
+                         else {"accuracy_level": ctx.options["int8_accuracy_level"]})
     golden = make_golden(model, layout, gen_tokens=gen_tokens, seed=seed)
 
     with work_dir(out) as work_s:
@@ -71,7 +74,7 @@ def build_ort_cpu(ctx: BuildContext) -> None:
                 (d / "reports" / "quantization.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
                 feeds = next(c.inputs for c in golden.cases if c.name == "prefill")
                 write_error_profile(ir.load(src_dir / "prefill.onnx"), graphs["prefill"], quant, feeds,
-                                    d / "reports" / "error_profile.csv")
+                                    d / "reports" / "error_profile.csv", **quant_options)
 
             prev = runner.run("quantize", {"scheme": quant, **quant_options}, prev.outputs, prev_dir, do_quant,
                               lambda d, rec: check_quant_cases(runner, rec, f"quantize-{quant}", model,
@@ -162,6 +165,38 @@ def build_ort_cpu(ctx: BuildContext) -> None:
             manifest["verification"]["not_verified"].append(
                 "the expert-parallel graphs were not run by this compile (see expert_parallel/launch.sh)")
         write_tokenizer(pkg, tokenizer)
+        genai_form = ctx.options["genai"] or "pipeline"
+        if genai_form != "none":
+            _genai_folder(pkg, manifest, runner, target_rec, genai_form, tokenizer)
         (pkg / "README.md").write_text(package_readme(manifest, runner.reports))
         write_manifest(pkg, manifest)
         runner.progress(f"[package] {out} ({time.time() - started:.1f} s in all)")
+
+
+def _genai_folder(pkg: Path, manifest: dict, runner, target_rec: StageRecord, form: str,
+                  tokenizer: dict[str, bytes]) -> None:
+    """genai/: the package's graphs with their cache IO in onnxruntime-genai's layout, genai_config.json and the
+    tokenizer (targets/genai_folder.py); checked by re-running the golden cases and greedy tokens through its
+    graphs on ONNX Runtime under the names genai_config.json gives (onnxruntime-genai itself is not run here)."""
+    from targets.genai_folder import GENAI_DIR, build_genai_folder, check_golden, manifest_section
+    from models.errors import MlamoeError
+    t = time.perf_counter()
+    runner.progress(f"[genai] writing {GENAI_DIR}/ ({form}) ...")
+    wanted = ("prefill", "decode") if form == "pipeline" else ("prefill",)
+    graphs = {g: ir.load(pkg / manifest["io"]["graphs"][g]["file"]) for g in wanted}
+    build_genai_folder(pkg / GENAI_DIR, graphs, manifest["model"]["config"], tokenizer, form=form)
+    failures = check_golden(pkg, pkg / GENAI_DIR, manifest=manifest)
+    if failures:
+        raise MlamoeError(f"genai/: the onnxruntime-genai graphs do not reproduce the package's golden data: "
+                         + "; ".join(failures[:3]))
+    rec = StageRecord("genai", {"form": form}, dict(target_rec.outputs), seconds=round(time.perf_counter() - t, 3))
+    rec.notes.append("golden cases and greedy tokens re-run through genai/'s graphs on ONNX Runtime under "
+                     "genai_config.json's names: equal within the package's tolerance; onnxruntime-genai itself "
+                     "was not run by this compile (tests/test_genai.py runs it)")
+    runner.records.insert(-1, rec)
+    manifest["stages"] = [r.to_dict() for r in runner.records]
+    manifest["genai"] = manifest_section(pkg, pkg / GENAI_DIR)
+    manifest["verification"]["verified_here"].append(
+        "genai/ (onnxruntime-genai folder): its graphs reproduce the golden data and greedy tokens on ONNX Runtime")
+    manifest["verification"]["not_verified"].append(
+        "onnxruntime-genai was not run by this compile (tests/test_genai.py runs it where it is installed)")

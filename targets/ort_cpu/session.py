@@ -10,6 +10,11 @@ import onnxruntime as ort
 # transforms of ORT_ENABLE_ALL, which ORT applies again at load time anyway).
 OFFLINE_LEVEL = "extended"
 
+# --quant int4 on ort-cpu (passes/quant_int4.py): block 32, int8 activations inside the kernels (ORT CPU's fast
+# path), the attention linears MatMulNBits 8-bit: the form that met both trained-small targets
+# (docs/quantization.md, benchmarks/cpu_trained_small_int4_accuracy.json)
+INT4_OPTIONS = {"block_size": 32, "accuracy_level": 4, "attention_bits": 8}
+
 
 def session_config(threads: int | None = None) -> dict:
     return {"graph_optimization_level": "all", "intra_op_num_threads": threads or 0, "inter_op_num_threads": 1}
