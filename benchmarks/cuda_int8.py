@@ -4,7 +4,7 @@
     PYTHONPATH=/tmp/site:$PWD python3 -m benchmarks.cuda_int8 \
         --packages dist/tiny-ort-cuda.tar.gz dist/tiny-ort-cuda-int8.tar.gz --out $OUT/h200_ort_cuda_int8.json
 
-Per package (CPU-built, shared/GPU.md):
+Per package (CPU-built, benchmarks/gpu/README.md):
   verify    runtime verify_golden on CUDA (golden/ within the recorded per-output tolerances, greedy tokens);
   vs_fp32   each golden case on CUDA against eager fp32 (an fp16 package's golden/, an int8 package's
             golden/fp32/): max abs, cosine, rel euclid, KL, top-1; a quantized package judged under the

@@ -67,12 +67,18 @@ def prefill_feeds(model_ir: ir.Model, ids: np.ndarray) -> dict[str, np.ndarray]:
     return feeds
 
 
-def run_cases(paths: dict[str, Path], golden: Golden, session_config: dict | None = None) -> dict[str, dict]:
-    """Run each golden case on ORT CPU; -> {case name: {output name: array}}."""
+def run_cases(paths: dict[str, Path], golden: Golden, session_config: dict | None = None,
+              progress=None) -> dict[str, dict]:
+    """Run each golden case on ORT CPU; -> {case name: {output name: array}}. progress: a pipeline.progress.Progress
+    (the case count on a terminal)."""
     so = ort_runtime.session_options(session_config or {"graph_optimization_level": "basic"})
+    if progress is not None:
+        progress.update("loading the graphs into ONNX Runtime")
     sessions = {g: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for g, p in paths.items()}
     results = {}
-    for case in golden.cases:
+    for i, case in enumerate(golden.cases):
+        if progress is not None:
+            progress.update("golden case", i + 1, len(golden.cases))
         sess = sessions[case.graph]
         names = [o.name for o in sess.get_outputs()]
         results[case.name] = dict(zip(names, sess.run(None, case.inputs)))
@@ -81,7 +87,7 @@ def run_cases(paths: dict[str, Path], golden: Golden, session_config: dict | Non
 
 def check_cases(runner: StageRunner, record: StageRecord, stage: str, paths: dict[str, Path], golden: Golden,
                 session_config: dict | None = None) -> None:
-    results = run_cases(paths, golden, session_config)
+    results = run_cases(paths, golden, session_config, progress=runner.live)
     for case in golden.cases:
         report = compare(f"{stage}/{case.name}", case.outputs, results[case.name], logits_outputs=["logits"])
         runner.add_report(record, report)
@@ -219,7 +225,10 @@ def run_graph_stages(runner: StageRunner, model, load: StageRecord, golden: Gold
         return lambda d, rec: check_cases(runner, rec, stage, {g: d / f"{g}.onnx" for g in GRAPHS}, golden)
 
     def do_export(d: Path, rec: StageRecord) -> None:
-        for g, m in export_graphs(model, layout).items():
+        runner.live.update(f"tracing the prefill graph ({model.config.num_hidden_layers} layers, torch.onnx.export)")
+        graphs = export_graphs(model, layout)
+        for i, (g, m) in enumerate(graphs.items()):
+            runner.live.update("writing graphs and weights", i + 1, len(graphs))
             save_graph(m, d / f"{g}.onnx")
 
     prev = runner.run("export", {"layout": layout, "exporter": "torch.onnx.export(dynamo=True)"},
@@ -231,6 +240,7 @@ def run_graph_stages(runner: StageRunner, model, load: StageRecord, golden: Gold
         def do_pass(d: Path, rec: StageRecord, name=name, src_dir=src_dir) -> None:
             wanted = graphs_for(name)
             for g, m in load_graphs(src_dir).items():
+                runner.live.update(f"{name} on {g}")
                 if g not in wanted:
                     for f in src_dir.glob(f"{g}.onnx*"):  # the graph and its external data, if any
                         shutil.copyfile(f, d / f.name)

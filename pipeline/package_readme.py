@@ -76,6 +76,7 @@ def package_readme(manifest: dict, reports: list[ParityReport]) -> str:
         "| `golden/` | inputs and expected outputs (.npy) of the eager fp32 reference |",
         "| `reports/parity.json`, `reports/parity.md` | every stage's parity numbers |",
         *_tokenizer_rows(manifest),
+        *_genai_rows(manifest),
         "",
         "## Inputs and outputs",
         "",
@@ -122,3 +123,12 @@ def _tokenizer_rows(manifest: dict) -> list[str]:
         return [f"| `{tok['dir']}/` | {', '.join(f.split('/')[-1] for f in tok['files'])}: {tok['source']} "
                 "(load tokenizer.json with the `tokenizers` library) |"]
     return [f"| (no tokenizer) | {tok.get('source', 'none recorded')} |"]
+
+
+def _genai_rows(manifest: dict) -> list[str]:
+    g = manifest.get("genai")
+    if not g:
+        return []
+    return [f"| `{g['dir']}/` | the same graphs for onnxruntime-genai ({g['type']}; {g['config']}; cache as one key/value "
+            f"pair per layer of half the state row): `python -c \"import onnxruntime_genai as og; og.Model('{g['dir']}')\"` "
+            f"with {g['runtime']}; greedy, batch 1 or equal-length prompts |"]

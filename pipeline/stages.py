@@ -22,6 +22,7 @@ from typing import Callable
 
 from .package import PackageError, sha256_file
 from .parity import ParityReport
+from .progress import Progress
 
 _SOURCE_PACKAGES = ("models", "runtime", "passes", "parallel", "targets", "pipeline")
 
@@ -124,6 +125,8 @@ class StageRunner:
         self.reports: list[ParityReport] = []
         self.informational: set[int] = set()
         self.progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        # the live status line (a terminal only); quiet when the caller takes the progress messages itself
+        self.live = Progress() if progress is None else Progress(live=False)
         self._versions = tool_versions()
         self._source = _source_hash()
 
@@ -151,9 +154,11 @@ class StageRunner:
             self.progress(f"[{name}] reused cached result ({key[:12]})")
         else:
             self.progress(f"[{name}] running ...")
-            build(out_dir, record)
+            with self.live.stage(name, "building"):
+                build(out_dir, record)
         if check is not None:
-            check(out_dir, record)
+            with self.live.stage(name, "checking"):
+                check(out_dir, record)
         record.outputs = {p.relative_to(out_dir).as_posix(): sha256_file(p)
                           for p in sorted(out_dir.rglob("*")) if p.is_file()}
         record.seconds = round(time.perf_counter() - start, 3)

@@ -1,6 +1,6 @@
 """ort-cuda target: fp16 conversion (CPU), the package build (CPU), and GPU runs (skipped without a GPU).
 
-The GPU tests run a package compiled on a CPU machine (MLAMOE_ORT_CUDA_PACKAGE, shared/GPU.md): the
+The GPU tests run a package compiled on a CPU machine (MLAMOE_ORT_CUDA_PACKAGE, benchmarks/gpu/README.md): the
 compile-time parity needs the pinned onnxruntime CPU build, whose kernels (com.microsoft.MoE among
 them) onnxruntime-gpu's CPU provider does not reproduce, and the two never share one environment.
 """
@@ -32,7 +32,7 @@ def cpu_built_package(tmp_path):
     if not src:
         pytest.skip(f"{PACKAGE_ENV} is not set: compile one on a CPU machine with the pinned onnxruntime "
                     "(`mlamoe compile --model tiny --target ort-cuda --out dist/tiny-ort-cuda`) and point "
-                    f"{PACKAGE_ENV} at the folder or its .tar.gz (shared/GPU.md)")
+                    f"{PACKAGE_ENV} at the folder or its .tar.gz (benchmarks/gpu/README.md)")
     root, manifest, cleanup = open_package(src)
     try:
         assert manifest["target"]["name"] == "ort-cuda", f"{src}: target {manifest['target']['name']}, not ort-cuda"

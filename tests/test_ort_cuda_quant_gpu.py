@@ -1,5 +1,5 @@
 """Quantized ort-cuda packages (`--quant int8` / `--quant fp8`) on a GPU (marked gpu; CI skips: no
-onnxruntime-gpu there). A package compiled on a CPU machine (MLAMOE_ORT_CUDA_PACKAGE, shared/GPU.md)
+onnxruntime-gpu there). A package compiled on a CPU machine (MLAMOE_ORT_CUDA_PACKAGE, benchmarks/gpu/README.md)
 runs on the CUDA EP against eager fp32 (golden/fp32) under the limits its compiler recorded, reproduces
 its golden data, and each quantized op is placed on the CUDA EP (ORT silently falls back to the CPU EP
 for a node without a CUDA kernel for its dtype, bits or block size).

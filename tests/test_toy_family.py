@@ -144,6 +144,9 @@ def test_toy_family_compiles_for_ort_cpu_with_parity(toy_family, tmp_path):
     stages = [s["name"] for s in manifest["stages"]]
     assert "passes/ort-simplify" in stages
     assert not any(s in stages for s in ("passes/latent-kv-fusion", "passes/moe-ort-fused"))  # MLA's passes skipped
+    # a 4-D cache tensor is not a genai key/value pair: no genai/ folder, and the package says why
+    assert "genai" not in manifest and not (pkg / "genai").exists()
+    assert any(v.startswith("no genai/ folder") for v in manifest["verification"]["not_verified"])
 
     # the package against the eager module, independently of compile's own checks: prefill, then decode
     model = build_toy(PRESET)

@@ -178,13 +178,20 @@ def _genai_folder(pkg: Path, manifest: dict, runner, target_rec: StageRecord, fo
     """genai/: the package's graphs with their cache IO in onnxruntime-genai's layout, genai_config.json and the
     tokenizer (targets/genai_folder.py); checked by re-running the golden cases and greedy tokens through its
     graphs on ONNX Runtime under the names genai_config.json gives (onnxruntime-genai itself is not run here)."""
+    from passes.genai_cache_layout import GenaiCacheLayoutError
     from targets.genai_folder import GENAI_DIR, build_genai_folder, check_golden, manifest_section
     from models.errors import MlamoeError
     t = time.perf_counter()
     runner.progress(f"[genai] writing {GENAI_DIR}/ ({form}) ...")
     wanted = ("prefill", "decode") if form == "pipeline" else ("prefill",)
     graphs = {g: ir.load(pkg / manifest["io"]["graphs"][g]["file"]) for g in wanted}
-    build_genai_folder(pkg / GENAI_DIR, graphs, manifest["model"]["config"], tokenizer, form=form)
+    try:
+        build_genai_folder(pkg / GENAI_DIR, graphs, manifest["model"]["config"], tokenizer, form=form)
+    except GenaiCacheLayoutError as e:  # a cache genai's key/value pairs cannot hold: no folder, said so
+        shutil.rmtree(pkg / GENAI_DIR, ignore_errors=True)
+        manifest["verification"]["not_verified"].append(f"no genai/ folder: onnxruntime-genai cannot take this cache ({e})")
+        runner.progress(f"[genai] not written: {e}")
+        return
     failures = check_golden(pkg, pkg / GENAI_DIR, manifest=manifest)
     if failures:
         raise MlamoeError(f"genai/: the onnxruntime-genai graphs do not reproduce the package's golden data: "

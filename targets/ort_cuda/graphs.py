@@ -384,5 +384,5 @@ def has_cuda_provider() -> tuple[bool, str]:
         return False, f"onnxruntime not importable: {e}"
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False, (f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu "
-                       "in a separate environment; see shared/GPU.md)")
+                       "in a separate environment; see benchmarks/gpu/README.md)")
     return True, ""
