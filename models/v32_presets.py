@@ -4,8 +4,11 @@ Head dims keep V3.2's ratios: kv_lora_rank : qk_rope_head_dim : index_head_dim =
 index_n_heads = num_attention_heads / 2, so index_n_heads x index_head_dim is 1/9 of
 num_attention_heads x (kv_lora_rank + qk_rope_head_dim) as in the real model (64 x 128 against 128 x 576).
 index_topk is below the 8-token golden prompt, so the selection matters in every test and package.
+Both have 8 indexer heads: a key every head's ReLU zeroes scores exactly 0, so with few heads (2: a quarter
+of the keys) ties at the top-k boundary are common and the selection depends on how ties are broken
+(indexer.py keeps the lower id, torch.topk in transformers does not say); with 8 heads 1 key in 256.
 
-`tiny-v32`: CI. `small-v32`: V3's `small` with the indexer. `deepseek-v3.2`: the real dimensions
+`tiny-v32`: CI. `small-v32`: V3's `small` with 16 heads and the indexer. `deepseek-v3.2`: the real dimensions
 (DeepSeek-V3.2 / V3.2-Exp config.json), config only (never materialised).
 """
 from __future__ import annotations
@@ -19,17 +22,17 @@ from .v32_config import DeepseekV32Config
 PRESETS: dict[str, DeepseekV32Config] = {
     "tiny-v32": DeepseekV32Config(
         vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
-        first_k_dense_replace=1, num_attention_heads=4, n_routed_experts=8, n_shared_experts=1,
+        first_k_dense_replace=1, num_attention_heads=16, n_routed_experts=8, n_shared_experts=1,
         num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
         q_lora_rank=32, kv_lora_rank=64, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-        index_n_heads=2, index_head_dim=16, index_topk=4,
+        index_n_heads=8, index_head_dim=16, index_topk=4,
         rope_scaling={**_YARN_V3, "factor": 4.0, "original_max_position_embeddings": 256},
         max_position_embeddings=1024),
     "small-v32": DeepseekV32Config(
         vocab_size=8192, hidden_size=256, intermediate_size=1024, moe_intermediate_size=256, num_hidden_layers=8,
-        first_k_dense_replace=1, num_attention_heads=8, n_routed_experts=16, n_shared_experts=1,
+        first_k_dense_replace=1, num_attention_heads=16, n_routed_experts=16, n_shared_experts=1,
         num_experts_per_tok=4, n_group=4, topk_group=2, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32,
-        qk_rope_head_dim=16, v_head_dim=32, index_n_heads=4, index_head_dim=32, index_topk=6,
+        qk_rope_head_dim=16, v_head_dim=32, index_n_heads=8, index_head_dim=32, index_topk=6,
         rope_scaling=dict(_YARN_V3), max_position_embeddings=163840),
     "deepseek-v3.2": DeepseekV32Config(rope_scaling=dict(_YARN_V3)),
 }
