@@ -67,8 +67,12 @@ class LightningIndexer(nn.Module):
         Ties are common: a key that every head's ReLU zeroes scores exactly 0 (with 2 indexer heads a
         quarter of the keys do). torch.topk breaks ties arbitrarily, and differently for a prefill row
         over T keys and a decode row over the same keys, so cached decode would disagree with a full
-        forward; a stable sort keeps the lower id, as ONNX TopK does, and prefill and decode select alike."""
+        forward; a stable sort keeps the lower id, and prefill and decode select alike. ONNX TopK has that
+        rule too (equal values: the lower index first), so an exported graph uses TopK (a stable sort does
+        not export)."""
         k = min(self.topk, scores.shape[-1])
+        if torch.compiler.is_exporting():
+            return scores.topk(k, dim=-1).indices
         return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
 
     @staticmethod

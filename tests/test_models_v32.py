@@ -128,6 +128,44 @@ def test_sixteen_cached_decode_steps_match_transformers_forward(ours, hf_v32, la
     assert cache[0][2].shape == (BATCH, PROMPT_LEN + DECODE_STEPS, 16)  # index_key, one row per token
 
 
+def test_chunked_prefill_then_decode_matches_transformers_forward(ours, hf_v32):
+    """Prefill in chunks of 5, 4 and 3 tokens (each chunk's queries see the cache and their own causal part)."""
+    _, _, ids, ref = hf_v32
+    cache, out = ours.empty_cache(BATCH), []
+    with torch.no_grad():
+        for a, b in ((0, 5), (5, 9), (9, PROMPT_LEN)) + tuple((i, i + 1) for i in range(PROMPT_LEN, ids.shape[1])):
+            logits, cache = ours.step(ids[:, a:b], cache)
+            out.append(logits)
+    assert max_err(torch.cat(out, 1), ref) <= TOL
+
+
+def test_indexer_selects_what_transformers_indexer_selects(ours, hf_v32):
+    """One layer's LightningIndexer against transformers' DeepseekV32Indexer on the same inputs: the same
+    key sets per query (order aside), on rows where the selection drops keys."""
+    hf, _, ids, _ = hf_v32
+    T = ids.shape[1]
+    x = torch.randn(BATCH, T, hf.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    attn_hf, attn = hf.model.layers[1].self_attn, ours.model.layers[1].self_attn
+    positions = torch.arange(T)
+    causal = torch.where(positions[None, :] <= positions[:, None], 0.0, float("-inf"))
+    with torch.no_grad():
+        q_lat = attn.q_latent(x)
+        ids_hf = attn_hf.indexer(x, attn_hf.q_a_layernorm(attn_hf.q_a_proj(x)),
+                                 hf.model.rotary_emb(x, positions[None]),
+                                 torch.where(causal == 0, 0.0, torch.finfo(torch.float32).min).expand(BATCH, T, T),
+                                 positions[None])
+        cos, sin = ours_cos_sin(ours, positions)
+        keys = attn.indexer.key(x, cos, sin)
+        ids_ours = attn.indexer.select(attn.indexer.scores(x, q_lat, cos, sin, keys, causal))
+    rows = positions >= INDEX_TOPK  # queries with more visible keys than index_topk
+    assert torch.equal(ids_ours[:, rows].sort(-1).values, ids_hf.long()[:, rows].sort(-1).values)
+
+
+def ours_cos_sin(model, positions):
+    from models.rope import rope_cos_sin
+    return rope_cos_sin(positions, model.rope_inv_freq, model.rope_factor)
+
+
 def test_transformers_own_cached_forward_agrees_with_its_forward(hf_v32):
     """No V4-like quirk here: transformers' V3.2 with a DynamicCache equals its full forward."""
     from transformers import DynamicCache
