@@ -108,8 +108,7 @@ def test_prompt_longer_than_index_topk_matches_transformers(ours, hf_v32, form):
     try:
         with torch.no_grad():
             logits = ours(ids[:, :PROMPT_LEN])
-            with torch.no_grad():
-                hf_prompt = hf(input_ids=ids[:, :PROMPT_LEN]).logits.float()
+            hf_prompt = hf(input_ids=ids[:, :PROMPT_LEN]).logits.float()
     finally:
         ours.attention = "naive"
     assert logits.shape == hf_prompt.shape == (BATCH, PROMPT_LEN, hf.config.vocab_size)
