@@ -20,8 +20,10 @@ from .family import FAMILIES, Family, checkpoint_family, family_for, family_of, 
 from .generation import greedy_generate
 from .mla_family import MLA_FAMILY
 from .presets import CONFIG_ONLY, PRESETS, preset_config
+from .v32_family import V32_FAMILY
 
 register(MLA_FAMILY)
+register(V32_FAMILY)
 
 __all__ = ["load", "resolve", "TRAINED_SMALL", "save", "load_config", "DeepseekConfig", "DeepseekForCausalLM", "greedy_generate",
            "PRESETS", "CONFIG_ONLY", "MlamoeError", "ConfigError", "CheckpointError", "CheckpointSource",

@@ -190,10 +190,12 @@ def weights_sha256(model) -> str:
     return h.hexdigest()
 
 
-def empty_model(cfg: DeepseekConfig, attention: str = "naive") -> DeepseekForCausalLM:
-    """Allocate without initialising (weights are about to be overwritten)."""
+def empty_model(cfg: DeepseekConfig, attention: str = "naive",
+                model_cls: type[DeepseekForCausalLM] = DeepseekForCausalLM) -> DeepseekForCausalLM:
+    """Allocate without initialising (weights are about to be overwritten). model_cls: the family's module
+    (a DeepseekForCausalLM subclass, e.g. DeepSeek-V3.2's)."""
     with torch.device("meta"):
-        model = DeepseekForCausalLM(cfg, attention)
+        model = model_cls(cfg, attention)
     model = model.to_empty(device="cpu").requires_grad_(False)  # an inference reference
     model.rope_inv_freq = inv_freq(cfg)
     if cfg.tie_word_embeddings:  # to_empty allocates each occurrence of a shared parameter separately
@@ -201,14 +203,18 @@ def empty_model(cfg: DeepseekConfig, attention: str = "naive") -> DeepseekForCau
     return model
 
 
-def load_checkpoint(path: str | os.PathLike, attention: str = "naive") -> DeepseekForCausalLM:
+def load_checkpoint(path: str | os.PathLike, attention: str = "naive", *,
+                    config_cls: type[DeepseekConfig] = DeepseekConfig,
+                    model_cls: type[DeepseekForCausalLM] = DeepseekForCausalLM) -> DeepseekForCausalLM:
+    """config.json + safetensors -> eval-mode model_cls. config_cls / model_cls: the family's config and module
+    (DeepSeek-V3.2 passes its subclasses; the checkpoint names are the module's state_dict names)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint folder (expected config.json + *.safetensors)")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint folder needs config.json "
                               "beside its safetensors files")
-    cfg = DeepseekConfig.from_json(path / "config.json")
+    cfg = config_cls.from_json(path / "config.json")
     weight_map = _scan(path)
     _check_file_sizes(path, set(weight_map.values()))
 
@@ -218,7 +224,7 @@ def load_checkpoint(path: str | os.PathLike, attention: str = "naive") -> Deepse
 
     available = {k: v for k, v in weight_map.items() if kept(k)}
     with torch.device("meta"):  # names and shapes the config implies, without allocating anything
-        expected = DeepseekForCausalLM(cfg, attention).state_dict()
+        expected = model_cls(cfg, attention).state_dict()
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     scales = {k for k in available if k.endswith(".weight_scale_inv")}
@@ -235,7 +241,7 @@ def load_checkpoint(path: str | os.PathLike, attention: str = "naive") -> Deepse
     if orphan:
         raise CheckpointError(f"{path}: weight_scale_inv without its weight: {', '.join(orphan[:3])}")
     _check_shapes(path, available, expected)  # before allocating: a wrong config must not allocate its model
-    model = empty_model(cfg, attention)
+    model = empty_model(cfg, attention, model_cls)
     expected = model.state_dict()
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)

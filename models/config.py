@@ -9,7 +9,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import ConfigError
 from .family import read_config_json
@@ -47,6 +47,11 @@ def _is_kind(v: Any, kind: str) -> bool:
 
 @dataclasses.dataclass
 class DeepseekConfig:
+    # the config.json model_type values this class reads, and what they are called in messages
+    # (DeepSeek-V3.2's config, models/v32_config.py, subclasses and sets both)
+    model_types: ClassVar[tuple[str, ...]] = MODEL_TYPES
+    checkpoint_kind: ClassVar[str] = "a DeepSeek-V2/V3/R1 checkpoint"
+
     model_type: str = "deepseek_v3"
     vocab_size: int = 129280
     hidden_size: int = 7168
@@ -113,8 +118,8 @@ class DeepseekConfig:
         def bad(field: str, value: Any, why: str) -> ConfigError:
             return ConfigError(f"{source}: field '{field}' = {value!r} is invalid: {why}")
 
-        if self.model_type not in MODEL_TYPES:
-            raise bad("model_type", self.model_type, f"expected one of {', '.join(MODEL_TYPES)}")
+        if self.model_type not in self.model_types:
+            raise bad("model_type", self.model_type, f"expected one of {', '.join(self.model_types)}")
         for f in dataclasses.fields(self):  # the JSON types first: every later check may rely on them
             v = getattr(self, f.name)
             kind = _FIELD_KINDS.get(f.name)
@@ -198,10 +203,10 @@ class DeepseekConfig:
     @classmethod
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> "DeepseekConfig":
         model_type = d.get("model_type")
-        if model_type not in MODEL_TYPES:
+        if model_type not in cls.model_types:
             raise ConfigError(f"{source}: field 'model_type' = {model_type!r} is not supported: expected one of "
-                              f"{', '.join(MODEL_TYPES)} (a DeepSeek-V2/V3/R1 checkpoint)")
-        v3 = model_type == "deepseek_v3"
+                              f"{', '.join(cls.model_types)} ({cls.checkpoint_kind})")
+        v3 = model_type != "deepseek_v2"  # V3 and V3.2 share V3's defaults
         kw: dict[str, Any] = {"model_type": model_type}
         defaults = {
             "scoring_func": "sigmoid" if v3 else "softmax",

@@ -21,9 +21,11 @@ Cache = list  # per layer: a tuple of the cache spec's tensors (mla.cache_spec)
 
 
 class DecoderLayer(nn.Module):
+    attention_cls = MLA  # a family with another attention (DeepSeek-V3.2's sparse MLA) subclasses and sets it
+
     def __init__(self, cfg: DeepseekConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = MLA(cfg)
+        self.self_attn = self.attention_cls(cfg)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -36,21 +38,25 @@ class DecoderLayer(nn.Module):
 
 
 class DeepseekModel(nn.Module):
+    layer_cls = DecoderLayer
+
     def __init__(self, cfg: DeepseekConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(self.layer_cls(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class DeepseekForCausalLM(nn.Module):
     """Eager reference. `forward(input_ids)` -> fp32 logits; `step(...)` runs with a cache."""
 
+    model_cls = DeepseekModel
+
     def __init__(self, cfg: DeepseekConfig, attention: str = "naive"):
         super().__init__()
         cfg.validate()
         self.config = cfg
-        self.model = DeepseekModel(cfg)
+        self.model = self.model_cls(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -56,12 +56,16 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, h, bias=bias)
 
-    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """-> q_nope [B, H, S, nope], q_pe [B, H, S, rope] (rotated)."""
+    def q_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """q_a_layernorm(q_a_proj(x)) [B, S, q_lora_rank]: the q latent (DeepSeek-V3.2's indexer reads it too)."""
+        return self.q_a_layernorm(self.q_a_proj(x))
+
+    def project_q(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_lat: torch.Tensor | None = None):
+        """-> q_nope [B, H, S, nope], q_pe [B, H, S, rope] (rotated). q_lat: the q latent when already computed."""
         if self.cfg.q_lora_rank is None:
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_b_proj(self.q_latent(x) if q_lat is None else q_lat)
         q = q.unflatten(-1, (self.n_heads, self.nope + self.rope)).transpose(1, 2)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin)
@@ -80,14 +84,15 @@ class MLA(nn.Module):
         return torch.softmax(scores.float() * scale + mask, dim=-1)
 
     def forward(self, x, cos, sin, mask, scale: float, past: tuple[torch.Tensor, torch.Tensor],
-                layout: str = "latent", absorbed: bool = False):
-        """One attention step. cos/sin: [S, rope/2]; mask: [S, T] additive (0 / -inf).
+                layout: str = "latent", absorbed: bool = False, q_lat: torch.Tensor | None = None):
+        """One attention step. cos/sin: [S, rope/2]; mask: [S, T] additive (0 / -inf), or any shape that
+        broadcasts against the scores [B, H, S, T] (a per-query sparse mask [B, 1, S, T]).
 
         past: (c_kv, k_pe) for layout "latent", (k, v) for layout "expanded".
         Returns out [B, S, hidden] and the present cache in the same layout.
         """
         B, S, _ = x.shape
-        q_nope, q_pe = self.project_q(x, cos, sin)  # cos/sin [S, rope/2] broadcast over B and H
+        q_nope, q_pe = self.project_q(x, cos, sin, q_lat)  # cos/sin [S, rope/2] broadcast over B and H
         c_kv, k_pe = self.project_kv(x, cos, sin)
         if layout == "expanded":
             kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, self.nope + self.v_dim)).transpose(1, 2)

@@ -1,0 +1,32 @@
+"""The DeepSeek-V3.2 family (config.json model_type deepseek_v32): MLA + DeepSeekMoE as V3, with the lightning
+indexer's top-k sparse attention (v32.py, indexer.py). Cache layouts as MLA's (latent, expanded), each with the
+indexer key cache beside MLA's tensors (v32.cache_spec).
+
+Built so far: config, reference module, checkpoint I/O (V3's loader with this family's config and module),
+presets. Not yet: its graph passes and fixed-shape step (issue 17's export / targets items), so `passes` is
+empty and `static_step` None: no MLA pass is applied to its graphs until one is written for it.
+"""
+from __future__ import annotations
+
+import functools
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .family import Family
+from .v32 import CACHE_LAYOUTS, DeepseekV32ForCausalLM, cache_spec
+from .v32_config import V32_MODEL_TYPES, DeepseekV32Config
+from .v32_presets import PRESETS, build_preset, preset_config
+
+V32_FAMILY = Family(
+    name="v32",
+    model_types=V32_MODEL_TYPES,
+    config_from_json=DeepseekV32Config.from_json,
+    module=DeepseekV32ForCausalLM,
+    load_checkpoint=functools.partial(load_checkpoint, config_cls=DeepseekV32Config, model_cls=DeepseekV32ForCausalLM),
+    save_checkpoint=save_checkpoint,
+    presets=PRESETS,
+    preset_config=preset_config,
+    build_preset=build_preset,
+    cache_layouts=CACHE_LAYOUTS,
+    cache_spec=cache_spec,
+    passes=(),
+)
