@@ -309,3 +309,21 @@ def test_bad_config_values_are_clear_config_errors(hf_v32, tmp_path, field, valu
         models.load(folder)
     msg = str(e.value)
     assert str(folder / "config.json") in msg and f"'{field}'" in msg and repr(value) in msg and words in msg
+
+
+def test_tiny_v32_compiles_for_ort_cpu_through_the_family_and_its_cache_spec(tmp_path, stage_cache):
+    """The generic pipeline takes the second family as it is: the package's cache IO is the V3.2 spec (latent
+    cache plus the indexer key cache), every stage within budget, the golden data re-run and 32 greedy tokens
+    equal to the eager V3.2 module (itself checked against transformers above)."""
+    from pipeline.compile import compile_package
+    from pipeline.verify import verify_full
+    pkg = compile_package("tiny-v32", "ort-cpu", tmp_path / "tiny-v32", cache_dir=stage_cache, progress=lambda m: None)
+    m = json.loads((pkg / "manifest.json").read_text())
+    cfg = models.load("tiny-v32").config
+    assert [t["name"] for t in m["io"]["cache"]["per_layer"]] == ["c_kv", "k_pe", "index_key"]
+    assert m["io"]["cache"]["values_per_token_per_layer"] == (cfg.kv_lora_rank + cfg.qk_rope_head_dim
+                                                               + cfg.index_head_dim)
+    assert m["parity"]["passed"]
+    assert not any(s["name"].startswith("passes/latent-kv-fusion") for s in m["stages"])  # MLA's pass: not V3.2's yet
+    ok, lines = verify_full(pkg)
+    assert ok, lines
