@@ -68,12 +68,14 @@ class PackageRuntime:
                 return spec["shape"]
         raise KeyError(name)
 
+    def outputs(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One run of `graph` on named inputs -> its named outputs."""
+        sess = self.sessions[graph]
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
     def run(self, graph: str, input_ids: np.ndarray, past: dict[str, np.ndarray]):
         """-> logits [B, S, V], present cache (named past.* for feeding the next step)."""
-        sess = self.sessions[graph]
-        outs = sess.run(None, {"input_ids": np.asarray(input_ids, dtype=np.int64), **past})
-        names = [o.name for o in sess.get_outputs()]
-        res = dict(zip(names, outs))
+        res = self.outputs(graph, {"input_ids": np.asarray(input_ids, dtype=np.int64), **past})
         present = {n.replace("present.", "past.", 1): v for n, v in res.items() if n.startswith("present.")}
         return res["logits"], present
 
@@ -97,21 +99,20 @@ class PackageRuntime:
         return np.concatenate(tokens, 1), np.stack(logits_steps, 1)
 
 
-def verify_golden(package_dir, providers=None) -> list[str]:
+def verify_golden(package_dir, providers=None, runtime: PackageRuntime | None = None) -> list[str]:
     """Re-run the golden inputs; return a list of failures ([] = all within the recorded tolerances).
 
     The numbers are checked with Polygraphy's rule (|a-r| <= atol or <= rtol*|r|) at the tolerances
     the package recorded for its target stage, plus exact greedy-token equality when required.
+    runtime: what runs the graphs (default: this package's PackageRuntime).
     """
     root = Path(package_dir)
-    rt = PackageRuntime(root, providers=providers)
+    rt = runtime or PackageRuntime(root, providers=providers)
     golden = rt.manifest["golden"]
     failures = []
     for case in golden["cases"]:
         feeds = {n: np.load(root / f) for n, f in case["inputs"].items()}
-        sess = rt.sessions[case["graph"]]
-        names = [o.name for o in sess.get_outputs()]
-        got = dict(zip(names, sess.run(None, feeds)))
+        got = rt.outputs(case["graph"], feeds)
         tol = golden["tolerance"]
         for n, f in case["outputs"].items():
             ref = np.load(root / f)

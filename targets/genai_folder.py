@@ -30,6 +30,8 @@ import onnx_ir as ir
 
 from passes.genai_cache_layout import METADATA_KEY, GenaiCacheLayoutPass, join_state, split_state
 
+from runtime.ort_runtime import PackageRuntime, verify_golden
+
 from .genai_config import DECODER_FILENAME, write_genai_config
 
 GENAI_DIR = "genai"
@@ -102,74 +104,41 @@ def graph_files(genai_dir: str | Path) -> dict[str, str]:
     return {g: v[0] for g, v in pick.items()}
 
 
+class GenaiGraphsRuntime(PackageRuntime):
+    """The package runtime over a genai folder's graphs: the cache state fed and read under the names the
+    folder's genai_config.json gives (what genai binds), in the package's own past.* / present.* terms
+    outside."""
+
+    def __init__(self, package_dir: str | Path, genai_dir: str | Path, providers=None, manifest: dict | None = None):
+        import onnx
+        genai = Path(genai_dir).resolve()
+        files = {g: str(genai / f) for g, f in graph_files(genai).items()}
+        super().__init__(package_dir, providers=providers, graphs=files, manifest=manifest)
+        dec = json.loads((genai / "genai_config.json").read_text())["model"]["decoder"]
+        self.layouts = {}
+        for g, f in files.items():
+            meta = {p.key: p.value for p in onnx.load(f, load_external_data=False).metadata_props}
+            layout = json.loads(meta[METADATA_KEY])
+            # bind by the config's names, as genai does (a config that names them wrongly must fail the check)
+            layout.update(key_names=dec["inputs"]["past_key_names"], value_names=dec["inputs"]["past_value_names"],
+                          present_key_names=dec["outputs"]["present_key_names"],
+                          present_value_names=dec["outputs"]["present_value_names"])
+            self.layouts[g] = layout
+
+    def outputs(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        past = {n: v for n, v in feeds.items() if n != "input_ids"}
+        got = super().outputs(graph, {"input_ids": feeds["input_ids"], **split_state(self.layouts[graph], past)})
+        return {"logits": got["logits"], **join_state(self.layouts[graph], got)}
+
+
 def check_golden(package_dir: str | Path, genai_dir: str | Path, providers=None, manifest: dict | None = None
                  ) -> list[str]:
     """Re-run the package's golden cases and greedy tokens through the genai folder's graphs on ONNX
-    Runtime, the state fed and read under the names its genai_config.json gives (what genai binds);
-    -> failures, [] when every output is within the package's recorded tolerance (Polygraphy's rule)
-    and the greedy tokens are equal. Needs onnxruntime only, not onnxruntime-genai. manifest: the package's
-    (default: read from the folder; a builder passes the one it is about to write)."""
-    import onnx
-    import onnxruntime as ort
-    root, genai = Path(package_dir), Path(genai_dir)
-    manifest = manifest or json.loads((root / "manifest.json").read_text())
-    dec = json.loads((genai / "genai_config.json").read_text())["model"]["decoder"]
-    files = graph_files(genai)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sessions, layouts = {}, {}
-    for g, f in files.items():
-        sessions[g] = ort.InferenceSession(str(genai / f), so, providers=providers or ["CPUExecutionProvider"])
-        meta = {p.key: p.value for p in onnx.load(str(genai / f), load_external_data=False).metadata_props}
-        layout = json.loads(meta[METADATA_KEY])
-        # bind by the config's names, as genai does (a config that names them wrongly must fail here)
-        layout.update(key_names=dec["inputs"]["past_key_names"], value_names=dec["inputs"]["past_value_names"],
-                      present_key_names=dec["outputs"]["present_key_names"],
-                      present_value_names=dec["outputs"]["present_value_names"])
-        layouts[g] = layout
-
-    def run(g: str, ids: np.ndarray, past: dict) -> dict:
-        sess = sessions[g]
-        names = [o.name for o in sess.get_outputs()]
-        got = dict(zip(names, sess.run(None, {"input_ids": ids, **split_state(layouts[g], past)})))
-        return {"logits": got["logits"], **join_state(layouts[g], got)}
-
-    golden, failures = manifest["golden"], []
-    tol = golden["tolerance"]
-    for case in golden["cases"]:
-        feeds = {n: np.load(root / f) for n, f in case["inputs"].items()}
-        got = run(case["graph"], feeds.pop("input_ids"), feeds)
-        for n, f in case["outputs"].items():
-            ref = np.load(root / f)
-            if n not in got or got[n].shape != ref.shape:
-                failures.append(f"{case['name']}/{n}: missing or shape {getattr(got.get(n), 'shape', None)} "
-                                f"!= {ref.shape}")
-                continue
-            diff = np.abs(got[n].astype(np.float64) - ref)
-            bad = (diff > tol["atol"]) & (diff > tol["rtol"] * np.abs(ref))
-            if bad.any():
-                failures.append(f"{case['name']}/{n}: {int(bad.sum())} of {ref.size} elements outside atol "
-                                f"{tol['atol']} / rtol {tol['rtol']} (max abs {diff.max():.3g})")
-    greedy = golden.get("greedy")
-    if greedy:
-        ids = np.load(root / greedy["prompt"]).astype(np.int64)
-        ids = ids[None] if ids.ndim == 1 else ids
-        want = np.load(root / greedy["tokens"])
-        past = {i["name"]: np.zeros([ids.shape[0] if d == "batch" else 0 if d == "past" else d for d in i["shape"]],
-                                    np.float32)
-                for i in manifest["io"]["graphs"]["prefill"]["inputs"] if i["name"] != "input_ids"}
-        tokens, graph = [], "prefill"
-        for _ in range(want.shape[-1]):
-            out = run(graph, ids, past)
-            past = {n.replace("present.", "past.", 1): v for n, v in out.items() if n != "logits"}
-            ids = out["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
-            tokens.append(ids)
-            graph = "decode"
-        tokens = np.concatenate(tokens, 1)
-        if greedy.get("must_match", True) and not np.array_equal(tokens, want.reshape(tokens.shape)):
-            step = int(np.argmax((tokens != want.reshape(tokens.shape)).any(0)))
-            failures.append(f"greedy generation through the genai graphs differs from the golden tokens at step {step}")
-    return failures
+    Runtime (runtime/ort_runtime.py's verify_golden over GenaiGraphsRuntime); -> failures, [] when every
+    output is within the package's recorded tolerance (Polygraphy's rule) and the greedy tokens are equal.
+    Needs onnxruntime only, not onnxruntime-genai. manifest: the package's (default: read from the folder; a
+    builder passes the one it is about to write)."""
+    return verify_golden(package_dir, runtime=GenaiGraphsRuntime(package_dir, genai_dir, providers, manifest))
 
 
 def manifest_section(package_dir: str | Path, genai_dir: str | Path) -> dict:
