@@ -11,6 +11,16 @@ Update rules:
             axis; the past length T is read from the growing axis of layer 0's first tensor.
   static    (fixed-shape graphs, `static_shape`) the growing axis has a fixed length M; a step at
             `position` overwrites rows position .. position+S-1 and leaves the others as they were.
+
+Per-layer specs (`CacheSpec.per_layer`, DeepSeek-V4): layers of different types hold different tensors, and
+each tensor's length along its "past" axis follows its own rule of the tokens seen, T:
+  append          T rows (one per token)
+  window(n)       min(T, n) rows (the last n tokens)
+  pending(m)      T % m rows (tokens since the last closed window of m)
+  compressed(m)   T // m rows (one entry per closed window of m)
+  fixed           no growing axis
+`length(cache)` reads T back from a layer holding a pending(m) and a compressed(m) tensor: T = m * C + P.
+The uniform specs (every layer the same tensors, all "append") keep their API and manifest unchanged.
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ import torch
 BATCH = "batch"
 PAST = "past"
 UPDATES = ("append",)
+RULES = ("append", "window", "pending", "compressed", "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +43,26 @@ class CacheTensor:
     name: str
     shape: tuple[int | str, ...]
     dtype: str = "float32"
+    rule: str = "append"  # how the "past" axis follows the tokens seen T (module docstring); n: its W or m
+    n: int = 0
+    fill: float = 0.0  # value of an empty cache's entries (a fixed tensor's initial state, e.g. -inf gates)
+
+    def rows_for(self, tokens: int) -> int:
+        """Length of the growing axis after `tokens` tokens."""
+        return {"append": tokens, "window": min(tokens, self.n), "pending": tokens % max(self.n, 1),
+                "compressed": tokens // max(self.n, 1), "fixed": 0}[self.rule]
+
+    def length_symbol(self) -> str:
+        return {"append": PAST, "window": f"min({PAST},{self.n})", "pending": f"{PAST}%{self.n}",
+                "compressed": f"{PAST}//{self.n}", "fixed": ""}[self.rule]
+
+    def entries_per_token(self) -> float:
+        """Rows added per token in the long run (append 1, compressed 1/m; bounded rules 0)."""
+        return {"append": 1.0, "compressed": 1.0 / max(self.n, 1)}.get(self.rule, 0.0)
+
+    def bounded_rows(self) -> int:
+        """Rows a bounded rule holds at most (window n, pending m-1; fixed: the whole tensor counts as 1)."""
+        return {"window": self.n, "pending": self.n - 1, "fixed": 1}.get(self.rule, 0)
 
     @property
     def grows(self) -> int:
@@ -39,6 +70,8 @@ class CacheTensor:
         return self.shape.index(PAST)
 
     def symbolic(self, batch: int | str = BATCH, length: int | str = PAST) -> list:
+        if self.rule != "append":  # length: tokens seen (an int) or the symbol, mapped through the rule
+            length = self.rows_for(length) if isinstance(length, int) else self.length_symbol()
         return [batch if d == BATCH else length if d == PAST else d for d in self.shape]
 
     def values_per_token(self) -> int:
@@ -53,16 +86,29 @@ class CacheTensor:
 class CacheSpec:
     layout: str
     num_layers: int
-    tensors: tuple[CacheTensor, ...]  # of one layer, in graph IO order
+    tensors: tuple[CacheTensor, ...]  # of one layer, in graph IO order (uniform specs)
     update: str = "append"
+    per_layer: tuple[tuple[CacheTensor, ...], ...] | None = None  # each layer's own tensors (then tensors=())
 
     def __post_init__(self):
         if self.update not in UPDATES:
             raise ValueError(f"cache update rule {self.update!r}: expected one of {UPDATES}")
-        for t in self.tensors:
-            if t.shape.count(PAST) != 1 or t.shape[0] != BATCH:
+        if self.per_layer is not None and (self.tensors or len(self.per_layer) != self.num_layers):
+            raise ValueError("a per-layer cache spec gives per_layer (one tuple per layer) and no uniform tensors")
+        for t in {t for layer in self.layers for t in layer}:
+            if t.rule not in RULES:
+                raise ValueError(f"cache tensor {t.name!r}: rule {t.rule!r} is not one of {RULES}")
+            if t.shape[0] != BATCH or t.shape.count(PAST) != (0 if t.rule == "fixed" else 1):
                 raise ValueError(f"cache tensor {t.name!r} shape {t.shape}: needs '{BATCH}' first and exactly "
-                                 f"one growing axis '{PAST}'")
+                                 f"one growing axis '{PAST}' (none for a fixed tensor)")
+
+    @property
+    def layers(self) -> tuple[tuple[CacheTensor, ...], ...]:
+        """Each layer's tensors, in graph IO order."""
+        return self.per_layer if self.per_layer is not None else (self.tensors,) * self.num_layers
+
+    def layer_tensors(self, layer: int) -> tuple[CacheTensor, ...]:
+        return self.layers[layer]
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -70,12 +116,12 @@ class CacheSpec:
 
     @property
     def dtype(self) -> str:
-        dtypes = {t.dtype for t in self.tensors}
+        dtypes = {t.dtype for layer in self.layers for t in layer}
         return dtypes.pop() if len(dtypes) == 1 else "mixed"
 
     # ---- graph IO names ---------------------------------------------------------------------------
     def layer_names(self, layer: int, prefix: str = "past") -> list[str]:
-        return [f"{prefix}.{layer}.{n}" for n in self.names]
+        return [f"{prefix}.{layer}.{t.name}" for t in self.layers[layer]]
 
     def names_of(self, prefix: str, layers=None) -> list[str]:
         """`{prefix}.{i}.{name}` for each layer i (all by default), layer-major."""
@@ -98,8 +144,10 @@ class CacheSpec:
 
     # ---- per-layer cache (list of tuples) <-> flat name -> array -----------------------------------
     def empty(self, batch: int, dtype=torch.float32, length: int = 0) -> list[tuple[torch.Tensor, ...]]:
-        return [tuple(torch.zeros(s, dtype=dtype) for s in self.symbolic_shapes(batch, length))
-                for _ in range(self.num_layers)]
+        if self.per_layer is None:
+            return [tuple(torch.zeros(s, dtype=dtype) for s in self.symbolic_shapes(batch, length))
+                    for _ in range(self.num_layers)]
+        return [tuple(torch.full(t.symbolic(batch, length), t.fill, dtype=dtype) for t in layer) for layer in self.layers]
 
     def static_empty(self, batch: int, max_len: int, dtype=np.float32) -> dict[str, np.ndarray]:
         """Zero `past.*` arrays of the fixed-shape form."""
@@ -107,31 +155,78 @@ class CacheSpec:
         return {f"past.{i}.{n}": np.zeros(s, dtype) for i in range(self.num_layers) for n, s in zip(self.names, shapes)}
 
     def length(self, cache) -> int:
-        """Tokens held by a per-layer cache (layer 0's first tensor, along its growing axis)."""
-        return cache[0][0].shape[self.tensors[0].grows]
+        """Tokens held by a per-layer cache (layer 0's first tensor, along its growing axis; per-layer specs:
+        m * compressed + pending rows of the first layer holding both)."""
+        if self.per_layer is None:
+            return cache[0][0].shape[self.tensors[0].grows]
+        for layer, tensors in zip(cache, self.layers):
+            rows = {t.rule: (t.n, x.shape[t.grows]) for t, x in zip(tensors, layer) if t.rule in ("pending", "compressed")}
+            if "pending" in rows and "compressed" in rows:
+                (m, p), (_, c) = rows["pending"], rows["compressed"]
+                return m * c + p
+        for layer, tensors in zip(cache, self.layers):
+            for t, x in zip(tensors, layer):
+                if t.rule == "append":
+                    return x.shape[t.grows]
+        raise ValueError("this cache spec has no layer from which the tokens seen can be read")
 
     def flatten(self, cache, prefix: str = "past") -> dict[str, np.ndarray]:
         """[(tensor, ...) per layer] (torch or numpy) -> {f"{prefix}.{i}.{name}": numpy array}."""
-        return {f"{prefix}.{i}.{n}": t.numpy() if isinstance(t, torch.Tensor) else t
-                for i, layer in enumerate(cache) for n, t in zip(self.names, layer)}
+        return {f"{prefix}.{i}.{s.name}": t.numpy() if isinstance(t, torch.Tensor) else t
+                for i, layer in enumerate(cache) for s, t in zip(self.layers[i], layer)}
 
     def unflatten(self, flat: dict, prefix: str = "past", layers=None) -> list[tuple]:
         """{f"{prefix}.{i}.{name}": array} -> [(array, ...) per layer], the arrays as given."""
-        return [tuple(flat[f"{prefix}.{i}.{n}"] for n in self.names)
+        return [tuple(flat[f"{prefix}.{i}.{t.name}"] for t in self.layers[i])
                 for i in (range(self.num_layers) if layers is None else layers)]
 
     def group(self, flat_tensors) -> list[tuple]:
         """Graph-ordered tensors (layer-major) -> [(tensor, ...) per layer]."""
-        k = len(self.tensors)
-        return [tuple(flat_tensors[k * i: k * (i + 1)]) for i in range(len(flat_tensors) // k)]
+        if self.per_layer is None:
+            k = len(self.tensors)
+            return [tuple(flat_tensors[k * i: k * (i + 1)]) for i in range(len(flat_tensors) // k)]
+        out, start = [], 0
+        for layer in self.layers:
+            if start >= len(flat_tensors):
+                break
+            out.append(tuple(flat_tensors[start:start + len(layer)]))
+            start += len(layer)
+        return out
 
     # ---- the package manifest -----------------------------------------------------------------------
     def to_manifest(self) -> dict:
         """The manifest's io.cache section."""
+        if self.per_layer is not None:
+            return self._per_layer_manifest()
         values = sum(t.values_per_token() for t in self.tensors)
         itemsize = sum(np.dtype(t.dtype).itemsize * t.values_per_token() for t in self.tensors)
         return {"layout": self.layout, "num_layers": self.num_layers, "dtype": self.dtype,
                 "per_layer": [{"name": t.name, "shape": t.symbolic()} for t in self.tensors],
                 "values_per_token_per_layer": values, "bytes_per_token_per_layer": itemsize,
                 "bytes_per_token": itemsize * self.num_layers,
+                "input_names": "past.{layer}.{name}", "output_names": "present.{layer}.{name}"}
+
+    def _per_layer_manifest(self) -> dict:
+        """Per-layer specs: each distinct layer kind's tensors with their length rules, the values and bytes a
+        token adds in the long run (compressed(m) rows count 1/m) and the bounded state (window, pending, fixed
+        rows) a layer holds at most."""
+        kinds: dict[tuple, dict] = {}
+        layer_kind = []
+        for layer in self.layers:
+            key = tuple(layer)
+            if key not in kinds:
+                per_tok = sum(t.entries_per_token() * t.values_per_token() for t in layer)
+                bytes_tok = sum(t.entries_per_token() * t.values_per_token() * np.dtype(t.dtype).itemsize for t in layer)
+                bounded = sum(t.bounded_rows() * t.values_per_token() * np.dtype(t.dtype).itemsize for t in layer)
+                kinds[key] = {"kind": len(kinds), "per_layer": [
+                    {"name": t.name, "shape": t.symbolic(), "rule": t.rule, **({"n": t.n} if t.n else {}),
+                     **({"fill": t.fill} if t.fill else {}),
+                     "entries_per_token": t.entries_per_token()} for t in layer],
+                    "values_per_token": per_tok, "bytes_per_token": bytes_tok, "bounded_bytes_per_batch_row": bounded}
+            layer_kind.append(kinds[key]["kind"])
+        per_kind = list(kinds.values())
+        return {"layout": self.layout, "num_layers": self.num_layers, "dtype": self.dtype,
+                "layer_kinds": per_kind, "layer_kind_of": layer_kind,
+                "bytes_per_token": sum(per_kind[k]["bytes_per_token"] for k in layer_kind),
+                "bounded_bytes_per_batch_row": sum(per_kind[k]["bounded_bytes_per_batch_row"] for k in layer_kind),
                 "input_names": "past.{layer}.{name}", "output_names": "present.{layer}.{name}"}

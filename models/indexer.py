@@ -29,6 +29,21 @@ from .rope import apply_rope_half_split
 K_NORM_EPS = 1e-6  # transformers builds k_norm with eps 1e-6 whatever rms_norm_eps says
 
 
+def weighted_relu_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """score[s, t] = sum_h weights[s, h] * relu(q[s, h] . keys[t] * softmax_scale), fp32: the lightning indexer's
+    scoring, shared by V3.2 (keys: one per token) and V4's CSA (keys: one per compressed window).
+    q [B, S, Hi, D], keys [B, T, D], weights [B, S, Hi] (already scaled) -> [B, S, T]."""
+    s = F.relu((q.float() @ keys.float().unsqueeze(1).transpose(-1, -2)) * softmax_scale)  # [B, S, Hi, T]
+    return (weights.float().unsqueeze(-2) @ s).squeeze(-2)
+
+
+def top_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The top k ids per row of scores [..., T] (int64); equal scores go to the lower id (LightningIndexer.select)."""
+    if torch.compiler.is_exporting():
+        return scores.topk(k, dim=-1).indices
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 class LightningIndexer(nn.Module):
     """Checkpoint names (under `self_attn.indexer.` in V3.2): wq_b, wk, k_norm (weight, bias), weights_proj."""
 
@@ -57,9 +72,8 @@ class LightningIndexer(nn.Module):
         B, S, _ = x.shape
         q = self.wq_b(q_lat).unflatten(-1, (self.n_heads, self.head_dim))  # [B, S, Hi, D]
         q = self._rope(q, cos.unsqueeze(-2), sin.unsqueeze(-2))  # cos [S, 1, rope/2] broadcast over heads
-        s = F.relu((q.float() @ keys.float().unsqueeze(1).transpose(-1, -2)) * self.softmax_scale)  # [B, S, Hi, T]
         w = self.weights_proj(x).float() * self.n_heads ** -0.5  # [B, S, Hi]
-        return (w.unsqueeze(-2) @ s).squeeze(-2) + mask  # [B, S, T]
+        return weighted_relu_scores(q, keys, w, self.softmax_scale) + mask  # [B, S, T]
 
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """The top min(index_topk, T) key ids per query [B, S, k] (int64); equal scores go to the lower key id.
@@ -70,10 +84,7 @@ class LightningIndexer(nn.Module):
         forward; a stable sort keeps the lower id, and prefill and decode select alike. ONNX TopK has that
         rule too (equal values: the lower index first), so an exported graph uses TopK (a stable sort does
         not export)."""
-        k = min(self.topk, scores.shape[-1])
-        if torch.compiler.is_exporting():
-            return scores.topk(k, dim=-1).indices
-        return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+        return top_ids(scores, min(self.topk, scores.shape[-1]))
 
     @staticmethod
     def sparse_mask(ids: torch.Tensor, mask: torch.Tensor, length: int) -> torch.Tensor:
