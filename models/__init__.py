@@ -21,9 +21,11 @@ from .generation import greedy_generate
 from .mla_family import MLA_FAMILY
 from .presets import CONFIG_ONLY, PRESETS, preset_config
 from .v32_family import V32_FAMILY
+from .v4_family import V4_FAMILY
 
 register(MLA_FAMILY)
 register(V32_FAMILY)
+register(V4_FAMILY)
 
 __all__ = ["load", "resolve", "TRAINED_SMALL", "save", "load_config", "DeepseekConfig", "DeepseekForCausalLM", "greedy_generate",
            "PRESETS", "CONFIG_ONLY", "MlamoeError", "ConfigError", "CheckpointError", "CheckpointSource",

@@ -50,10 +50,10 @@ def test_flatten_unflatten_and_io_names_follow_the_graphs_order(tiny):
 def test_unknown_layout_and_unknown_model_type_are_clear_errors(tiny, tmp_path):
     with pytest.raises(ConfigError, match="'paged'.*latent, expanded"):
         tiny.cache_spec("paged")
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v4"}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v9"}))
     with pytest.raises(ConfigError) as e:
         models.load(tmp_path)
-    assert str(tmp_path / "config.json") in str(e.value) and "'deepseek_v4'" in str(e.value)
+    assert str(tmp_path / "config.json") in str(e.value) and "'deepseek_v9'" in str(e.value)
     assert "mla (model_type deepseek_v2, deepseek_v3)" in str(e.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):
