@@ -93,6 +93,8 @@ class DeepseekV4Config:
             self.layer_types = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
         if self.mlp_layer_types is None and isinstance(n, int):
             self.mlp_layer_types = ["hash_moe"] * min(n, 3) + ["moe"] * max(0, n - 3)
+        if isinstance(self.rope_scaling, dict) and self.rope_scaling.get("rope_type") == "yarn":
+            self.rope_scaling = {"attention_factor": 1.0, **self.rope_scaling}  # transformers forces it so
 
     # ---- derived ------------------------------------------------------------------------------------
     @property
@@ -246,7 +248,7 @@ class DeepseekV4Config:
             flat.pop("partial_rotary_factor", None)
             kw["rope_scaling"] = flat if flat.get("rope_type") == "yarn" else None
         if kw.get("rope_scaling"):
-            kw["rope_scaling"] = {k: v for k, v in kw["rope_scaling"].items() if k != "type"}
+            kw["rope_scaling"] = {"attention_factor": 1.0, **{k: v for k, v in kw["rope_scaling"].items() if k != "type"}}
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = kw["eos_token_id"][0] if kw["eos_token_id"] else None
         return cls(**kw).validate(source)
