@@ -109,6 +109,10 @@ class DeepseekV4Config:
     def hca_rate(self) -> int:
         return self.compress_rates[HCA]
 
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Every DeepSeek-V4 layer is MoE (hash_moe or moe); no dense layers."""
+        return True
+
     def compress_rate(self, layer: int) -> int:
         """m of a compressor layer (0 for a sliding-only layer)."""
         return self.compress_rates.get(self.layer_types[layer], 0)
