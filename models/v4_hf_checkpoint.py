@@ -7,6 +7,8 @@ conversion mapping backwards and writes DeepSeek's leaf names under the model pr
 per-expert w1/w3 stacked into gate_up_proj [E, 2I, H], w2 into down_proj [E, H, I]); names already in the
 module's form pass through, so either spelling loads. DeepSeek's released checkpoints (no "model." prefix,
 FP8 / FP4 weights) are models/v4_checkpoint.py's. Safetensors only (models/checkpoint.py's scan refuses pickle).
+The whole state is read into memory before the experts are stacked: meant for the tiny / small models this
+format is used for here, not for the real ones.
 """
 from __future__ import annotations
 

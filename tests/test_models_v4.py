@@ -384,3 +384,19 @@ def test_bad_config_values_are_clear_config_errors(hf_v4, tmp_path, field, value
     assert str(folder / "config.json") in msg and words in msg
     if field != "head_dim":
         assert f"'{field}'" in msg and repr(value) in msg
+
+
+def test_checkpoint_that_does_not_match_its_config_is_a_clear_error(hf_v4, tmp_path):
+    from safetensors.torch import load_file, save_file
+    from models.errors import CheckpointError
+    folder = tmp_path / "ckpt"
+    shutil.copytree(hf_v4[1], folder)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.1.attn.indexer.wq_b.weight"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="1 tensor.s. missing, e.g. model.layers.1.self_attn.compressor.indexer.q_b_proj"):
+        models.load(folder)
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"\x80")
+    with pytest.raises(CheckpointError, match="pickle"):
+        models.load(folder)
