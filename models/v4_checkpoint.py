@@ -44,7 +44,7 @@ from .errors import CheckpointError
 FP4_BLOCK = 32  # values of K per FP4 scale
 FP4_MAX = 6.0
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-NATIVE, TRANSFORMERS = "native", "transformers"
+NATIVE, TRANSFORMERS, TRANSFORMERS_SAVED = "native", "transformers", "transformers-saved"
 COMPRESS_RATIO_TO_LAYER_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention",
                                 128: "heavily_compressed_attention"}
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -350,16 +350,17 @@ class V4CheckpointSource:
     """Where a V4 state dict came from; reads the stored (raw) tensors again on demand."""
     path: Path
     naming: str  # "native" or "transformers"
-    weight_map: dict[str, str]  # stored tensor name -> file name
+    weight_map: dict[str, str]  # tensor name (native for the native and transformers-saved layouts) -> file
     parts: dict[str, list[tuple[str, str | None]]]  # transformers name -> [(stored weight, stored scale|None)]
     fp8_names: tuple[str, ...]  # transformers names stored as FP8 E4M3 blocks
     fp4_names: tuple[str, ...]  # transformers names stored as FP4 E2M1 (routed experts)
     skipped_mtp: int  # stored tensors ignored as MTP (mtp.*, layers >= num_hidden_layers), scales included
     scale_dtypes: tuple[str, ...] = ()
+    stored_names: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> key in the file, where differing
 
-    def read(self, stored_name: str) -> torch.Tensor:
-        with _open(self.path / self.weight_map[stored_name]) as f:
-            return f.get_tensor(stored_name)
+    def read(self, name: str) -> torch.Tensor:
+        with _open(self.path / self.weight_map[name]) as f:
+            return f.get_tensor(self.stored_names.get(name, name))
 
     def raw(self, name: str) -> list[tuple[str, torch.Tensor, torch.Tensor | None]]:
         """[(stored name, stored weight, stored scale or None)] that make up transformers tensor `name`, in
@@ -372,6 +373,25 @@ class V4CheckpointSource:
             raise CheckpointError(f"{self.path}: {name!r} is not stored as one FP8 tensor")
         (_, w, s), = self.raw(name)
         return w, s
+
+
+# transformers 5.24's save_pretrained runs the conversion mapping backwards without the model. prefix rules:
+# model.layers.N.<native layer name>, head.weight, model.embed_tokens.weight, model.norm.weight,
+# model.hc_head.hc_*; and the attention's kv_norm comes out as attn.norm (the reverse of `.norm.` -> `.kv_norm.`).
+_SAVED_LAYER_RE = re.compile(r"^model\.(?:layers|mtp)\.\d+\.(?:attn\.|ffn\.|attn_norm\.|ffn_norm\.|hc_attn_|hc_ffn_)")
+_SAVED_TOP = {"head.weight": "head.weight", "model.embed_tokens.weight": "embed.weight",
+              "model.norm.weight": "norm.weight", "model.hc_head.hc_fn": "hc_head_fn",
+              "model.hc_head.hc_base": "hc_head_base", "model.hc_head.hc_scale": "hc_head_scale"}
+
+
+def _saved_to_native(name: str) -> str | None:
+    """A save_pretrained (transformers 5.24) tensor name -> native name; None if it is not one."""
+    if name in _SAVED_TOP:
+        return _SAVED_TOP[name]
+    if not _SAVED_LAYER_RE.match(name):
+        return None
+    n = re.sub(r"^(layers\.\d+\.attn)\.norm\.", r"\1.kv_norm.", name[len("model."):])
+    return n[: -len(".weight_scale_inv")] + ".scale" if n.endswith(".weight_scale_inv") else n
 
 
 def _classify(name: str) -> str | None:
@@ -400,14 +420,14 @@ def _is_mtp(name: str, naming: str, n_layers: int) -> bool:
 
 
 class _Reader:
-    def __init__(self, path: Path, weight_map: dict[str, str], d: V4Dims):
-        self.path, self.weight_map, self.d = path, weight_map, d
+    def __init__(self, path: Path, weight_map: dict[str, str], d: V4Dims, stored: dict[str, str]):
+        self.path, self.weight_map, self.d, self.stored = path, weight_map, d, stored
         self.handles: dict[str, object] = {}
 
     def meta(self, name: str) -> tuple[torch.dtype, list[int]]:
         f = self._handle(self.weight_map[name])
         try:
-            sl = f.get_slice(name)
+            sl = f.get_slice(self.stored.get(name, name))
             return _dtype(sl.get_dtype(), self.where(name)), list(sl.get_shape())
         except (SafetensorError, ValueError, TypeError) as e:
             raise CheckpointError(f"{self.where(name)} cannot be read ({e}); the file is corrupt: copy or re-save "
@@ -415,13 +435,13 @@ class _Reader:
 
     def get(self, name: str) -> torch.Tensor:
         try:
-            return self._handle(self.weight_map[name]).get_tensor(name)
+            return self._handle(self.weight_map[name]).get_tensor(self.stored.get(name, name))
         except (SafetensorError, ValueError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"{self.where(name)} cannot be read ({e}); the file is corrupt: copy or re-save "
                                   "it") from None
 
     def where(self, name: str) -> str:
-        return f"{self.path / self.weight_map[name]}: tensor {name!r}"
+        return f"{self.path / self.weight_map[name]}: tensor {self.stored.get(name, name)!r}"
 
     def close(self):
         for h in self.handles.values():
@@ -525,6 +545,21 @@ def load_v4_state_dict(folder: str | os.PathLike, *, dtype: torch.dtype = torch.
     weight_map = _scan(path)
     _check_file_sizes(path, set(weight_map.values()))
 
+    stored: dict[str, str] = {}
+    saved = sorted(n for n in weight_map if _SAVED_LAYER_RE.match(n))
+    if saved:  # transformers' save_pretrained layout: native names under model., see _saved_to_native
+        renamed = {}
+        for n, f in weight_map.items():
+            c = _saved_to_native(n)
+            if c is None:
+                raise CheckpointError(
+                    f"{path}: mixes transformers' save_pretrained names ({len(saved)}, e.g. {saved[0]!r}) and "
+                    f"another naming ({n!r}); a checkpoint uses one naming. Re-save it with one "
+                    "(save_v4_native_checkpoint, or transformers' save_pretrained)")
+            renamed[c] = f
+            if c != n:
+                stored[c] = n
+        weight_map = renamed
     kinds = {n: _classify(n) for n in weight_map}
     unknown = sorted(n for n, k in kinds.items() if k is None)
     if unknown:
@@ -537,6 +572,7 @@ def load_v4_state_dict(folder: str | os.PathLike, *, dtype: torch.dtype = torch.
                               f"and transformers' names ({len(hf)}, e.g. {hf[0]!r}); a checkpoint uses one naming. "
                               "Re-save it with one (save_v4_native_checkpoint, or transformers' save_pretrained)")
     naming = NATIVE if native else TRANSFORMERS
+    layout = TRANSFORMERS_SAVED if saved else naming
     mtp = {n for n in weight_map if _is_mtp(n, naming, d.num_hidden_layers)}
     kept = {n: f for n, f in weight_map.items() if n not in mtp}
     scales = {n for n in kept if _is_scale(n, naming)}
@@ -592,7 +628,7 @@ def load_v4_state_dict(folder: str | os.PathLike, *, dtype: torch.dtype = torch.
                               "checkpoint does not match its config.json (num_hidden_layers, layer_types / "
                               "compress_ratios, num_hash_layers?)")
 
-    r = _Reader(path, kept, d)
+    r = _Reader(path, kept, d, stored)
     fp8_ok = d.weight_block_size in (None, (FP8_BLOCK, FP8_BLOCK))
     out: dict[str, torch.Tensor] = {}
     fp8_names, fp4_names, scale_dtypes = [], [], set()
@@ -641,8 +677,8 @@ def load_v4_state_dict(folder: str | os.PathLike, *, dtype: torch.dtype = torch.
     if fp4_names and d.expert_dtype != "fp4":
         raise CheckpointError(f"{path / 'config.json'}: experts are stored as FP4 but expert_dtype is "
                               f"{d.expert_dtype!r}; set quantization_config.expert_dtype to 'fp4'")
-    src = V4CheckpointSource(path, naming, dict(kept), parts, tuple(fp8_names), tuple(fp4_names), len(mtp),
-                             tuple(sorted(scale_dtypes)))
+    src = V4CheckpointSource(path, layout, dict(kept), parts, tuple(fp8_names), tuple(fp4_names), len(mtp),
+                             tuple(sorted(scale_dtypes)), {k: v for k, v in stored.items() if k in kept})
     return cfg, out, src
 
 
