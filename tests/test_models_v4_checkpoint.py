@@ -396,3 +396,36 @@ def test_unmodified_single_file_loads_and_refuses_pickles(single, tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(CheckpointError, match="pickle"):
         load_v4_state_dict(tmp_path)
+
+
+def test_fp8_experts_and_layers_beyond_num_hidden_layers(tiny, tmp_path):
+    """expert_dtype fp8: routed experts in 128x128 FP8 blocks; a native layers.3.* block (an MTP layer counted
+    in the layer numbers) is skipped like mtp.*."""
+    cfg, model = tiny
+    folder = save_v4_native_checkpoint(model.state_dict(), cfg, tmp_path / "fp8e", expert_dtype="fp8")
+    tensors = load_file(folder / "model.safetensors")
+    extra = {"layers.3." + k[len("layers.2."):]: v.clone() for k, v in tensors.items() if k.startswith("layers.2.")}
+    save_file({**tensors, **extra}, folder / "model.safetensors")
+    config, state, src = load_v4_state_dict(folder)
+    assert config["quantization_config"]["expert_dtype"] == "fp8" and src.fp4_names == ()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in src.fp8_names and src.skipped_mtp == len(extra)
+    assert _read_raw(folder)["layers.0.ffn.experts.1.w2.scale"][:2] == ("F8_E8M0", [2, 1])
+    assert _mismatches(state, _reference(folder, model.state_dict(), cfg.n_routed_experts)) == []
+
+
+def test_transformers_named_fp8_with_fp32_weight_scale_inv(tiny, tmp_path):
+    """transformers' (and V3's) FP8 naming: W.weight float8_e4m3fn + W.weight_scale_inv fp32 per 128x128 block."""
+    from models.checkpoint import fp8_block_quantize
+    cfg, model = tiny
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    name = "model.layers.1.self_attn.q_b_proj.weight"
+    q, s = fp8_block_quantize(sd[name])
+    sd[name], sd[name + "_scale_inv"] = q, s
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "config.json").write_text(cfg.to_json_string())
+    save_file(sd, tmp_path / "t" / "model.safetensors")
+    _, state, src = load_v4_state_dict(tmp_path / "t")
+    assert src.naming == "transformers" and src.fp8_names == (name,) and src.scale_dtypes == ("float32",)
+    want = E4M3[q.view(torch.uint8).numpy()] * np.repeat(np.repeat(s.numpy(), 128, 0)[:256], 128, 1)[:, :48]
+    assert np.array_equal(state[name].numpy().view(np.uint8), want.view(np.uint8))
+    assert torch.equal(src.raw_fp8(name)[0].view(torch.uint8), q.view(torch.uint8))
