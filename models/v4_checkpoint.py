@@ -94,6 +94,8 @@ _LAYER_HF_TO_NATIVE = {
 }
 _TOP_NATIVE_TO_HF = {v: k for k, v in _TOP_HF_TO_NATIVE.items()}
 _LAYER_NATIVE_TO_HF = {v: k for k, v in _LAYER_HF_TO_NATIVE.items()}
+# transformers maps `.norm.` -> `.kv_norm.`, so it also reads the attention's kv_norm as attn.norm (and writes it so)
+_LAYER_NATIVE_TO_HF["attn.norm.weight"] = "self_attn.kv_norm.weight"
 _HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _NATIVE_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 _NATIVE_EXPERT_RE = re.compile(r"^layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight$")
@@ -591,6 +593,8 @@ def load_v4_state_dict(folder: str | os.PathLike, *, dtype: torch.dtype = torch.
                 continue
         else:
             target = name
+        if target in parts:
+            raise CheckpointError(f"{path}: {parts[target][0][0]!r} and {name!r} are both {target!r}; keep one")
         parts[target] = [(name, _scale_name(name, naming) if _scale_name(name, naming) in kept else None)]
     if naming == NATIVE:
         for i in range(d.num_hidden_layers):

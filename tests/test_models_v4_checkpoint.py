@@ -381,8 +381,10 @@ H = TINY["hidden_size"]
      r"'layers\.0\.attn\.wq_a\.scale' has shape \[2, 2\]; 128x128 blocks of \[48, 160\] need \[1, 2\]"),
     (lambda t: t.update({"layers.0.attn.extra.weight": torch.ones(2)}),
      r"unexpected tensor.*layers\.0\.attn\.extra\.weight"),
+    (lambda t: t.update({"layers.0.attn.norm.weight": t["layers.0.attn.kv_norm.weight"].clone()}),
+     r"'layers\.0\.attn\.kv_norm\.weight' and 'layers\.0\.attn\.norm\.weight' are both"),
 ], ids=["missing", "shape", "fp8-no-scale", "scale-no-weight", "fp4-packed-shape", "fp4-scale-shape",
-        "unknown-dtype", "scale-dtype", "mixed-naming", "missing-expert", "fp8-scale-shape", "unexpected"])
+        "unknown-dtype", "scale-dtype", "mixed-naming", "missing-expert", "fp8-scale-shape", "unexpected", "duplicate"])
 def test_errors_name_the_tensor_and_the_fix(single, tmp_path, edit, message):
     folder = _variant(single, tmp_path, edit)
     with pytest.raises(CheckpointError, match=message):
@@ -429,3 +431,13 @@ def test_transformers_named_fp8_with_fp32_weight_scale_inv(tiny, tmp_path):
     want = E4M3[q.view(torch.uint8).numpy()] * np.repeat(np.repeat(s.numpy(), 128, 0)[:256], 128, 1)[:, :48]
     assert np.array_equal(state[name].numpy().view(np.uint8), want.view(np.uint8))
     assert torch.equal(src.raw_fp8(name)[0].view(torch.uint8), q.view(torch.uint8))
+
+
+def test_native_attn_norm_alias_for_kv_norm(single, tmp_path):
+    """transformers reads attn.norm as the attention's kv_norm too (its `.norm.` -> `.kv_norm.` rename)."""
+    def edit(t):
+        t["layers.0.attn.norm.weight"] = t.pop("layers.0.attn.kv_norm.weight")
+    folder = _variant(single, tmp_path, edit)
+    _, state, _ = load_v4_state_dict(folder)
+    want = load_file(single[0] / "model.safetensors")["layers.0.attn.kv_norm.weight"].float()
+    assert torch.equal(state["model.layers.0.self_attn.kv_norm.weight"], want)
