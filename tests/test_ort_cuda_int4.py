@@ -149,30 +149,24 @@ def _to_fp16_io(m: ir.Model) -> None:
         v.dtype = F16
 
 
-def test_qmoe_4bit_fp16_experts_are_the_numpy_moe_on_ort_cpu():
-    """quantize_int4 on an MoE of trained-small's expert shape: QMoE expert_weight_bits 4, block 32, zero points,
-    fp16-exact scales, raw layout, no router_weights; each expert's codes / scales / zero points are the numpy RTN,
-    and ORT CPU's fp16 QMoE is the numpy DeepSeekMoE with the dequantized weights (log-weight routing, -inf outside
-    the chosen experts, as the ort-cuda router writes it). Expert 1's fc2 scales x2 is caught."""
+def qmoe_int4_case(check=lambda *a: None):
+    """An MoE of trained-small's expert shape through quantize_int4, stored fp16 as to_fp16 stores it: (model,
+    feeds, the QMoE node, numpy DeepSeekMoE with the dequantized 4-bit weights, the same with the fp32 weights,
+    tolerance). check(node, fc1, fc2) runs on the quantized node before the fp16 storage."""
     rng = np.random.default_rng(3)
     fc1 = (rng.standard_normal((EE, 2 * EI, EH)) / 11).astype(np.float32)
     fc2 = (rng.standard_normal((EE, EH, EI)) / 8).astype(np.float32)
     m = _moe_graph(fc1, fc2)
     rep = ort_cuda.quantize_int4(m)
-    (node,) = [n for n in m.graph if n.op_type == "QMoE"]
-    assert {k: node.attributes[k].value for k in ("expert_weight_bits", "weights_prepacked", "block_size", "quant_type")
-            } == {"expert_weight_bits": 4, "weights_prepacked": 0, "block_size": 32, "quant_type": "int"}
-    assert len(node.inputs) == 13 and node.inputs[11] is not None and node.inputs[12] is not None  # no router_weights
     assert rep.quantized[-1]["role"] == "routed_experts" and rep.quantized[-1]["bits"] == 4
+    (node,) = [n for n in m.graph if n.op_type == "QMoE"]
+    check(node, fc1, fc2)
     deq = []
-    for i_w, i_s, i_z, wt in ((2, 3, 11, fc1), (5, 6, 12, fc2)):
-        e, n, k = wt.shape
-        ref = [ref_int4_fp16(wt[i], 32) for i in range(e)]
-        np.testing.assert_array_equal(unpack(node.inputs[i_w].const_value.numpy(), k), np.stack([r[0] for r in ref]))
-        s = node.inputs[i_s].const_value.numpy()
-        np.testing.assert_array_equal(s, np.stack([r[1] for r in ref]).astype(np.float32))
-        np.testing.assert_array_equal(unpack(node.inputs[i_z].const_value.numpy(), k // 32), np.stack([r[2] for r in ref]))
-        deq.append(np.stack([r[3] for r in ref]))
+    for i_w, i_s, i_z in ((2, 3, 11), (5, 6, 12)):
+        packed, s, zp = (node.inputs[i].const_value.numpy() for i in (i_w, i_s, i_z))
+        e, n, half = packed.shape
+        codes, zps = unpack(packed, 2 * half).astype(np.float32), unpack(zp, s.shape[-1]).astype(np.float32)
+        deq.append(((codes.reshape(e, n, -1, 32) - zps[..., None]) * s[..., None]).reshape(e, n, 2 * half))
     _to_fp16_io(m)
     x = rng.standard_normal((ET, EH)).astype(np.float16)
     logits = rng.standard_normal((ET, EE)).astype(np.float32)
@@ -192,14 +186,35 @@ def test_qmoe_4bit_fp16_experts_are_the_numpy_moe_on_ort_cpu():
         return out
 
     want = numpy_moe(*deq)
-    got = _session(m).run(None, {"x": x, "router_probs": probs.astype(np.float16)})[0].astype(np.float32)
-    tol = 5e-3 * np.abs(want).max()
+    return (m, {"x": x, "router_probs": probs.astype(np.float16)}, node, want, numpy_moe(fc1, fc2),
+            5e-3 * np.abs(want).max(), ids)
+
+
+def test_qmoe_4bit_fp16_experts_are_the_numpy_moe_on_ort_cpu():
+    """quantize_int4 on an MoE of trained-small's expert shape: QMoE expert_weight_bits 4, block 32, zero points,
+    fp16-exact scales, raw layout, no router_weights; each expert's codes / scales / zero points are the numpy RTN,
+    and ORT CPU's fp16 QMoE is the numpy DeepSeekMoE with the dequantized weights (log-weight routing, -inf outside
+    the chosen experts, as the ort-cuda router writes it). An expert's fc2 scales x2 is caught."""
+    def check(node, fc1, fc2):
+        assert {k: node.attributes[k].value for k in ("expert_weight_bits", "weights_prepacked", "block_size",
+                                                      "quant_type")} == {
+            "expert_weight_bits": 4, "weights_prepacked": 0, "block_size": 32, "quant_type": "int"}
+        assert len(node.inputs) == 13 and node.inputs[11] is not None and node.inputs[12] is not None  # no router_weights
+        for i_w, i_s, i_z, wt in ((2, 3, 11, fc1), (5, 6, 12, fc2)):
+            e, n, k = wt.shape
+            ref = [ref_int4_fp16(wt[i], 32) for i in range(e)]
+            np.testing.assert_array_equal(unpack(node.inputs[i_w].const_value.numpy(), k), np.stack([r[0] for r in ref]))
+            np.testing.assert_array_equal(node.inputs[i_s].const_value.numpy(), np.stack([r[1] for r in ref]).astype(np.float32))
+            np.testing.assert_array_equal(unpack(node.inputs[i_z].const_value.numpy(), k // 32), np.stack([r[2] for r in ref]))
+
+    m, feeds, node, want, want_fp32, tol, ids = qmoe_int4_case(check)
+    got = _session(m).run(None, feeds)[0].astype(np.float32)
     np.testing.assert_allclose(got, want, atol=tol, rtol=0)
-    assert np.abs(want - numpy_moe(fc1, fc2)).max() > 10 * tol  # the 4-bit weights, not the fp32 ones
+    assert np.abs(want - want_fp32).max() > 10 * tol  # the 4-bit weights, not the fp32 ones
     s = node.inputs[6].const_value.numpy().copy()
     s[ids[0, 0]] *= 2
     node.inputs[6].const_value = ir.tensor(s, name=node.inputs[6].name)
-    bad = _session(m).run(None, {"x": x, "router_probs": probs.astype(np.float16)})[0].astype(np.float32)
+    bad = _session(m).run(None, feeds)[0].astype(np.float32)
     assert np.abs(bad - want).max() > 10 * tol
 
 
