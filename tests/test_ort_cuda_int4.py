@@ -93,7 +93,8 @@ def test_int4_then_fp16_is_the_numpy_rtn_with_fp16_scales(tiny_cuda_graphs):
 @pytest.mark.parametrize("bs", [32, 128])
 def test_fp16_matmulnbits_4bit_runs_on_ort_cpu_as_numpy(bs):
     """One linear of K = 256 quantized with ort-cuda's 4-bit options (block 32, or 128: the other block
-    quantize_int4 takes) and stored as to_fp16 stores it: ORT CPU's fp16 MatMulNBits 4-bit gives fp16(x) @ dequant(W)^T to fp16 output rounding."""
+    quantize_int4 takes) and stored as to_fp16 stores it: ORT CPU's fp16 MatMulNBits 4-bit gives
+    fp16(x) @ dequant(W)^T to fp16 output rounding."""
     from onnx import TensorProto as TP
     from onnx import helper as h
     from onnx import numpy_helper as nh
@@ -101,8 +102,9 @@ def test_fp16_matmulnbits_4bit_runs_on_ort_cpu_as_numpy(bs):
     w = (rng.standard_normal((48, 256)) / 16).astype(np.float32)
     x = rng.standard_normal((5, 256)).astype(np.float32).astype(np.float16)
     # (a MatMul feeding a graph output directly is taken for lm_head and kept: a Neg after it)
-    g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["h"]), h.make_node("Neg", ["h"], ["y"])], "mm", [h.make_tensor_value_info("x", TP.FLOAT, [5, 256])],
-                     [h.make_tensor_value_info("y", TP.FLOAT, [5, 48])], [nh.from_array(np.ascontiguousarray(w.T), "w")])
+    g = h.make_graph([h.make_node("MatMul", ["x", "w"], ["h"]), h.make_node("Neg", ["h"], ["y"])], "mm",
+                     [h.make_tensor_value_info("x", TP.FLOAT, [5, 256])], [h.make_tensor_value_info("y", TP.FLOAT, [5, 48])],
+                     [nh.from_array(np.ascontiguousarray(w.T), "w")])
     m = ir.from_proto(h.make_model(g, opset_imports=[h.make_opsetid("", 20)], ir_version=10))
     from passes.quantize import quantize
     opts = {k: v for k, v in ort_cuda.INT4_OPTIONS.items() if k not in ("experts", "attention_bits")}
