@@ -1,4 +1,4 @@
-"""ort-cuda packages (fp16, int8 and fp8) on one GPU: accuracy against eager fp32 and decode ms/token
+"""ort-cuda packages (fp16, int8, int4 and fp8) on one GPU: accuracy against eager fp32 and decode ms/token
 (not a pytest test; run on the GPU machine with onnxruntime-gpu, no torch needed).
 
     PYTHONPATH=/tmp/site:$PWD python3 -m benchmarks.cuda_int8 \
@@ -18,6 +18,10 @@ Per package (CPU-built, benchmarks/gpu/README.md):
 --probe-qmoe: whether this onnxruntime's CUDA QMoE runs int8 experts with fp16 activations in the raw
 [E, N, K] layout (passes/quant_qmoe.py's, the CPU kernel's): one QMoE node against MoE fp16 with the
 dequantized weights, both on CUDA.
+--probe-int4: the same for int4's forms (targets/ort_cuda/graphs.py quantize_int4): QMoE expert_weight_bits 4 per
+block of 32 with uint8 zero points and fp16 scales (weights_prepacked=0) against MoE fp16, and MatMulNBits bits 4
+block 32 with zero points (fp16 A and scales) against an fp16 MatMul of the dequantized weight; each records where
+ORT placed the node (a CPU fallback would be silent).
 """
 from __future__ import annotations
 
@@ -197,12 +201,99 @@ def probe_qmoe(log) -> dict:
     return out
 
 
+def probe_int4(log) -> dict:
+    """CUDA QMoE 4-bit (block 32, zero points, fp16 scales, raw layout) vs MoE fp16 with the dequantized weights,
+    and MatMulNBits 4-bit (block 32, zero points, fp16) vs MatMul fp16 of the dequantized weight, on CUDA."""
+    import onnxruntime as ort
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+    from onnx import numpy_helper as nh
+    from passes.quant_int4 import dequantize_int4, quantize_int4_blocks
+    from passes.quant_qmoe import quantize_experts_int4
+    rng = np.random.default_rng(0)
+    E, H, I, T, K, BS = 8, 128, 64, 8, 2, 32  # trained-small's expert shape
+    out: dict = {}
+
+    def session(nodes, inits, ins, outs):
+        g = h.make_graph(nodes, "probe", ins, outs, initializer=inits)
+        m = h.make_model(g, opset_imports=[h.make_opsetid("", 17), h.make_opsetid("com.microsoft", 1)], ir_version=10)
+        so = ort.SessionOptions()
+        so.log_severity_level, so.enable_profiling = 3, True
+        return ort.InferenceSession(m.SerializeToString(), so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+    def placed(sess, op):
+        path = sess.end_profiling()
+        events = json.loads(Path(path).read_text())
+        os.remove(path)
+        return sorted({e["args"].get("provider") for e in events if e.get("cat") == "Node"
+                       and e.get("args", {}).get("op_name") == op})
+
+    def unpack_deq(packed, scales, zp):  # [E, N, K/2], [E, N, K/BS], [E, N, ceil(K/BS/2)] -> fp32 [E, N, K]
+        e, n, half = packed.shape
+        codes = np.stack([packed & 0xF, packed >> 4], -1).reshape(e, n, 2 * half).astype(np.float32)
+        z = np.stack([zp & 0xF, zp >> 4], -1).reshape(e, n, -1)[..., :scales.shape[-1]].astype(np.float32)
+        return ((codes.reshape(e, n, -1, BS) - z[..., None]) * scales[..., None]).reshape(e, n, 2 * half)
+
+    fc1 = rng.standard_normal((E, 2 * I, H), dtype=np.float32) * 0.09
+    fc2 = rng.standard_normal((E, H, I), dtype=np.float32) * 0.12
+    q1, s1, z1 = quantize_experts_int4(fc1, BS, False, "float16")
+    q2, s2, z2 = quantize_experts_int4(fc2, BS, False, "float16")
+    d1, d2 = unpack_deq(q1, s1, z1).astype(np.float16), unpack_deq(q2, s2, z2).astype(np.float16)
+    x = rng.standard_normal((T, H), dtype=np.float32).astype(np.float16)
+    probs = rng.standard_normal((T, E), dtype=np.float32).astype(np.float16)
+    common = dict(k=K, activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1,
+                  activation_alpha=1.0, activation_beta=0.0)
+    io = ([h.make_tensor_value_info("x", TP.FLOAT16, [T, H]), h.make_tensor_value_info("probs", TP.FLOAT16, [T, E])],
+          [h.make_tensor_value_info("y", TP.FLOAT16, [T, H])])
+    feeds = {"x": x, "probs": probs}
+    ref_s = session([h.make_node("MoE", ["x", "probs", "fc1", "", "fc2"], ["y"], domain="com.microsoft", **common)],
+                    [nh.from_array(d1, "fc1"), nh.from_array(d2, "fc2")], *io)
+    ref = ref_s.run(None, feeds)[0].astype(np.float32)
+    out["moe_fp16"] = {"placed": placed(ref_s, "MoE"), "finite": bool(np.isfinite(ref).all())}
+    try:
+        names = ["fc1q", "fc1s", "", "fc2q", "fc2s", "", "", "", "", "fc1z", "fc2z"]
+        inits = [nh.from_array(q1, "fc1q"), nh.from_array(s1.astype(np.float16), "fc1s"), nh.from_array(q2, "fc2q"),
+                 nh.from_array(s2.astype(np.float16), "fc2s"), nh.from_array(z1, "fc1z"), nh.from_array(z2, "fc2z")]
+        sess = session([h.make_node("QMoE", ["x", "probs", *names], ["y"], domain="com.microsoft", expert_weight_bits=4,
+                                    block_size=BS, weights_prepacked=0, quant_type="int", **common)], inits, *io)
+        y = sess.run(None, feeds)[0].astype(np.float32)
+        out["qmoe_4bit_block32_zero_points"] = {
+            "ran": True, "placed": placed(sess, "QMoE"), "max_abs_vs_moe_fp16": float(np.abs(y - ref).max()),
+            "ref_max_abs": float(np.abs(ref).max()),
+            "cosine": float((y * ref).sum() / (np.linalg.norm(y) * np.linalg.norm(ref) + 1e-30))}
+    except Exception as e:  # noqa: BLE001 - a probe records what happened
+        out["qmoe_4bit_block32_zero_points"] = {"ran": False, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+    log(f"int4 probe QMoE: {out['qmoe_4bit_block32_zero_points']}")
+    try:
+        N, Kd = 384, 128
+        w = rng.standard_normal((N, Kd), dtype=np.float32) * 0.1
+        b, sc, zp, _ = quantize_int4_blocks(w, BS, False, "float16")
+        deq = dequantize_int4(b, sc, Kd, zp.reshape(-1)).astype(np.float16)
+        xin = rng.standard_normal((T, Kd), dtype=np.float32).astype(np.float16)
+        io2 = ([h.make_tensor_value_info("a", TP.FLOAT16, [T, Kd])], [h.make_tensor_value_info("y", TP.FLOAT16, [T, N])])
+        r = session([h.make_node("MatMul", ["a", "w"], ["y"])], [nh.from_array(np.ascontiguousarray(deq.T), "w")], *io2)
+        want = r.run(None, {"a": xin})[0].astype(np.float32)
+        sess = session([h.make_node("MatMulNBits", ["a", "b", "s", "z"], ["y"], domain="com.microsoft", K=Kd, N=N,
+                                    bits=4, block_size=BS)],
+                       [nh.from_array(b, "b"), nh.from_array(sc.reshape(-1).astype(np.float16), "s"),
+                        nh.from_array(zp.reshape(-1), "z")], *io2)
+        y = sess.run(None, {"a": xin})[0].astype(np.float32)
+        out["matmulnbits_4bit_block32_zero_points"] = {
+            "ran": True, "placed": placed(sess, "MatMulNBits"), "max_abs_vs_matmul_fp16": float(np.abs(y - want).max()),
+            "ref_max_abs": float(np.abs(want).max())}
+    except Exception as e:  # noqa: BLE001
+        out["matmulnbits_4bit_block32_zero_points"] = {"ran": False, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+    log(f"int4 probe MatMulNBits: {out['matmulnbits_4bit_block32_zero_points']}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--packages", nargs="+", required=True)
     ap.add_argument("--lengths", default="1024")
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--probe-qmoe", action="store_true")
+    ap.add_argument("--probe-int4", action="store_true")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     t0 = time.time()
@@ -223,6 +314,12 @@ def main(argv=None) -> int:
             res["qmoe_probe"] = probe_qmoe(log)
         except Exception:  # noqa: BLE001
             res["errors"].append({"qmoe_probe": traceback.format_exc()[-2000:]})
+        save()
+    if args.probe_int4:
+        try:
+            res["int4_probe"] = probe_int4(log)
+        except Exception:  # noqa: BLE001
+            res["errors"].append({"int4_probe": traceback.format_exc()[-2000:]})
         save()
     for src in args.packages:
         try:

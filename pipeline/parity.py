@@ -199,6 +199,10 @@ BUDGETS: dict[str, Budget] = {
     # shape of the result before the fp16 part is known (the quantize-int8 limits themselves).
     "target-ort-cuda-int8": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.99, max_kl=0.05, max_rel_euclid=0.15,
                                    max_flipped_fraction=0.10),
+    # ORT CUDA int4 (MatMulNBits 4-bit with zero points and QMoE 4-bit experts, fp16 scales and activations), the
+    # same rule with the quantize-int4 budget as its quantization part.
+    "target-ort-cuda-int4": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.94, max_kl=0.1, max_rel_euclid=0.35,
+                                   max_flipped_fraction=0.45),
     # ORT CUDA fp8 (E4M3 128x128-block weights dequantized to fp16, fp16 activations), the same rule with
     # the quantize-fp8 budget as its quantization part.
     "target-ort-cuda-fp8": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.95, max_kl=0.4, max_rel_euclid=0.32,

@@ -205,6 +205,6 @@ def test_fp8_checkpoint_compiles_for_ort_cuda_as_fp8_with_its_bytes(tmp_path):
 
 def test_ort_cuda_refuses_w8a8_naming_its_schemes(tmp_path):
     from pipeline.compile import CompileError, compile_package
-    with pytest.raises(CompileError, match=r"--quant w8a8: target 'ort-cuda' supports none, int8, fp8"):
+    with pytest.raises(CompileError, match=r"--quant w8a8: target 'ort-cuda' supports none, int8, int4, fp8"):
         compile_package("tiny", "ort-cuda", tmp_path / "pkg", quant="w8a8", progress=lambda m: None)
     assert not (tmp_path / "pkg").exists()

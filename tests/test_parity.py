@@ -237,7 +237,8 @@ def test_raise_if_failed_names_stage_output_and_numbers():
 def test_budgets_table():
     assert set(BUDGETS) == {
         "export", "passes", "quantize-int8", "quantize-int4", "quantize-w8a8", "quantize-fp8", "target-ort-cpu",
-        "target-ort-cuda-fp16", "target-ort-cuda-int8", "target-ort-cuda-fp8", "ascend-fp16-emulation", "partition",
+        "target-ort-cuda-fp16", "target-ort-cuda-int8", "target-ort-cuda-int4", "target-ort-cuda-fp8",
+        "ascend-fp16-emulation", "partition",
     }
     msit = BUDGETS["ascend-fp16-emulation"]
     assert (msit.min_cosine, msit.max_kl, msit.max_rel_euclid) == (0.99, 0.005, 0.05)

@@ -1,5 +1,5 @@
 """The `ort-cuda` target: ONNX Runtime on NVIDIA GPUs (CUDAExecutionProvider), fp16 graphs with fp32 islands
-(or int8 / fp8 weights), an fp16 latent cache and runtime/cuda_runtime.py (IOBinding). Its graphs and settings:
+(or int8 / int4 / fp8 weights), an fp16 latent cache and runtime/cuda_runtime.py (IOBinding). Its graphs and settings:
 targets/ort_cuda/graphs.py (re-exported here); its build: targets/ort_cuda/build.py; its verification:
 targets/ort_cuda/verify.py."""
 from __future__ import annotations
@@ -7,13 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..base import Target, TargetProfile
-from .graphs import (CUDA_QMOE_INTER_MULTIPLE, FP8_OPTIONS, INT8_OPTIONS, Fp16Report, convert_graph_files,
-                     cuda_provider_options, graph_dtypes, has_cuda_provider, providers, quantize_fp8, quantize_int8,
+from .graphs import (CUDA_QMOE_INT4_BLOCKS, CUDA_QMOE_INTER_MULTIPLE, FP8_OPTIONS, INT4_BLOCK_SIZES, INT4_OPTIONS,
+                     INT8_OPTIONS, Fp16Report, convert_graph_files, cuda_provider_options, cuda_qmoe_int4_problem,
+                     graph_dtypes, has_cuda_provider, providers, quantize_fp8, quantize_int4, quantize_int8,
                      session_config, to_fp16)
 
-__all__ = ["CUDA_QMOE_INTER_MULTIPLE", "FP8_OPTIONS", "INT8_OPTIONS", "PROFILE", "TARGET", "Fp16Report",
-           "convert_graph_files", "cuda_provider_options", "graph_dtypes", "has_cuda_provider", "providers",
-           "quantize_fp8", "quantize_int8", "session_config", "to_fp16"]
+__all__ = ["CUDA_QMOE_INT4_BLOCKS", "CUDA_QMOE_INTER_MULTIPLE", "FP8_OPTIONS", "INT4_BLOCK_SIZES", "INT4_OPTIONS",
+           "INT8_OPTIONS", "PROFILE", "TARGET", "Fp16Report", "convert_graph_files", "cuda_provider_options",
+           "cuda_qmoe_int4_problem", "graph_dtypes", "has_cuda_provider", "providers", "quantize_fp8", "quantize_int4",
+           "quantize_int8", "session_config", "to_fp16"]
 
 PROFILE = TargetProfile(
     name="ort-cuda",
@@ -21,8 +23,9 @@ PROFILE = TargetProfile(
                 "fp16 latent cache, dynamic batch/sequence/cache axes, IOBinding runtime",
     opset=(17, 23),
     passes=("latent-kv-fusion", "moe-ort-fused"),
-    # "none" = fp16 compute; int8 = MatMulNBits 8-bit weights; fp8 = E4M3 128x128-block weights; fp16 compute
-    quant_schemes=("none", "int8", "fp8"),
+    # "none" = fp16 compute; int8 = MatMulNBits 8-bit weights; int4 = MatMulNBits 4-bit (block 32, zero points) and
+    # QMoE 4-bit experts; fp8 = E4M3 128x128-block weights; fp16 compute
+    quant_schemes=("none", "int8", "int4", "fp8"),
     dynamic_shapes=True,
     providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
     parity_stage="target-ort-cuda-fp16",

@@ -12,6 +12,11 @@ conversion; the fp16 int8 graphs are judged against eager fp32 by compare_fp16 w
 within the fp16 limits), golden/fp32/ the eager fp32 reference with the int8 limits (the GPU test re-judges
 the CUDA outputs against it).
 
+`--quant int4` (targets/ort_cuda/graphs.py INT4_OPTIONS) is built the same way: the quantize stage (quantize_int4:
+MatMulNBits 4-bit block 32 with zero points, attention linears 8-bit, QMoE 4-bit experts where CUDA takes them, all
+scales fp16-exact; checked with fp32 activations under BUDGETS["quantize-int4"]), the fp16 graphs judged under
+BUDGETS["target-ort-cuda-int4"] (quantize-int4 plus the fp16 limits).
+
 `--quant fp8` (targets/ort_cuda/graphs.py FP8_OPTIONS) is built the same way: the quantize stage (passes/quant_fp8.py
 then the CUDA form of passes/quant_fp8_cuda.py, checked with fp32 activations under BUDGETS["quantize-fp8"]),
 the fp16 graphs judged under BUDGETS["target-ort-cuda-fp8"] (quantize-fp8 plus the fp16 limits).
@@ -53,7 +58,8 @@ def _moe_subgraph_router():
 # passes whose ort-cuda variant differs from passes.PASSES
 CUDA_PASS_OVERRIDES = {"moe-ort-fused": _moe_subgraph_router}
 PROFILE_STAGE = "target-ort-cuda-fp16"  # the fp16 floors (BUDGETS), whatever the quantization
-QUANT_STAGES = {"int8": "target-ort-cuda-int8", "fp8": "target-ort-cuda-fp8"}  # judgement against eager fp32
+QUANT_STAGES = {"int8": "target-ort-cuda-int8", "int4": "target-ort-cuda-int4",
+                "fp8": "target-ort-cuda-fp8"}  # judgement against eager fp32
 INT8_STAGE = QUANT_STAGES["int8"]
 INT8_EXPERTS_NOTE = {
     "channel": ("routed experts are com.microsoft.QMoE int8, one fp16 scale per expert output channel, raw layout "
@@ -61,6 +67,10 @@ INT8_EXPERTS_NOTE = {
                 f"multiple of {ort_cuda.CUDA_QMOE_INTER_MULTIPLE} (CUDA QMoE's requirement), else fp16 "
                 "com.microsoft.MoE"),
     "none": "routed experts stay fp16 com.microsoft.MoE"}
+INT4_EXPERTS_NOTE = ("routed experts are com.microsoft.QMoE 4-bit (expert_weight_bits 4, blocks of 32 along K with "
+                     "zero points, fp16 scales, raw layout weights_prepacked=0, experts' activations fp16: weight-only "
+                     f"numerics) where hidden and moe_intermediate are multiples of {ort_cuda.CUDA_QMOE_INTER_MULTIPLE} "
+                     "(CUDA QMoE's requirement), else fp16 com.microsoft.MoE")
 FP8_EXPERTS_NOTE = ("routed experts are fp16 com.microsoft.MoE (ORT has no FP8 MoE kernel): an FP8 checkpoint's "
                     "expert weights are dequantized, then rounded to fp16")
 
@@ -125,7 +135,7 @@ def build_cuda_package(ctx: BuildContext) -> None:
     quantized = quant != "none"
     stage = QUANT_STAGES[quant] if quantized else profile.parity_stage  # the judgement against eager fp32
     quant_budget = BUDGETS[f"quantize-{quant}"] if quantized else None
-    options = {"int8": ort_cuda.INT8_OPTIONS, "fp8": ort_cuda.FP8_OPTIONS}.get(quant, {})
+    options = {"int8": ort_cuda.INT8_OPTIONS, "int4": ort_cuda.INT4_OPTIONS, "fp8": ort_cuda.FP8_OPTIONS}.get(quant, {})
     cfg = model.config
     golden = make_golden(model, layout, gen_tokens=gen_tokens, seed=seed)
     session = ort_cuda.session_config()
@@ -148,7 +158,8 @@ def build_cuda_package(ctx: BuildContext) -> None:
                 graphs = {}
                 for g in GRAPHS:
                     m = graphs[g] = ir.load(src_dir / f"{g}.onnx")
-                    report = ort_cuda.quantize_int8(m) if quant == "int8" else ort_cuda.quantize_fp8(m, model)
+                    report = (ort_cuda.quantize_int8(m) if quant == "int8" else ort_cuda.quantize_int4(m)
+                              if quant == "int4" else ort_cuda.quantize_fp8(m, model))
                     save_graph(m, d / f"{g}.onnx")
                     summary[g] = report.to_dict()
                     rec.notes.append(f"{g}: " + report.summary())
@@ -157,6 +168,11 @@ def build_cuda_package(ctx: BuildContext) -> None:
                     rec.notes.append("checked here with fp32 activations (the same q and scales: MatMulNBits fp32 on "
                                      "ORT CPU); the target stage converts to fp16 (scales stored fp16 exactly)")
                     rec.notes.append(INT8_EXPERTS_NOTE[ort_cuda.INT8_OPTIONS["experts"]])
+                elif quant == "int4":
+                    rec.notes.append("checked here with fp32 activations (the same 4-bit codes, zero points and fp16-exact "
+                                     "scales: MatMulNBits / QMoE fp32 on ORT CPU, accuracy_level 0, weight-only); the "
+                                     "target stage converts to fp16 (scales stored fp16 exactly)")
+                    rec.notes.append(INT4_EXPERTS_NOTE)
                 else:
                     rec.notes.append("checked here with fp32 activations (the CUDA form, fp8 weights dequantized in "
                                      "fp32); the target stage rounds each dequantized weight once to fp16")
@@ -231,7 +247,7 @@ def build_cuda_package(ctx: BuildContext) -> None:
                        "session": session, "quantization": quant, "precision": "fp16",
                        **({"quantization_options": dict(options),
                            "routed_experts": (INT8_EXPERTS_NOTE[ort_cuda.INT8_OPTIONS["experts"]] if quant == "int8"
-                                              else FP8_EXPERTS_NOTE),
+                                              else INT4_EXPERTS_NOTE if quant == "int4" else FP8_EXPERTS_NOTE),
                            "routed_expert_ops": _op_counts(pkg / "onnx" / "decode.onnx", ("QMoE", "MoE"))}
                           if quantized else {}),
                        "fp32_islands": ["Softmax", "RMSNorm statistics", "MoE router (gate projection to router_probs)",
@@ -275,6 +291,28 @@ def build_cuda_package(ctx: BuildContext) -> None:
                             "onnxruntime-gpu (reproduces golden/, the int8 graphs' ORT CPU outputs, within the fp16 "
                             "limits); golden/fp32/ holds eager fp32 and the int8 limits to judge the GPU against",
                             "the accuracy of int8 on this model's real task: random-weight presets say nothing about it; "
+                            "see the trained-small figures in the repository README"]
+        elif quant == "int4":
+            verified = ["export and passes against eager fp32 PyTorch on ORT CPU (fp32 budgets)",
+                        "the int4 graphs with fp32 activations (the same 4-bit codes, zero points and fp16-exact scales; "
+                        "attention linears 8-bit) against eager fp32 within quantize-int4 (cosine/KL/rel euclid; "
+                        "elementwise not judged)",
+                        f"the fp16 int4 graphs (MatMulNBits bits 4 block {ort_cuda.INT4_OPTIONS['block_size']} with "
+                        "uint8 zero points and bits 8 for attention, QMoE 4-bit where present, fp16 activations and "
+                        f"scales) on ORT CPU {ort.__version__} against eager fp32 within {stage} (quantize-int4 budget "
+                        "plus the fp16 limits from PyTorch fp16 on the same inputs; README: int4 judgement)",
+                        f"greedy generation of {golden.tokens.shape[1]} tokens through runtime/cuda_runtime.py "
+                        f"(IOBinding code path, device cpu): {greedy['n_equal_steps']} of {greedy['n_steps_reference']} "
+                        "tokens equal to eager fp32 (information; golden/ holds these graphs' own tokens)"]
+            not_verified = ["not yet run on a GPU: CUDAExecutionProvider kernels (MatMulNBits 4-bit with zero points "
+                            "and 8-bit, QMoE 4-bit block-wise with fp16 activations, fp16 GEMMs) are unchecked; the GPU "
+                            "run completes verification: `mlamoe verify` (or `python runtime/cuda_runtime.py "
+                            "verify-golden --record`) on a machine with onnxruntime-gpu (reproduces golden/, the int4 "
+                            "graphs' ORT CPU outputs, within the fp16 limits); golden/fp32/ holds eager fp32 and the "
+                            "int4 limits to judge the GPU against (benchmarks/gpu/int4_cuda.sh)",
+                            "speed on the GPU against the fp16 and int8 packages: not measured at build time "
+                            "(benchmarks/gpu/int4_cuda.sh measures decode ms/token)",
+                            "the accuracy of int4 on this model's real task: random-weight presets say nothing about it; "
                             "see the trained-small figures in the repository README"]
         else:
             verified = ["export and passes against eager fp32 PyTorch on ORT CPU (fp32 budgets)",
@@ -352,6 +390,10 @@ def _readme(manifest: dict, fp16_lines: list[str]) -> str:
     q = t["quantization"]
     what = {"int8": ("linear layers except lm_head and the router gate are `com.microsoft.MatMulNBits` (bits 8, fp16 "
                      "scales rounded before quantizing)"),
+            "int4": ("linear layers except lm_head and the router gate are `com.microsoft.MatMulNBits` (bits 4, RTN, "
+                     "blocks along K with uint8 zero points, fp16 scales rounded before quantizing; the attention "
+                     "linears bits 8, symmetric, blocks of 128); fp16 activations (weight-only: CUDA's MatMulNBits "
+                     "dequantizes in the kernel)"),
             "fp8": ("linear layers except lm_head and the router gate hold float8e4m3fn weights with fp32 128x128 "
                     "block scales (DeepSeek-V3's format; an FP8 checkpoint's own bytes), dequantized on every run by "
                     "a per-tensor `DequantizeLinear` x block scales in fp32, rounded once to fp16 for the fp16 GEMM "

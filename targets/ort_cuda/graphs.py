@@ -1,5 +1,5 @@
 """ort-cuda's graphs and settings (ONNX Runtime on NVIDIA GPUs, CUDAExecutionProvider): fp16 graphs with fp32
-islands, an fp16 latent cache, the int8 / fp8 quantize helpers, CUDA EP session settings.
+islands, an fp16 latent cache, the int8 / int4 / fp8 quantize helpers, CUDA EP session settings.
 Building needs no GPU; the runtime is runtime/cuda_runtime.py.
 
 fp16 conversion (`to_fp16`, onnx-ir only, no onnxconverter-common). Which nodes compute in fp16 is
@@ -49,6 +49,18 @@ CUTLASS-prepacked weights and computes garbage, measured), no router_weights inp
 where the CUDA kernel takes the shape (moe_intermediate a multiple of CUDA_QMOE_INTER_MULTIPLE); other MoE
 layers stay fp16 com.microsoft.MoE, recorded in the quantize report's skipped list (tiny: all of them).
 
+INT4 (`--quant int4`, INT4_OPTIONS, `quantize_int4`): as INT8, with passes/quant_int4.py: MatMulNBits bits 4 (RTN,
+blocks of 32 along K, or 128 with quantize_int4(block_size=128), uint8 zero points: the asymmetric scheme of ort-cpu)
+with scale_dtype "float16" (each scale rounded to fp16 before its zero point and codes are computed, so to_fp16
+changes no dequantized weight); the attention linears MatMulNBits bits 8 (symmetric, blocks of 128) as on ort-cpu; no
+accuracy_level (CUDA's MatMulNBits keeps fp16 activations; ORT CPU's check at level 0 computes the same weight-only
+numbers). Routed experts become com.microsoft.QMoE expert_weight_bits 4 per block with packed uint8 zero points
+(fc1/fc2_zero_points, inputs 11/12) and fp16 scales, raw layout (weights_prepacked=0), no router_weights, where
+onnxruntime-gpu's CUDA QMoE takes the shape (cuda_qmoe_int4_problem: hidden and moe_intermediate multiples of 64, a
+block in 32/64/128: its zero points need blocks >= 32, and per-channel 4-bit takes no zero points); others stay fp16
+MoE (tiny: moe_intermediate 32; trained-small and larger: QMoE). Checked as INT8: the fp32-activation twin under
+BUDGETS["quantize-int4"], the fp16 graphs under BUDGETS["target-ort-cuda-int4"].
+
 FP8 (`--quant fp8`, FP8_OPTIONS): passes/quant_fp8.py (DeepSeek-V3's E4M3 128x128 blocks; an FP8
 checkpoint's own bytes and scales pass through) then passes/quant_fp8_cuda.py, which rewrites each
 blocked DequantizeLinear (onnxruntime-gpu 1.31.1's CUDA EP fails on it at run time, measured) as a
@@ -79,6 +91,22 @@ _FP16_MAX = float(np.finfo(np.float16).max)
 CUDA_QMOE_INTER_MULTIPLE = 64
 # `--quant int8` for this target (passes.quant_int8.Int8WeightOnlyPass options; module doc)
 INT8_OPTIONS = {"block_size": 128, "symmetric": True, "experts": "channel", "scale_dtype": "float16"}
+
+
+# `--quant int4` for this target (passes.quant_int4.Int4WeightOnlyPass options; module doc). block_size 32 as on
+# ort-cpu (targets/ort_cpu/session.py INT4_OPTIONS; 128 is the other block quantize_int4 takes), zero points
+# (asymmetric, the CPU default), the attention linears 8-bit (what brought trained-small's top-1 past 95% on
+# ort-cpu), no accuracy_level: the CUDA kernels keep fp16 activations (weight-only), and the fp16 graphs' ORT CPU
+# check then computes the same weight-only numbers. experts "block": QMoE 4-bit per block, where CUDA takes it.
+INT4_OPTIONS = {"block_size": 32, "symmetric": False, "attention_bits": 8, "experts": "block",
+                "scale_dtype": "float16"}
+INT4_BLOCK_SIZES = (32, 128)
+# onnxruntime-gpu 1.31.1's CUDA QMoE (strings of libonnxruntime_providers_cuda.so): "QMoE asymmetric zero_points
+# are currently supported only when block_size >= 32"; "QMoE row-wise quantization (block_size <= 0) does not
+# support zero_points"; hidden_size and inter_size multiples of 64 ("the interleaved-weight K tile"); scales "must
+# match the activation type (FP16/BF16)". ONNX Runtime GenAI's model builder: "CUDA block-wise QMoE supports
+# 32/64/128 only".
+CUDA_QMOE_INT4_BLOCKS = (32, 64, 128)
 
 
 # `--quant fp8` for this target (what the manifest records; the scheme itself has no options here)
@@ -127,6 +155,63 @@ def quantize_int8(model: ir.Model):
                        "CUDA QMoE refuses it (measured); kept fp16 com.microsoft.MoE"} for n, i in keep.items()]
         report.weights_bytes_after = initializer_bytes(model.graph)
         record(model, report)
+    return report
+
+
+def cuda_qmoe_int4_problem(hidden: int, inter: int, block_size: int) -> tuple[int | None, str | None]:
+    """(the QMoE 4-bit block for an MoE of this hidden / moe_intermediate, None) where onnxruntime-gpu's CUDA QMoE
+    takes it with zero points, else (None, why not): hidden and inter multiples of CUDA_QMOE_INTER_MULTIPLE, the
+    block (the largest power of two <= block_size dividing both, as passes/quant_qmoe.py picks it) in
+    CUDA_QMOE_INT4_BLOCKS."""
+    from passes.quant_qmoe import qmoe_block_size
+    for name, dim in (("hidden", hidden), ("moe_intermediate", inter)):
+        if dim % CUDA_QMOE_INTER_MULTIPLE:
+            return None, (f"{name} {dim} is not a multiple of {CUDA_QMOE_INTER_MULTIPLE}: onnxruntime-gpu's CUDA QMoE "
+                          "refuses it (the interleaved-weight K tile); kept fp16 com.microsoft.MoE")
+    bs = qmoe_block_size(hidden, inter, block_size)
+    if bs not in CUDA_QMOE_INT4_BLOCKS:
+        return None, (f"no QMoE block in {CUDA_QMOE_INT4_BLOCKS} <= {block_size} divides hidden {hidden} and "
+                      f"moe_intermediate {inter} (CUDA QMoE takes zero points only with blocks >= 32); kept fp16 "
+                      "com.microsoft.MoE")
+    return bs, None
+
+
+def quantize_int4(model: ir.Model, block_size: int | None = None):
+    """`--quant int4` on an fp32 ort-cuda graph, in place (before to_fp16): linear layers -> MatMulNBits 4-bit
+    (passes.quant_int4, zero points, fp16-exact scales; attention linears 8-bit), routed experts -> QMoE 4-bit per
+    block with zero points and fp16-exact scales, raw layout (weights_prepacked=0), no router_weights input, where
+    onnxruntime-gpu's CUDA QMoE takes the shape (cuda_qmoe_int4_problem), else fp16 MoE. block_size: 32
+    (INT4_OPTIONS) or 128. -> the QuantReport."""
+    from passes.quant_qmoe import QMoEPass
+    from passes.quant_weights import DEFAULT_EXCLUDE, QuantizationError, initializer_bytes, record
+    from passes.quantize import quantize
+    opts = dict(INT4_OPTIONS)
+    if block_size is not None:
+        if block_size not in INT4_BLOCK_SIZES:
+            raise QuantizationError(f"ort-cuda int4 block_size {block_size!r}: one of {INT4_BLOCK_SIZES}")
+        opts["block_size"] = block_size
+    experts = opts.pop("experts")
+    report = quantize(model, "int4", experts="none", **opts)
+    keep, blocks = {}, {}  # MoE nodes the CUDA QMoE kernel cannot run (they stay fp16 MoE), and the others' block
+    for node in model.graph:
+        if node.op_type != "MoE" or len(node.inputs) < 3 or node.inputs[2] is None or node.inputs[2].shape is None:
+            continue
+        _, two_i, hidden = (int(d) for d in node.inputs[2].shape)
+        bs, why = cuda_qmoe_int4_problem(hidden, two_i // 2, opts["block_size"])
+        if why:
+            keep[node.name] = why
+        else:
+            blocks.setdefault(bs, []).append(node.name)
+    others = tuple(keep) + tuple(n for b in blocks for n in blocks[b])
+    for bs, names in blocks.items():  # one pass per block (the pass picks the block from its block_size)
+        QMoEPass(experts, bs, None, DEFAULT_EXCLUDE + tuple(n for n in others if n not in names), report,
+                 scale_dtype=opts["scale_dtype"], router_weights=False, bits=4, symmetric=opts["symmetric"])(model)
+    report.skipped = [s for s in report.skipped if s["node"] not in others] + [
+        {"node": n, "weight": "", "role": "routed_experts", "reason": why} for n, why in keep.items()]
+    report.notes.append("routed experts: QMoE expert_weight_bits 4 per block with zero points, fp16 scales, raw layout "
+                        "(weights_prepacked=0), fp16 activations (weight-only), where CUDA QMoE takes the shape")
+    report.weights_bytes_after = initializer_bytes(model.graph)
+    record(model, report)
     return report
 
 
