@@ -92,8 +92,8 @@ def _targets_help() -> str:
                    "takes them, fp16 compute; recommended there: trained-small perplexity -0.003%, top-1 99.5%, "
                    "0.62x fp16's graph bytes, decode as fast as fp16 on an H200)|int4 (MatMulNBits 4-bit block 32 "
                    "with zero points, attention linears 8-bit, QMoE 4-bit experts where CUDA takes them, fp16 "
-                   "compute: 0.49x fp16's graph bytes, trained-small perplexity +0.24%, top-1 95.6% on ORT CPU; its "
-                   "GPU speed is not measured yet: benchmarks/gpu/int4_cuda.sh)|fp8 (E4M3 128x128-block weights "
+                   "compute: 0.49x fp16's graph bytes, trained-small perplexity +0.24%, top-1 95.6% on ORT CPU; on an "
+                   "H200 it verifies but decodes no faster than fp16 at this size: benchmarks/h200_ort_cuda_int4.json)|fp8 (E4M3 128x128-block weights "
                    "dequantized to fp16 on every run: saves weight memory, not time; experts stay fp16 MoE); ascend none|w8a8 (int8 QDQ graphs; "
                    "AMCT/ATC acceptance unverified here)")
 @click.option("--int8-accuracy-level", type=click.IntRange(0, 4), default=None,
