@@ -14,6 +14,7 @@ v4_checkpoint.save_v4_native_checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -74,7 +75,8 @@ def load_checkpoint(path: str | os.PathLike, attention: str = "naive") -> Deepse
 
 
 def save_checkpoint(model: DeepseekV4ForCausalLM, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
-    """config.json + model.safetensors in transformers' names (router, tid2eid, sinks, biases kept as they are)."""
+    """config.json + model.safetensors in transformers' names (router, tid2eid, sinks, biases kept as they are),
+    unquantized (no quantization_config)."""
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise CheckpointError(f"{path}: exists and is not empty; choose a new folder")
@@ -87,7 +89,8 @@ def save_checkpoint(model: DeepseekV4ForCausalLM, path: str | os.PathLike, dtype
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        model.config.to_json(tmp / "config.json")
+        # the weights written are unquantized: a model loaded from an FP8 / FP4 folder must not say otherwise
+        dataclasses.replace(model.config, quantization_config=None).to_json(tmp / "config.json")
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         os.chmod(tmp, 0o755)
         for f in tmp.iterdir():
