@@ -661,16 +661,17 @@ def load_v4_state_dict(folder: str | os.PathLike, *, dtype: torch.dtype = torch.
                     fmts = {fmt}
                 else:
                     full_w, full_s = r.get(w), r.get(s)
-                    vals, fmts = [], set()
-                    for e in range(full_w.shape[0]):
-                        sub = _SubReader(r, w, s, full_w[e], full_s[e])
-                        v, fmt = _dequantize_piece(sub, w, s, want[1:], True, fp8_ok)
-                        vals.append(v.to(dtype))
-                        fmts.add(fmt)
                     if full_w.shape[0] != want[0]:
                         raise CheckpointError(f"{r.where(w)} holds {full_w.shape[0]} experts, config.json implies "
                                               f"{want[0]}")
-                    t = torch.stack(vals)
+                    t, fmts = torch.empty(want, dtype=dtype), set()
+                    for e in range(full_w.shape[0]):  # expert by expert, into the merged tensor
+                        sub = _SubReader(r, w, s, full_w[e], full_s[e])
+                        v, fmt = _dequantize_piece(sub, w, s, want[1:], True, fp8_ok)
+                        t[e] = v
+                        fmts.add(fmt)
+                        del v
+                    del full_w, full_s
             else:
                 w, s = pieces[0]
                 t, fmt = _dequantize_piece(r, w, s, want, False, fp8_ok)

@@ -476,3 +476,20 @@ def test_models_load_of_a_native_fp8_fp4_folder_and_of_the_same_weights_saved_by
         assert other.config.quantization_config is None
         with torch.no_grad():
             assert torch.equal(other(ids), logits), layout
+
+
+def test_transformers_named_fp8_experts_fill_the_merged_tensor_expert_by_expert(tiny, tmp_path):
+    """A transformers-named [E, 2I, H] FP8 expert tensor with [E, ...] block scales: each expert dequantized into
+    its slot of the merged tensor, as the per-expert reference says."""
+    from models.checkpoint import fp8_block_dequantize, fp8_block_quantize
+    cfg, model = tiny
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    qs = [fp8_block_quantize(sd[name][e]) for e in range(sd[name].shape[0])]
+    sd[name], sd[name + "_scale_inv"] = torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "config.json").write_text(cfg.to_json_string())
+    save_file(sd, tmp_path / "t" / "model.safetensors")
+    _, state, src = load_v4_state_dict(tmp_path / "t")
+    assert src.fp8_names == (name,)
+    assert torch.equal(state[name], torch.stack([fp8_block_dequantize(q, s) for q, s in qs]))
