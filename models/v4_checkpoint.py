@@ -33,6 +33,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -522,13 +523,17 @@ def _dequantize_piece(r: _Reader, w_name: str, s_name: str | None, want: tuple[i
 
 
 def load_v4_state_dict(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                       expected: dict[str, tuple[int, ...]] | None = None
+                       expected: dict[str, tuple[int, ...]] | None = None,
+                       into: Callable[[str, torch.Tensor], None] | None = None
                        ) -> tuple[dict, dict[str, torch.Tensor], V4CheckpointSource]:
     """V4 folder -> (config.json as a dict, transformers-named state dict, V4CheckpointSource).
 
     Floating tensors come back in `dtype` (fp32 by default: every stored format converts to it exactly),
     tid2eid as stored (int64). `expected`: name -> shape to check against (default: what config.json implies,
     the shapes of transformers' DeepseekV4ForCausalLM); feed the result to model.load_state_dict(strict=True).
+    `into(name, tensor)`: called for each tensor as soon as it is read (every name and scale is checked before
+    the first); the returned state dict is then empty, so a caller copying into preallocated parameters
+    holds at most one tensor (one merged expert tensor) beside its model.
     """
     path = Path(folder)
     if not path.is_dir():
@@ -633,51 +638,59 @@ def load_v4_state_dict(folder: str | os.PathLike, *, dtype: torch.dtype = torch.
                               "compress_ratios, num_hash_layers?)")
 
     r = _Reader(path, kept, d, stored)
-    fp8_ok = d.weight_block_size in (None, (FP8_BLOCK, FP8_BLOCK))
-    out: dict[str, torch.Tensor] = {}
-    fp8_names, fp4_names, scale_dtypes = [], [], set()
-    for target in sorted(parts):
-        want = tuple(expected[target])
-        pieces = parts[target]
-        is_expert = target.endswith(_EXPERTS_HF)
-        if is_expert and naming == NATIVE:
-            rows = want[1] // (2 if target.endswith("gate_up_proj") else 1)
-            vals, fmts = [], set()
-            for w, s in pieces:
-                v, fmt = _dequantize_piece(r, w, s, (rows, want[2]), True, fp8_ok)
-                vals.append(v.to(dtype))
-                fmts.add(fmt)
-            t = torch.stack([torch.cat(vals[j:j + len(pieces) // E]) for j in range(0, len(pieces), len(pieces) // E)])
-        elif is_expert:  # transformers naming: one [E, rows, K] tensor (+ [E, ...] scale)
-            w, s = pieces[0]
-            if s is None:
-                t, fmt = _dequantize_piece(r, w, None, want, False, fp8_ok)
-                fmts = {fmt}
-            else:
-                full_w, full_s = r.get(w), r.get(s)
-                vals, fmts = [], set()
-                for e in range(full_w.shape[0]):
-                    sub = _SubReader(r, w, s, full_w[e], full_s[e])
-                    v, fmt = _dequantize_piece(sub, w, s, want[1:], True, fp8_ok)
-                    vals.append(v.to(dtype))
+    try:
+        fp8_ok = d.weight_block_size in (None, (FP8_BLOCK, FP8_BLOCK))
+        out: dict[str, torch.Tensor] = {}
+        fp8_names, fp4_names, scale_dtypes = [], [], set()
+        for target in sorted(parts):
+            want = tuple(expected[target])
+            pieces = parts[target]
+            is_expert = target.endswith(_EXPERTS_HF)
+            if is_expert and naming == NATIVE:
+                rows = want[1] // (2 if target.endswith("gate_up_proj") else 1)
+                t, fmts, per = torch.empty(want, dtype=dtype), set(), len(pieces) // E
+                for i, (w, s) in enumerate(pieces):  # filled in place: no list of experts beside the merged one
+                    v, fmt = _dequantize_piece(r, w, s, (rows, want[2]), True, fp8_ok)
+                    t[i // per, (i % per) * rows:(i % per + 1) * rows] = v
                     fmts.add(fmt)
-                if full_w.shape[0] != want[0]:
-                    raise CheckpointError(f"{r.where(w)} holds {full_w.shape[0]} experts, config.json implies "
-                                          f"{want[0]}")
-                t = torch.stack(vals)
-        else:
-            w, s = pieces[0]
-            t, fmt = _dequantize_piece(r, w, s, want, False, fp8_ok)
-            fmts = {fmt}
-        for w, s in pieces:
-            if s:
-                scale_dtypes.add(str(r.meta(s)[0]).removeprefix("torch."))
-        if "fp8" in fmts:
-            fp8_names.append(target)
-        if "fp4" in fmts:
-            fp4_names.append(target)
-        out[target] = t.to(dtype) if t.is_floating_point() else t
-    r.close()
+                    del v
+            elif is_expert:  # transformers naming: one [E, rows, K] tensor (+ [E, ...] scale)
+                w, s = pieces[0]
+                if s is None:
+                    t, fmt = _dequantize_piece(r, w, None, want, False, fp8_ok)
+                    fmts = {fmt}
+                else:
+                    full_w, full_s = r.get(w), r.get(s)
+                    if full_w.shape[0] != want[0]:
+                        raise CheckpointError(f"{r.where(w)} holds {full_w.shape[0]} experts, config.json implies "
+                                              f"{want[0]}")
+                    t, fmts = torch.empty(want, dtype=dtype), set()
+                    for e in range(full_w.shape[0]):  # expert by expert, into the merged tensor
+                        sub = _SubReader(r, w, s, full_w[e], full_s[e])
+                        v, fmt = _dequantize_piece(sub, w, s, want[1:], True, fp8_ok)
+                        t[e] = v
+                        fmts.add(fmt)
+                        del v
+                    del full_w, full_s
+            else:
+                w, s = pieces[0]
+                t, fmt = _dequantize_piece(r, w, s, want, False, fp8_ok)
+                fmts = {fmt}
+            for w, s in pieces:
+                if s:
+                    scale_dtypes.add(str(r.meta(s)[0]).removeprefix("torch."))
+            if "fp8" in fmts:
+                fp8_names.append(target)
+            if "fp4" in fmts:
+                fp4_names.append(target)
+            t = t.to(dtype) if t.is_floating_point() else t
+            if into is None:
+                out[target] = t
+            else:
+                into(target, t)
+            del t
+    finally:
+        r.close()
     if fp4_names and d.expert_dtype != "fp4":
         raise CheckpointError(f"{path / 'config.json'}: experts are stored as FP4 but expert_dtype is "
                               f"{d.expert_dtype!r}; set quantization_config.expert_dtype to 'fp4'")

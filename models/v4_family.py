@@ -2,8 +2,10 @@
 HCA compressed entries, mHC residual streams, hash / top-k MoE (v4*.py). One cache layout, "compressed"
 (v4_cache.py: per-layer tensors, each with its own length rule).
 
-Built so far: config, reference module with the explicit-state step, transformers-format checkpoint I/O,
-presets, cache spec. Not yet: graph passes and a fixed-shape step, so `passes` is empty and `static_step` None.
+Built so far: config, reference module with the explicit-state step, checkpoint loading from any V4 naming
+(native FP8 / FP4, transformers' names, save_pretrained's layout: v4_hf_checkpoint.load_checkpoint over
+v4_checkpoint's reader), a transformers-format writer, presets, cache spec. Not yet: graph passes and a
+fixed-shape step, so `passes` is empty and `static_step` None.
 """
 from __future__ import annotations
 

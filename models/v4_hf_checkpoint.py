@@ -1,76 +1,33 @@
-"""DeepSeek-V4 checkpoints as transformers saves them, unquantized: load and save.
+"""The V4 family's checkpoint entry points: load any V4 folder into DeepseekV4ForCausalLM; save one.
 
-transformers 5.24's save_pretrained does NOT write DeepseekV4ForCausalLM's state-dict names: it applies its
-conversion mapping backwards and writes DeepSeek's leaf names under the model prefix (model.layers.N.attn.wq_a,
-.attn.attn_sink, .attn.indexer.compressor.ape, .ffn.experts.E.w1/w2/w3, .hc_attn_fn, head.weight, ...).
-`saved_to_module_names` undoes that (the renames of transformers' conversion_mapping.py "deepseek_v4", the
-per-expert w1/w3 stacked into gate_up_proj [E, 2I, H], w2 into down_proj [E, H, I]); names already in the
-module's form pass through, so either spelling loads. DeepSeek's released checkpoints (no "model." prefix,
-FP8 / FP4 weights) are models/v4_checkpoint.py's. Safetensors only (models/checkpoint.py's scan refuses pickle).
-The whole state is read into memory before the experts are stacked: meant for the tiny / small models this
-format is used for here, not for the real ones.
+`load_checkpoint` goes through models/v4_checkpoint.py's one rename table and reader, so a folder in any of the
+three namings loads: DeepSeek's native names (as on the Hub, FP8 E4M3 blocks / FP4 E2M1 experts dequantized
+exactly), transformers' state-dict names, or the layout transformers 5.24's save_pretrained writes (native
+leaf names under `model.`). Every name, shape and scale is checked before the model is allocated; tensors are
+then copied one at a time into the preallocated parameters (the model is never held twice).
+`model.checkpoint` is the V4CheckpointSource: fp8_names / fp4_names, raw(name) and raw_fp8(name) give the
+stored bytes for an FP8 / FP4 passthrough stage. MTP tensors are skipped. Safetensors only.
+
+`save_checkpoint` writes config.json + model.safetensors under the module's (transformers') state-dict names,
+which transformers' from_pretrained and this loader both read; DeepSeek's native layout (FP8 / FP4) is
+v4_checkpoint.save_v4_native_checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from .checkpoint import CheckpointSource, _check_file_sizes, _open, _scan
 from .errors import CheckpointError
 from .v4 import DeepseekV4ForCausalLM
+from .v4_checkpoint import load_v4_state_dict
 from .v4_config import DeepseekV4Config
 from .v4_rope import inv_freq
-
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-# transformers' conversion_mapping.py "deepseek_v4" renames, in its order, applied inside model.layers.N.
-_LAYER_RENAMES = [(re.compile(a), b) for a, b in (
-    (r"\.attn\.", ".self_attn."), (r"\.ffn\.", ".mlp."), (r"\.indexer\.compressor\.", ".compressor.indexer."),
-    (r"\.attn_norm\.", ".input_layernorm."), (r"\.ffn_norm\.", ".post_attention_layernorm."),
-    (r"\.hc_attn_fn", ".attn_hc.fn"), (r"\.hc_attn_base", ".attn_hc.base"), (r"\.hc_attn_scale", ".attn_hc.scale"),
-    (r"\.hc_ffn_fn", ".ffn_hc.fn"), (r"\.hc_ffn_base", ".ffn_hc.base"), (r"\.hc_ffn_scale", ".ffn_hc.scale"),
-    (r"\.attn_sink", ".sinks"), (r"\.indexer\.weights_proj\.", ".compressor.indexer.scorer.weights_proj."),
-    (r"\.indexer\.wq_b\.", ".compressor.indexer.q_b_proj."), (r"\.norm\.", ".kv_norm."), (r"\.ape$", ".position_bias"),
-    (r"\.wq_a\.", ".q_a_proj."), (r"\.self_attn\.wq_b\.", ".self_attn.q_b_proj."), (r"\.wkv\.", ".kv_proj."),
-    (r"\.wgate\.", ".gate_proj."), (r"\.wo_a\.", ".o_a_proj."), (r"\.wo_b\.", ".o_b_proj."),
-    (r"\.q_norm\.", ".q_a_norm."), (r"\.gate\.bias$", ".gate.e_score_correction_bias"),
-    (r"\.shared_experts\.w1\.", ".shared_experts.gate_proj."), (r"\.shared_experts\.w2\.", ".shared_experts.down_proj."),
-    (r"\.shared_experts\.w3\.", ".shared_experts.up_proj."))]
-_TOP_RENAMES = {"head.weight": "lm_head.weight", "embed.weight": "model.embed_tokens.weight",
-                "model.embed.weight": "model.embed_tokens.weight", "hc_head_fn": "model.hc_head.hc_fn",
-                "hc_head_base": "model.hc_head.hc_base", "hc_head_scale": "model.hc_head.hc_scale"}
-_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(w[123])\.weight$")
-
-
-def saved_to_module_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """{name as transformers' save_pretrained writes it: tensor} -> {DeepseekV4ForCausalLM state-dict name: tensor}."""
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
-    for name, t in tensors.items():
-        name = _TOP_RENAMES.get(name, name)
-        if _LAYER_RE.match(name):
-            for pattern, repl in _LAYER_RENAMES:
-                name = pattern.sub(repl, name)
-        m = _EXPERT_RE.match(name)
-        if m:
-            experts.setdefault(m.group(1), {}).setdefault(m.group(3), {})[int(m.group(2))] = t
-        else:
-            out[name] = t
-    for prefix, parts in experts.items():
-        if set(parts) != {"w1", "w2", "w3"} or len({tuple(sorted(v)) for v in parts.values()}) != 1:
-            raise CheckpointError(f"{prefix}: the per-expert w1 / w2 / w3 tensors are incomplete")
-        ids = sorted(parts["w1"])
-        out[prefix + ".gate_up_proj"] = torch.stack([torch.cat([parts["w1"][e], parts["w3"][e]], 0) for e in ids])
-        out[prefix + ".down_proj"] = torch.stack([parts["w2"][e] for e in ids])
-    return out
-_IGNORED_RE = re.compile(r"(rotary_emb\..*inv_freq$|(^|\.)mtp\.)")
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def empty_model(cfg: DeepseekV4Config, attention: str = "naive") -> DeepseekV4ForCausalLM:
@@ -85,59 +42,41 @@ def empty_model(cfg: DeepseekV4Config, attention: str = "naive") -> DeepseekV4Fo
 
 def load_checkpoint(path: str | os.PathLike, attention: str = "naive") -> DeepseekV4ForCausalLM:
     path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder (expected config.json + *.safetensors)")
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint folder needs config.json "
                               "beside its safetensors files")
     cfg = DeepseekV4Config.from_json(path / "config.json")
-    weight_map = _scan(path)
-    _check_file_sizes(path, set(weight_map.values()))
-
-    tensors: dict[str, torch.Tensor] = {}
-    for fname in sorted(set(weight_map.values())):
-        with _open(path / fname) as f:
-            for name in f.keys():
-                if weight_map[name] != fname or _IGNORED_RE.search(name):
-                    continue
-                try:
-                    tensors[name] = f.get_tensor(name)
-                except (SafetensorError, ValueError, TypeError, RuntimeError) as e:
-                    raise CheckpointError(f"{path / fname}: tensor {name!r} cannot be read ({e}); the file is "
-                                          "corrupt: copy or re-save it") from None
-    quantized = (torch.float8_e4m3fn, torch.int8, torch.uint8)
-    if cfg.quantization_config or any(n.endswith("_scale_inv") or t.dtype in quantized for n, t in tensors.items()):
-        raise CheckpointError(f"{path}: holds quantized (FP8 / FP4) weights; this loader reads unquantized "
-                              "transformers-format DeepSeek-V4 checkpoints (DeepSeek's own: models/v4_checkpoint.py)")
-    tensors = saved_to_module_names(tensors)
-    tensors = {k: v for k, v in tensors.items()
-               if not ((m := _LAYER_RE.match(k)) and int(m.group(1)) >= cfg.num_hidden_layers)}
-    model = empty_model(cfg, attention)
-    expected = model.state_dict()
+    with torch.device("meta"):  # the module's names and shapes, without allocating anything
+        shapes = {k: tuple(v.shape) for k, v in DeepseekV4ForCausalLM(cfg, attention).state_dict().items()}
     if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing:
-        raise CheckpointError(f"{path}: {len(missing)} tensor(s) missing, e.g. {', '.join(missing[:3])}; the "
-                              "checkpoint does not match its config.json")
-    if extra:
-        raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s), e.g. {', '.join(extra[:3])}; the "
-                              "checkpoint does not match its config.json (layer_types, n_routed_experts?)")
-    with torch.no_grad():
-        for name, target in expected.items():
-            t = tensors[name]
-            if tuple(t.shape) != tuple(target.shape):
-                raise CheckpointError(f"{path}: tensor {name!r} has shape {list(t.shape)}, the config implies "
-                                      f"{list(target.shape)}; config.json and the weights do not match")
-            integer = t.dtype in (torch.int64, torch.int32)
-            if (target.dtype == torch.long) != integer or (not integer and t.dtype not in FLOAT_DTYPES):
-                raise CheckpointError(f"{path}: tensor {name!r} has dtype {t.dtype}; expected "
-                                      f"{'an integer table' if target.dtype == torch.long else 'fp32 / bf16 / fp16'}")
-            target.copy_(t.to(target.dtype))
-    model.checkpoint = CheckpointSource(path, dict(weight_map), ())
+        shapes.pop("lm_head.weight", None)
+    model: DeepseekV4ForCausalLM | None = None
+    targets: dict[str, torch.Tensor] = {}
+
+    def into(name: str, t: torch.Tensor) -> None:
+        nonlocal model, targets
+        if model is None:  # allocated once the reader has checked every name, shape and scale
+            model = empty_model(cfg, attention)
+            targets = model.state_dict()
+        target = targets[name]
+        if (target.dtype == torch.long) != (not t.is_floating_point()):
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {t.dtype}; expected "
+                                  f"{'an integer table' if target.dtype == torch.long else 'a float weight'}")
+        with torch.no_grad():
+            target.copy_(t)
+
+    _, _, src = load_v4_state_dict(path, expected=shapes, into=into)
+    if model is None:
+        raise CheckpointError(f"{path}: holds no DeepSeek-V4 tensors")
+    model.checkpoint = src
     return model.eval()
 
 
 def save_checkpoint(model: DeepseekV4ForCausalLM, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
-    """config.json + model.safetensors in transformers' names (router, tid2eid, sinks, biases kept as they are)."""
+    """config.json + model.safetensors in transformers' names (router, tid2eid, sinks, biases kept as they are),
+    unquantized (no quantization_config)."""
     path = Path(path)
     if path.exists() and any(path.iterdir()):
         raise CheckpointError(f"{path}: exists and is not empty; choose a new folder")
@@ -150,7 +89,8 @@ def save_checkpoint(model: DeepseekV4ForCausalLM, path: str | os.PathLike, dtype
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        model.config.to_json(tmp / "config.json")
+        # the weights written are unquantized: a model loaded from an FP8 / FP4 folder must not say otherwise
+        dataclasses.replace(model.config, quantization_config=None).to_json(tmp / "config.json")
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         os.chmod(tmp, 0o755)
         for f in tmp.iterdir():

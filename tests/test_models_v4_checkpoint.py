@@ -441,3 +441,55 @@ def test_native_attn_norm_alias_for_kv_norm(single, tmp_path):
     _, state, _ = load_v4_state_dict(folder)
     want = load_file(single[0] / "model.safetensors")["layers.0.attn.kv_norm.weight"].float()
     assert torch.equal(state["model.layers.0.self_attn.kv_norm.weight"], want)
+
+
+def test_models_load_of_a_native_fp8_fp4_folder_and_of_the_same_weights_saved_by_transformers(tiny, native_dir,
+                                                                                             tmp_path):
+    """The public entry: models.load(native FP8+FP4 folder) -> our DeepseekV4ForCausalLM whose logits equal
+    those of the module built from the numpy-decoded weights; the same weights written by transformers'
+    save_pretrained and by models.save (transformers names) load to identical logits."""
+    import models
+    from models.v4 import DeepseekV4ForCausalLM as Ours
+    cfg, model = tiny
+    ours = models.load(native_dir)
+    assert ours.config.quantization_config["expert_dtype"] == "fp4"
+    src = ours.checkpoint
+    assert isinstance(ours, Ours) and src.naming == "native" and src.skipped_mtp > 0
+    assert "model.layers.0.mlp.experts.gate_up_proj" in src.fp4_names
+    assert "model.layers.0.self_attn.q_a_proj.weight" in src.fp8_names
+    w, s = src.raw_fp8("model.layers.0.self_attn.q_a_proj.weight")
+    assert w.dtype == torch.float8_e4m3fn and s.dtype == torch.float8_e8m0fnu
+    ref = _reference(native_dir, model.state_dict(), cfg.n_routed_experts)
+    eager = Ours(ours.config).eval()
+    eager.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in ref.items()}, strict=True)
+    ids = torch.randint(0, cfg.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = ours(ids)
+        assert torch.equal(logits, eager(ids))
+    hf = DeepseekV4ForCausalLM(cfg).eval()
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    hf.save_pretrained(tmp_path / "sp", safe_serialization=True)
+    for folder, layout in ((tmp_path / "sp", "transformers-saved"),
+                           (models.save(ours, tmp_path / "ours"), "transformers")):
+        other = models.load(folder)
+        assert other.checkpoint.naming == layout and other.checkpoint.fp8_names == ()
+        assert other.config.quantization_config is None
+        with torch.no_grad():
+            assert torch.equal(other(ids), logits), layout
+
+
+def test_transformers_named_fp8_experts_fill_the_merged_tensor_expert_by_expert(tiny, tmp_path):
+    """A transformers-named [E, 2I, H] FP8 expert tensor with [E, ...] block scales: each expert dequantized into
+    its slot of the merged tensor, as the per-expert reference says."""
+    from models.checkpoint import fp8_block_dequantize, fp8_block_quantize
+    cfg, model = tiny
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    qs = [fp8_block_quantize(sd[name][e]) for e in range(sd[name].shape[0])]
+    sd[name], sd[name + "_scale_inv"] = torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "config.json").write_text(cfg.to_json_string())
+    save_file(sd, tmp_path / "t" / "model.safetensors")
+    _, state, src = load_v4_state_dict(tmp_path / "t")
+    assert src.fp8_names == (name,)
+    assert torch.equal(state[name], torch.stack([fp8_block_dequantize(q, s) for q, s in qs]))
