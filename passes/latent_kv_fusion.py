@@ -41,6 +41,21 @@ Two rewrite forms (`LatentKVFusionPass(form=...)`):
                V = c_kv (a view of the same cache tensor, not a second cache), attn_mask = the
                graph's mask, scale = the graph's scale, softmax_precision = FLOAT. Raises the graph's
                default-domain opset to 23 (opsets 21-23 only add types to the ops these graphs use).
+Sparse attention (DeepSeek-V3.2, form "topk-gather", whatever `form` says): when a block's mask is the lightning
+indexer's top-k selection -- Unsqueeze(Where(ScatterElements(false, ids, true), causal, -inf)) with ids the
+indices output of a TopK -- the block becomes absorbed attention over the selected rows only: GatherND (batch_dims
+1) of c_all and k_pe_all by the ids -> [B, S, k, .], scores q_lat . rows + q_pe . k_pe_rows, the causal mask
+gathered at the ids, fp32 Softmax over k, o_lat = p @ rows, @ W_UV. Decode then costs k rows per layer besides
+the indexer's own scan of its T keys; the full-length mask and the kv_b_proj expansion over T rows go away.
+Why the pass and not an eager absorbed-gather form in models/: the decode graph is the prefill trace specialised
+(pipeline/export.py), so an eager gather form would also replace the prefill graph's masked naive form, which is
+the faster one at S = T (as for V3); the pass rewrites decode only (graph_forms), matching by structure as for V3.
+The indexer itself stays as plain ONNX ops (MatMul, Relu, MatMul by the head weights, Add of the causal mask,
+TopK). Checked in ORT 1.32's registered schemas and kernels: com.microsoft.SparseAttentionIndexer exists but its
+policies are "qsa" (mean-pooled blocks of compress_ratio tokens, RMSNorm keys) and "csa" (V4's compressed
+entries), not V3.2's per-token LayerNorm keys weighted by weights_proj; it and DynamicSparseAttention (attention
+by selected_indices) have no CPU kernel in 1.32 (get_all_opkernel_def lists only SparseAttention, the block-sparse
+Phi-3 op, for CPU). ONNX TopK breaks ties by the lower index, as models/indexer.py does.
 "matmul" is the fastest decode form on ORT CPU and the default; prefill of a fresh prompt (past = 0)
 is faster left naive, see PREFILL_FUSION; graph_forms() / fuse_graphs() give that choice per graph
 (figures: docs/benchmarks.md, benchmarks/cpu_small_latent-kv.json). Postcondition (`ensures`): no
