@@ -87,9 +87,51 @@ def _feeds(sess: ort.InferenceSession, past: int, vocab: int, seed: int = 0) -> 
     return feeds
 
 
+def _append_nodes(blob: bytes) -> set[str]:
+    """Names of the Concat nodes writing a present.* output (the cache append: past rows copied + the new row)."""
+    import onnx
+    return {n.name for n in onnx.load_from_string(blob).graph.node
+            if n.op_type == "Concat" and any(o.startswith("present.") for o in n.output)}
+
+
+def append_share_ms(blob: bytes, feeds: dict, threads: int, runs: int = 3) -> tuple[float, float]:
+    """(ms per call in the cache-append Concats, ms per call in all kernels), from ORT's profiler (a separate
+    profiled session, `runs` calls after one warm-up; kernel times only, so a little below the wall time)."""
+    import json
+    import os
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.enable_profiling = True
+    so.profile_file_prefix = "/tmp/mlamoe-v32-sparse-profile"
+    sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
+    for _ in range(runs + 1):
+        sess.run(None, feeds)
+    path = sess.end_profiling()
+    events = json.loads(Path(path).read_text())
+    os.unlink(path)
+    names = _append_nodes(blob)
+    seen: set[str] = set()
+    total = append = 0.0
+    for e in events:  # each node's first kernel event is the warm-up call's: dropped
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        node = e["name"][: -len("_kernel_time")]
+        if node not in seen:
+            seen.add(node)
+            continue
+        total += e["dur"] / 1e3 / runs
+        append += e["dur"] / 1e3 / runs if node in names else 0.0
+    return append, total
+
+
 def bench_v32_sparse(model_name: str = "small-v32", cache_lengths=(8192, 32768, 131072), threads: int = 2,
-                     warmup: int = 2, repeats: int = 8) -> dict:
-    """Decode ms/token per form and cache length, and dense/sparse per length (medians)."""
+                     warmup: int = 2, repeats: int = 8, profile: bool = True) -> dict:
+    """Decode ms/token per form and cache length, and dense/sparse per length (medians). profile: also the ms per
+    call spent in the cache-append Concats (present = past + the new row: a copy of the whole cache each step,
+    the graph IO contract of every family) against all kernels, from ORT's profiler (which inflates the many small
+    kernels' times: "all_kernels" exceeds the wall time; the append Concats are a few large copies, so their
+    profiled time is taken as is and subtracted from the wall medians for dense_over_sparse_without_cache_append)."""
     import models
     cfg = models.load_config(model_name)
     t0 = time.perf_counter()
@@ -97,6 +139,8 @@ def bench_v32_sparse(model_name: str = "small-v32", cache_lengths=(8192, 32768, 
     export_s = time.perf_counter() - t0
     sessions = {form: _session(blobs[form], threads) for form in FORMS}
     med: dict[str, dict[int, float]] = {f: {} for f in FORMS}
+    append: dict[str, dict[int, float]] = {f: {} for f in FORMS}
+    kernels: dict[str, dict[int, float]] = {f: {} for f in FORMS}
     low: dict[str, dict[int, float]] = {f: {} for f in FORMS}
     for n in cache_lengths:
         feeds = {f: _feeds(s, int(n), cfg.vocab_size) for f, s in sessions.items()}
@@ -104,12 +148,19 @@ def bench_v32_sparse(model_name: str = "small-v32", cache_lengths=(8192, 32768, 
                             repeats, warmup, 2)
         for f, ts in times.items():
             med[f][int(n)], low[f][int(n)] = statistics.median(ts), min(ts)
+        if profile:
+            for f in FORMS:
+                append[f][int(n)], kernels[f][int(n)] = append_share_ms(blobs[f], feeds[f], threads)
         del feeds
         gc.collect()
     return {
         "model": model_name, "threads": threads, "cache_lengths": [int(n) for n in cache_lengths],
         "index_topk": cfg.index_topk, "decode_ms": med, "decode_min_ms": low,
         "dense_over_sparse": {n: med["dense"][n] / med["sparse"][n] for n in med["sparse"]},
+        "profile_ms": {"cache_append_concat": append, "all_kernels": kernels},
+        "dense_over_sparse_without_cache_append": {
+            n: (med["dense"][n] - append["dense"][n]) / (med["sparse"][n] - append["sparse"][n])
+            for n in append["sparse"]},
         "pass_forms": {f: sorted({e.get("form") for e in r}) for f, r in reports.items()},
         "cache_values_per_token_per_layer": {"sparse": cfg.latent_cache_width + cfg.index_head_dim,
                                              "dense": cfg.latent_cache_width},
@@ -128,6 +179,13 @@ def format_table(r: dict) -> str:
         lines.append(f"| {label[f]} | " + " | ".join(f"{r['decode_ms'][f][n]:.1f} ({r['decode_min_ms'][f][n]:.1f})"
                                                      for n in lengths) + " |")
     lines.append("| dense / sparse | " + " | ".join(f"{r['dense_over_sparse'][n]:.2f}x" for n in lengths) + " |")
+    prof = r.get("profile_ms", {}).get("cache_append_concat", {})
+    if prof.get("sparse"):
+        for f in FORMS:
+            lines.append(f"| {f}: of which cache-append Concat (profiler) | " + " | ".join(
+                f"{prof[f][n]:.1f}" for n in lengths) + " |")
+        lines.append("| dense / sparse, wall minus the cache append | " + " | ".join(
+            f"{r['dense_over_sparse_without_cache_append'][n]:.2f}x" for n in lengths) + " |")
     return "\n".join(lines)
 
 
