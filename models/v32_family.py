@@ -3,8 +3,10 @@ indexer's top-k sparse attention (v32.py, indexer.py). Cache layouts as MLA's (l
 indexer key cache beside MLA's tensors (v32.cache_spec).
 
 Built so far: config, reference module, checkpoint I/O (V3's loader with this family's config and module),
-presets. Not yet: its graph passes and fixed-shape step (issue 17's export / targets items), so `passes` is
-empty and `static_step` None: no MLA pass is applied to its graphs until one is written for it.
+presets, and its graph passes (issue 17 item 2): latent-kv-fusion recognises the indexer's top-k mask and
+rewrites the decode graph to absorbed attention over the gathered top-k latent rows (passes/latent_kv_fusion.py,
+form "topk-gather"); the MoE is V3's module (models/moe.py), so V3's MoE lowering and ORT simplification apply
+as they are. Not yet: the fixed-shape step (Ascend), so `static_step` is None.
 """
 from __future__ import annotations
 
@@ -28,5 +30,5 @@ V32_FAMILY = Family(
     build_preset=build_preset,
     cache_layouts=CACHE_LAYOUTS,
     cache_spec=cache_spec,
-    passes=(),
+    passes=("latent-kv-fusion", "moe-ort-fused", "ort-simplify"),
 )

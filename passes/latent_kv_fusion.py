@@ -41,6 +41,21 @@ Two rewrite forms (`LatentKVFusionPass(form=...)`):
                V = c_kv (a view of the same cache tensor, not a second cache), attn_mask = the
                graph's mask, scale = the graph's scale, softmax_precision = FLOAT. Raises the graph's
                default-domain opset to 23 (opsets 21-23 only add types to the ops these graphs use).
+Sparse attention (DeepSeek-V3.2, form "topk-gather", whatever `form` says): when a block's mask is the lightning
+indexer's top-k selection -- Unsqueeze(Where(ScatterElements(false, ids, true), causal, -inf)) with ids the
+indices output of a TopK -- the block becomes absorbed attention over the selected rows only: GatherND (batch_dims
+1) of c_all and k_pe_all by the ids -> [B, S, k, .], scores q_lat . rows + q_pe . k_pe_rows, the causal mask
+gathered at the ids, fp32 Softmax over k, o_lat = p @ rows, @ W_UV. Decode then costs k rows per layer besides
+the indexer's own scan of its T keys; the full-length mask and the kv_b_proj expansion over T rows go away.
+Why the pass and not an eager absorbed-gather form in models/: the decode graph is the prefill trace specialised
+(pipeline/export.py), so an eager gather form would also replace the prefill graph's masked naive form, which is
+the faster one at S = T (as for V3); the pass rewrites decode only (graph_forms), matching by structure as for V3.
+The indexer itself stays as plain ONNX ops (MatMul, Relu, MatMul by the head weights, Add of the causal mask,
+TopK). Checked in ORT 1.32's registered schemas and kernels: com.microsoft.SparseAttentionIndexer exists but its
+policies are "qsa" (mean-pooled blocks of compress_ratio tokens, RMSNorm keys) and "csa" (V4's compressed
+entries), not V3.2's per-token LayerNorm keys weighted by weights_proj; it and DynamicSparseAttention (attention
+by selected_indices) have no CPU kernel in 1.32 (get_all_opkernel_def lists only SparseAttention, the block-sparse
+Phi-3 op, for CPU). ONNX TopK breaks ties by the lower index, as models/indexer.py does.
 "matmul" is the fastest decode form on ORT CPU and the default; prefill of a fresh prompt (past = 0)
 is faster left naive, see PREFILL_FUSION; graph_forms() / fuse_graphs() give that choice per graph
 (figures: docs/benchmarks.md, benchmarks/cpu_small_latent-kv.json). Postcondition (`ensures`): no
@@ -64,6 +79,12 @@ DEFAULT_FORM = "matmul"
 PREFILL_FUSION = False
 
 ATTENTION_OPSET = 23
+
+# A block whose mask is a top-k selection (DeepSeek-V3.2's lightning indexer: Where(ScatterElements(ids from
+# TopK)) over all T keys) is rewritten to attend over the gathered rows only, whatever `form` says.
+GATHER_FORM = "topk-gather"
+GATHER_NOTE = ("mask is a TopK selection (sparse attention): absorbed attention over the k gathered latent rows "
+               "(GatherND of c_kv and k_pe by the TopK ids), the full-length mask dropped")
 
 # Ops that only move or reshape data: a MatMul on a tensor reached from a graph input through these
 # alone is a projection of the input itself (here: of the cached latent).
@@ -227,6 +248,48 @@ class _Block:
     probs_users: int
     attn_out: ir.Value       # p @ v; replaced by the absorbed o
     o_proj: ir.Value
+    topk: "_TopKMask | None" = None  # the mask is a top-k selection (DeepSeek-V3.2's indexer): gather form
+
+
+@dataclasses.dataclass
+class _TopKMask:
+    """mask = Unsqueeze(Where(ScatterElements(false, ids, true, axis=-1), causal, -inf), 1): attention restricted
+    per query to the TopK `ids` [B, S, k] (DeepSeek Sparse Attention's indexer), causal [S, T] or [B, S, T]."""
+    ids: ir.Value
+    causal: ir.Value
+
+
+def _topk_mask(mask: ir.Value | None) -> _TopKMask | None:
+    """The top-k selection a mask is built from, when it is one (by structure, see _TopKMask), else None."""
+    un = _producer(mask, "Unsqueeze")
+    axes = _const(un.inputs[1]) if un is not None and len(un.inputs) > 1 else None
+    if un is None or axes is None or axes.reshape(-1).tolist() != [1]:
+        return None
+    wh = _producer(un.inputs[0], "Where")
+    if wh is None:
+        return None
+    cond, causal, neg = wh.inputs
+    n = _const(neg)
+    if n is None or n.size != 1 or not np.isneginf(n.reshape(())):
+        return None
+    sc = _producer(cond, "ScatterElements")
+    if sc is None or _attr(sc, "reduction", "none") != "none" or _attr(sc, "axis", 0) not in (-1, 2):
+        return None
+    upd = _producer(sc.inputs[2])
+    upd_const = _const(sc.inputs[2])
+    if upd_const is not None:
+        if not np.all(upd_const):
+            return None
+    elif upd is None or upd.op_type != "ConstantOfShape" or not np.all(_attr(upd, "value").numpy()):
+        return None
+    base = _const(sc.inputs[0])
+    if base is not None and np.any(base):
+        return None
+    ids = sc.inputs[1]
+    tk = _producer(ids, "TopK")
+    if tk is None or ids is not tk.outputs[1] or _attr(tk, "axis", -1) not in (-1, 2) or not _attr(tk, "largest", 1):
+        return None
+    return _TopKMask(ids, causal)
 
 
 def _head_split(rs: ir.Node) -> tuple[int, int]:
@@ -384,7 +447,7 @@ def _match(node: ir.Node, data: ir.Value, weight: _Weight, cache: ir.Value) -> _
         raise _Skip(f"the merged heads feed {op_node.op_type}, expected o_proj with a [hidden, {H * v}] weight")
     return _Block(node, cache, c_all, weight, H, r, nope, v, rope, q_nope, scores_nope, rope_scores, q_pe,
                   k_pe_all, 1.0 if scale is None else scale, scale_first, mask, sm, len(_consumers(probs)),
-                  attn_out, pw[1].value)
+                  attn_out, pw[1].value, _topk_mask(mask))
 
 
 # ---- rewriting ---------------------------------------------------------------------------------
@@ -435,11 +498,65 @@ class _Builder:
         return node.outputs[0]
 
 
+def _rewrite_topk(graph: ir.Graph, b: _Block, names: _Names, prefix: str, w_uk: np.ndarray,
+                  w_uv: np.ndarray) -> None:
+    """The absorbed form over the k selected latent rows per query (the "gather" form):
+
+        rows   = GatherND(c_all, ids, batch_dims=1)  [B, S, k, r]     (k_pe rows likewise [B, S, k, rope])
+        s      = (q_lat @ rows^T + q_pe @ k_pe_rows^T) * scale + causal[ids]   [B, S, H, k]
+        o_lat  = Softmax(s) @ rows                  [B, S, H, r] -> [B, H, S, r] @ W_UV -> [B, H, S, v]
+
+    The cost per query is k rows, not T; the full-length mask (ScatterElements/Where) and the kv_b_proj
+    expansion over T rows become unused and are removed."""
+    bo = _Builder(graph, b.attn_out.producer(), names, prefix)
+    ids = b.topk.ids
+    ids_rows = bo.op("Reshape", [ids, bo.init(np.array([0, -1, 1], np.int64), "rows_1")], "ids_rows")
+    ids_shape = bo.op("Shape", [ids], "ids_shape")
+
+    def gather(cache: ir.Value, width: int, what: str) -> ir.Value:
+        rows = bo.op("GatherND", [cache, ids_rows], f"{what}_rows", batch_dims=1)  # [B, S*k, width]
+        shape = bo.op("Concat", [ids_shape, bo.init(np.array([width], np.int64), f"width_{width}")],
+                      f"{what}_rows_shape", axis=0)
+        return bo.op("Reshape", [rows, shape], f"{what}_sel")  # [B, S, k, width]
+
+    c_sel, pe_sel = gather(b.c_all, b.r, "c_kv"), gather(b.k_pe_all, b.rope, "k_pe")
+    q_lat = bo.op("Transpose", [bo.op("MatMul", [b.q_nope, bo.init(w_uk, "w_uk")], "q_lat")], "q_lat_t",
+                  perm=[0, 2, 1, 3])  # [B, S, H, r]
+    q_pe = bo.op("Transpose", [b.q_pe], "q_pe_t", perm=[0, 2, 1, 3])  # [B, S, H, rope]
+    scores = bo.op("Add", [bo.op("MatMul", [q_lat, bo.op("Transpose", [c_sel], "c_sel_t", perm=[0, 1, 3, 2])],
+                                 "scores_latent"),
+                           bo.op("MatMul", [q_pe, bo.op("Transpose", [pe_sel], "k_pe_sel_t", perm=[0, 1, 3, 2])],
+                                 "scores_rope")], "scores")  # [B, S, H, k]
+    # the causal mask at the selected keys: -inf where a short query selected keys it may not see
+    full = bo.op("Concat", [bo.op("Shape", [ids], "bs", start=0, end=2),
+                            bo.op("Shape", [b.topk.causal], "keys", start=-1)], "mask_shape", axis=0)
+    causal = bo.op("Expand", [b.topk.causal, full], "causal")
+    mask = bo.op("Unsqueeze", [bo.op("GatherElements", [causal, ids], "mask_sel", axis=-1),
+                               bo.init(np.array([2], np.int64), "head_axis_2")], "mask")  # [B, S, 1, k]
+    scale = bo.init(np.array(b.scale, np.float32), "scale")
+    if b.scale_first:
+        logits = bo.op("Add", [bo.op("Mul", [scores, scale], "scaled"), mask], "masked")
+    else:
+        logits = bo.op("Mul", [bo.op("Add", [scores, mask], "masked"), scale], "scaled")
+    probs = bo.op("Softmax", [logits], "probs", axis=-1)  # fp32, over the k selected keys
+    o_lat = bo.op("Transpose", [bo.op("MatMul", [probs, c_sel], "o_lat_sel")], "o_lat", perm=[0, 2, 1, 3])
+    o = bo.op("MatMul", [o_lat, bo.init(w_uv, "w_uv")], "o")  # [B, H, S, v]
+    o.dtype, o.shape = ir.DataType.FLOAT, b.attn_out.shape
+    b.attn_out.replace_all_uses_with(o)
+
+
 def _rewrite(graph: ir.Graph, b: _Block, form: str, names: _Names, prefix: str) -> str:
     W3 = b.weight.array.reshape(b.H, b.nope + b.v, b.r)
     w_uk = np.ascontiguousarray(W3[:, :b.nope, :])                   # [H, nope, r]
     w_uv = np.ascontiguousarray(W3[:, b.nope:, :].transpose(0, 2, 1))  # [H, r, v]
     f32 = ir.DataType.FLOAT
+    if b.topk is not None:
+        if b.probs_users == 1:
+            _rewrite_topk(graph, b, names, prefix, w_uk, w_uv)
+            return GATHER_NOTE
+        b.topk = None
+        note = "top-k mask recognised but the probabilities have other users; absorbed over all T rows instead"
+        return note + "; " + (_rewrite(graph, b, form, names, prefix) or "")
     if form == "attention" and (not b.scale_first or b.probs_users != 1):
         form, note = "matmul", ("attention form needs scale before mask and the probabilities used only by "
                                 "the weighted sum; used the matmul form")
@@ -543,7 +660,8 @@ class LatentKVFusionPass(ir.passes.InPlacePass):
         # Two candidates may not share ops (they cannot in a valid match: every step has one consumer).
         for i, (entry, block) in enumerate(blocks):
             note = _rewrite(graph, block, self.form, names, f"latent_kv.{i}")
-            entry.update(status="rewritten", form="matmul" if note else self.form)
+            gathered = note == GATHER_NOTE
+            entry.update(status="rewritten", form=GATHER_FORM if gathered else "matmul" if note else self.form)
             if note:
                 entry["note"] = note
         rewritten = len(blocks)

@@ -229,10 +229,11 @@ def generate(source, prompt, chat, prompt_ids, max_new_tokens, seed, as_json):
               help="time an existing package instead of compiling one")
 @click.option("--threads", default=2, show_default=True, help="intra-op threads for ORT and torch alike")
 @click.option("--cache-lengths", default="128,1024,4096", show_default=True, help="decode cache lengths")
-@click.option("--suite", type=click.Choice(["package", "latent-kv", "moe", "quant", "cache-table", "all"]),
+@click.option("--suite", type=click.Choice(["package", "latent-kv", "moe", "quant", "v32-sparse", "cache-table", "all"]),
               default="package", show_default=True,
               help="package: package vs eager; latent-kv: (a) expanded / (b) latent / (c) fused decode; "
                    "moe: dynamic vs ort-fused vs static-gather MoE (decode step, and the MoE layers alone vs the memory floor); quant: ort-cpu decode graph fp32 vs int8 (MatMulNBits + QMoE); "
+                   "v32-sparse: a V3.2 model's decode (default small-v32), top-k sparse vs dense MLA, same weights, at 8K/32K/128K; "
                    "cache-table: cache sizes at DeepSeek-V3 671B dims")
 @click.option("--json", "as_json", is_flag=True, help="print the raw results as JSON")
 def bench(model_spec, target, package, threads, cache_lengths, suite, as_json):
@@ -256,6 +257,12 @@ def bench(model_spec, target, package, threads, cache_lengths, suite, as_json):
         from benchmarks.quant import bench_int8_decode, format_bench_quant
         results["quant"] = r = bench_int8_decode(model_spec, threads)
         texts.append(format_bench_quant(r))
+    if suite == "v32-sparse":  # not in "all": it needs a V3.2 model
+        from benchmarks.v32_sparse import bench_v32_sparse, format_table as format_v32
+        v32_lengths = lengths if cache_lengths != "128,1024,4096" else [8192, 32768, 131072]
+        v32_model = "small-v32" if model_spec == "small" else model_spec  # --model's default is V3's `small`
+        results["v32_sparse"] = r = bench_v32_sparse(v32_model, v32_lengths, threads)
+        texts.append(format_v32(r))
     if suite in ("cache-table", "latent-kv", "all"):
         from models import preset_config
         table = b.cache_table(preset_config("deepseek-v3-671b"))

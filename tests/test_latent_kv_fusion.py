@@ -579,3 +579,94 @@ def test_decode_one_step_with_million_token_latent_cache():
         np.testing.assert_allclose(out[f"present.{i}.c_kv"][0, -1], s["c_new"], atol=1e-4)
         np.testing.assert_allclose(out[f"present.{i}.k_pe"][0, -1], s["k_pe_new"], atol=1e-4)
         np.testing.assert_array_equal(out[f"present.{i}.c_kv"][0, :T], cache[i][0])
+
+
+# ---- DeepSeek-V3.2: sparse (top-k) attention over the gathered latent rows ------------------------------------
+
+def v32_feeds(ids, cache) -> dict[str, np.ndarray]:
+    feeds = {"input_ids": np.asarray(ids, dtype=np.int64)}
+    for i, layer in enumerate(cache):
+        for name, t in zip(("c_kv", "k_pe", "index_key"), layer):
+            feeds[f"past.{i}.{name}"] = np.ascontiguousarray(np.asarray(t, dtype=np.float32))
+    return feeds
+
+
+def topk_gathers(model_ir: ir.Model) -> list[ir.Node]:
+    """Gather/GatherND/GatherElements nodes whose indices come from a TopK's ids through data movement only."""
+    def from_topk(v):
+        while v is not None and v.producer() is not None:
+            node = v.producer()
+            if node.op_type == "TopK":
+                return v is node.outputs[1]
+            if node.op_type not in ("Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity", "Sub", "Add"):
+                return False
+            v = node.inputs[0]
+        return False
+    return [n for n in model_ir.graph if n.op_type in ("Gather", "GatherND", "GatherElements") and from_topk(n.inputs[1])]
+
+
+@torch.no_grad()
+def v32_decode_errors(model, decode: ir.Model, prompt_len: int = 9, steps: int = 4,
+                      check_cache: bool = True) -> list[float]:
+    """Eager prefill of a prompt longer than index_topk, then `steps` decode steps through the graph, each
+    fed the eager cache and compared with the eager step -> max |logit error| per step."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, model.config.vocab_size, (2, prompt_len + steps), generator=g)
+    _, cache = model.step(ids[:, :prompt_len], model.empty_cache(2))
+    sess, errs = session(decode), []
+    for i in range(prompt_len, prompt_len + steps):
+        out = run(sess, v32_feeds(ids[:, i:i + 1], cache))
+        want, cache = model.step(ids[:, i:i + 1], cache)
+        errs.append(float(np.abs(out["logits"] - want.numpy()).max()))
+        for layer, tensors in enumerate(cache if check_cache else ()):
+            np.testing.assert_allclose(out[f"present.{layer}.c_kv"], tensors[0].numpy(), atol=1e-5, rtol=0)
+    return errs
+
+
+def test_v32_decode_attends_over_the_gathered_topk_rows(exported):
+    """tiny-v32 (index_topk 4 < the 9-token prompt): every layer's top-k masked naive MLA becomes absorbed attention
+    over the GatherND'ed top-k rows of c_kv and k_pe; no kv_b_proj MatMul over the T cached rows and no full-length
+    mask remain; ORT matches the eager reference for 4 decode steps."""
+    model, graphs = exported("tiny-v32")
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    assert cfg.index_topk < 9
+    assert len(kv_b_matmuls_on_cache(graphs["decode"], cfg)) == L  # the exported graph re-expands the cache
+    fused, p, result = fuse(graphs["decode"])
+    assert (result.found, result.rewritten, result.skipped) == (L, L, 0), p.report
+    assert [e["form"] for e in p.report] == [lkv.GATHER_FORM] * L and "TopK" in p.report[0]["note"]
+    assert kv_b_matmuls_on_cache(fused, cfg) == [] and expansions_of_cache(fused) == []
+    # the rows of c_kv and k_pe per layer, gathered by the indexer's TopK ids (and the causal mask at those ids)
+    rows = [n for n in topk_gathers(fused) if n.inputs[0].is_graph_output()]
+    assert len(rows) == 2 * L and {n.op_type for n in rows} == {"GatherND"}
+    assert {n.inputs[0].name for n in rows} == {f"present.{i}.{t}" for i in range(L) for t in ("c_kv", "k_pe")}
+    assert not any(n.op_type == "ScatterElements" and n.attributes["axis"].value == -1 for n in fused.graph)
+    assert io_spec(fused) == io_spec(graphs["decode"])
+    assert max(v32_decode_errors(model, fused)) <= TOL
+    # the prefill graph of a fresh prompt is left naive (masked) by fuse_graphs, as for V3
+    assert lkv.fuse_graphs({"prefill": clone(graphs["prefill"])})["prefill"]["form"] is None
+
+
+def _shift_ids(graph: ir.Graph) -> None:
+    """ids - 1 (id 0 -> -1, the last row) in front of the first layer's row gathers."""
+    node = next(n for n in graph if n.op_type == "GatherND" and n.inputs[0].name == "present.0.c_kv")
+    rows = node.inputs[1]
+    sub = ir.node("Sub", [rows, _new_init(graph, "fault.one", np.array(1, np.int64))], name="fault_shift")
+    graph.insert_before(node, sub)
+    for n in topk_gathers(ir.Model(graph, ir_version=10)):
+        if n.inputs[1] is rows:
+            n.replace_input_with(1, sub.outputs[0])
+
+
+def _wrong_cache(graph: ir.Graph) -> None:
+    """Layer 2 gathers its c_kv rows from layer 1's cache."""
+    node = next(n for n in graph if n.op_type == "GatherND" and n.inputs[0].name == "present.2.c_kv")
+    node.replace_input_with(0, next(v for v in graph.outputs if v.name == "present.1.c_kv"))
+
+
+@pytest.mark.parametrize("fault", [_shift_ids, _wrong_cache], ids=["ids_off_by_one", "wrong_cache_gathered"])
+def test_v32_gather_fault_fails_parity(exported, fault):
+    model, graphs = exported("tiny-v32")
+    fused, _, _ = fuse(graphs["decode"])
+    fault(fused.graph)
+    assert max(v32_decode_errors(model, fused, check_cache=False)) > 100 * TOL

@@ -324,6 +324,13 @@ def test_tiny_v32_compiles_for_ort_cpu_through_the_family_and_its_cache_spec(tmp
     assert m["io"]["cache"]["values_per_token_per_layer"] == (cfg.kv_lora_rank + cfg.qk_rope_head_dim
                                                                + cfg.index_head_dim)
     assert m["parity"]["passed"]
-    assert not any(s["name"].startswith("passes/latent-kv-fusion") for s in m["stages"])  # MLA's pass: not V3.2's yet
+    # the family's passes run: the decode graph attends over the gathered top-k rows, the MoE is lowered as V3's
+    names = [s["name"] for s in m["stages"]]
+    assert {"passes/latent-kv-fusion", "passes/moe-ort-fused", "passes/ort-simplify"} <= set(names), names
+    fusion = next(s for s in m["stages"] if s["name"] == "passes/latent-kv-fusion")
+    decode_note = next(n for n in fusion["notes"] if n.startswith("decode: "))
+    report = json.loads(decode_note[len("decode: "):])
+    assert [e["form"] for e in report] == ["topk-gather"] * cfg.num_hidden_layers, report
+    assert any(n.startswith("prefill: left unchanged") for n in fusion["notes"])
     ok, lines = verify_full(pkg)
     assert ok, lines
