@@ -17,6 +17,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -313,10 +314,17 @@ def save_checkpoint(model: DeepseekForCausalLM, path: str | os.PathLike, *, fp8:
             tensors[name] = t.float()  # router stays fp32 (transformers keeps it so too)
         else:
             tensors[name] = t.to(dtype)
+    return write_folder(path, tensors, cfg.to_json, max_shard_bytes)
+
+
+def write_folder(path: Path, tensors: dict[str, torch.Tensor], write_config: Callable[[Path], None],
+                 max_shard_bytes: int | None = None) -> Path:
+    """Write config.json (by write_config(file)) and the tensors as safetensors (one file, or shards of at most
+    max_shard_bytes with model.safetensors.index.json) into a temporary folder beside `path`, then rename it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        cfg.to_json(tmp / "config.json")
+        write_config(tmp / "config.json")
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name in sorted(tensors):

@@ -30,16 +30,13 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
 
-from .checkpoint import FP8_BLOCK, FP8_MAX, _check_file_sizes, _open, _scan, fp8_block_dequantize
+from .checkpoint import FP8_BLOCK, FP8_MAX, _check_file_sizes, _open, _scan, fp8_block_dequantize, write_folder
 from .errors import CheckpointError
 
 FP4_BLOCK = 32  # values of K per FP4 scale
@@ -832,40 +829,7 @@ def save_v4_native_checkpoint(state_dict: dict[str, torch.Tensor], config, path:
         last = f"layers.{n_layers - 1}."
         for native in [n for n in tensors if n.startswith(last)]:
             tensors[f"mtp.{k}.{native[len(last):]}"] = tensors[native].clone()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name in sorted(tensors):
-            nbytes = tensors[name].numel() * tensors[name].element_size()
-            if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = tensors[name]
-            size += nbytes
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / fname, metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return write_folder(path, tensors, lambda f: f.write_text(json.dumps(cfg, indent=2) + "\n"), max_shard_bytes)
 
 
 __all__ = ["load_v4_state_dict", "save_v4_native_checkpoint", "V4CheckpointSource", "native_config",

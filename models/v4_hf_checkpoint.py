@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from .checkpoint import write_folder
 from .errors import CheckpointError
 from .v4 import DeepseekV4ForCausalLM
 from .v4_checkpoint import load_v4_state_dict
@@ -86,19 +84,5 @@ def save_checkpoint(model: DeepseekV4ForCausalLM, path: str | os.PathLike, dtype
             continue
         t = t.detach().contiguous()
         tensors[name] = t if t.dtype == torch.long or ".mlp.gate." in name or t.dim() < 2 else t.to(dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        # the weights written are unquantized: a model loaded from an FP8 / FP4 folder must not say otherwise
-        dataclasses.replace(model.config, quantization_config=None).to_json(tmp / "config.json")
-        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    # the weights written are unquantized: a model loaded from an FP8 / FP4 folder must not say otherwise
+    return write_folder(path, tensors, dataclasses.replace(model.config, quantization_config=None).to_json)
