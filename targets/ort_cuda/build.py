@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 
+from passes.fp16_rounding import rounding_twin
 from pipeline import fp16_reference
 from pipeline.build import (GRAPHS, BuildContext, RoutingProbe, assemble_package, check_quant_cases, moe_routers,
                             run_graph_stages, write_tokenizer)
@@ -83,7 +86,8 @@ def _fp16_cases(runner: StageRunner, rec: StageRecord, *args, **kw) -> None:
 
 def fp16_case_reports(stage: str, d: Path, golden: Golden, session: dict, model, layout: str, reference_dir: Path,
                       quant_budget=None, results: dict | None = None) -> list:
-    """Golden cases through the fp16 graphs on ORT CPU (feeds cast to the graphs' dtypes), judged by
+    """Golden cases through the fp16 graphs on ORT CPU (their rounding twins: every fp16 tensor rounded, which ORT
+    CPU's cast elision would otherwise skip; feeds cast to the graphs' dtypes), judged by
     compare_fp16 against eager fp32 relative to PyTorch fp16 on the same inputs (with quant_budget: a
     quantized graph, its budget added to the fp16 limits). A model with MoE layers is judged routing-aware
     (parity.compare_fp16_routed): the fp16 graphs compute with the gate logits of the fp32 graphs in
@@ -91,10 +95,19 @@ def fp16_case_reports(stage: str, d: Path, golden: Golden, session: dict, model,
     the graphs routing by themselves: what the GPU must reproduce)."""
     so = cuda_runtime.session_options(session)
     routers = moe_routers(model)
-    probe = RoutingProbe(stage, {g: d / f"{g}.onnx" for g in GRAPHS}, {g: reference_dir / f"{g}.onnx" for g in GRAPHS},
-                         len(routers), so) if routers else None
-    sessions = {} if probe is not None else {
-        g: ort.InferenceSession(str(d / f"{g}.onnx"), so, providers=["CPUExecutionProvider"]) for g in GRAPHS}
+    with tempfile.TemporaryDirectory(prefix="mlamoe-fp16-twin-") as tmp:
+        twins = {}
+        for g in GRAPHS:  # what ORT CPU runs: the fp16 graphs with every fp16 tensor rounded (passes/fp16_rounding.py)
+            twins[g] = Path(tmp) / f"{g}.onnx"
+            save_graph(rounding_twin(ir.load(d / f"{g}.onnx")), twins[g])
+        probe = RoutingProbe(stage, twins, {g: reference_dir / f"{g}.onnx" for g in GRAPHS}, len(routers),
+                             so) if routers else None
+        sessions = {} if probe is not None else {
+            g: ort.InferenceSession(str(twins[g]), so, providers=["CPUExecutionProvider"]) for g in GRAPHS}
+        return _fp16_case_reports(stage, golden, model, layout, routers, probe, sessions, quant_budget, results)
+
+
+def _fp16_case_reports(stage, golden, model, layout, routers, probe, sessions, quant_budget, results) -> list:
     reports = []
     for case in golden.cases:
         ref16 = fp16_reference.case_outputs(model, case.inputs, layout)

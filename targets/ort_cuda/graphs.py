@@ -80,6 +80,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from models.errors import MlamoeError
+from passes.fp16_rounding import infer_dtypes
 
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 CACHE_PREFIXES = ("past.", "present.")
@@ -315,18 +316,6 @@ def _activation_nodes(graph: ir.Graph) -> set[int]:
     return nodes
 
 
-def _infer_dtypes(model: ir.Model) -> None:
-    """Give every value a dtype: ONNX shape inference, then (contrib ops it does not know) the dtype
-    of the node's first typed input (true of com.microsoft.MoE / MoEGroupRouter outputs)."""
-    common_passes.ShapeInferencePass()(model)
-    for node in model.graph:
-        for o in node.outputs:
-            if o.dtype is None:
-                typed = [i.dtype for i in node.inputs if i is not None and i.dtype is not None]
-                if typed:
-                    o.dtype = typed[0]
-
-
 def _transpose_for_fp16(node: ir.Node, want: dict, act: set) -> bool:
     """A Transpose outside the activations whose input is computed at run time (e.g. a weight dequantized on
     every run, passes/quant_fp8_cuda.py) and whose every consumer computes in fp16: transposing after the cast
@@ -344,7 +333,7 @@ def _transpose_for_fp16(node: ir.Node, want: dict, act: set) -> bool:
 def to_fp16(model: ir.Model, cache_fp16: bool = True) -> Fp16Report:
     """Rewrite `model` in place to compute in fp16 with fp32 islands (module doc). -> report."""
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-    _infer_dtypes(model)
+    infer_dtypes(model)
     g = model.graph
     g.sort()
     nodes = list(g)
