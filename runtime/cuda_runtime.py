@@ -176,6 +176,162 @@ class CudaPackageRuntime:
         return dict(zip(names, sess.run(None, cast)))
 
 
+class GearDecoder:
+    """Decode through the package's fixed-shape gears (manifest io.decode_gears; targets/ort_cuda/gears.py), each
+    a graph over a cache preallocated at G rows, bound once through IOBinding and, on the CUDA EP, captured as a
+    CUDA graph (provider option enable_cuda_graph) and replayed every step.
+
+    Per gear, allocated on first use and kept for the runtime's life (a captured graph holds their addresses):
+    the cache buffers past.* [B, G, w] fp16, input_ids int32 [B, 1], position int32 [B] and logits fp32 [B, 1, V],
+    all on the device. A step writes the token and the position into their buffers (OrtValue.update_inplace: 4
+    bytes each, host to device), runs (replays), and copies the logits to the host for the argmax.
+
+    inplace (default): present.* is bound to the same buffers as past.*; the gear graph's ScatterND (passes/
+    static_cache_write.py) then writes only the new row, so one buffer set per gear. inplace=False: two buffer
+    sets per gear (step t reads A writes B, step t+1 reads B writes A), two captured graphs (run option
+    gpu_graph_id 0 / 1), each step copying the whole cache once: the fallback should an ONNX Runtime build refuse
+    or break the aliasing.
+
+    The prompt runs through the dynamic prefill graph (any length); its present cache (device OrtValues) is padded
+    into the smallest gear longer than the prompt by the gear's pad graph (on the device, once); when the position
+    reaches the gear's length the cache is padded into the next gear the same way. A position past the largest
+    gear is an error naming the gears (compile with a longer one)."""
+
+    def __init__(self, rt: "CudaPackageRuntime", cuda_graph: bool | None = None, inplace: bool = True):
+        spec = rt.manifest["io"].get("decode_gears")
+        if not spec:
+            raise RuntimeError(f"{rt.root}: this package has no decode gears (compile with --decode-gears)")
+        ort = rt.ort
+        self.rt, self.inplace = rt, inplace
+        self.gears = sorted(int(g) for g in spec["gears"])
+        self.batch = int(spec["batch"])
+        self.cuda_graph = (rt.device == "cuda") if cuda_graph is None else bool(cuda_graph)
+        if self.cuda_graph and rt.device != "cuda":
+            raise RuntimeError("CUDA graphs need device cuda (the CPU EP has none)")
+        cfg = dict(rt.manifest["target"].get("session", {}))
+        self.files = {int(g): spec["graphs"][str(g)] for g in self.gears}
+        if rt.device == "cuda":
+            opts = cuda_provider_options(rt.device_id)
+            graph_opts = {**opts, "enable_cuda_graph": "1" if self.cuda_graph else "0"}
+            dec_providers = [("CUDAExecutionProvider", graph_opts)]  # capture needs every node on the CUDA EP
+            pad_providers = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
+        else:
+            dec_providers = pad_providers = ["CPUExecutionProvider"]
+        self.sessions = {g: ort.InferenceSession(str(rt.root / f["file"]), session_options(cfg), providers=dec_providers)
+                         for g, f in self.files.items()}
+        self.pads = {g: ort.InferenceSession(str(rt.root / f["pad_file"]), session_options(cfg), providers=pad_providers)
+                     for g, f in self.files.items()}
+        dec = self.sessions[self.gears[0]]
+        self.past_names = [i.name for i in dec.get_inputs() if i.name.startswith("past.")]
+        self.widths = {i.name: int(i.shape[-1]) for i in dec.get_inputs() if i.name.startswith("past.")}
+        self.vocab_size = rt.vocab_size
+        self.state: dict[int, dict] = {}
+        self.gear = None  # the gear in use
+        self.parity = 0  # ping-pong: which buffer set the next step reads
+
+    # ---- buffers and bindings (once per gear) ----------------------------------------------------------------
+    def _alloc(self, shape, dtype):
+        return self.rt.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.rt.device, self.rt.device_id)
+
+    def _state(self, gear: int) -> dict:
+        if gear in self.state:
+            return self.state[gear]
+        B = self.batch
+        st = {"ids": self._alloc([B, 1], np.int32), "pos": self._alloc([B], np.int32),
+              "logits": self._alloc([B, 1, self.vocab_size], np.float32),
+              "sets": [{n: self._alloc([B, gear, self.widths[n]], np.float16) for n in self.past_names}
+                       for _ in range(1 if self.inplace else 2)]}
+        sess = self.sessions[gear]
+        st["bindings"], st["run_options"] = [], []
+        for k in range(len(st["sets"])):
+            read, write = st["sets"][k], st["sets"][k if self.inplace else 1 - k]
+            b = sess.io_binding()
+            b.bind_ortvalue_input("input_ids", st["ids"])
+            b.bind_ortvalue_input("position", st["pos"])
+            for n in self.past_names:
+                b.bind_ortvalue_input(n, read[n])
+                b.bind_ortvalue_output(n.replace("past.", "present.", 1), write[n])
+            b.bind_ortvalue_output("logits", st["logits"])
+            ro = self.rt.ort.RunOptions()
+            if self.cuda_graph:
+                ro.add_run_config_entry("gpu_graph_id", str(k))
+            st["bindings"].append(b)
+            st["run_options"].append(ro)
+        self.state[gear] = st
+        return st
+
+    def gear_for(self, position: int) -> int:
+        fit = [g for g in self.gears if g > position]
+        if not fit:
+            raise RuntimeError(f"decode position {position} needs a cache longer than the largest gear "
+                               f"{self.gears[-1]} (gears {self.gears}); compile with a longer --decode-gears")
+        return fit[0]
+
+    def load(self, cache: dict, length: int) -> int:
+        """Pad a cache of `length` rows (device OrtValues keyed past.*, e.g. the prefill's present) into the gear
+        that holds position `length`, on the device. -> that gear."""
+        gear = self.gear_for(length)
+        st = self._state(gear)
+        target = st["sets"][0]
+        pad = self.pads[gear]
+        b = pad.io_binding()
+        for n in self.past_names:
+            b.bind_ortvalue_input(n, cache[n])
+            b.bind_ortvalue_output("gear." + n.split(".", 1)[1], target[n])
+        pad.run_with_iobinding(b)
+        self.gear, self.parity = gear, 0
+        return gear
+
+    def current_cache(self) -> dict:
+        """The cache buffers the next step reads (device OrtValues keyed past.*)."""
+        return self.state[self.gear]["sets"][self.parity]
+
+    def step(self, token, position: int, logits_on: str = "cpu"):
+        """One token per row at `position` -> logits [B, V] (numpy) or the device OrtValue [B, 1, V]."""
+        if position >= self.gear:
+            self.load(self.current_cache(), self.gear)  # the next gear up, padded on the device
+        st = self.state[self.gear]
+        B = self.batch
+        st["ids"].update_inplace(np.ascontiguousarray(np.asarray(token, np.int32).reshape(B, 1)))
+        st["pos"].update_inplace(np.full((B,), position, np.int32))
+        k = self.parity
+        self.sessions[self.gear].run_with_iobinding(st["bindings"][k], st["run_options"][k])
+        if not self.inplace:
+            self.parity = 1 - k
+        return st["logits"].numpy()[:, 0] if logits_on == "cpu" else st["logits"]
+
+    def generate(self, prompt_ids, max_new_tokens: int):
+        """Greedy as CudaPackageRuntime.generate (the dynamic prefill, then the gears) -> tokens [B, N] int64,
+        step_logits [B, N, V] float32."""
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.shape[0] != self.batch:
+            raise RuntimeError(f"prompt batch {ids.shape[0]}: the decode gears are built for batch {self.batch}")
+        if max_new_tokens <= 0:
+            return np.zeros((ids.shape[0], 0), np.int64), np.zeros((ids.shape[0], 0, self.vocab_size), np.float32)
+        logits, present = self.rt.run("prefill", ids, self.rt.empty_cache(ids.shape[0]))
+        position = ids.shape[1]
+        last = logits[:, -1].astype(np.float32)
+        tokens, steps = [last.argmax(-1)], [last]
+        if max_new_tokens > 1:
+            self.load(present, position)
+        del present
+        for _ in range(max_new_tokens - 1):
+            last = self.step(tokens[-1], position).astype(np.float32)
+            tokens.append(last.argmax(-1))
+            steps.append(last)
+            position += 1
+        return np.stack(tokens, 1).astype(np.int64), np.stack(steps, 1)
+
+    def synthetic(self, length: int, seed: int = 0) -> int:
+        """A random cache of `length` rows in the gear holding position `length` (decode timing). -> the gear."""
+        rng = np.random.default_rng(seed)
+        cache = {n: self.rt.to_device(rng.standard_normal((self.batch, length, self.widths[n]), dtype=np.float32),
+                                      np.float16) for n in self.past_names}
+        return self.load(cache, length)
+
+
 def verify_golden(package_dir, device: str | None = None) -> tuple[list[str], dict]:
     """Re-run the golden inputs; -> (failures, record). [] = all outputs within the recorded tolerances
     (|a-r| <= atol or <= rtol*|r|; per output from golden.tolerance.cases where the compiler recorded

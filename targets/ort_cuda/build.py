@@ -45,6 +45,7 @@ from pipeline.parity import BUDGETS, FP16_RULE, QUANT_FP16_RULE, compare_fp16, c
 from pipeline.stages import StageRecord, StageRunner
 from runtime import cuda_runtime
 
+from . import gears as gears_mod
 from . import graphs as ort_cuda
 
 
@@ -221,6 +222,10 @@ def build_cuda_package(ctx: BuildContext) -> None:
         # a quantized package's greedy tokens against eager fp32 are information (random-weight presets: a
         # routing near tie flipped by quantization diverges the rest), as for ort-cpu's quantized packages
         runner.add_report(target_rec, gen, binding=not quantized)
+        gear_info = None
+        gear_list = gears_mod.parse_gears(ctx.options.get("decode_gears"), cfg.max_position_embeddings)
+        if gear_list:
+            gear_info = _gear_stage(runner, model, load, golden, work, gear_list, stage, session, layout, tokens)
         expected = golden  # what the packaged graphs must reproduce on the GPU
         if quantized:
             expected = Golden([GoldenCase(c.name, c.graph, c.inputs, {k: cpu_results[c.name][k] for k in c.outputs})
@@ -230,6 +235,8 @@ def build_cuda_package(ctx: BuildContext) -> None:
         golden_section, io = assemble_package(pkg, tdir, target_rec, Path(cuda_runtime.__file__), expected,
                                               profile, cfg.vocab_size, cuda_cache_spec(cfg, layout))
         golden_section["tolerance"].update(_fp16_tolerance(runner.reports, stage))
+        if gear_info is not None:
+            io["decode_gears"] = _package_gears(pkg, work / "gears", gear_info)
         if quantized:
             if (prev_dir / "reports").is_dir():
                 shutil.copytree(prev_dir / "reports", pkg / "reports")
@@ -253,7 +260,7 @@ def build_cuda_package(ctx: BuildContext) -> None:
                        "fp32_islands": ["Softmax", "RMSNorm statistics", "MoE router (gate projection to router_probs)",
                                         "TopK", "RoPE angles / cos / sin", "causal mask"],
                        "fp16_conversion": fp16_reports, "runtime": "runtime/cuda_runtime.py",
-                       "io_binding": True, "cuda_graph": False, "verified_with": None},
+                       "io_binding": True, "cuda_graph": gear_info is not None, "verified_with": None},
             "io": io,
             "golden": golden_section,
         }
@@ -339,6 +346,115 @@ def build_cuda_package(ctx: BuildContext) -> None:
         (pkg / "README.md").write_text(_readme(manifest, _fp16_lines(runner.reports, stage)))
         write_manifest(pkg, manifest)
         runner.progress(f"[package] {out} ({time.time() - started:.1f} s in all)")
+
+
+def _gear_stage(runner: StageRunner, model, load: StageRecord, golden: Golden, work: Path, gear_list, stage: str,
+                session: dict, layout: str, dynamic_tokens) -> dict:
+    """The decode gears (targets/ort_cuda/gears.py) as stage target/ort-cuda-gears: export + fp16 + in-place
+    row write per gear, one shared weights file, a pad graph per gear; checked on ORT CPU: the golden decode case
+    through every gear (each batch row at its position, the cache padded with zeros to the gear) against eager
+    fp32 with the fp16 judgement (compare_fp16 relative to PyTorch fp16, as the dynamic graphs), and greedy
+    generation through runtime/cuda_runtime.py GearDecoder (dynamic prefill, then the gears, switching gear where
+    the position reaches one) against eager fp32's tokens. -> what the package records."""
+    from models.static_lm import static_cache_spec
+    cfg = model.config
+    spec = static_cache_spec(cfg)
+    names = spec.input_names()
+    reports: dict[int, dict] = {}
+
+    def do_gears(d: Path, rec: StageRecord) -> None:
+        graphs = {}
+        for g in gear_list:
+            runner.live.update(f"tracing decode gear {g}")
+            m, rep = gears_mod.export_gear(model, g)
+            graphs[gears_mod.gear_name(g)] = m
+            rec.notes.append(f"gear {g}: {rep.cache_writes} cache writes as in-place row ScatterND; fp16 "
+                             + json.dumps(rep.fp16, sort_keys=True))
+        gears_mod.save_gears(graphs, d)
+        widths = gears_mod.cache_widths(spec, names)
+        import onnx
+        for g in gear_list:
+            onnx.save_model(gears_mod.pad_graph(names, widths, g), str(d / f"{gears_mod.pad_name(g)}.onnx"))
+
+    def check(d: Path, rec: StageRecord) -> None:
+        case = next(c for c in golden.cases if c.name == "decode")
+        ref16 = fp16_reference.case_outputs(model, case.inputs, layout)
+        P = int(case.inputs[names[0]].shape[1])
+        outs = [n.replace("past.", "present.", 1) for n in names]
+        so = cuda_runtime.session_options(session)
+        for g in gear_list:
+            if P >= g:
+                rec.notes.append(f"gear {g}: the golden decode case's position {P} does not fit; case not run")
+                continue
+            sess = ort.InferenceSession(str(d / f"{gears_mod.gear_name(g)}.onnx"), so, providers=["CPUExecutionProvider"])
+            onames = [o.name for o in sess.get_outputs()]
+            rows = []
+            for b in range(case.inputs["input_ids"].shape[0]):
+                feeds = {"input_ids": case.inputs["input_ids"][b:b + 1].astype(np.int32),
+                         "position": np.array([P], np.int32)}
+                for n in names:
+                    a = np.zeros((1, g, case.inputs[n].shape[2]), np.float16)
+                    a[:, :P] = case.inputs[n][b:b + 1]
+                    feeds[n] = a
+                rows.append(dict(zip(onames, sess.run(None, feeds))))
+            # the whole gear buffer is judged: rows 0..P against eager's present, rows after it must stay zero
+            def padded(a):
+                z = np.zeros(a.shape[:1] + (g,) + a.shape[2:], np.float32)
+                z[:, :a.shape[1]] = a
+                return z
+            got = {"logits": np.concatenate([r["logits"] for r in rows]).astype(np.float32)}
+            got.update({o: np.concatenate([r[o] for r in rows]).astype(np.float32) for o in outs})
+            expected = {"logits": case.outputs["logits"], **{o: padded(case.outputs[o]) for o in outs}}
+            ref = {"logits": ref16["logits"], **{o: padded(ref16[o]) for o in outs}}
+            rep = compare_fp16(f"{stage}/gear{g}-decode", expected, got, ref, logits_outputs=["logits"],
+                               budget=BUDGETS[PROFILE_STAGE], reference_note=fp16_reference.NOTE)
+            runner.add_report(rec, rep)
+            del sess
+        manifest = {"io": {"vocab_size": cfg.vocab_size,
+                           "graphs": {g: {"file": f"target/{g}.onnx"} for g in GRAPHS},
+                           "decode_gears": {"gears": list(gear_list), "batch": gears_mod.GEAR_BATCH,
+                                            "graphs": {str(g): {"file": f"gears/{gears_mod.gear_name(g)}.onnx",
+                                                                "pad_file": f"gears/{gears_mod.pad_name(g)}.onnx"}
+                                                       for g in gear_list}}},
+                    "target": {"session": session}}
+        rt = cuda_runtime.CudaPackageRuntime(work, device="cpu", manifest=manifest)
+        dec = cuda_runtime.GearDecoder(rt)
+        tokens, step_logits = dec.generate(golden.prompt, golden.tokens.shape[1])
+        switched = sorted(dec.state)
+        del dec, rt
+        gen = compare_fp16_greedy(f"{stage}/gears-greedy", golden.tokens, golden.step_logits, tokens, step_logits,
+                                  fp16_reference.forced_step_logits(model, golden.prompt, golden.tokens, layout),
+                                  reference_note=fp16_reference.NOTE, budget=BUDGETS[PROFILE_STAGE])
+        runner.add_report(rec, gen)
+        same = bool(np.array_equal(tokens, dynamic_tokens))
+        rec.notes.append(f"greedy through GearDecoder (ORT CPU, in place, gears used {switched}): "
+                         f"{'equal to' if same else 'DIFFERENT from'} the dynamic runtime's tokens")
+        reports["greedy"] = {"gears_used": switched, "equal_to_dynamic": same}
+
+    rec = runner.run("target/ort-cuda-gears", {"gears": list(gear_list), "batch": gears_mod.GEAR_BATCH,
+                                               "form": "static-gather MoE, in-place ScatterND row write, fp16"},
+                     dict(load.inputs), work / "gears", do_gears, check)
+    return {"gears": list(gear_list), "record": rec, "spec": spec, "names": names, **reports}
+
+
+def _package_gears(pkg: Path, gear_dir: Path, info: dict) -> dict:
+    """Copy the gear files into onnx/; -> the manifest's io.decode_gears section."""
+    from pipeline.io_spec import graph_io
+    for rel in info["record"].outputs:
+        shutil.copyfile(gear_dir / rel, pkg / "onnx" / rel)
+    spec = info["spec"]
+    graphs = {}
+    for g in info["gears"]:
+        f = f"onnx/{gears_mod.gear_name(g)}.onnx"
+        graphs[str(g)] = {"file": f, "pad_file": f"onnx/{gears_mod.pad_name(g)}.onnx",
+                          "cache_bytes": gears_mod.gear_memory(spec, g), **graph_io(pkg / f)}
+    weights = pkg / "onnx" / gears_mod.WEIGHTS_FILE
+    return {"gears": info["gears"], "batch": gears_mod.GEAR_BATCH, "graphs": graphs,
+            "weights_file": f"onnx/{gears_mod.WEIGHTS_FILE}", "weights_bytes": weights.stat().st_size,
+            "cache_write": "in place: present.* bound to the past.* buffers, one ScatterND row per cache tensor",
+            "cuda_graph": "enable_cuda_graph per gear session (runtime/cuda_runtime.py GearDecoder)",
+            "prefill": "the dynamic onnx/prefill.onnx, its cache padded into the gear on the device (pad graph)",
+            "greedy_check": info.get("greedy", {})}
 
 
 def _op_counts(path: Path, ops) -> dict:

@@ -245,6 +245,7 @@ class Fp16Report:
     weight_bytes_fp16: int = 0
     weight_bytes_fp32: int = 0
     transposes_fp16: int = 0  # computed (not constant) Transposes feeding only fp16 nodes, moved after the cast
+    gathers_fp16: int = 0  # fixed_shape: Gathers of float tables (and their reshapes) feeding only fp16 nodes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -254,13 +255,18 @@ def _is_const(v: ir.Value | None) -> bool:
     return v is not None and (v.const_value is not None or v.is_initializer())
 
 
-def _router_nodes(graph: ir.Graph) -> set[int]:
-    """Nodes from each MoE's router_probs back to (and including) its gate projection."""
+def _router_nodes(graph: ir.Graph, from_topk: bool = False) -> set[int]:
+    """Nodes from each MoE's router_probs back to (and including) its gate projection; with from_topk, also
+    from each TopK's scores back to the gate projection (the fixed-shape form's router has no MoE node:
+    its expert choice is a TopK over the gate's scores, models/static_lm.py StaticRouter)."""
     out: set[int] = set()
     for node in graph:
-        if node.op_type not in ("MoE", "QMoE") or len(node.inputs) < 2 or node.inputs[1] is None:
+        if from_topk and node.op_type == "TopK" and node.inputs[0] is not None:
+            stack = [node.inputs[0]]
+        elif node.op_type not in ("MoE", "QMoE") or len(node.inputs) < 2 or node.inputs[1] is None:
             continue
-        stack = [node.inputs[1]]
+        else:
+            stack = [node.inputs[1]]
         while stack:
             v = stack.pop()
             p = v.producer()
@@ -332,8 +338,33 @@ def _transpose_for_fp16(node: ir.Node, want: dict, act: set) -> bool:
     return bool(uses) and all(want.get(id(u)) == F16 and u.op_type != "Cast" for u, _ in uses)
 
 
-def to_fp16(model: ir.Model, cache_fp16: bool = True) -> Fp16Report:
-    """Rewrite `model` in place to compute in fp16 with fp32 islands (module doc). -> report."""
+def _gather_for_fp16(node: ir.Node, want: dict, act: set) -> bool:
+    """A data-movement node outside the activations (Gather of a float initializer by computed indices, or a
+    Reshape / Squeeze / Unsqueeze / Transpose of such a node's output) whose every consumer computes in fp16:
+    moving the rows after rounding them is bit-identical to rounding after the move, halves the bytes moved,
+    and stores the table once, in fp16 (the fixed-shape form's static-gather MoE picks the chosen experts'
+    weights this way, models/static_lm.py). Used by to_fp16(fixed_shape=True)."""
+    if node.op_type not in ("Gather", "Reshape", "Squeeze", "Unsqueeze", "Transpose") or id(node) in act \
+            or want.get(id(node)) == F16:
+        return False
+    x, y = node.inputs[0], node.outputs[0]
+    if x is None or x.dtype != F32 or y.is_graph_output():
+        return False
+    if node.op_type == "Gather":
+        if not (_is_const(x) and x.is_initializer()):
+            return False
+    elif x.producer() is None or _is_const(x):
+        return False
+    uses = list(y.uses())
+    return bool(uses) and all(want.get(id(u)) == F16 and u.op_type != "Cast" for u, _ in uses)
+
+
+def to_fp16(model: ir.Model, cache_fp16: bool = True, fixed_shape: bool = False) -> Fp16Report:
+    """Rewrite `model` in place to compute in fp16 with fp32 islands (module doc). -> report.
+
+    fixed_shape: the graph is the family's fixed-shape form (models/static_lm.py; targets/ort_cuda/gears.py):
+    its router (gate projection -> TopK, no MoE node) stays fp32, and the static-gather MoE's expert tables
+    are gathered in fp16 (_gather_for_fp16). Off, nothing changes for the dynamic graphs."""
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     _infer_dtypes(model)
     g = model.graph
@@ -341,7 +372,7 @@ def to_fp16(model: ir.Model, cache_fp16: bool = True) -> Fp16Report:
     nodes = list(g)
     act = _activation_nodes(g)
     islands = {"softmax/topk/router-op": {id(n) for n in nodes if n.op_type in _ALWAYS_FP32},
-               "rmsnorm": _rms_nodes(g), "moe-router": _router_nodes(g)}
+               "rmsnorm": _rms_nodes(g), "moe-router": _router_nodes(g, from_topk=fixed_shape)}
     report = Fp16Report()
     want: dict[int, ir.DataType] = {}
     for n in nodes:
@@ -356,6 +387,9 @@ def to_fp16(model: ir.Model, cache_fp16: bool = True) -> Fp16Report:
         if _transpose_for_fp16(n, want, act):
             want[id(n)] = F16
             report.transposes_fp16 += 1
+        elif fixed_shape and _gather_for_fp16(n, want, act):
+            want[id(n)] = F16
+            report.gathers_fp16 += 1
     report.fp16_nodes = sum(d == F16 for d in want.values())
     report.fp32_nodes = len(nodes) - report.fp16_nodes
 
