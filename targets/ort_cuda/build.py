@@ -110,6 +110,8 @@ def _fp16_tolerance(reports, stage: str) -> dict:
         lims = {n: {"atol": lim["atol"], "rtol": lim["rtol"]} for n, e in r.extra["fp16"]["outputs"].items()
                 for lim in [e.get("fp16_limits") or e["limits"]]}
         name = r.stage.split("/", 1)[1]
+        if name.startswith("gear"):  # the decode gears' own checks (gear{G}-decode, gears-greedy): build-time only
+            continue
         if name == "greedy":
             greedy = lims.get("step_logits")
         else:
@@ -341,11 +343,52 @@ def build_cuda_package(ctx: BuildContext) -> None:
                             "fp8 saves weight memory, it is not expected to be faster than fp16",
                             "the accuracy of fp8 on this model's real task: random-weight presets say nothing about it; "
                             "see the trained-small figures in the repository README"]
+        if gear_info is not None:
+            gi = io["decode_gears"]
+            verified.append(f"decode gears {gi['gears']} (fixed-shape fp16 graphs, onnx/decode_g*.onnx) on ORT CPU: the "
+                            f"golden decode case through every gear against eager fp32 within {profile.parity_stage} "
+                            "(the whole gear buffer: rows after the written one must stay zero), and greedy generation "
+                            "through runtime/cuda_runtime.py GearDecoder (dynamic prefill, pad into the gear, in-place "
+                            f"row writes, gear switches at {gi['greedy_check'].get('gears_used')}): "
+                            + ("equal to the dynamic runtime's tokens" if gi["greedy_check"].get("equal_to_dynamic")
+                               else "DIFFERENT from the dynamic runtime's tokens (see reports)"))
+            not_verified.append("CUDA graph capture and replay of the decode gears (enable_cuda_graph) and the in-place "
+                                "binding on the CUDA EP: run `mlamoe verify` on a GPU (greedy through the gears too) "
+                                "and benchmarks/gpu/cuda_graph.sh for their speed")
         manifest["verification"] = {"verified_here": verified, "not_verified": not_verified}
         write_tokenizer(pkg, tokenizer or {})
         (pkg / "README.md").write_text(_readme(manifest, _fp16_lines(runner.reports, stage)))
         write_manifest(pkg, manifest)
         runner.progress(f"[package] {out} ({time.time() - started:.1f} s in all)")
+
+
+def check_gear_decode(path: Path, gear: int, case, ref16: dict, names: list[str], stage: str, session: dict):
+    """The golden decode case through one gear graph on ORT CPU, each batch row alone (the gears are batch 1) at its
+    position P, its cache padded with zero rows to the gear: logits and the whole present buffer (rows 0..P against
+    eager fp32's present, rows after P must stay zero) judged by compare_fp16 relative to PyTorch fp16. -> report."""
+    P = int(case.inputs[names[0]].shape[1])
+    outs = [n.replace("past.", "present.", 1) for n in names]
+    sess = ort.InferenceSession(str(path), cuda_runtime.session_options(session), providers=["CPUExecutionProvider"])
+    onames = [o.name for o in sess.get_outputs()]
+    rows = []
+    for b in range(case.inputs["input_ids"].shape[0]):
+        feeds = {"input_ids": case.inputs["input_ids"][b:b + 1].astype(np.int32), "position": np.array([P], np.int32)}
+        for n in names:
+            a = np.zeros((1, gear, case.inputs[n].shape[2]), np.float16)
+            a[:, :P] = case.inputs[n][b:b + 1]
+            feeds[n] = a
+        rows.append(dict(zip(onames, sess.run(None, feeds))))
+
+    def padded(a):
+        z = np.zeros(a.shape[:1] + (gear,) + a.shape[2:], np.float32)
+        z[:, :a.shape[1]] = a
+        return z
+    got = {"logits": np.concatenate([r["logits"] for r in rows]).astype(np.float32)}
+    got.update({o: np.concatenate([r[o] for r in rows]).astype(np.float32) for o in outs})
+    expected = {"logits": case.outputs["logits"], **{o: padded(case.outputs[o]) for o in outs}}
+    ref = {"logits": ref16["logits"], **{o: padded(ref16[o]) for o in outs}}
+    return compare_fp16(stage, expected, got, ref, logits_outputs=["logits"], budget=BUDGETS[PROFILE_STAGE],
+                        reference_note=fp16_reference.NOTE)
 
 
 def _gear_stage(runner: StageRunner, model, load: StageRecord, golden: Golden, work: Path, gear_list, stage: str,
@@ -381,35 +424,13 @@ def _gear_stage(runner: StageRunner, model, load: StageRecord, golden: Golden, w
         ref16 = fp16_reference.case_outputs(model, case.inputs, layout)
         P = int(case.inputs[names[0]].shape[1])
         outs = [n.replace("past.", "present.", 1) for n in names]
-        so = cuda_runtime.session_options(session)
         for g in gear_list:
             if P >= g:
                 rec.notes.append(f"gear {g}: the golden decode case's position {P} does not fit; case not run")
                 continue
-            sess = ort.InferenceSession(str(d / f"{gears_mod.gear_name(g)}.onnx"), so, providers=["CPUExecutionProvider"])
-            onames = [o.name for o in sess.get_outputs()]
-            rows = []
-            for b in range(case.inputs["input_ids"].shape[0]):
-                feeds = {"input_ids": case.inputs["input_ids"][b:b + 1].astype(np.int32),
-                         "position": np.array([P], np.int32)}
-                for n in names:
-                    a = np.zeros((1, g, case.inputs[n].shape[2]), np.float16)
-                    a[:, :P] = case.inputs[n][b:b + 1]
-                    feeds[n] = a
-                rows.append(dict(zip(onames, sess.run(None, feeds))))
-            # the whole gear buffer is judged: rows 0..P against eager's present, rows after it must stay zero
-            def padded(a):
-                z = np.zeros(a.shape[:1] + (g,) + a.shape[2:], np.float32)
-                z[:, :a.shape[1]] = a
-                return z
-            got = {"logits": np.concatenate([r["logits"] for r in rows]).astype(np.float32)}
-            got.update({o: np.concatenate([r[o] for r in rows]).astype(np.float32) for o in outs})
-            expected = {"logits": case.outputs["logits"], **{o: padded(case.outputs[o]) for o in outs}}
-            ref = {"logits": ref16["logits"], **{o: padded(ref16[o]) for o in outs}}
-            rep = compare_fp16(f"{stage}/gear{g}-decode", expected, got, ref, logits_outputs=["logits"],
-                               budget=BUDGETS[PROFILE_STAGE], reference_note=fp16_reference.NOTE)
+            rep = check_gear_decode(d / f"{gears_mod.gear_name(g)}.onnx", g, case, ref16, names,
+                                    f"{stage}/gear{g}-decode", session)
             runner.add_report(rec, rep)
-            del sess
         manifest = {"io": {"vocab_size": cfg.vocab_size,
                            "graphs": {g: {"file": f"target/{g}.onnx"} for g in GRAPHS},
                            "decode_gears": {"gears": list(gear_list), "batch": gears_mod.GEAR_BATCH,
@@ -455,6 +476,30 @@ def _package_gears(pkg: Path, gear_dir: Path, info: dict) -> dict:
             "cuda_graph": "enable_cuda_graph per gear session (runtime/cuda_runtime.py GearDecoder)",
             "prefill": "the dynamic onnx/prefill.onnx, its cache padded into the gear on the device (pad graph)",
             "greedy_check": info.get("greedy", {})}
+
+
+def _gear_lines(io: dict) -> list[str]:
+    """The package README's decode-gears section (empty without gears)."""
+    gi = io.get("decode_gears")
+    if not gi:
+        return []
+    mib = 1024 * 1024
+    return ["## Decode gears (CUDA graphs)", "",
+            f"`onnx/decode_g{{G}}.onnx` for G in {gi['gears']}: fixed-shape fp16 decode graphs (batch {gi['batch']}, "
+            "`input_ids` int32 [1, 1], `position` int32 [1], `past.*`/`present.*` fp16 [1, G, w], `logits` fp32 "
+            "[1, 1, V]) over a cache preallocated at G rows; the step writes its row in place (one ScatterND per cache "
+            "tensor, present bound to the same buffer as past), the MoE is the static-gather form, so ONNX Runtime "
+            "captures each gear as a CUDA graph. All gears share one weights file, "
+            f"`{gi['weights_file']}` ({gi['weights_bytes'] / mib:.2f} MiB; each gear session holds its own device copy "
+            "of the weights). `onnx/pad_g{G}.onnx` pads a cache into gear G on the device (after the dynamic prefill, "
+            "and at a gear switch).", "",
+            "| gear (cache rows) | preallocated fp16 cache |", "|---|---|",
+            *[f"| {g} | {gi['graphs'][str(g)]['cache_bytes'] / mib:.2f} MiB ({gi['graphs'][str(g)]['cache_bytes']:,} bytes) |"
+              for g in gi["gears"]], "",
+            "Run: `python runtime/cuda_runtime.py generate --gears --prompt-ids 1,2,3` (the prompt through "
+            "`onnx/prefill.onnx`, then the smallest gear longer than it, switching up a gear when the position reaches "
+            "one; a position past the largest gear is an error). Buffers of a gear are allocated on first use and kept "
+            "(a captured graph holds their addresses): the cache memory is the sum over the gears used.", ""]
 
 
 def _op_counts(path: Path, ops) -> dict:
@@ -547,6 +592,7 @@ def _readme(manifest: dict, fp16_lines: list[str]) -> str:
            "measurement of the fp16 error this model has whatever runs it, so a deep model or a large logit scale "
            "widens the limits by what fp16 costs it, and a graph error beyond that fails. Numbers of this build "
            "(ORT CPU running the fp16 graphs):", "", *fp16_lines, ""] if q == "none" else []),
+        *_gear_lines(io),
         "## Verification", "",
         *[f"- verified: {s}" for s in manifest["verification"]["verified_here"]],
         *[f"- **not verified**: {s}" for s in manifest["verification"]["not_verified"]], "",
