@@ -72,6 +72,8 @@ def test_package_gears_manifest_readme(pkg):
     stage = next(s for s in m["stages"] if s["name"] == "target/ort-cuda-gears")
     assert any("equal to the dynamic runtime's tokens" in n for n in stage["notes"])
     assert any("decode gears" in v for v in m["verification"]["verified_here"])
+    from targets.ort_cuda import TARGET
+    assert "decode gears (CUDA graphs): [16, 64]" in TARGET.describe(m)[0]
     rep = json.loads((pkg / "reports" / "parity.json").read_text())
     names = {r["stage"] for r in rep["stages"] if r["passed"]}
     assert {f"target-ort-cuda-fp16/gear{g}-decode" for g in GEARS} | {"target-ort-cuda-fp16/gears-greedy"} <= names
@@ -100,6 +102,22 @@ def test_gear_decode_fault_is_caught(pkg, tmp_path):
     session = ort_cuda.session_config()
     good = check_gear_decode(pkg / "onnx" / "decode_g16.onnx", 16, case, ref16, names, "t/good", session)
     assert good.passed, good.failure_reasons()
+    # and the gear's logits agree with the package's dynamic fp16 decode graph on the same case
+    from runtime.cuda_runtime import CudaPackageRuntime
+    dyn = CudaPackageRuntime(pkg, device="cpu").run_numpy("decode", case.inputs)["logits"].astype(np.float64)
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(pkg / "onnx" / "decode_g16.onnx"), providers=["CPUExecutionProvider"])
+    P = case.inputs[names[0]].shape[1]
+    gear_logits = []
+    for b in range(dyn.shape[0]):
+        feeds = {"input_ids": case.inputs["input_ids"][b:b + 1].astype(np.int32), "position": np.array([P], np.int32)}
+        for n in names:
+            feeds[n] = np.zeros((1, 16, case.inputs[n].shape[2]), np.float16)
+            feeds[n][:, :P] = case.inputs[n][b:b + 1]
+        gear_logits.append(sess.run(["logits"], feeds)[0])
+    gl = np.concatenate(gear_logits).astype(np.float64)
+    cos = (gl * dyn).sum() / np.sqrt((gl * gl).sum() * (dyn * dyn).sum())
+    assert cos > 0.9999 and np.array_equal(gl.argmax(-1), dyn.argmax(-1)), cos
     shutil.copytree(pkg / "onnx", tmp_path / "onnx")
     path = tmp_path / "onnx" / "decode_g16.onnx"
     m = onnx.load(str(path), load_external_data=False)

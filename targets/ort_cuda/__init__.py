@@ -46,6 +46,14 @@ class OrtCudaTarget(Target):
         from .build import build_cuda_package
         build_cuda_package(ctx)
 
+    def describe(self, manifest: dict) -> list[str]:
+        gi = manifest.get("io", {}).get("decode_gears")
+        if not gi:
+            return []
+        mem = ", ".join(f"{g}: {gi['graphs'][str(g)]['cache_bytes'] / 2**20:.2f} MiB" for g in gi["gears"])
+        return [f"decode gears (CUDA graphs): {gi['gears']}, batch {gi['batch']}, fp16 cache per gear {mem}; weights "
+                f"{gi['weights_file']} ({gi['weights_bytes'] / 2**20:.2f} MiB, shared by the gear graphs)"]
+
     def verify(self, root: Path, manifest: dict, lines: list[str]) -> tuple[bool, list[str]]:
         from .verify import verify_on_gpu
         return verify_on_gpu(root, lines)
