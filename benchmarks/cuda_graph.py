@@ -132,8 +132,10 @@ def capture_probe(work: Path, rt, gear_list) -> dict:
         b.bind_ortvalue_input("input_ids", rt.to_device(np.array([[7]], np.int64)))
         for n, v in past.items():
             b.bind_ortvalue_input(n, v)
-        for o in s.get_outputs():
-            b.bind_output(o.name, "cuda", 0)
+        for o in s.get_outputs():  # preallocated at the shapes this step gives: fixed addresses, as capture needs
+            shape = [1, 1, rt.vocab_size] if o.name == "logits" else [1, 65, int(o.shape[-1])]
+            dt = np.float32 if o.type == "tensor(float)" else np.float16
+            b.bind_ortvalue_output(o.name, ort.OrtValue.ortvalue_from_shape_and_type(shape, dt, "cuda", 0))
         for _ in range(3):
             s.run_with_iobinding(b)
         out["dynamic_decode"] = {"captured": True, "note": "ran 3 times with enable_cuda_graph (shapes fixed by the binding)"}

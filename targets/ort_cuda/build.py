@@ -401,6 +401,11 @@ def _gear_stage(runner: StageRunner, model, load: StageRecord, golden: Golden, w
     the position reaches one) against eager fp32's tokens. -> what the package records."""
     from models.static_lm import static_cache_spec
     cfg = model.config
+    need = golden.prompt.shape[1] + golden.tokens.shape[1] - 1  # positions the golden greedy run decodes at
+    if max(gear_list) <= need - 1:
+        raise gears_mod.GearError(f"--decode-gears {','.join(map(str, gear_list))}: the largest gear must hold the "
+                                  f"golden greedy generation (prompt {golden.prompt.shape[1]} + "
+                                  f"{golden.tokens.shape[1]} tokens: positions up to {need - 1}); add a gear > {need - 1}")
     spec = static_cache_spec(cfg)
     names = spec.input_names()
     reports: dict[int, dict] = {}
