@@ -79,6 +79,45 @@ def test_package_gears_manifest_readme(pkg):
     assert {f"target-ort-cuda-fp16/gear{g}-decode" for g in GEARS} | {"target-ort-cuda-fp16/gears-greedy"} <= names
 
 
+def _broadcast_matmuls(m) -> int:
+    """MatMuls whose right operand has batch dims all 1 while the left's batch is > 1 (ORT CUDA's pointer-array path)."""
+    n = 0
+    for node in m.graph:
+        if node.op_type == "MatMul":
+            a, b = (tuple(node.inputs[i].shape) for i in (0, 1))
+            n += len(a) >= 3 and len(b) >= 3 and all(d == 1 for d in b[:-2]) and int(np.prod(a[:-2])) > 1
+    return n
+
+
+def test_matmul_broadcast_pass_keeps_numbers():
+    """passes/matmul_broadcast.py on tiny's fp16 gear graph: no batch-broadcast right operand is left, the outputs
+    on ORT CPU are those of the graph before the pass."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+    import models
+    from passes.matmul_broadcast import MatMulBroadcastPass
+    from pipeline.static_export import StaticGraphSpec, export_static_graph
+    from targets.ort_cuda import to_fp16
+    m = export_static_graph(models.load("tiny", seed=0), StaticGraphSpec("g", 1, 1, 32, "gather"))
+    to_fp16(m, fixed_shape=True)
+    before = ir.to_proto(m).SerializeToString()
+    n = _broadcast_matmuls(m)
+    assert n >= 3 * 2 + 2  # per layer the scores and context against the cache, per MoE layer the experts
+    p = MatMulBroadcastPass()
+    p(m)
+    assert p.rewritten == n and _broadcast_matmuls(m) == 0
+    runs = []
+    for blob in (before, ir.to_proto(m).SerializeToString()):
+        sess = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+        feeds = {"input_ids": np.array([[7]], np.int32), "position": np.array([20], np.int32)}
+        for i in sess.get_inputs():
+            if i.name.startswith("past."):
+                feeds[i.name] = np.random.default_rng(1).standard_normal(i.shape).astype(np.float16)
+        runs.append(sess.run(None, feeds))
+    for x, y in zip(*runs):
+        np.testing.assert_allclose(x.astype(np.float32), y.astype(np.float32), atol=2e-3, rtol=1e-3)
+
+
 def _golden_case(pkg, name):
     m = json.loads((pkg / "manifest.json").read_text())
     case = next(c for c in m["golden"]["cases"] if c["name"] == name)

@@ -17,6 +17,10 @@ The graph is then:
 - converted to fp16 by to_fp16(fixed_shape=True): fp32 islands as for the dynamic graphs (softmax, RMSNorm
   statistics, TopK), the router's gate projection -> TopK path kept fp32 (structural: the walk back from each TopK's
   scores to the gate MatMul), and the gathered expert tables stored and moved in fp16 (bit-identical);
+- passed through passes/matmul_broadcast.py: MatMuls whose right operand is broadcast over the batch (the
+  attention against the [1, 1, G, r] cache for H heads, the gathered experts against the token) get a 2-D right
+  operand, so ORT's CUDA MatMul runs one strided-batched GEMM instead of cublasGemmBatched over pointer arrays it
+  copies from pinned host memory on every call (copies a captured graph would replay from released buffers);
 - passed through passes/static_cache_write.py: the Where that writes the new row over the whole buffer becomes a
   ScatterND of one row, whose CUDA / CPU kernels skip the copy of `past` when `present` is bound to the same buffer:
   the runtime binds them to one buffer per gear, so a step writes one row per cache tensor (no ping-pong pair).
@@ -86,6 +90,7 @@ class GearReport:
     fp16: dict
     cache_writes: int
     skipped: list
+    matmuls_right_2d: int  # passes/matmul_broadcast.py: batch-broadcast right operands made 2-D
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,6 +98,7 @@ class GearReport:
 
 def export_gear(model, gear: int, batch: int = GEAR_BATCH) -> tuple[ir.Model, GearReport]:
     """The fp16 decode graph of one gear (module doc)."""
+    from passes.matmul_broadcast import MatMulBroadcastPass
     from passes.static_cache_write import StaticCacheWritePass
     from pipeline.static_export import StaticGraphSpec, export_static_graph
 
@@ -104,9 +110,11 @@ def export_gear(model, gear: int, batch: int = GEAR_BATCH) -> tuple[ir.Model, Ge
     if write.rewritten == 0 or write.skipped:
         raise GearError(f"gear {gear}: the cache write was not rewritten as a row ScatterND "
                         f"({write.rewritten} rewritten, skipped: {write.skipped})")
+    bcast = MatMulBroadcastPass()
+    bcast(m)
     m.doc_string = (f"mlamoe ort-cuda decode gear {gear}: batch {batch}, cache {gear} rows preallocated, "
                     "row written in place (ScatterND), static-gather MoE, fp16")
-    return m, GearReport(gear, fp16.to_dict(), write.rewritten, write.skipped)
+    return m, GearReport(gear, fp16.to_dict(), write.rewritten, write.skipped, bcast.rewritten)
 
 
 def save_gears(graphs: dict[str, ir.Model], folder: Path, weights_file: str = WEIGHTS_FILE) -> list[Path]:
