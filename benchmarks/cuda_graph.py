@@ -24,7 +24,9 @@ Per model (built on the machine: the graphs of medium are ~1 GB fp16, more than 
               torch_eager       the same module without the graph
   floor     bytes one decode token must read (all non-expert weights, one embedding row, k of E routed experts,
             fp16; plus the G attended cache rows, fp16) / 4.8 TB/s, and each form's ratio to it.
-Writes one JSON file (saved after every model) with the raw numbers and the command line.
+Writes one JSON file (saved after every section; a model already in it is replaced, others kept) with the raw
+numbers and the command line. The built graphs stay in --work/<model> (build.json marks them done): a second call on
+the same machine reuses them. --cpu-smoke runs the code paths on ORT CPU without a GPU (no capture, no torch).
 """
 from __future__ import annotations
 
@@ -73,8 +75,14 @@ def build(model, work: Path, gear_list, log) -> dict:
     from pipeline.export import export_graphs, save_graph
     from targets.ort_cuda import gears, to_fp16
     d = work / "onnx"
+    marker = work / "build.json"
+    if marker.is_file() and json.loads(marker.read_text()).get("gears") == list(gear_list):
+        info = json.loads(marker.read_text())
+        info["reused"] = True  # a previous call on this machine built them (a call that timed out, run again)
+        log(f"reusing the graphs built in {work}")
+        return info
     d.mkdir(parents=True, exist_ok=True)
-    info: dict = {}
+    info: dict = {"gears": list(gear_list)}
     t = time.perf_counter()
     graphs = export_graphs(model, "latent")
     for g in graphs_for("latent-kv-fusion"):
@@ -104,6 +112,7 @@ def build(model, work: Path, gear_list, log) -> dict:
     info["gear_weights_bytes"] = (d / gears.WEIGHTS_FILE).stat().st_size
     info["cache_bytes"] = {str(G): gears.gear_memory(spec, G) for G in gear_list}
     log(f"gears {info['gears_s']} s")
+    marker.write_text(json.dumps(info, sort_keys=True))
     return info
 
 
@@ -222,13 +231,13 @@ def weight_bytes(path: Path, cfg) -> dict:
     return wb(path, cfg)
 
 
-def run_model(name: str, args, log) -> dict:
+def run_model(name: str, args, log, res: dict, save) -> dict:
     import torch
 
     import models
     from runtime.cuda_runtime import CudaPackageRuntime, GearDecoder
     from targets.ort_cuda import session_config
-    res: dict = {"model": name, "errors": []}
+    res.update({"model": name, "errors": []})
     torch.manual_seed(0)
     model = models.load(name, seed=0)
     cfg = model.config
@@ -236,12 +245,24 @@ def run_model(name: str, args, log) -> dict:
     gear_list = tuple(int(x) for x in args.gears.split(","))
     work = Path(args.work) / Path(name).name
     res["build"] = build(model, work, gear_list, log)
+    save()
     t = time.perf_counter()
-    rt = CudaPackageRuntime(work, device="cuda", manifest=manifest_for(cfg, gear_list, session_config()))
-    dec = GearDecoder(rt, cuda_graph=True)
-    res["session_load_s"] = round(time.perf_counter() - t, 1)
+    device = "cpu" if args.cpu_smoke else "cuda"
+    rt = CudaPackageRuntime(work, device=device, manifest=manifest_for(cfg, gear_list, session_config()))
+    res["session_load_s"] = {"dynamic": round(time.perf_counter() - t, 1)}
     res["providers"] = rt.providers
-    dev = torch.device("cuda")
+    decoders = {}  # each form on its own, so that one the CUDA EP refuses leaves the others measured
+    graph = not args.cpu_smoke  # --cpu-smoke: the script's code paths on ORT CPU (no CUDA graphs there)
+    for form, kw in (("ort_gear_graph", {"cuda_graph": graph}), ("ort_gear_nograph", {"cuda_graph": False}),
+                     *((("ort_gear_pingpong", {"cuda_graph": graph, "inplace": False}),) if args.pingpong else ())):
+        t = time.perf_counter()
+        try:
+            decoders[form] = GearDecoder(rt, **kw)
+            res["session_load_s"][form] = round(time.perf_counter() - t, 1)
+        except Exception:
+            res["errors"].append(f"{form} sessions: " + traceback.format_exc())
+    dec = decoders.get("ort_gear_graph") or decoders.get("ort_gear_nograph")
+    dev = torch.device(device)
     # ---- parity: greedy tokens ----------------------------------------------------------------------------
     try:
         prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, args.parity_prompt))
@@ -263,7 +284,8 @@ def run_model(name: str, args, log) -> dict:
         def prefix(a, b):
             neq = (a != b).any(0)
             return int(np.argmax(neq)) if neq.any() else int(a.shape[1])
-        res["parity"] = {"gear_tokens_equal_dynamic": bool(np.array_equal(t_gear, t_dyn)),
+        res["parity"] = {"gear_form": next(k for k, v in decoders.items() if v is dec),
+                         "gear_tokens_equal_dynamic": bool(np.array_equal(t_gear, t_dyn)),
                          "gear_replay_again_equal": bool(np.array_equal(t_again, t_gear)),
                          "equal_prefix_gear_vs_dynamic": prefix(t_gear, t_dyn),
                          "equal_prefix_dynamic_vs_eager_fp32": prefix(t_dyn, t_ref),
@@ -279,13 +301,7 @@ def run_model(name: str, args, log) -> dict:
     per_row = res["build"]["cache_bytes"][str(gear_list[0])] // gear_list[0]
     res["decode"] = {}
     tok = np.array([7])
-    decoders = {"ort_gear_graph": dec}
-    for form, kw in (("ort_gear_nograph", {"cuda_graph": False}),
-                     *((("ort_gear_pingpong", {"cuda_graph": True, "inplace": False}),) if args.pingpong else ())):
-        try:
-            decoders[form] = GearDecoder(rt, **kw)
-        except Exception:
-            res["errors"].append(f"{form}: " + traceback.format_exc())
+    save()
     for G in gear_list:
         row: dict = {"gear": G, "position": G - 1}
         L = G - 1
@@ -303,7 +319,8 @@ def run_model(name: str, args, log) -> dict:
             except Exception:
                 res["errors"].append(f"{form} {G}: " + traceback.format_exc())
         try:
-            row.update(torch_static(model, G, dev, args.repeat))
+            if not args.cpu_smoke:
+                row.update(torch_static(model, G, dev, args.repeat))
         except Exception:
             res["errors"].append(f"torch {G}: " + traceback.format_exc())
         floor = (wb["active_per_token"] + G * per_row) / HBM_BYTES_PER_S * 1e3
@@ -315,14 +332,16 @@ def run_model(name: str, args, log) -> dict:
         if "ort_dynamic" in row and "ort_gear_graph" in row:
             row["speedup_gear_graph_vs_dynamic"] = row["ort_dynamic"]["median_ms"] / row["ort_gear_graph"]["median_ms"]
         res["decode"][str(G)] = row
+        save()
         log(f"{name} G={G}: " + json.dumps({k: (v["median_ms"] if isinstance(v, dict) and "median_ms" in v else v)
                                             for k, v in row.items() if not k.startswith("bytes")}))
     del decoders, dec
     # last: a failed capture attempt must not disturb the timings above
-    res["capture"] = capture_probe(work, rt, gear_list)
+    res["capture"] = {} if args.cpu_smoke else capture_probe(work, rt, gear_list)
     log(f"{name} capture {json.dumps(res['capture'])[:800]}")
     del rt
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return res
 
 
@@ -336,6 +355,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pingpong", action="store_true", help="also time the two-buffer-set form")
     ap.add_argument("--work", default="/tmp/cuda_graph_work")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--cpu-smoke", action="store_true", help="run the code paths on ORT CPU (no GPU; numbers meaningless)")
     args = ap.parse_args(argv)
     t0 = time.time()
     log = elapsed_logger()
@@ -352,14 +372,18 @@ def main(argv=None) -> int:
         res["models"] = prev.get("models", {})
     log(json.dumps(res["env"]))
     torch.backends.cuda.matmul.allow_tf32 = False
+    def save():
+        res["wall_s"] = round(time.time() - t0, 1)
+        out.write_text(json.dumps(res, indent=2, sort_keys=True, default=str) + "\n")
+
     for name in args.models.split(","):
+        res["models"][name] = {}
         try:
-            res["models"][name] = run_model(name, args, log)
+            run_model(name, args, log, res["models"][name], save)
         except Exception:
             res["errors"].append(f"{name}: " + traceback.format_exc())
             log(f"{name} failed: {traceback.format_exc()[-800:]}")
-        res["wall_s"] = round(time.time() - t0, 1)
-        out.write_text(json.dumps(res, indent=2, sort_keys=True, default=str) + "\n")
+        save()
     return 0
 
 

@@ -11,7 +11,9 @@
 #   bash benchmarks/gpu/cuda_graph.sh stage     # THERE, calls 1-3: each carries one part (dist/whl/...part00..02)
 #   bash benchmarks/gpu/cuda_graph.sh run       # THERE, call 4: carries part03, dist/whl/SHA256SUMS, dist/gpu; GPU
 #                                               # tests + verify (tiny), benchmark trained-small and small (~6 min)
-#   bash benchmarks/gpu/cuda_graph.sh medium    # THERE, call 5 (same machine, back to back): benchmark medium (~8 min)
+#   bash benchmarks/gpu/cuda_graph.sh medium    # THERE, call 5 (same machine, back to back): benchmark medium (~8 min;
+#                                               # if it runs out of time, call it again: it reuses the graphs built
+#                                               # in /tmp/cuda_graph_work and the JSON's finished parts)
 #
 # The machine goes back after ~30 s idle: make the calls back to back (a fresh machine needs every part again).
 # Writes under $OUT: h200_cuda_graph.json (one file, each call adds its models), gpu_tests.txt, verify_tiny.txt,
