@@ -192,7 +192,9 @@ class GearDecoder:
     static_cache_write.py) then writes only the new row, so one buffer set per gear. inplace=False: two buffer
     sets per gear (step t reads A writes B, step t+1 reads B writes A), two captured graphs (run option
     gpu_graph_id 0 / 1), each step copying the whole cache once: the fallback should an ONNX Runtime build refuse
-    or break the aliasing.
+    or break the aliasing (on an ONNX Runtime without PR 32121 the second capture in one session may recycle the
+    first's pinned staging blocks: docs/ort-cuda.md). The step is idempotent (it overwrites row `position` only), so
+    ORT's extra warm-up executions of a capturing Run() change nothing.
 
     The prompt runs through the dynamic prefill graph (any length); its present cache (device OrtValues) is padded
     into the smallest gear longer than the prompt by the gear's pad graph (on the device, once); when the position

@@ -185,6 +185,25 @@ def test_gear_runtime_matches_dynamic_across_a_gear_switch(pkg, inplace):
         dec.generate(np.arange(64)[None] % 200, 2)
 
 
+def test_in_place_step_is_idempotent(pkg):
+    """ORT runs a CUDA-graph session's first steps more than once per Run() (warm-up runs before the capture, then a
+    replay; onnxruntime issue 32243: an in-place recurrent state update goes wrong there). The gear step overwrites
+    one row with values that do not depend on that row's old content, so running it twice in place must equal
+    running it once (here on ORT CPU, the same binding GearDecoder uses)."""
+    from runtime.cuda_runtime import CudaPackageRuntime, GearDecoder
+    rt = CudaPackageRuntime(pkg, device="cpu")
+    once, twice = GearDecoder(rt), GearDecoder(rt)
+    for d in (once, twice):
+        d.synthetic(11, seed=3)
+    a = once.step(np.array([9]), 11)
+    twice.step(np.array([9]), 11)
+    b = twice.step(np.array([9]), 11)
+    np.testing.assert_array_equal(a, b)
+    for n in once.past_names:
+        np.testing.assert_array_equal(once.current_cache()[n].numpy(), twice.current_cache()[n].numpy())
+    assert np.abs(once.current_cache()["past.0.c_kv"].numpy()[0, 11]).max() > 0  # the row was written
+
+
 def test_gear_runtime_position_fault_changes_tokens(pkg, monkeypatch):
     """The runtime comparison can fail: a decoder that feeds position + 1 no longer reproduces the dynamic tokens."""
     from runtime import cuda_runtime
