@@ -251,9 +251,20 @@ def test_cuda_graph_gears_match_dynamic_on_gpu(gpu_gears_package, inplace):
     gi = rt.manifest["io"]["decode_gears"]
     prompt = np.array([[5, 17, 99, 3, 250, 8, 41]]) % rt.vocab_size
     n = min(gi["gears"][-1] - prompt.shape[1] - 1, gi["gears"][0] + 8)
-    want, _ = rt.generate(prompt, n)
+    want, want_steps = rt.generate(prompt, n)
     dec = GearDecoder(rt, cuda_graph=True, inplace=inplace)
-    tokens, _ = dec.generate(prompt, n)
-    np.testing.assert_array_equal(tokens, want)
-    again, _ = dec.generate(prompt, n)  # replay of the captured graphs on a second generation
-    np.testing.assert_array_equal(again, want)
+    assert dec.sessions[gi["gears"][0]].get_providers()[0] == "CUDAExecutionProvider"
+    for run in range(2):  # the second generation replays the graphs captured in the first
+        tokens, steps = dec.generate(prompt, n)
+        _equal_or_near_tie(tokens, want, want_steps, f"run {run}")
+        assert sorted(dec.state) == gi["gears"][:2]
+
+
+def _equal_or_near_tie(tokens, want, want_steps, what, margin=0.05):
+    """Greedy tokens equal, or first different where the dynamic run's top-2 logits are within `margin` (two fp16
+    programs may round a near tie either way; anything else is a real difference)."""
+    if np.array_equal(tokens, want):
+        return
+    step = int(np.argmax((tokens != want).any(0)))
+    top = np.sort(want_steps[0, step].astype(np.float64))[-2:]
+    assert top[1] - top[0] <= margin, f"{what}: tokens differ at step {step}, dynamic top-2 margin {top[1] - top[0]:.3g}"
