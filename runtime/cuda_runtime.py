@@ -7,7 +7,8 @@ this file as runtime/cuda_runtime.py.
     python runtime/cuda_runtime.py verify-golden [--record]   # on a GPU machine; --record writes the
                                                                # result into manifest.json
     python runtime/cuda_runtime.py verify-golden --device cpu  # same graphs on ORT CPU (slow)
-    python runtime/cuda_runtime.py generate --gears --prompt-ids 1,2,3   # decode through the CUDA-graph gears
+    python runtime/cuda_runtime.py generate --gears --prompt-ids 1,2,3   # through the CUDA-graph gears (the default on
+                                                                         # cuda when the package has them; --no-gears)
 
 IOBinding. Each call binds input_ids from host memory (8 bytes a token), the past cache as the
 OrtValues the previous call produced (device memory, never copied to the host), and binds every
@@ -423,17 +424,23 @@ def main(argv=None) -> int:
     g = sub.add_parser("generate")
     g.add_argument("--prompt-ids", required=True)
     g.add_argument("--max-new-tokens", type=int, default=16)
-    g.add_argument("--gears", action="store_true", help="decode through the package's CUDA-graph decode gears")
+    g.add_argument("--gears", action="store_true", help="decode through the package's CUDA-graph decode gears (the "
+                   "default on cuda when the package has gears and the generation fits the largest one)")
+    g.add_argument("--no-gears", action="store_true", help="decode with the dynamic decode graph")
     v = sub.add_parser("verify-golden")
     v.add_argument("--record", action="store_true", help="write the result into manifest.json")
     args = p.parse_args(argv)
     if args.cmd == "generate":
         rt = CudaPackageRuntime(args.package, device=args.device)
         t = time.perf_counter()
-        gen = GearDecoder(rt).generate if args.gears else rt.generate
-        tokens, _ = gen([int(x) for x in args.prompt_ids.split(",")], args.max_new_tokens)
+        prompt = [int(x) for x in args.prompt_ids.split(",")]
+        gi = rt.manifest["io"].get("decode_gears")
+        fits = bool(gi) and len(prompt) + args.max_new_tokens - 1 < max(gi["gears"])
+        use = args.gears or (not args.no_gears and rt.device == "cuda" and fits)
+        gen = GearDecoder(rt).generate if use else rt.generate
+        tokens, _ = gen(prompt, args.max_new_tokens)
         print(json.dumps({"tokens": tokens[0].tolist(), "seconds": round(time.perf_counter() - t, 3),
-                          "providers": rt.providers}))
+                          "providers": rt.providers, "decode": "gears" if use else "dynamic"}))
         return 0
     failures, record = verify_golden(args.package, args.device)
     if args.record:

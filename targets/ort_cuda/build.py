@@ -501,7 +501,8 @@ def _gear_lines(io: dict) -> list[str]:
             "| gear (cache rows) | preallocated fp16 cache |", "|---|---|",
             *[f"| {g} | {gi['graphs'][str(g)]['cache_bytes'] / mib:.2f} MiB ({gi['graphs'][str(g)]['cache_bytes']:,} bytes) |"
               for g in gi["gears"]], "",
-            "Run: `python runtime/cuda_runtime.py generate --gears --prompt-ids 1,2,3` (the prompt through "
+            "Run: `python runtime/cuda_runtime.py generate --prompt-ids 1,2,3` (on the GPU the gears are used when the "
+            "generation fits the largest; `--gears` / `--no-gears` choose): the prompt through "
             "`onnx/prefill.onnx`, then the smallest gear longer than it, switching up a gear when the position reaches "
             "one; a position past the largest gear is an error). Buffers of a gear are allocated on first use and kept "
             "(a captured graph holds their addresses): the cache memory is the sum over the gears used.", ""]
