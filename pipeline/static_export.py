@@ -16,7 +16,7 @@ import onnx_ir as ir
 import torch
 
 from models.cache import CacheSpec
-from models.static_lm import MOE_FORMS, StaticCausalLM, StaticExportError, static_cache_spec
+from models.static_lm import StaticCausalLM, StaticExportError, static_cache_spec
 
 STATIC_OPSET = 18  # the default opset of the static graphs (ATC's)
 INDEX_DTYPE = np.int32
