@@ -493,8 +493,8 @@ def _gear_lines(io: dict) -> list[str]:
             f"`onnx/decode_g{{G}}.onnx` for G in {gi['gears']}: fixed-shape fp16 decode graphs (batch {gi['batch']}, "
             "`input_ids` int32 [1, 1], `position` int32 [1], `past.*`/`present.*` fp16 [1, G, w], `logits` fp32 "
             "[1, 1, V]) over a cache preallocated at G rows; the step writes its row in place (one ScatterND per cache "
-            "tensor, present bound to the same buffer as past), the MoE is the static-gather form, so ONNX Runtime "
-            "captures each gear as a CUDA graph. All gears share one weights file, "
+            "tensor, present bound to the same buffer as past), the MoE is the static-gather form, so that ONNX Runtime "
+            "can capture each gear as a CUDA graph (not checked here: see Verification). All gears share one weights file, "
             f"`{gi['weights_file']}` ({gi['weights_bytes'] / mib:.2f} MiB; each gear session holds its own device copy "
             "of the weights). `onnx/pad_g{G}.onnx` pads a cache into gear G on the device (after the dynamic prefill, "
             "and at a gear switch).", "",
