@@ -67,6 +67,7 @@ FORMS = ("ort-fused", "static-gather", "static-capacity", "static")
 MS_DOMAIN = "com.microsoft"
 VERIFY_TOKENS = 24
 VERIFY_RTOL = 1e-4
+VERIFY_TIE = 1e-5  # choice-score margin under which a probe token's routing is a tie
 
 
 class _Skip(Exception):
@@ -382,8 +383,9 @@ def _evaluate(model: ir.Model, outputs: list[ir.Value], feeds: dict[ir.Value, np
         raise _Skip(f"could not evaluate the block on ONNX Runtime to verify it: {str(e).splitlines()[0][:200]}")
 
 
-def reference_router(x: np.ndarray, gate_w: np.ndarray, r: _Router) -> tuple[np.ndarray, np.ndarray]:
-    """numpy DeepSeekMoE gate (REFERENCE.md): -> (w [N, k], ids [N, k])."""
+def reference_router(x: np.ndarray, gate_w: np.ndarray, r: _Router) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numpy DeepSeekMoE gate (REFERENCE.md): -> (w [N, k], ids [N, k], margin [N]: the k-th minus the (k+1)-th
+    choice score among the kept groups, how far each token's choice is from changing)."""
     logits = x.astype(np.float64) @ gate_w.T.astype(np.float64)
     if r.scoring == "sigmoid":
         s = 1 / (1 + np.exp(-logits))
@@ -402,7 +404,10 @@ def reference_router(x: np.ndarray, gate_w: np.ndarray, r: _Router) -> tuple[np.
     w = np.take_along_axis(s, ids, 1)
     if r.norm:
         w = w / (w.sum(-1, keepdims=True) + 1e-20)
-    return w * r.scale, ids
+    srt = -np.sort(-choice, 1)
+    with np.errstate(invalid="ignore"):
+        margin = srt[:, r.k - 1] - srt[:, r.k] if E > r.k else np.full(N, np.inf)
+    return w * r.scale, ids, np.where(np.isnan(margin), np.inf, margin)
 
 
 def reference_experts(x, w, ids, wg, wu, wd) -> np.ndarray:
@@ -431,8 +436,15 @@ def _verify(model: ir.Model, b: _Block) -> None:
     h, E, k = b.gate_w.shape[1], b.E, b.router.k
     x = rng.standard_normal((VERIFY_TOKENS, h)).astype(np.float32)
     w_got, ids_got = _evaluate(model, [b.w, b.ids], {b.x: x})
-    w_ref, ids_ref = reference_router(x, b.gate_w, b.router)
-    if ids_got.shape != (VERIFY_TOKENS, k) or not _close(_dense(w_got, ids_got, E), _dense(w_ref, ids_ref, E)):
+    w_ref, ids_ref, margin = reference_router(x, b.gate_w, b.router)
+    # a token whose choice is a tie at fp32 rounding may go either way (fp32 graph vs float64 reference): those
+    # are left out, as long as most tokens decide the question
+    decisive = margin > VERIFY_TIE
+    if decisive.sum() < VERIFY_TOKENS // 2:
+        raise _Skip(f"router verification inconclusive: {VERIFY_TOKENS - int(decisive.sum())} of {VERIFY_TOKENS} "
+                    f"probe tokens are ties (choice-score margin <= {VERIFY_TIE:g})")
+    if ids_got.shape != (VERIFY_TOKENS, k) or not _close(_dense(w_got, ids_got, E)[decisive],
+                                                         _dense(w_ref, ids_ref, E)[decisive]):
         raise _Skip(f"router verification failed: the subgraph does not compute the DeepSeekMoE gate "
                     f"{dataclasses.asdict(b.router) | {'bias': b.router.bias is not None}}")
     ids = np.stack([rng.permutation(E)[:k] for _ in range(VERIFY_TOKENS)]).astype(ids_got.dtype)

@@ -26,7 +26,7 @@ from .export import export_graphs, save_graph
 from .golden import Golden, GoldenCase, save_golden
 from .io_spec import cache_spec, graph_io
 from .parity import Router, budget_for, compare, compare_routed
-from .routing import expose_gate_logits, force_gate_logits, forced_name, gate_name
+from .routing import expose_gate_logits, force_gate_logits, forced_name, gate_name, router_probs_name
 from .stages import StageRecord, StageRunner
 
 GRAPHS = ("prefill", "decode")
@@ -113,36 +113,63 @@ def moe_routers(model) -> list[Router]:
             for i, layer in enumerate(model.model.layers) if cfg.is_moe_layer(i)]
 
 
+class RoutingProbe:
+    """Teacher-forced runs of lossy graphs (pipeline/routing.py): the reference graphs (fp32, `reference_paths`)
+    give each MoE layer's gate logits; the lossy graphs at `paths` run once as they are (`unforced`) and once
+    with those gate logits forced, exposing their own gate logits and their MoE ops' router input. Feeds are
+    cast to each graph's input dtypes (fp16 graphs take fp16 caches)."""
+
+    def __init__(self, stage: str, paths: dict[str, Path], reference_paths: dict[str, Path], n_routers: int,
+                 session_options: ort.SessionOptions):
+        def session(m: Path | ir.Model):
+            src = str(m) if isinstance(m, Path) else ir.to_proto(m).SerializeToString()
+            return ort.InferenceSession(src, session_options, providers=["CPUExecutionProvider"])
+
+        self.ref, self.forced, self.plain, self.n = {}, {}, {}, {}
+        for g in paths:
+            r, f = ir.load(reference_paths[g]), ir.load(paths[g])
+            self.n[g] = expose_gate_logits(r)
+            if force_gate_logits(f) != self.n[g] or self.n[g] != n_routers:
+                raise MlamoeError(f"{stage}: graph {g!r} has {self.n[g]} MoE routers in the reference graph and "
+                                  f"{n_routers} MoE layers in the model; routing checks need one per layer")
+            self.ref[g], self.forced[g], self.plain[g] = session(r), session(f), session(paths[g])
+
+    @staticmethod
+    def _run(sess, feeds: dict) -> dict:
+        types = {i.name: _ORT_TYPES.get(i.type) for i in sess.get_inputs()}
+        feeds = {n: (np.asarray(a).astype(types[n], copy=False) if types.get(n) is not None else a)
+                 for n, a in feeds.items()}
+        return {o.name: v for o, v in zip(sess.get_outputs(), sess.run(None, feeds))}
+
+    def run(self, case) -> dict:
+        """-> {"reference_gates", "forced" (outputs), "actual_gates", "router_probs", "unforced" (outputs)}, the
+        float outputs as float32."""
+        g, n = case.graph, self.n[case.graph]
+        ref_gates = [self._run(self.ref[g], case.inputs)[gate_name(i)].astype(np.float32) for i in range(n)]
+        fres = self._run(self.forced[g], {**case.inputs, **{forced_name(i): ref_gates[i] for i in range(n)}})
+        as32 = {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in fres.items()}
+        plain = {k: (v.astype(np.float32) if v.dtype == np.float16 else v)
+                 for k, v in self._run(self.plain[g], case.inputs).items()}
+        return {"reference_gates": ref_gates, "forced": as32,
+                "actual_gates": [as32[gate_name(i)] for i in range(n)],
+                "router_probs": [as32[router_probs_name(i)] for i in range(n)], "unforced": plain}
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+              "tensor(int32)": np.int32}
+
+
 def routed_reports(stage: str, paths: dict[str, Path], reference_paths: dict[str, Path], golden: Golden,
                    routers: list[Router], session_config: dict | None = None) -> list:
-    """One routing-aware report per golden case (pipeline.parity.compare_routed): the reference graphs (fp32,
-    `reference_paths`) give each MoE layer's gate logits; the lossy graphs at `paths` run once as they are
-    (recorded) and once with those gate logits forced (judged), exposing their own."""
+    """One routing-aware report per golden case (pipeline.parity.compare_routed over a RoutingProbe)."""
     so = ort_runtime.session_options(session_config or {"graph_optimization_level": "basic"})
-
-    def session(m: ir.Model):
-        return ort.InferenceSession(ir.to_proto(m).SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-    def run(sess, feeds) -> dict:
-        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-
-    plain, ref, forced, n_layers = {}, {}, {}, {}
-    for g in paths:
-        r, f = ir.load(reference_paths[g]), ir.load(paths[g])
-        n_layers[g] = expose_gate_logits(r)
-        if force_gate_logits(f) != n_layers[g] or n_layers[g] != len(routers):
-            raise MlamoeError(f"{stage}: graph {g!r} has {n_layers[g]} MoE routers in the reference graph and "
-                              f"{len(routers)} MoE layers in the model; routing checks need one per layer")
-        ref[g], forced[g] = session(r), session(f)
-        plain[g] = ort.InferenceSession(str(paths[g]), so, providers=["CPUExecutionProvider"])
+    probe = RoutingProbe(stage, paths, reference_paths, len(routers), so)
     reports = []
     for case in golden.cases:
-        n = n_layers[case.graph]
-        ref_gates = [run(ref[case.graph], case.inputs)[gate_name(i)] for i in range(n)]
-        fres = run(forced[case.graph], {**case.inputs, **{forced_name(i): ref_gates[i] for i in range(n)}})
-        reports.append(compare_routed(f"{stage}/{case.name}", case.outputs, fres, ref_gates,
-                                      [fres[gate_name(i)] for i in range(n)], routers, logits_outputs=["logits"],
-                                      unforced=run(plain[case.graph], case.inputs)))
+        r = probe.run(case)
+        reports.append(compare_routed(f"{stage}/{case.name}", case.outputs, r["forced"], r["reference_gates"],
+                                      r["actual_gates"], routers, logits_outputs=["logits"], unforced=r["unforced"],
+                                      forced_router_probs=r["router_probs"]))
     return reports
 
 

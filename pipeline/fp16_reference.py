@@ -17,6 +17,8 @@ import torch
 from models.family import family_of
 from models.moe import Router
 
+from .routing import gate_name
+
 NOTE = ("PyTorch autocast fp16 of the same model on the same inputs (router gate fp32, as in the graphs), "
         "vs eager fp32")
 
@@ -26,19 +28,22 @@ def _device_type(model) -> str:
 
 
 @contextlib.contextmanager
-def autocast_fp16(model):
-    """torch.autocast(float16) on the model's device, the routers' gate projections kept fp32."""
+def autocast_fp16(model, gate_logits: list | None = None):
+    """torch.autocast(float16) on the model's device, the routers' gate projections kept fp32. gate_logits:
+    appended with each router call's gate logits (fp32 [N, E], in call order: MoE layer order for one step)."""
     dev = _device_type(model)
     routers = [m for m in model.modules() if isinstance(m, Router)]
 
-    def fp32(forward):
-        def run(*args, **kwargs):
+    def fp32(r, forward):
+        def run(x, *args, **kwargs):
             with torch.autocast(dev, enabled=False):
-                return forward(*args, **kwargs)
+                if gate_logits is not None:
+                    gate_logits.append(torch.nn.functional.linear(x.float(), r.weight.float()))
+                return forward(x, *args, **kwargs)
         return run
 
     for r in routers:
-        r.forward = fp32(r.forward)
+        r.forward = fp32(r, r.forward)
     try:
         with torch.autocast(dev, dtype=torch.float16):
             yield
@@ -53,15 +58,17 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 @torch.no_grad()
 def case_outputs(model, inputs: dict[str, np.ndarray], layout: str | None = None) -> dict[str, np.ndarray]:
-    """The fp16 reference's outputs (logits, present.*) for one golden case's inputs (input_ids, past.*)."""
+    """The fp16 reference's outputs (logits, present.*, and each MoE layer's gate logits as routing.{i}.gate_logits,
+    shaped like the graphs' [batch * seq, E]) for one golden case's inputs (input_ids, past.*)."""
     dev = next(model.parameters()).device
     layout = layout or family_of(model).cache_layouts[0]
     spec = model.cache_spec(layout)
     cache = [tuple(torch.from_numpy(np.asarray(a)).to(dev) for a in layer) for layer in spec.unflatten(inputs)]
     ids = torch.from_numpy(np.asarray(inputs["input_ids"])).to(dev)
-    with autocast_fp16(model):
+    gates: list = []
+    with autocast_fp16(model, gates):
         logits, present = model.step(ids, cache, layout)
-    out = {"logits": _np(logits)}
+    out = {"logits": _np(logits), **{gate_name(i): _np(g) for i, g in enumerate(gates)}}
     out.update(spec.flatten([tuple(_np(t) for t in layer) for layer in present], "present"))
     return out
 

@@ -78,6 +78,8 @@ __all__ = [
     "compare",
     "compare_fp16",
     "compare_routed",
+    "compare_fp16_routed",
+    "RoutedFp16Report",
     "route",
     "Router",
     "RoutedReport",
@@ -1074,33 +1076,35 @@ def _routing_flip_text(f: dict) -> str:
             f" (reference margin {f['margin']:.3g}, the stage's error moves it up to {f['allowed']:.3g})")
 
 
-def compare_routed(stage: str, reference: Mapping[str, Any], forced: Mapping[str, Any],
-                   reference_gates: Sequence[np.ndarray], actual_gates: Sequence[np.ndarray],
-                   routers: Sequence[Router], *, logits_outputs: Iterable[str] = (),
-                   budget: Budget | None = None, unforced: Mapping[str, Any] | None = None) -> RoutedReport:
-    """Routing-aware comparison of a lossy stage.
+FORCED_TIE_MARGIN = 1e-5
+"""Under forced routing the lossy graph's router reads the reference's gate logits, so an fp32 router picks the
+reference's experts exactly: a different choice is only allowed where the reference's own margin is at fp32
+rounding level (this, in choice-score units). Anything else is a router that does not compute what the
+checkpoint's does (e.g. its fp32 island lost to fp16, or its bias dropped)."""
 
-    reference: the reference's outputs; forced: the lossy graph's outputs with the reference's gate logits
-    forced (pipeline/routing.py force_gate_logits); reference_gates / actual_gates: per MoE layer, the
-    reference's gate logits and the lossy graph's own (from the forced run: every earlier layer routed as the
-    reference did, so each flip is the stage's own decision at that layer) [..., E]; routers: per layer.
-    Outputs are judged as :func:`compare` judges them (on ``forced``); ``unforced`` outputs (the lossy graph
-    routing by itself) are compared too and recorded, not judged.
-    """
+
+def _judge_routing(budget: Budget | None, reference_gates: Sequence[np.ndarray], actual_gates: Sequence[np.ndarray],
+                   routers: Sequence[Router], forced_router_probs: Sequence[np.ndarray] | None = None,
+                   max_flipped_fraction: float | None = None) -> tuple[list[OutputStats], dict[str, Any]]:
+    """The routing part of a routed comparison: (the gate logits judged as outputs under ``budget``; none when
+    ``budget`` is None, the caller judging them, the extra["routing"] record with its failure reasons).
+    The share of flips allowed: ``max_flipped_fraction``, else ``budget``'s, else MAX_FLIPPED_FRACTION. ``forced_router_probs``: per layer, what the lossy graph's
+    MoE op read as router_probs in the forced run (its expert choice given the reference's gate logits)."""
     if not (len(reference_gates) == len(actual_gates) == len(routers)):
         raise ValueError(f"{len(reference_gates)} reference gate logits, {len(actual_gates)} actual, "
                          f"{len(routers)} routers: one of each per MoE layer")
-    base = compare(stage, reference, {k: v for k, v in forced.items() if k in reference},
-                   logits_outputs=logits_outputs, budget=budget)
-    flips, reasons, n_dec, per_layer = [], [], 0, []
+    if forced_router_probs is not None and len(forced_router_probs) != len(routers):
+        raise ValueError(f"{len(forced_router_probs)} forced router_probs for {len(routers)} MoE layers")
+    outputs, flips, reasons, n_dec, per_layer, not_reproduced = [], [], [], 0, [], []
     for layer, (rg, ag, router) in enumerate(zip(reference_gates, actual_gates, routers)):
-        rg, ag = np.asarray(rg), np.asarray(ag)
+        rg, ag = np.asarray(rg, np.float64), np.asarray(ag, np.float64)
         if rg.shape != ag.shape:
             raise ValueError(f"MoE layer {layer}: gate logits {list(ag.shape)} vs reference {list(rg.shape)}")
         lead = rg.shape[:-1]
         # the gate logits are judged as outputs too: a router the stage breaks would otherwise widen its own
         # allowed margin (the movement below is measured on them)
-        base.outputs.append(_compare_one(f"routing.{layer}.gate_logits", rg, ag, base.budget, False))
+        if budget is not None:
+            outputs.append(_compare_one(f"routing.{layer}.gate_logits", rg, ag, budget, False))
         ids_r, margin = route(router, rg)
         ids_a, _ = route(router, ag)
         err = np.abs(router.choice_scores(ag) - router.choice_scores(rg))
@@ -1108,8 +1112,8 @@ def compare_routed(stage: str, reference: Mapping[str, Any], forced: Mapping[str
         allowed = FLIP_MARGIN_FACTOR * 2 * moved
         flipped = np.flatnonzero((ids_r != ids_a).any(-1))
         n_dec += ids_r.shape[0]
-        per_layer.append({"layer": layer, "max_score_error": moved, "allowed_margin": allowed,
-                          "n_flips": int(flipped.size), "min_reference_margin": float(margin.min()) if margin.size else None})
+        entry = {"layer": layer, "max_score_error": moved, "allowed_margin": allowed,
+                 "n_flips": int(flipped.size), "min_reference_margin": float(margin.min()) if margin.size else None}
         for i in flipped:
             f = {"layer": layer, "position": [int(x) for x in np.unravel_index(int(i), lead)],
                  "experts_reference": ids_r[i].tolist(), "experts_actual": ids_a[i].tolist(),
@@ -1117,8 +1121,29 @@ def compare_routed(stage: str, reference: Mapping[str, Any], forced: Mapping[str
             flips.append(f)
             if not f["margin"] <= allowed:
                 reasons.append(f"{_routing_flip_text(f)}: not a near tie")
+        if forced_router_probs is not None:
+            probs = np.asarray(forced_router_probs[layer], np.float64).reshape(-1, rg.shape[-1])
+            if probs.shape[0] != ids_r.shape[0]:
+                raise ValueError(f"MoE layer {layer}: forced router_probs {list(np.shape(forced_router_probs[layer]))}"
+                                 f" vs gate logits {list(rg.shape)}")
+            ids_f = np.sort(np.argsort(-probs, -1, kind="stable")[:, :router.k], -1)
+            differ = np.flatnonzero((ids_f != ids_r).any(-1))
+            bad = differ[margin[differ] > FORCED_TIE_MARGIN]
+            entry["forced_not_reproduced"] = int(differ.size)
+            for i in bad[:4]:
+                not_reproduced.append(
+                    f"layer {layer} position {[int(x) for x in np.unravel_index(int(i), lead)]}: given the reference's "
+                    f"gate logits, the graph's router chose experts {ids_f[i].tolist()}, the reference's router "
+                    f"{ids_r[i].tolist()} (reference margin {margin[i]:.3g} > {FORCED_TIE_MARGIN:g}): the router does "
+                    "not compute the checkpoint's routing (is it still fp32, with its bias and groups?)")
+            if bad.size > 4:
+                not_reproduced.append(f"layer {layer}: {bad.size - 4} more positions whose forced routing differs")
+        per_layer.append(entry)
+    reasons += not_reproduced
     share = len(flips) / n_dec if n_dec else 0.0
-    max_share = MAX_FLIPPED_FRACTION if base.budget.max_flipped_fraction is None else base.budget.max_flipped_fraction
+    max_share = (max_flipped_fraction if max_flipped_fraction is not None
+                 else budget.max_flipped_fraction if budget is not None and budget.max_flipped_fraction is not None
+                 else MAX_FLIPPED_FRACTION)
     if share > max_share and len(flips) > 1:
         reasons.append(f"routing flipped at {len(flips)} of {n_dec} (position, layer) decisions "
                        f"({100 * share:.1f}% > {100 * max_share:g}%)")
@@ -1128,10 +1153,67 @@ def compare_routed(stage: str, reference: Mapping[str, Any], forced: Mapping[str
     record: dict[str, Any] = {"rule": ROUTED_RULE, "summary": summary, "n_decisions": n_dec,
                               "n_flips": len(flips), "flipped_share": share, "layers": per_layer,
                               "flips": flips[:64], "reasons": reasons,
-                              "max_flipped_fraction": max_share, "flip_margin_factor": FLIP_MARGIN_FACTOR}
+                              "max_flipped_fraction": max_share, "flip_margin_factor": FLIP_MARGIN_FACTOR,
+                              "forced_routing_checked": forced_router_probs is not None,
+                              "forced_tie_margin": FORCED_TIE_MARGIN}
+    return outputs, record
+
+
+def _unforced_record(stage: str, reference: Mapping[str, Any], unforced: Mapping[str, Any],
+                     logits_outputs: Iterable[str], budget: Budget) -> dict[str, Any]:
+    info = compare(stage, reference, {k: v for k, v in unforced.items() if k in reference},
+                   logits_outputs=logits_outputs, budget=budget)
+    return {o.name: {"cosine": o.cosine, "rel_euclid": o.rel_euclid, "kl": o.kl,
+                     "top1_agreement": o.top1_agreement} for o in info.outputs}
+
+
+def compare_routed(stage: str, reference: Mapping[str, Any], forced: Mapping[str, Any],
+                   reference_gates: Sequence[np.ndarray], actual_gates: Sequence[np.ndarray],
+                   routers: Sequence[Router], *, logits_outputs: Iterable[str] = (),
+                   budget: Budget | None = None, unforced: Mapping[str, Any] | None = None,
+                   forced_router_probs: Sequence[np.ndarray] | None = None) -> RoutedReport:
+    """Routing-aware comparison of a lossy stage.
+
+    reference: the reference's outputs; forced: the lossy graph's outputs with the reference's gate logits
+    forced (pipeline/routing.py force_gate_logits); reference_gates / actual_gates: per MoE layer, the
+    reference's gate logits and the lossy graph's own (from the forced run: every earlier layer routed as the
+    reference did, so each flip is the stage's own decision at that layer) [..., E]; routers: per layer.
+    Outputs are judged as :func:`compare` judges them (on ``forced``); ``unforced`` outputs (the lossy graph
+    routing by itself) are compared too and recorded, not judged. ``forced_router_probs`` (per layer, the
+    MoE op's router_probs input in the forced run): the experts it selects must be the reference's wherever
+    the reference's margin is above FORCED_TIE_MARGIN.
+    """
+    base = compare(stage, reference, {k: v for k, v in forced.items() if k in reference},
+                   logits_outputs=logits_outputs, budget=budget)
+    gates, record = _judge_routing(base.budget, reference_gates, actual_gates, routers, forced_router_probs)
     if unforced is not None:
-        info = compare(stage, reference, {k: v for k, v in unforced.items() if k in reference},
-                       logits_outputs=logits_outputs, budget=base.budget)
-        record["unforced"] = {o.name: {"cosine": o.cosine, "rel_euclid": o.rel_euclid, "kl": o.kl,
-                                       "top1_agreement": o.top1_agreement} for o in info.outputs}
-    return RoutedReport(stage=stage, budget=base.budget, outputs=base.outputs, extra={"routing": record})
+        record["unforced"] = _unforced_record(stage, reference, unforced, logits_outputs, base.budget)
+    return RoutedReport(stage=stage, budget=base.budget, outputs=base.outputs + gates, extra={"routing": record})
+
+
+class RoutedFp16Report(RoutedReport, Fp16Report):
+    """A :class:`Fp16Report` judged under teacher-forced routing, with the routing record of RoutedReport."""
+
+
+def compare_fp16_routed(stage: str, reference: Mapping[str, Any], forced: Mapping[str, Any],
+                        reference_gates: Sequence[np.ndarray], actual_gates: Sequence[np.ndarray],
+                        routers: Sequence[Router], fp16_reference: Mapping[str, Any] | None = None, *,
+                        logits_outputs: Iterable[str] = (), budget: Budget | None = None,
+                        reference_note: str | None = None, quant_budget: Budget | None = None,
+                        unforced: Mapping[str, Any] | None = None,
+                        forced_router_probs: Sequence[np.ndarray] | None = None) -> RoutedFp16Report:
+    """:func:`compare_fp16` of the forced run (the fp16 graph computing with the reference's gate logits) plus
+    the routing judgement of :func:`compare_routed`. The gate logits are outputs of the fp16 judgement (their
+    limits widened by ``fp16_reference``'s gate logits ``routing.{i}.gate_logits``, where it has them)."""
+    gates_ref = {f"routing.{i}.gate_logits": np.asarray(g) for i, g in enumerate(reference_gates)}
+    gates_act = {f"routing.{i}.gate_logits": np.asarray(g) for i, g in enumerate(actual_gates)}
+    base = compare_fp16(stage, {**reference, **gates_ref},
+                        {**{k: v for k, v in forced.items() if k in reference}, **gates_act}, fp16_reference,
+                        logits_outputs=logits_outputs, budget=budget, reference_note=reference_note,
+                        quant_budget=quant_budget)
+    _, record = _judge_routing(None, reference_gates, actual_gates, routers, forced_router_probs,
+                               base.budget.max_flipped_fraction)
+    if unforced is not None:
+        record["unforced"] = _unforced_record(stage, reference, unforced, logits_outputs, _UNJUDGED)
+    return RoutedFp16Report(stage=stage, budget=base.budget, outputs=base.outputs,
+                            extra={**base.extra, "routing": record})

@@ -11,7 +11,8 @@ top-k, or the exported TopK subgraph). Two edits on a copy of a graph, found by 
   them, by a graph input ``routing.{i}.gate_logits.forced``: fed with the reference's gate logits, the lossy graph computes
   with the reference's expert ids and routing weights (teacher-forced routing), while its own gate logits
   (computed from its own hidden state) are still an output, so the routing decision it would have made is
-  still seen.
+  still seen; the MoE op's router input is exposed as ``routing.{i}.router_probs`` (what it selects experts
+  from, given the forced logits: an fp32 router reproduces the reference's choice exactly).
 """
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ def gate_name(i: int) -> str:
 
 def forced_name(i: int) -> str:
     return f"routing.{i}.gate_logits.forced"
+
+
+def router_probs_name(i: int) -> str:
+    return f"routing.{i}.router_probs"
 
 
 def _gate_of(moe: ir.Node) -> ir.Value:
@@ -72,12 +77,25 @@ def expose_gate_logits(model: ir.Model) -> int:
 
 
 def force_gate_logits(model: ir.Model) -> int:
-    """Expose the gate logits and feed every reader of them from graph input ``routing.{i}.gate_logits.forced``."""
+    """Expose the gate logits and feed every reader of them from graph input ``routing.{i}.gate_logits.forced``;
+    expose each MoE op's router input as ``routing.{i}.router_probs``."""
     values = gate_logits(model)
+    moes = [n for n in model.graph if (n.domain, n.op_type) in MOE_OPS]
     for i, v in enumerate(values):
         v.name = gate_name(i)
         forced = ir.Value(name=forced_name(i), type=v.type, shape=v.shape)
         model.graph.inputs.append(forced)
         ir.convenience.replace_all_uses_with(v, forced)
         model.graph.outputs.append(v)
+    for i, moe in enumerate(moes):
+        probs = moe.inputs[1]
+        if probs.is_graph_input():  # the MoE op reads the forced logits themselves: route them through an Identity
+            node = ir.node("Identity", [probs], name=f"routing_probe_identity_{i}")
+            model.graph.insert_before(moe, node)
+            moe.replace_input_with(1, node.outputs[0])
+            node.outputs[0].type, node.outputs[0].shape = probs.type, probs.shape
+            probs = node.outputs[0]
+        probs.name = router_probs_name(i)
+        if not probs.is_graph_output():
+            model.graph.outputs.append(probs)
     return len(values)

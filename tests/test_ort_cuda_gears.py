@@ -99,7 +99,13 @@ def test_matmul_broadcast_pass_keeps_numbers():
     from pipeline.static_export import StaticGraphSpec, export_static_graph
     from targets.ort_cuda import to_fp16
     m = export_static_graph(models.load("tiny", seed=0), StaticGraphSpec("g", 1, 1, 32, "gather"))
-    to_fp16(m, fixed_shape=True)
+    plain = ir.from_proto(ir.to_proto(m))
+    to_fp16(m, fixed_shape=True)  # its postcondition: every TopK's scores back to the gate projection in fp32
+    # without the fixed-shape router rule the static router computes in fp16, and the postcondition says so
+    from targets.ort_cuda.graphs import RouterPrecisionError, check_router_fp32
+    to_fp16(plain)
+    with pytest.raises(RouterPrecisionError, match="fixed-shape form"):
+        check_router_fp32(plain.graph, fixed_shape=True)
     before = ir.to_proto(m).SerializeToString()
     n = _broadcast_matmuls(m)
     assert n >= 3 * 2 + 2  # per layer the scores and context against the cache, per MoE layer the experts

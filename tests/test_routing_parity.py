@@ -33,26 +33,38 @@ CHECKPOINTS = {  # name: (family, seed, config overrides)
 }
 
 
+def randomized_checkpoint(name: str, folder, gate_scale: float = 3.0):
+    """A transformers-saved checkpoint of CHECKPOINTS[name], weights x3 (router gates and, with gate_scale != 3,
+    e_score_correction_bias x gate_scale), loaded by models.load."""
+    family, seed, over = CHECKPOINTS[name]
+    hf = hf_reference.hf_model(family, seed=seed, **over)
+    with torch.no_grad():
+        for k, t in hf.state_dict().items():
+            if t.dim() >= 2:
+                t.mul_(gate_scale if k.endswith("mlp.gate.weight") else 3.0)
+            elif k.endswith("e_score_correction_bias") and gate_scale != 3.0:
+                t.mul_(gate_scale)
+    hf.save_pretrained(folder)
+    return models.load(folder)
+
+
+def fp32_graphs(model, passes, folder, factories=None):
+    """The exported latent graphs after `passes` (PASSES, or `factories`' variant), saved in folder."""
+    graphs = export_graphs(model, "latent")
+    for name in passes:
+        for g in graphs_for(name):
+            (factories or {}).get(name, PASSES[name])()(graphs[g])
+            cleanup(graphs[g])
+    for g, m in graphs.items():
+        save_graph(m, folder / f"{g}.onnx")
+    return folder
+
+
 @pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
 def fp32_stage(request, tmp_path_factory):
     """(model, golden, folder of the ort-cpu fp32 graphs after the passes) for one randomized checkpoint."""
-    family, seed, over = CHECKPOINTS[request.param]
-    hf = hf_reference.hf_model(family, seed=seed, **over)
-    with torch.no_grad():
-        for t in hf.state_dict().values():
-            if t.dim() >= 2:
-                t.mul_(3.0)
-    ckpt = tmp_path_factory.mktemp(f"ckpt-{request.param}")
-    hf.save_pretrained(ckpt)
-    model = models.load(ckpt)
-    graphs = export_graphs(model, "latent")
-    for name in ort_cpu.PROFILE.passes:
-        for g in graphs_for(name):
-            PASSES[name]()(graphs[g])
-            cleanup(graphs[g])
-    folder = tmp_path_factory.mktemp(f"fp32-{request.param}")
-    for g, m in graphs.items():
-        save_graph(m, folder / f"{g}.onnx")
+    model = randomized_checkpoint(request.param, tmp_path_factory.mktemp(f"ckpt-{request.param}"))
+    folder = fp32_graphs(model, ort_cpu.PROFILE.passes, tmp_path_factory.mktemp(f"fp32-{request.param}"))
     return model, make_golden(model, "latent", gen_tokens=2), folder
 
 
@@ -175,4 +187,103 @@ def test_router_gate_off_by_2x_fails(fp32_stage, tmp_path):
     failed = [r for r in reports if not r.passed]
     assert failed
     with pytest.raises(ParityError, match=r"(?s)output 'routing\.0\.gate_logits': .*rel_euclid 1"):
+        failed[0].raise_if_failed()
+
+
+# ---------------------------------------------------------------------------------- ort-cuda fp16, routing-aware
+
+def _cuda_stage(tmp_path_factory, gate_scale: float, **golden):
+    from targets import ort_cuda
+    from targets.ort_cuda.build import CUDA_PASS_OVERRIDES
+    model = randomized_checkpoint("v3-s0", tmp_path_factory.mktemp("ckpt-cuda"), gate_scale)
+    folder = fp32_graphs(model, ort_cuda.PROFILE.passes, tmp_path_factory.mktemp("fp32-cuda"), CUDA_PASS_OVERRIDES)
+    return model, make_golden(model, "latent", gen_tokens=2, **golden), folder
+
+
+@pytest.fixture(scope="module")
+def cuda_fp32_stage(tmp_path_factory):
+    """(model, golden, the ort-cuda fp32 graphs after its passes) for the V3 randomized checkpoint."""
+    return _cuda_stage(tmp_path_factory, 3.0)
+
+
+@pytest.fixture(scope="module")
+def cuda_flat_router_stage(tmp_path_factory):
+    """The same with router gates and bias x0.01: gate logits near 0, choice scores ~1e-3 apart, so that fp16
+    rounding of the scores (2.4e-4 to 4.9e-4 near 0.5) would change choices where an fp32 router does not."""
+    return _cuda_stage(tmp_path_factory, 0.01)
+
+
+def _cuda_reports(stage_data, out, quant=None, router_fp32=True, monkeypatch=None):
+    from targets import ort_cuda
+    from targets.ort_cuda import graphs as cuda_graphs
+    from targets.ort_cuda.build import PROFILE_STAGE, QUANT_STAGES, fp16_case_reports
+    from pipeline.parity import BUDGETS
+    model, golden, folder = stage_data
+    src = folder
+    if quant == "int8":
+        src = out / "int8"
+        for g in ("prefill", "decode"):
+            m = ir.load(folder / f"{g}.onnx")
+            ort_cuda.quantize_int8(m)
+            save_graph(m, src / f"{g}.onnx")
+    if not router_fp32:  # the fault: the router's fp32 island lost (gate projection and scores in fp16)
+        monkeypatch.setattr(cuda_graphs, "_router_nodes", lambda graph: set())
+        monkeypatch.setattr(cuda_graphs, "_ALWAYS_FP32", {"Softmax", "LogSoftmax"})
+    for g in ("prefill", "decode"):
+        ort_cuda.convert_graph_files(src / f"{g}.onnx", out / "fp16" / f"{g}.onnx")
+    stage = QUANT_STAGES[quant] if quant else PROFILE_STAGE
+    return fp16_case_reports(stage, out / "fp16", golden, ort_cuda.session_config(), model, "latent", folder,
+                             quant_budget=BUDGETS[f"quantize-{quant}"] if quant else None)
+
+
+@pytest.mark.parametrize("quant", [None, "int8"])
+def test_ort_cuda_fp16_judged_with_forced_routing(cuda_fp32_stage, quant, tmp_path):
+    """ort-cuda's fp16 (and int8) graphs on the x3 checkpoint: numeric error judged with the fp32 graphs' gate
+    logits forced, flips counted apart, and the fp32 router reproduces the forced choice exactly."""
+    reports = _cuda_reports(cuda_fp32_stage, tmp_path, quant)
+    for r in reports:
+        r.raise_if_failed()
+        rt = r.extra["routing"]
+        assert rt["forced_routing_checked"] and rt["n_decisions"] > 0
+        assert all(layer["forced_not_reproduced"] == 0 for layer in rt["layers"]), rt["layers"]
+        assert "fp16" in r.extra and "logits" in rt["unforced"]
+        print(r.stage, rt["summary"], "forced cosine", r.outputs[0].cosine,
+              "unforced", rt["unforced"]["logits"]["cosine"])
+
+
+def test_flat_router_fused_and_reproduced_under_forcing(cuda_flat_router_stage, tmp_path):
+    """Routers whose probe tokens nearly tie (gates x0.01) are still fused (the MoE lowering's verification leaves
+    fp32-rounding ties out), and the fp32 router reproduces every forced choice above FORCED_TIE_MARGIN."""
+    model, golden, folder = cuda_flat_router_stage
+    for g in ("prefill", "decode"):
+        assert sum(n.op_type == "MoE" for n in ir.load(folder / f"{g}.onnx").graph) == len(moe_routers(model))
+    for r in _cuda_reports(cuda_flat_router_stage, tmp_path):
+        r.raise_if_failed()
+        assert all(layer["forced_not_reproduced"] == 0 for layer in r.extra["routing"]["layers"]), r.stage
+
+
+def test_ort_cuda_router_in_fp16_is_refused(cuda_flat_router_stage, tmp_path, monkeypatch):
+    """The fault: the router's fp32 island dropped from the fp16 conversion. ORT CPU would not show it (its
+    InsertCastTransformer keeps chained fallback ops in fp32), so the conversion's postcondition refuses it, naming
+    the MoE node and the op."""
+    from targets.ort_cuda.graphs import RouterPrecisionError
+    with pytest.raises(RouterPrecisionError, match=r"MoE node .*router computes in fp16 at \w+ "):
+        _cuda_reports(cuda_flat_router_stage, tmp_path, router_fp32=False, monkeypatch=monkeypatch)
+
+
+def test_router_bias_dropped_fails(fp32_stage, tmp_path):
+    """A router that loses e_score_correction_bias (choice only, so forced logits and weights look right): the
+    forced-routing check fails it. V3 only (V2 routes without a bias)."""
+    model, golden, folder = fp32_stage
+    if model.config.topk_method != "noaux_tc":
+        pytest.skip("the V2 checkpoint's router has no e_score_correction_bias")
+
+    def fault(m):
+        node = next(n for n in m.graph if n.op_type == "MoEGroupRouter")
+        bias = next(v for v in node.inputs[1:] if v is not None and v.const_value is not None)
+        _scale(bias, lambda b: b * 0)
+    reports = _reports(model, golden, folder, "int8", tmp_path, fault)
+    failed = [r for r in reports if not r.passed]
+    assert failed
+    with pytest.raises(ParityError, match=r"routing: layer 0 position .*reference margin"):
         failed[0].raise_if_failed()

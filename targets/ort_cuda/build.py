@@ -34,14 +34,15 @@ import numpy as np
 import onnxruntime as ort
 
 from pipeline import fp16_reference
-from pipeline.build import (GRAPHS, BuildContext, assemble_package, check_quant_cases, run_graph_stages,
-                            write_tokenizer)
+from pipeline.build import (GRAPHS, BuildContext, RoutingProbe, assemble_package, check_quant_cases, moe_routers,
+                            run_graph_stages, write_tokenizer)
 from pipeline.error_profile import write_error_profile
 from pipeline.export import save_graph
 from pipeline.golden import Golden, GoldenCase, make_golden, save_golden
 from pipeline.io_spec import cache_spec
 from pipeline.package import work_dir, write_manifest
-from pipeline.parity import BUDGETS, FP16_RULE, QUANT_FP16_RULE, compare_fp16, compare_fp16_greedy, write_reports
+from pipeline.parity import (BUDGETS, FP16_RULE, QUANT_FP16_RULE, compare_fp16, compare_fp16_greedy,
+                             compare_fp16_routed, write_reports)
 from pipeline.stages import StageRecord, StageRunner
 from runtime import cuda_runtime
 
@@ -76,25 +77,47 @@ FP8_EXPERTS_NOTE = ("routed experts are fp16 com.microsoft.MoE (ORT has no FP8 M
                     "expert weights are dequantized, then rounded to fp16")
 
 
-def _fp16_cases(runner: StageRunner, rec: StageRecord, stage: str, d: Path, golden: Golden, session: dict,
-                model, layout: str, quant_budget=None, results: dict | None = None) -> None:
+def _fp16_cases(runner: StageRunner, rec: StageRecord, *args, **kw) -> None:
+    for report in fp16_case_reports(*args, **kw):
+        runner.add_report(rec, report)
+
+
+def fp16_case_reports(stage: str, d: Path, golden: Golden, session: dict, model, layout: str, reference_dir: Path,
+                      quant_budget=None, results: dict | None = None) -> list:
     """Golden cases through the fp16 graphs on ORT CPU (feeds cast to the graphs' dtypes), judged by
     compare_fp16 against eager fp32 relative to PyTorch fp16 on the same inputs (with quant_budget: a
-    quantized graph, its budget added to the fp16 limits). results: filled with {case: outputs} (fp32)."""
+    quantized graph, its budget added to the fp16 limits). A model with MoE layers is judged routing-aware
+    (parity.compare_fp16_routed): the fp16 graphs compute with the gate logits of the fp32 graphs in
+    `reference_dir` forced, their own routing flips judged apart. results: filled with {case: outputs} (fp32,
+    the graphs routing by themselves: what the GPU must reproduce)."""
     so = cuda_runtime.session_options(session)
-    sessions = {g: ort.InferenceSession(str(d / f"{g}.onnx"), so, providers=["CPUExecutionProvider"]) for g in GRAPHS}
+    routers = moe_routers(model)
+    probe = RoutingProbe(stage, {g: d / f"{g}.onnx" for g in GRAPHS}, {g: reference_dir / f"{g}.onnx" for g in GRAPHS},
+                         len(routers), so) if routers else None
+    sessions = {} if probe is not None else {
+        g: ort.InferenceSession(str(d / f"{g}.onnx"), so, providers=["CPUExecutionProvider"]) for g in GRAPHS}
+    reports = []
     for case in golden.cases:
-        sess = sessions[case.graph]
-        types = {i.name: cuda_runtime._ORT_TYPES[i.type] for i in sess.get_inputs()}
-        feeds = {n: np.asarray(a).astype(types[n], copy=False) for n, a in case.inputs.items()}
-        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-        got = {n: got[n].astype(np.float32) for n in case.outputs}
+        ref16 = fp16_reference.case_outputs(model, case.inputs, layout)
+        kw = dict(logits_outputs=["logits"], budget=BUDGETS[PROFILE_STAGE], reference_note=fp16_reference.NOTE,
+                  quant_budget=quant_budget)
+        if probe is not None:
+            r = probe.run(case)
+            got = {n: r["unforced"][n] for n in case.outputs}
+            report = compare_fp16_routed(f"{stage}/{case.name}", case.outputs, r["forced"], r["reference_gates"],
+                                         r["actual_gates"], routers, ref16, unforced=r["unforced"],
+                                         forced_router_probs=r["router_probs"], **kw)
+        else:
+            sess = sessions[case.graph]
+            types = {i.name: cuda_runtime._ORT_TYPES[i.type] for i in sess.get_inputs()}
+            feeds = {n: np.asarray(a).astype(types[n], copy=False) for n, a in case.inputs.items()}
+            got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+            got = {n: got[n].astype(np.float32) for n in case.outputs}
+            report = compare_fp16(f"{stage}/{case.name}", case.outputs, got, ref16, **kw)
         if results is not None:
             results[case.name] = got
-        ref16 = fp16_reference.case_outputs(model, case.inputs, layout)
-        runner.add_report(rec, compare_fp16(f"{stage}/{case.name}", case.outputs, got, ref16, logits_outputs=["logits"],
-                                            budget=BUDGETS[PROFILE_STAGE], reference_note=fp16_reference.NOTE,
-                                            quant_budget=quant_budget))
+        reports.append(report)
+    return reports
 
 
 def _fp16_tolerance(reports, stage: str) -> dict:
@@ -148,6 +171,7 @@ def build_cuda_package(ctx: BuildContext) -> None:
         prev, prev_dir = run_graph_stages(runner, model, load, golden, work, profile.passes, layout,
                                           factories=CUDA_PASS_OVERRIDES,
                                           pass_params={n: {"router": "subgraph"} for n in CUDA_PASS_OVERRIDES})
+        fp32_dir = prev_dir  # the fp32 graphs after the passes: the routing reference of the fp16 judgement
         if not quantized:
             runner.records.append(StageRecord("quantize", {"scheme": "none"}, dict(prev.outputs), dict(prev.outputs),
                                               notes=["scheme none: fp16 compute is the target stage's conversion"]))
@@ -206,7 +230,7 @@ def build_cuda_package(ctx: BuildContext) -> None:
         target_rec = runner.run(f"target/{profile.name}", {"target": profile.name, "precision": "fp16", "quant": quant},
                                 prev.outputs, work / "target", do_target,
                                 lambda d, rec: _fp16_cases(runner, rec, stage, d, golden, session, model, layout,
-                                                           quant_budget=quant_budget, results=cpu_results))
+                                                           fp32_dir, quant_budget=quant_budget, results=cpu_results))
 
         # ---- greedy generation through the runtime (IOBinding code path, device cpu) ----------------------
         t = time.perf_counter()

@@ -79,6 +79,8 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
+from models.errors import MlamoeError
+
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 CACHE_PREFIXES = ("past.", "present.")
 _RMS_OPS = {"Pow", "ReduceMean", "Sqrt", "Reciprocal"}
@@ -255,27 +257,39 @@ def _is_const(v: ir.Value | None) -> bool:
     return v is not None and (v.const_value is not None or v.is_initializer())
 
 
-def _router_nodes(graph: ir.Graph, from_topk: bool = False) -> set[int]:
-    """Nodes from each MoE's router_probs back to (and including) its gate projection; with from_topk, also
-    from each TopK's scores back to the gate projection (the fixed-shape form's router has no MoE node:
-    its expert choice is a TopK over the gate's scores, models/static_lm.py StaticRouter)."""
-    out: set[int] = set()
-    for node in graph:
-        if from_topk and node.op_type == "TopK" and node.inputs[0] is not None:
-            stack = [node.inputs[0]]
-        elif node.op_type not in ("MoE", "QMoE") or len(node.inputs) < 2 or node.inputs[1] is None:
+def _router_region(moe: ir.Node) -> list[ir.Node]:
+    """The nodes of a MoE op's router: from its router_probs input back to (and including) the gate projection,
+    through every input (the expert choice reaches the weights only as TopK indices, the group choice only as a
+    mask), but not into what Shape/Size read (the shape of the hidden state is not the router)."""
+    return _region_back_to_gate(moe.inputs[1] if len(moe.inputs) > 1 else None)
+
+
+def _region_back_to_gate(start: ir.Value | None) -> list[ir.Node]:
+    """The nodes from `start` back to (and including) the gate projection (_router_region's walk)."""
+    out, seen = [], set()
+    stack = [start] if start is not None else []
+    while stack:
+        v = stack.pop()
+        p = v.producer()
+        if p is None or id(p) in seen:
             continue
-        else:
-            stack = [node.inputs[1]]
-        while stack:
-            v = stack.pop()
-            p = v.producer()
-            if p is None or id(p) in out:
-                continue
-            out.add(id(p))
-            if p.op_type in ("MatMul", "Gemm") and len(p.inputs) > 1 and _is_const(p.inputs[1]):
-                continue  # the gate projection: stop here
-            stack.extend(i for i in p.inputs if i is not None and i.dtype in (F32, F16))
+        seen.add(id(p))
+        out.append(p)
+        if p.op_type in ("Shape", "Size"):
+            continue
+        if p.op_type in ("MatMul", "Gemm") and len(p.inputs) > 1 and _is_const(p.inputs[1]):
+            continue  # the gate projection: stop here
+        stack.extend(i for i in p.inputs if i is not None and not _is_const(i))
+    return out
+
+
+def _router_nodes(graph: ir.Graph, from_topk: bool = False) -> set[int]:
+    """Nodes of every MoE op's router (_router_region); with from_topk, also every TopK's scores back to the gate
+    projection (the fixed-shape form's router has no MoE node: its expert and group choices are TopKs over the
+    gate's scores, models/static_lm.py StaticRouter)."""
+    out = {id(n) for moe in graph if moe.op_type in ("MoE", "QMoE") for n in _router_region(moe)}
+    if from_topk:
+        out |= {id(n) for t in graph if t.op_type == "TopK" for n in _region_back_to_gate(t.inputs[0])}
     return out
 
 
@@ -473,7 +487,38 @@ def to_fp16(model: ir.Model, cache_fp16: bool = True, fixed_shape: bool = False)
             report.casts_inserted += 1
     common_passes.RemoveUnusedNodesPass()(model)
     g.sort()
+    check_router_fp32(g, fixed_shape=fixed_shape)
     return report
+
+
+class RouterPrecisionError(MlamoeError):
+    pass
+
+
+def check_router_fp32(graph: ir.Graph, fixed_shape: bool = False) -> None:
+    """to_fp16's postcondition: every MoE op's router (_router_region: the choice scores, group and expert top-k,
+    routing weights, back to the gate projection) computes in fp32, cast to fp16 only where the MoE op reads it.
+    Checked on the graph itself, since ORT CPU cannot show a router lost to fp16 numerically: its
+    InsertCastTransformer runs chains of fp16 ops that lack CPU fp16 kernels in fp32 without rounding between them
+    (measured: docs/ort-cuda.md)."""
+    for moe in graph:
+        if moe.op_type not in ("MoE", "QMoE"):
+            continue
+        for p in _router_region(moe):
+            if p.op_type not in ("Cast", "Shape", "Size") and any(o.dtype == F16 for o in p.outputs):
+                raise RouterPrecisionError(
+                    f"ort-cuda fp16 conversion: {moe.op_type} node {moe.name!r}'s router computes in fp16 at "
+                    f"{p.op_type} {p.name!r} (output {p.outputs[0].name!r}); expert choice must be made on fp32 scores "
+                    "(the router island of targets/ort_cuda/graphs.py to_fp16)")
+    if fixed_shape:  # the fixed-shape form's router: each TopK's scores back to the gate projection
+        for t in graph:
+            if t.op_type != "TopK":
+                continue
+            for p in _region_back_to_gate(t.inputs[0]):
+                if p.op_type not in ("Cast", "Shape", "Size") and any(o.dtype == F16 for o in p.outputs):
+                    raise RouterPrecisionError(
+                        f"ort-cuda fp16 conversion (fixed-shape form): TopK {t.name!r}'s scores are computed in fp16 "
+                        f"at {p.op_type} {p.name!r}; expert choice must be made on fp32 scores")
 
 
 def convert_graph_files(src: Path, dst: Path, cache_fp16: bool = True) -> Fp16Report:
