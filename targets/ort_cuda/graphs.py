@@ -293,6 +293,25 @@ def _router_nodes(graph: ir.Graph, from_topk: bool = False) -> set[int]:
     return out
 
 
+def _routing_weight_nodes(nodes: list[ir.Node], router: set[int], act: set[int]) -> set[int]:
+    """The fixed-shape form's routing weights (models/static_lm.py StaticRouter: the chosen experts' scores picked by
+    one-hot products, normalised and scaled): in graph order, every activation node whose activation inputs all come
+    from router nodes (the scores) or from non-activation nodes (the one-hot of the TopK indices), at least one from
+    the router; the first node that also reads the experts' output (the combining Mul) is where they stop, cast to
+    fp16 there. MatMul/Gemm never join (a projection of the hidden state is not a routing weight)."""
+    out: set[int] = set()
+    for n in nodes:
+        if id(n) in router or id(n) not in act or n.op_type in ("MatMul", "Gemm"):
+            continue
+        srcs = [i.producer() for i in n.inputs if i is not None and i.dtype in (F32, F16) and not _is_const(i)]
+        if any(p is None for p in srcs):
+            continue  # reads a graph input (the cache): not the router
+        from_router = [id(p) in router or id(p) in out for p in srcs]
+        if any(from_router) and all(r or id(p) not in act for r, p in zip(from_router, srcs)):
+            out.add(id(n))
+    return out
+
+
 def _rms_nodes(graph: ir.Graph) -> set[int]:
     out: set[int] = set()
     for node in graph:
@@ -377,7 +396,8 @@ def to_fp16(model: ir.Model, cache_fp16: bool = True, fixed_shape: bool = False)
     """Rewrite `model` in place to compute in fp16 with fp32 islands (module doc). -> report.
 
     fixed_shape: the graph is the family's fixed-shape form (models/static_lm.py; targets/ort_cuda/gears.py):
-    its router (gate projection -> TopK, no MoE node) stays fp32, and the static-gather MoE's expert tables
+    its router (gate projection -> TopK, no MoE node) and routing weights stay fp32 (_router_nodes(from_topk),
+    _routing_weight_nodes; checked by check_router_fp32(fixed_shape)), and the static-gather MoE's expert tables
     are gathered in fp16 (_gather_for_fp16). Off, nothing changes for the dynamic graphs."""
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     _infer_dtypes(model)
@@ -387,6 +407,8 @@ def to_fp16(model: ir.Model, cache_fp16: bool = True, fixed_shape: bool = False)
     act = _activation_nodes(g)
     islands = {"softmax/topk/router-op": {id(n) for n in nodes if n.op_type in _ALWAYS_FP32},
                "rmsnorm": _rms_nodes(g), "moe-router": _router_nodes(g, from_topk=fixed_shape)}
+    if fixed_shape:
+        islands["moe-router"] |= _routing_weight_nodes(nodes, islands["moe-router"], act)
     report = Fp16Report()
     want: dict[int, ir.DataType] = {}
     for n in nodes:
