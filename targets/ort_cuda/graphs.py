@@ -406,7 +406,7 @@ def to_fp16(model: ir.Model, cache_fp16: bool = True, fixed_shape: bool = False)
     nodes = list(g)
     act = _activation_nodes(g)
     islands = {"softmax/topk/router-op": {id(n) for n in nodes if n.op_type in _ALWAYS_FP32},
-               "rmsnorm": _rms_nodes(g), "moe-router": _router_nodes(g, from_topk=fixed_shape)}
+               "rmsnorm": _rms_nodes(g), "moe-router": _router_nodes(g, from_topk=True) if fixed_shape else _router_nodes(g)}
     if fixed_shape:
         islands["moe-router"] |= _routing_weight_nodes(nodes, islands["moe-router"], act)
     report = Fp16Report()
