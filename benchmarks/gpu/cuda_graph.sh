@@ -10,14 +10,17 @@
 #                                               # when dist/whl/SHA256SUMS is there already, e.g. from int4_cuda.sh)
 #   bash benchmarks/gpu/cuda_graph.sh stage     # THERE, calls 1-3: each carries one part (dist/whl/...part00..02)
 #   bash benchmarks/gpu/cuda_graph.sh run       # THERE, call 4: carries part03, dist/whl/SHA256SUMS, dist/gpu; GPU
-#                                               # tests + verify (tiny), benchmark trained-small and small (~6 min)
+#                                               # tests + verify (tiny), benchmark trained-small and small (<= 10
+#                                               # min; what is unfinished: `MODELS=small ... medium` in a next call)
 #   bash benchmarks/gpu/cuda_graph.sh medium    # THERE, call 5 (same machine, back to back): benchmark medium (~8 min;
 #                                               # if it runs out of time, call it again: it reuses the graphs built
 #                                               # in /tmp/cuda_graph_work and the JSON's finished parts)
 #
 # The machine goes back after ~30 s idle: make the calls back to back (a fresh machine needs every part again).
 # Writes under $OUT: h200_cuda_graph.json (one file, each call adds its models), gpu_tests.txt, verify_tiny.txt,
-# run.log / medium.log. MODELS=... GEARS=... REPEAT=... override the benchmark's defaults.
+# run.log / medium.log. MODELS=... GEARS=... REPEAT=... override the benchmark's defaults. To collect every model in
+# one JSON, save call 4's h200_cuda_graph.json as benchmarks/h200_cuda_graph.json in the working tree before call 5:
+# `medium` starts from it (the device copy of the working tree carries it).
 set -uo pipefail
 cmd=${1:-run}
 ORTGPU=${ORTGPU:-1.31.1}
@@ -71,14 +74,14 @@ run() {
   nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv || true
   P=$STAGE/gpu/$PKG.tar.gz
   [ -f "$P" ] || { echo "missing $P (carry dist/gpu)"; exit 1; }
-  MLAMOE_ORT_CUDA_GEARS_PACKAGE=$P MLAMOE_ORT_CUDA_PACKAGE=$P timeout 240 python3 -m pytest -q -m gpu \
+  MLAMOE_ORT_CUDA_GEARS_PACKAGE=$P MLAMOE_ORT_CUDA_PACKAGE=$P timeout 180 python3 -m pytest -q -m gpu \
     -p no:cacheprovider tests/test_ort_cuda_gears.py tests/test_ort_cuda.py -rs > "$OUT/gpu_tests.txt" 2>&1
   echo "gpu tests exit $?" >> "$OUT/gpu_tests.txt"
   tail -8 "$OUT/gpu_tests.txt"
-  timeout 120 python3 -m pipeline verify "$P" > "$OUT/verify_tiny.txt" 2>&1
+  timeout 90 python3 -m pipeline verify "$P" > "$OUT/verify_tiny.txt" 2>&1
   echo "exit $?" >> "$OUT/verify_tiny.txt"
   cat "$OUT/verify_tiny.txt"
-  timeout 420 python3 -m benchmarks.cuda_graph --models "${MODELS:-trained-small,small}" --gears "$GEARS" \
+  timeout 320 python3 -m benchmarks.cuda_graph --models "${MODELS:-trained-small,small}" --gears "$GEARS" \
     --repeat "$REPEAT" --pingpong --out "$OUT/h200_cuda_graph.json"
   echo "benchmark exit $?"
   summary "$OUT/h200_cuda_graph.json"
@@ -92,7 +95,7 @@ medium() {
   site || exit 1
   # a previous call's JSON, when this call carried it back (benchmarks/h200_cuda_graph.json): models add up
   [ -f "$OUT/h200_cuda_graph.json" ] || { [ -f benchmarks/h200_cuda_graph.json ] && cp benchmarks/h200_cuda_graph.json "$OUT/"; }
-  timeout 560 python3 -m benchmarks.cuda_graph --models "${MODELS:-medium}" --gears "$GEARS" --repeat "$REPEAT" \
+  timeout 570 python3 -m benchmarks.cuda_graph --models "${MODELS:-medium}" --gears "$GEARS" --repeat "$REPEAT" \
     --out "$OUT/h200_cuda_graph.json"
   echo "benchmark exit $?"
   summary "$OUT/h200_cuda_graph.json"
