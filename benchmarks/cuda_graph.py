@@ -359,6 +359,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pingpong", action="store_true", help="also time the two-buffer-set form")
     ap.add_argument("--work", default="/tmp/cuda_graph_work")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--also-save", default=None, help="a second copy of the JSON, written at every save (e.g. on the "
+                    "machine, for the next call to start from)")
     ap.add_argument("--cpu-smoke", action="store_true", help="run the code paths on ORT CPU (no GPU; numbers meaningless)")
     args = ap.parse_args(argv)
     t0 = time.time()
@@ -378,7 +380,11 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     def save():
         res["wall_s"] = round(time.time() - t0, 1)
-        out.write_text(json.dumps(res, indent=2, sort_keys=True, default=str) + "\n")
+        text = json.dumps(res, indent=2, sort_keys=True, default=str) + "\n"
+        out.write_text(text)
+        if args.also_save:
+            Path(args.also_save).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.also_save).write_text(text)
 
     for name in args.models.split(","):
         res["models"][name] = {}

@@ -14,13 +14,13 @@
 #                                               # min; what is unfinished: `MODELS=small ... medium` in a next call)
 #   bash benchmarks/gpu/cuda_graph.sh medium    # THERE, call 5 (same machine, back to back): benchmark medium (~8 min;
 #                                               # if it runs out of time, call it again: it reuses the graphs built
-#                                               # in /tmp/cuda_graph_work and the JSON's finished parts)
+#                                               # in /tmp/cuda_graph_work)
 #
 # The machine goes back after ~30 s idle: make the calls back to back (a fresh machine needs every part again).
 # Writes under $OUT: h200_cuda_graph.json (one file, each call adds its models), gpu_tests.txt, verify_tiny.txt,
-# run.log / medium.log. MODELS=... GEARS=... REPEAT=... override the benchmark's defaults. To collect every model in
-# one JSON, save call 4's h200_cuda_graph.json as benchmarks/h200_cuda_graph.json in the working tree before call 5:
-# `medium` starts from it (the device copy of the working tree carries it).
+# run.log / medium.log. MODELS=... GEARS=... REPEAT=... override the benchmark's defaults. Each call also keeps the JSON
+# in /tmp/cuda_graph_work on the machine and the next call on the same machine starts from it, so call 5's
+# h200_cuda_graph.json holds every model measured so far (or carry benchmarks/h200_cuda_graph.json on a fresh one).
 set -uo pipefail
 cmd=${1:-run}
 ORTGPU=${ORTGPU:-1.31.1}
@@ -28,6 +28,7 @@ STAGE=/tmp/cuda_graph_stage
 GEARS=${GEARS:-1024,8192,32768}
 REPEAT=${REPEAT:-50}
 PKG=tiny-ort-cuda-gears
+WORK=/tmp/cuda_graph_work  # benchmarks/cuda_graph.py --work: the graphs it built, reused by a later call
 
 prepare() {  # on the CPU machine
   set -e
@@ -82,7 +83,7 @@ run() {
   echo "exit $?" >> "$OUT/verify_tiny.txt"
   cat "$OUT/verify_tiny.txt"
   timeout 320 python3 -m benchmarks.cuda_graph --models "${MODELS:-trained-small,small}" --gears "$GEARS" \
-    --repeat "$REPEAT" --pingpong --out "$OUT/h200_cuda_graph.json"
+    --repeat "$REPEAT" --pingpong --work "$WORK" --also-save "$WORK/h200_cuda_graph.json" --out "$OUT/h200_cuda_graph.json"
   echo "benchmark exit $?"
   summary "$OUT/h200_cuda_graph.json"
 }
@@ -94,9 +95,10 @@ medium() {
   stage
   site || exit 1
   # a previous call's JSON, when this call carried it back (benchmarks/h200_cuda_graph.json): models add up
-  [ -f "$OUT/h200_cuda_graph.json" ] || { [ -f benchmarks/h200_cuda_graph.json ] && cp benchmarks/h200_cuda_graph.json "$OUT/"; }
+  [ -f "$OUT/h200_cuda_graph.json" ] || cp "$WORK/h200_cuda_graph.json" "$OUT/" 2>/dev/null || \
+    { [ -f benchmarks/h200_cuda_graph.json ] && cp benchmarks/h200_cuda_graph.json "$OUT/"; }
   timeout 570 python3 -m benchmarks.cuda_graph --models "${MODELS:-medium}" --gears "$GEARS" --repeat "$REPEAT" \
-    --out "$OUT/h200_cuda_graph.json"
+    --work "$WORK" --also-save "$WORK/h200_cuda_graph.json" --out "$OUT/h200_cuda_graph.json"
   echo "benchmark exit $?"
   summary "$OUT/h200_cuda_graph.json"
 }
