@@ -112,13 +112,17 @@ def _targets_help() -> str:
               help="ort-cpu: the onnxruntime-genai folder genai/ (docs/genai.md): pipeline (default; prefill.onnx on "
                    "the prompt, the latent-fused decode.onnx per token: two more copies of the weights), single (one "
                    "graph: one copy, slower decode) or none")
+@click.option("--decode-gears", default=None,
+              help="ort-cuda (fp16): also build fixed-shape decode gears at these cache lengths, e.g. 1024,8192,32768: "
+                   "one graph per gear over a preallocated cache written in place, static-gather MoE, bound once "
+                   "through IOBinding and captured as a CUDA graph (docs/ort-cuda.md); one shared weights file")
 def compile(model_spec, target, out, force, quant, int8_accuracy_level, seed, no_cache, soc, precision, require_om, ranks,
-            redundant, genai):
+            redundant, genai, decode_gears):
     """Build a verified package: load, export, passes, quantize, target, package."""
     import targets
     from .compile import compile_package
     given = {"soc": soc, "precision": precision, "require_om": require_om, "ranks": ranks, "redundant": redundant,
-             "int8_accuracy_level": int8_accuracy_level, "genai": genai}
+             "int8_accuracy_level": int8_accuracy_level, "genai": genai, "decode_gears": decode_gears}
     # options the target does not take at all (the --quant-dependent ones: compile_package, once --quant is known)
     for problem in targets.option_problems(target, quant, given) if target in targets.TARGETS else ():
         if not problem.needs_quant:

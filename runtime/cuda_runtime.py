@@ -7,6 +7,8 @@ this file as runtime/cuda_runtime.py.
     python runtime/cuda_runtime.py verify-golden [--record]   # on a GPU machine; --record writes the
                                                                # result into manifest.json
     python runtime/cuda_runtime.py verify-golden --device cpu  # same graphs on ORT CPU (slow)
+    python runtime/cuda_runtime.py generate --gears --prompt-ids 1,2,3   # through the CUDA-graph gears (the default on
+                                                                         # cuda when the package has them; --no-gears)
 
 IOBinding. Each call binds input_ids from host memory (8 bytes a token), the past cache as the
 OrtValues the previous call produced (device memory, never copied to the host), and binds every
@@ -22,10 +24,11 @@ step. Sharing one buffer (ORT's past_present_share_buffer) exists only for its G
 MultiHeadAttention contrib ops, which do not express MLA's latent attention. The per-step cost of the
 Concat is one read and one write of the cache, on the device.
 
-CUDA graphs (enable_cuda_graph) are not used: ORT captures one graph for fixed input/output shapes
-and addresses, and a decode step's past/present shapes grow by one token every call (and the MoE
-contrib ops are data-dependent in their launches). A static-cache decode graph (max-length cache
-updated in place, length as an input) would be the prerequisite.
+CUDA graphs (enable_cuda_graph) cannot capture the dynamic decode graph: ORT captures one graph for fixed
+input/output shapes and addresses, and its past/present shapes grow by one token every call (and
+com.microsoft.MoE's launches are data-dependent). Packages compiled with --decode-gears carry fixed-shape decode
+gears for that (GearDecoder below: a cache preallocated per gear, written in place, every input and output
+bound once, one captured graph per gear; the prompt still runs through the dynamic prefill).
 """
 from __future__ import annotations
 
@@ -176,6 +179,164 @@ class CudaPackageRuntime:
         return dict(zip(names, sess.run(None, cast)))
 
 
+class GearDecoder:
+    """Decode through the package's fixed-shape gears (manifest io.decode_gears; targets/ort_cuda/gears.py), each
+    a graph over a cache preallocated at G rows, bound once through IOBinding and, on the CUDA EP, captured as a
+    CUDA graph (provider option enable_cuda_graph) and replayed every step.
+
+    Per gear, allocated on first use and kept for the runtime's life (a captured graph holds their addresses):
+    the cache buffers past.* [B, G, w] fp16, input_ids int32 [B, 1], position int32 [B] and logits fp32 [B, 1, V],
+    all on the device. A step writes the token and the position into their buffers (OrtValue.update_inplace: 4
+    bytes each, host to device), runs (replays), and copies the logits to the host for the argmax.
+
+    inplace (default): present.* is bound to the same buffers as past.*; the gear graph's ScatterND (passes/
+    static_cache_write.py) then writes only the new row, so one buffer set per gear. inplace=False: two buffer
+    sets per gear (step t reads A writes B, step t+1 reads B writes A), two captured graphs (run option
+    gpu_graph_id 0 / 1), each step copying the whole cache once: the fallback should an ONNX Runtime build refuse
+    or break the aliasing (on an ONNX Runtime without PR 32121 the second capture in one session may recycle the
+    first's pinned staging blocks: docs/ort-cuda.md). The step is idempotent (it overwrites row `position` only), so
+    ORT's extra warm-up executions of a capturing Run() change nothing.
+
+    The prompt runs through the dynamic prefill graph (any length); its present cache (device OrtValues) is padded
+    into the smallest gear longer than the prompt by the gear's pad graph (on the device, once); when the position
+    reaches the gear's length the cache is padded into the next gear the same way. A position past the largest
+    gear is an error naming the gears (compile with a longer one)."""
+
+    def __init__(self, rt: "CudaPackageRuntime", cuda_graph: bool | None = None, inplace: bool = True):
+        spec = rt.manifest["io"].get("decode_gears")
+        if not spec:
+            raise RuntimeError(f"{rt.root}: this package has no decode gears (compile with --decode-gears)")
+        ort = rt.ort
+        self.rt, self.inplace = rt, inplace
+        self.gears = sorted(int(g) for g in spec["gears"])
+        self.batch = int(spec["batch"])
+        self.cuda_graph = (rt.device == "cuda") if cuda_graph is None else bool(cuda_graph)
+        if self.cuda_graph and rt.device != "cuda":
+            raise RuntimeError("CUDA graphs need device cuda (the CPU EP has none)")
+        cfg = dict(rt.manifest["target"].get("session", {}))
+        self.files = {int(g): spec["graphs"][str(g)] for g in self.gears}
+        if rt.device == "cuda":
+            opts = cuda_provider_options(rt.device_id)
+            graph_opts = {**opts, "enable_cuda_graph": "1" if self.cuda_graph else "0"}
+            dec_providers = [("CUDAExecutionProvider", graph_opts)]  # capture needs every node on the CUDA EP
+            pad_providers = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
+        else:
+            dec_providers = pad_providers = ["CPUExecutionProvider"]
+        self.sessions = {g: ort.InferenceSession(str(rt.root / f["file"]), session_options(cfg), providers=dec_providers)
+                         for g, f in self.files.items()}
+        self.pads = {g: ort.InferenceSession(str(rt.root / f["pad_file"]), session_options(cfg), providers=pad_providers)
+                     for g, f in self.files.items()}
+        dec = self.sessions[self.gears[0]]
+        self.past_names = [i.name for i in dec.get_inputs() if i.name.startswith("past.")]
+        self.widths = {i.name: int(i.shape[-1]) for i in dec.get_inputs() if i.name.startswith("past.")}
+        self.vocab_size = rt.vocab_size
+        self.state: dict[int, dict] = {}
+        self.gear = None  # the gear in use
+        self.parity = 0  # ping-pong: which buffer set the next step reads
+
+    # ---- buffers and bindings (once per gear) ----------------------------------------------------------------
+    def _alloc(self, shape, dtype):
+        return self.rt.ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, self.rt.device, self.rt.device_id)
+
+    def _state(self, gear: int) -> dict:
+        if gear in self.state:
+            return self.state[gear]
+        B = self.batch
+        st = {"ids": self._alloc([B, 1], np.int32), "pos": self._alloc([B], np.int32),
+              "logits": self._alloc([B, 1, self.vocab_size], np.float32),
+              "sets": [{n: self._alloc([B, gear, self.widths[n]], np.float16) for n in self.past_names}
+                       for _ in range(1 if self.inplace else 2)]}
+        sess = self.sessions[gear]
+        st["bindings"], st["run_options"] = [], []
+        for k in range(len(st["sets"])):
+            read, write = st["sets"][k], st["sets"][k if self.inplace else 1 - k]
+            b = sess.io_binding()
+            b.bind_ortvalue_input("input_ids", st["ids"])
+            b.bind_ortvalue_input("position", st["pos"])
+            for n in self.past_names:
+                b.bind_ortvalue_input(n, read[n])
+                b.bind_ortvalue_output(n.replace("past.", "present.", 1), write[n])
+            b.bind_ortvalue_output("logits", st["logits"])
+            ro = self.rt.ort.RunOptions()
+            if self.cuda_graph:
+                ro.add_run_config_entry("gpu_graph_id", str(k))
+            st["bindings"].append(b)
+            st["run_options"].append(ro)
+        self.state[gear] = st
+        return st
+
+    def gear_for(self, position: int) -> int:
+        fit = [g for g in self.gears if g > position]
+        if not fit:
+            raise RuntimeError(f"decode position {position} needs a cache longer than the largest gear "
+                               f"{self.gears[-1]} (gears {self.gears}); compile with a longer --decode-gears")
+        return fit[0]
+
+    def load(self, cache: dict, length: int) -> int:
+        """Pad a cache of `length` rows (device OrtValues keyed past.*, e.g. the prefill's present) into the gear
+        that holds position `length`, on the device. -> that gear."""
+        gear = self.gear_for(length)
+        st = self._state(gear)
+        target = st["sets"][0]
+        pad = self.pads[gear]
+        b = pad.io_binding()
+        for n in self.past_names:
+            b.bind_ortvalue_input(n, cache[n])
+            b.bind_ortvalue_output("gear." + n.split(".", 1)[1], target[n])
+        pad.run_with_iobinding(b)
+        self.gear, self.parity = gear, 0
+        return gear
+
+    def current_cache(self) -> dict:
+        """The cache buffers the next step reads (device OrtValues keyed past.*)."""
+        return self.state[self.gear]["sets"][self.parity]
+
+    def step(self, token, position: int, logits_on: str = "cpu"):
+        """One token per row at `position` -> logits [B, V] (numpy) or the device OrtValue [B, 1, V]."""
+        if position >= self.gear:
+            self.load(self.current_cache(), self.gear)  # the next gear up, padded on the device
+        st = self.state[self.gear]
+        B = self.batch
+        st["ids"].update_inplace(np.ascontiguousarray(np.asarray(token, np.int32).reshape(B, 1)))
+        st["pos"].update_inplace(np.full((B,), position, np.int32))
+        k = self.parity
+        self.sessions[self.gear].run_with_iobinding(st["bindings"][k], st["run_options"][k])
+        if not self.inplace:
+            self.parity = 1 - k
+        return st["logits"].numpy()[:, 0] if logits_on == "cpu" else st["logits"]
+
+    def generate(self, prompt_ids, max_new_tokens: int):
+        """Greedy as CudaPackageRuntime.generate (the dynamic prefill, then the gears) -> tokens [B, N] int64,
+        step_logits [B, N, V] float32."""
+        ids = np.asarray(prompt_ids, dtype=np.int64)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.shape[0] != self.batch:
+            raise RuntimeError(f"prompt batch {ids.shape[0]}: the decode gears are built for batch {self.batch}")
+        if max_new_tokens <= 0:
+            return np.zeros((ids.shape[0], 0), np.int64), np.zeros((ids.shape[0], 0, self.vocab_size), np.float32)
+        logits, present = self.rt.run("prefill", ids, self.rt.empty_cache(ids.shape[0]))
+        position = ids.shape[1]
+        last = logits[:, -1].astype(np.float32)
+        tokens, steps = [last.argmax(-1)], [last]
+        if max_new_tokens > 1:
+            self.load(present, position)
+        del present
+        for _ in range(max_new_tokens - 1):
+            last = self.step(tokens[-1], position).astype(np.float32)
+            tokens.append(last.argmax(-1))
+            steps.append(last)
+            position += 1
+        return np.stack(tokens, 1).astype(np.int64), np.stack(steps, 1)
+
+    def synthetic(self, length: int, seed: int = 0) -> int:
+        """A random cache of `length` rows in the gear holding position `length` (decode timing). -> the gear."""
+        rng = np.random.default_rng(seed)
+        cache = {n: self.rt.to_device(rng.standard_normal((self.batch, length, self.widths[n]), dtype=np.float32),
+                                      np.float16) for n in self.past_names}
+        return self.load(cache, length)
+
+
 def verify_golden(package_dir, device: str | None = None) -> tuple[list[str], dict]:
     """Re-run the golden inputs; -> (failures, record). [] = all outputs within the recorded tolerances
     (|a-r| <= atol or <= rtol*|r|; per output from golden.tolerance.cases where the compiler recorded
@@ -208,8 +369,18 @@ def verify_golden(package_dir, device: str | None = None) -> tuple[list[str], di
     if gen:
         prompt = np.load(root / gen["prompt"])
         want = np.load(root / gen["tokens"])
-        tokens, _ = rt.generate(prompt, want.shape[1])
-        if not np.array_equal(tokens, want):
+        runs = [("greedy generation", lambda: rt.generate(prompt, want.shape[1]))]
+        if rt.manifest["io"].get("decode_gears"):  # the same tokens through the CUDA-graph decode gears
+            runs.append(("greedy generation through the decode gears",
+                         lambda: GearDecoder(rt).generate(prompt, want.shape[1])))
+        for what, produce in runs:
+            try:
+                tokens, _ = produce()
+            except Exception as e:  # e.g. a capture the CUDA EP refuses: a failure naming it, not a crash
+                failures.append(f"{what}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+                continue
+            if np.array_equal(tokens, want):
+                continue
             step = int(np.argmax((tokens != want).any(0)))
             lim = tol.get("greedy")
             tie = ""
@@ -220,7 +391,7 @@ def verify_golden(package_dir, device: str | None = None) -> tuple[list[str], di
                 tie = (f" (a near tie: fp32 margin {margin:.3g} <= {allowed:.3g})" if margin <= allowed
                        else f" (fp32 margin {margin:.3g} > {allowed:.3g}: not a near tie)")
             record_tie = tie.startswith(" (a near tie")
-            msg = f"greedy generation differs from the golden tokens at step {step}{tie}"
+            msg = f"{what} differs from the golden tokens at step {step}{tie}"
             if gen.get("must_match", True) and not record_tie:
                 failures.append(msg)
             else:
@@ -253,15 +424,23 @@ def main(argv=None) -> int:
     g = sub.add_parser("generate")
     g.add_argument("--prompt-ids", required=True)
     g.add_argument("--max-new-tokens", type=int, default=16)
+    g.add_argument("--gears", action="store_true", help="decode through the package's CUDA-graph decode gears (the "
+                   "default on cuda when the package has gears and the generation fits the largest one)")
+    g.add_argument("--no-gears", action="store_true", help="decode with the dynamic decode graph")
     v = sub.add_parser("verify-golden")
     v.add_argument("--record", action="store_true", help="write the result into manifest.json")
     args = p.parse_args(argv)
     if args.cmd == "generate":
         rt = CudaPackageRuntime(args.package, device=args.device)
         t = time.perf_counter()
-        tokens, _ = rt.generate([int(x) for x in args.prompt_ids.split(",")], args.max_new_tokens)
+        prompt = [int(x) for x in args.prompt_ids.split(",")]
+        gi = rt.manifest["io"].get("decode_gears")
+        fits = bool(gi) and len(prompt) + args.max_new_tokens - 1 < max(gi["gears"])
+        use = args.gears or (not args.no_gears and rt.device == "cuda" and fits)
+        gen = GearDecoder(rt).generate if use else rt.generate
+        tokens, _ = gen(prompt, args.max_new_tokens)
         print(json.dumps({"tokens": tokens[0].tolist(), "seconds": round(time.perf_counter() - t, 3),
-                          "providers": rt.providers}))
+                          "providers": rt.providers, "decode": "gears" if use else "dynamic"}))
         return 0
     failures, record = verify_golden(args.package, args.device)
     if args.record:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..base import Target, TargetProfile
+from ..base import Target, TargetOption, TargetProfile
 from .graphs import (CUDA_QMOE_INT4_BLOCKS, CUDA_QMOE_INTER_MULTIPLE, FP8_OPTIONS, INT4_BLOCK_SIZES, INT4_OPTIONS,
                      INT8_OPTIONS, Fp16Report, convert_graph_files, cuda_provider_options, cuda_qmoe_int4_problem,
                      graph_dtypes, has_cuda_provider, providers, quantize_fp8, quantize_int4, quantize_int8,
@@ -35,10 +35,24 @@ PROFILE = TargetProfile(
 
 class OrtCudaTarget(Target):
     profile = PROFILE
+    # --decode-gears 1024,8192: fixed-shape CUDA-graph decode gears beside the dynamic graphs (targets/ort_cuda/gears.py)
+    options = (TargetOption("decode_gears", "--decode-gears", None, quant="none"),)
+
+    def validate(self, quant: str, options: dict) -> None:
+        from .gears import parse_gears
+        parse_gears(options.get("decode_gears"))
 
     def build(self, ctx) -> None:
         from .build import build_cuda_package
         build_cuda_package(ctx)
+
+    def describe(self, manifest: dict) -> list[str]:
+        gi = manifest.get("io", {}).get("decode_gears")
+        if not gi:
+            return []
+        mem = ", ".join(f"{g}: {gi['graphs'][str(g)]['cache_bytes'] / 2**20:.2f} MiB" for g in gi["gears"])
+        return [f"decode gears (CUDA graphs): {gi['gears']}, batch {gi['batch']}, fp16 cache per gear {mem}; weights "
+                f"{gi['weights_file']} ({gi['weights_bytes'] / 2**20:.2f} MiB, shared by the gear graphs)"]
 
     def verify(self, root: Path, manifest: dict, lines: list[str]) -> tuple[bool, list[str]]:
         from .verify import verify_on_gpu

@@ -49,6 +49,7 @@ from pipeline.parity import (BUDGETS, FP16_RULE, QUANT_FP16_RULE, compare_fp16, 
 from pipeline.stages import StageRecord, StageRunner
 from runtime import cuda_runtime
 
+from . import gears as gears_mod
 from . import graphs as ort_cuda
 
 
@@ -145,6 +146,8 @@ def _fp16_tolerance(reports, stage: str) -> dict:
         lims = {n: {"atol": lim["atol"], "rtol": lim["rtol"]} for n, e in r.extra["fp16"]["outputs"].items()
                 for lim in [e.get("fp16_limits") or e["limits"]]}
         name = r.stage.split("/", 1)[1]
+        if name.startswith("gear"):  # the decode gears' own checks (gear{G}-decode, gears-greedy): build-time only
+            continue
         if name == "greedy":
             greedy = lims.get("step_logits")
         else:
@@ -258,6 +261,10 @@ def build_cuda_package(ctx: BuildContext) -> None:
         # a quantized package's greedy tokens against eager fp32 are information (random-weight presets: a
         # routing near tie flipped by quantization diverges the rest), as for ort-cpu's quantized packages
         runner.add_report(target_rec, gen, binding=not quantized)
+        gear_info = None
+        gear_list = gears_mod.parse_gears(ctx.options.get("decode_gears"), cfg.max_position_embeddings)
+        if gear_list:
+            gear_info = _gear_stage(runner, model, load, golden, work, gear_list, stage, session, layout, tokens)
         expected = golden  # what the packaged graphs must reproduce on the GPU
         if quantized:
             expected = Golden([GoldenCase(c.name, c.graph, c.inputs, {k: cpu_results[c.name][k] for k in c.outputs})
@@ -267,6 +274,8 @@ def build_cuda_package(ctx: BuildContext) -> None:
         golden_section, io = assemble_package(pkg, tdir, target_rec, Path(cuda_runtime.__file__), expected,
                                               profile, cfg.vocab_size, cuda_cache_spec(cfg, layout))
         golden_section["tolerance"].update(_fp16_tolerance(runner.reports, stage))
+        if gear_info is not None:
+            io["decode_gears"] = _package_gears(pkg, work / "gears", gear_info)
         if quantized:
             if (prev_dir / "reports").is_dir():
                 shutil.copytree(prev_dir / "reports", pkg / "reports")
@@ -290,7 +299,7 @@ def build_cuda_package(ctx: BuildContext) -> None:
                        "fp32_islands": ["Softmax", "RMSNorm statistics", "MoE router (gate projection to router_probs)",
                                         "TopK", "RoPE angles / cos / sin", "causal mask"],
                        "fp16_conversion": fp16_reports, "runtime": "runtime/cuda_runtime.py",
-                       "io_binding": True, "cuda_graph": False, "verified_with": None},
+                       "io_binding": True, "cuda_graph": gear_info is not None, "verified_with": None},
             "io": io,
             "golden": golden_section,
         }
@@ -371,11 +380,169 @@ def build_cuda_package(ctx: BuildContext) -> None:
                             "fp8 saves weight memory, it is not expected to be faster than fp16",
                             "the accuracy of fp8 on this model's real task: random-weight presets say nothing about it; "
                             "see the trained-small figures in the repository README"]
+        if gear_info is not None:
+            gi = io["decode_gears"]
+            verified.append(f"decode gears {gi['gears']} (fixed-shape fp16 graphs, onnx/decode_g*.onnx) on ORT CPU: the "
+                            f"golden decode case through every gear against eager fp32 within {profile.parity_stage} "
+                            "(the whole gear buffer: rows after the written one must stay zero), and greedy generation "
+                            "through runtime/cuda_runtime.py GearDecoder (dynamic prefill, pad into the gear, in-place "
+                            f"row writes, gear switches at {gi['greedy_check'].get('gears_used')}): "
+                            + ("equal to the dynamic runtime's tokens" if gi["greedy_check"].get("equal_to_dynamic")
+                               else "DIFFERENT from the dynamic runtime's tokens (see reports)"))
+            not_verified.append("CUDA graph capture and replay of the decode gears (enable_cuda_graph) and the in-place "
+                                "binding on the CUDA EP: run `mlamoe verify` on a GPU (greedy through the gears too) "
+                                "and benchmarks/gpu/cuda_graph.sh for their speed")
         manifest["verification"] = {"verified_here": verified, "not_verified": not_verified}
         write_tokenizer(pkg, tokenizer or {})
         (pkg / "README.md").write_text(_readme(manifest, _fp16_lines(runner.reports, stage)))
         write_manifest(pkg, manifest)
         runner.progress(f"[package] {out} ({time.time() - started:.1f} s in all)")
+
+
+def check_gear_decode(path: Path, gear: int, case, ref16: dict, names: list[str], stage: str, session: dict):
+    """The golden decode case through one gear graph on ORT CPU, each batch row alone (the gears are batch 1) at its
+    position P, its cache padded with zero rows to the gear: logits and the whole present buffer (rows 0..P against
+    eager fp32's present, rows after P must stay zero) judged by compare_fp16 relative to PyTorch fp16. -> report."""
+    P = int(case.inputs[names[0]].shape[1])
+    outs = [n.replace("past.", "present.", 1) for n in names]
+    sess = ort.InferenceSession(str(path), cuda_runtime.session_options(session), providers=["CPUExecutionProvider"])
+    onames = [o.name for o in sess.get_outputs()]
+    rows = []
+    for b in range(case.inputs["input_ids"].shape[0]):
+        feeds = {"input_ids": case.inputs["input_ids"][b:b + 1].astype(np.int32), "position": np.array([P], np.int32)}
+        for n in names:
+            a = np.zeros((1, gear, case.inputs[n].shape[2]), np.float16)
+            a[:, :P] = case.inputs[n][b:b + 1]
+            feeds[n] = a
+        rows.append(dict(zip(onames, sess.run(None, feeds))))
+
+    def padded(a):
+        z = np.zeros(a.shape[:1] + (gear,) + a.shape[2:], np.float32)
+        z[:, :a.shape[1]] = a
+        return z
+    got = {"logits": np.concatenate([r["logits"] for r in rows]).astype(np.float32)}
+    got.update({o: np.concatenate([r[o] for r in rows]).astype(np.float32) for o in outs})
+    expected = {"logits": case.outputs["logits"], **{o: padded(case.outputs[o]) for o in outs}}
+    ref = {"logits": ref16["logits"], **{o: padded(ref16[o]) for o in outs}}
+    return compare_fp16(stage, expected, got, ref, logits_outputs=["logits"], budget=BUDGETS[PROFILE_STAGE],
+                        reference_note=fp16_reference.NOTE)
+
+
+def _gear_stage(runner: StageRunner, model, load: StageRecord, golden: Golden, work: Path, gear_list, stage: str,
+                session: dict, layout: str, dynamic_tokens) -> dict:
+    """The decode gears (targets/ort_cuda/gears.py) as stage target/ort-cuda-gears: export + fp16 + in-place
+    row write per gear, one shared weights file, a pad graph per gear; checked on ORT CPU: the golden decode case
+    through every gear (each batch row at its position, the cache padded with zeros to the gear) against eager
+    fp32 with the fp16 judgement (compare_fp16 relative to PyTorch fp16, as the dynamic graphs), and greedy
+    generation through runtime/cuda_runtime.py GearDecoder (dynamic prefill, then the gears, switching gear where
+    the position reaches one) against eager fp32's tokens. -> what the package records."""
+    from models.static_lm import static_cache_spec
+    cfg = model.config
+    need = golden.prompt.shape[1] + golden.tokens.shape[1] - 1  # positions the golden greedy run decodes at
+    if max(gear_list) <= need - 1:
+        raise gears_mod.GearError(f"--decode-gears {','.join(map(str, gear_list))}: the largest gear must hold the "
+                                  f"golden greedy generation (prompt {golden.prompt.shape[1]} + "
+                                  f"{golden.tokens.shape[1]} tokens: positions up to {need - 1}); add a gear > {need - 1}")
+    spec = static_cache_spec(cfg)
+    names = spec.input_names()
+    reports: dict[int, dict] = {}
+
+    def do_gears(d: Path, rec: StageRecord) -> None:
+        graphs = {}
+        for g in gear_list:
+            runner.live.update(f"tracing decode gear {g}")
+            m, rep = gears_mod.export_gear(model, g)
+            graphs[gears_mod.gear_name(g)] = m
+            rec.notes.append(f"gear {g}: {rep.cache_writes} cache writes as in-place row ScatterND; fp16 "
+                             + json.dumps(rep.fp16, sort_keys=True))
+        gears_mod.save_gears(graphs, d)
+        widths = gears_mod.cache_widths(spec, names)
+        import onnx
+        for g in gear_list:
+            onnx.save_model(gears_mod.pad_graph(names, widths, g), str(d / f"{gears_mod.pad_name(g)}.onnx"))
+
+    def check(d: Path, rec: StageRecord) -> None:
+        case = next(c for c in golden.cases if c.name == "decode")
+        ref16 = fp16_reference.case_outputs(model, case.inputs, layout)
+        P = int(case.inputs[names[0]].shape[1])
+        outs = [n.replace("past.", "present.", 1) for n in names]
+        for g in gear_list:
+            if P >= g:
+                rec.notes.append(f"gear {g}: the golden decode case's position {P} does not fit; case not run")
+                continue
+            rep = check_gear_decode(d / f"{gears_mod.gear_name(g)}.onnx", g, case, ref16, names,
+                                    f"{stage}/gear{g}-decode", session)
+            runner.add_report(rec, rep)
+        manifest = {"io": {"vocab_size": cfg.vocab_size,
+                           "graphs": {g: {"file": f"target/{g}.onnx"} for g in GRAPHS},
+                           "decode_gears": {"gears": list(gear_list), "batch": gears_mod.GEAR_BATCH,
+                                            "graphs": {str(g): {"file": f"gears/{gears_mod.gear_name(g)}.onnx",
+                                                                "pad_file": f"gears/{gears_mod.pad_name(g)}.onnx"}
+                                                       for g in gear_list}}},
+                    "target": {"session": session}}
+        rt = cuda_runtime.CudaPackageRuntime(work, device="cpu", manifest=manifest)
+        dec = cuda_runtime.GearDecoder(rt)
+        tokens, step_logits = dec.generate(golden.prompt, golden.tokens.shape[1])
+        switched = sorted(dec.state)
+        del dec, rt
+        gen = compare_fp16_greedy(f"{stage}/gears-greedy", golden.tokens, golden.step_logits, tokens, step_logits,
+                                  fp16_reference.forced_step_logits(model, golden.prompt, golden.tokens, layout),
+                                  reference_note=fp16_reference.NOTE, budget=BUDGETS[PROFILE_STAGE])
+        runner.add_report(rec, gen)
+        same = bool(np.array_equal(tokens, dynamic_tokens))
+        rec.notes.append(f"greedy through GearDecoder (ORT CPU, in place, gears used {switched}): "
+                         f"{'equal to' if same else 'DIFFERENT from'} the dynamic runtime's tokens")
+        reports["greedy"] = {"gears_used": switched, "equal_to_dynamic": same}
+
+    rec = runner.run("target/ort-cuda-gears", {"gears": list(gear_list), "batch": gears_mod.GEAR_BATCH,
+                                               "form": "static-gather MoE, in-place ScatterND row write, fp16"},
+                     dict(load.inputs), work / "gears", do_gears, check)
+    return {"gears": list(gear_list), "record": rec, "spec": spec, "names": names, **reports}
+
+
+def _package_gears(pkg: Path, gear_dir: Path, info: dict) -> dict:
+    """Copy the gear files into onnx/; -> the manifest's io.decode_gears section."""
+    from pipeline.io_spec import graph_io
+    for rel in info["record"].outputs:
+        shutil.copyfile(gear_dir / rel, pkg / "onnx" / rel)
+    spec = info["spec"]
+    graphs = {}
+    for g in info["gears"]:
+        f = f"onnx/{gears_mod.gear_name(g)}.onnx"
+        graphs[str(g)] = {"file": f, "pad_file": f"onnx/{gears_mod.pad_name(g)}.onnx",
+                          "cache_bytes": gears_mod.gear_memory(spec, g), **graph_io(pkg / f)}
+    weights = pkg / "onnx" / gears_mod.WEIGHTS_FILE
+    return {"gears": info["gears"], "batch": gears_mod.GEAR_BATCH, "graphs": graphs,
+            "weights_file": f"onnx/{gears_mod.WEIGHTS_FILE}", "weights_bytes": weights.stat().st_size,
+            "cache_write": "in place: present.* bound to the past.* buffers, one ScatterND row per cache tensor",
+            "cuda_graph": "enable_cuda_graph per gear session (runtime/cuda_runtime.py GearDecoder)",
+            "prefill": "the dynamic onnx/prefill.onnx, its cache padded into the gear on the device (pad graph)",
+            "greedy_check": info.get("greedy", {})}
+
+
+def _gear_lines(io: dict) -> list[str]:
+    """The package README's decode-gears section (empty without gears)."""
+    gi = io.get("decode_gears")
+    if not gi:
+        return []
+    mib = 1024 * 1024
+    return ["## Decode gears (CUDA graphs)", "",
+            f"`onnx/decode_g{{G}}.onnx` for G in {gi['gears']}: fixed-shape fp16 decode graphs (batch {gi['batch']}, "
+            "`input_ids` int32 [1, 1], `position` int32 [1], `past.*`/`present.*` fp16 [1, G, w], `logits` fp32 "
+            "[1, 1, V]) over a cache preallocated at G rows; the step writes its row in place (one ScatterND per cache "
+            "tensor, present bound to the same buffer as past), the MoE is the static-gather form, so that ONNX Runtime "
+            "can capture each gear as a CUDA graph (not checked here: see Verification). All gears share one weights file, "
+            f"`{gi['weights_file']}` ({gi['weights_bytes'] / mib:.2f} MiB; each gear session holds its own device copy "
+            "of the weights). `onnx/pad_g{G}.onnx` pads a cache into gear G on the device (after the dynamic prefill, "
+            "and at a gear switch).", "",
+            "| gear (cache rows) | preallocated fp16 cache |", "|---|---|",
+            *[f"| {g} | {gi['graphs'][str(g)]['cache_bytes'] / mib:.2f} MiB ({gi['graphs'][str(g)]['cache_bytes']:,} bytes) |"
+              for g in gi["gears"]], "",
+            "Run: `python runtime/cuda_runtime.py generate --prompt-ids 1,2,3` (on the GPU the gears are used when the "
+            "generation fits the largest; `--gears` / `--no-gears` choose): the prompt through "
+            "`onnx/prefill.onnx`, then the smallest gear longer than it, switching up a gear when the position reaches "
+            "one; a position past the largest gear is an error). Buffers of a gear are allocated on first use and kept "
+            "(a captured graph holds their addresses): the cache memory is the sum over the gears used.", ""]
 
 
 def _op_counts(path: Path, ops) -> dict:
@@ -468,6 +635,7 @@ def _readme(manifest: dict, fp16_lines: list[str]) -> str:
            "measurement of the fp16 error this model has whatever runs it, so a deep model or a large logit scale "
            "widens the limits by what fp16 costs it, and a graph error beyond that fails. Numbers of this build "
            "(ORT CPU running the fp16 graphs):", "", *fp16_lines, ""] if q == "none" else []),
+        *_gear_lines(io),
         "## Verification", "",
         *[f"- verified: {s}" for s in manifest["verification"]["verified_here"]],
         *[f"- **not verified**: {s}" for s in manifest["verification"]["not_verified"]], "",

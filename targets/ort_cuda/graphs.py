@@ -248,6 +248,7 @@ class Fp16Report:
     weight_bytes_fp16: int = 0
     weight_bytes_fp32: int = 0
     transposes_fp16: int = 0  # computed (not constant) Transposes feeding only fp16 nodes, moved after the cast
+    gathers_fp16: int = 0  # fixed_shape: Gathers of float tables (and their reshapes) feeding only fp16 nodes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -261,8 +262,13 @@ def _router_region(moe: ir.Node) -> list[ir.Node]:
     """The nodes of a MoE op's router: from its router_probs input back to (and including) the gate projection,
     through every input (the expert choice reaches the weights only as TopK indices, the group choice only as a
     mask), but not into what Shape/Size read (the shape of the hidden state is not the router)."""
+    return _region_back_to_gate(moe.inputs[1] if len(moe.inputs) > 1 else None)
+
+
+def _region_back_to_gate(start: ir.Value | None) -> list[ir.Node]:
+    """The nodes from `start` back to (and including) the gate projection (_router_region's walk)."""
     out, seen = [], set()
-    stack = [moe.inputs[1]] if len(moe.inputs) > 1 and moe.inputs[1] is not None else []
+    stack = [start] if start is not None else []
     while stack:
         v = stack.pop()
         p = v.producer()
@@ -278,9 +284,33 @@ def _router_region(moe: ir.Node) -> list[ir.Node]:
     return out
 
 
-def _router_nodes(graph: ir.Graph) -> set[int]:
-    """Nodes of every MoE op's router (_router_region)."""
-    return {id(n) for moe in graph if moe.op_type in ("MoE", "QMoE") for n in _router_region(moe)}
+def _router_nodes(graph: ir.Graph, from_topk: bool = False) -> set[int]:
+    """Nodes of every MoE op's router (_router_region); with from_topk, also every TopK's scores back to the gate
+    projection (the fixed-shape form's router has no MoE node: its expert and group choices are TopKs over the
+    gate's scores, models/static_lm.py StaticRouter)."""
+    out = {id(n) for moe in graph if moe.op_type in ("MoE", "QMoE") for n in _router_region(moe)}
+    if from_topk:
+        out |= {id(n) for t in graph if t.op_type == "TopK" for n in _region_back_to_gate(t.inputs[0])}
+    return out
+
+
+def _routing_weight_nodes(nodes: list[ir.Node], router: set[int], act: set[int]) -> set[int]:
+    """The fixed-shape form's routing weights (models/static_lm.py StaticRouter: the chosen experts' scores picked by
+    one-hot products, normalised and scaled): in graph order, every activation node whose activation inputs all come
+    from router nodes (the scores) or from non-activation nodes (the one-hot of the TopK indices), at least one from
+    the router; the first node that also reads the experts' output (the combining Mul) is where they stop, cast to
+    fp16 there. MatMul/Gemm never join (a projection of the hidden state is not a routing weight)."""
+    out: set[int] = set()
+    for n in nodes:
+        if id(n) in router or id(n) not in act or n.op_type in ("MatMul", "Gemm"):
+            continue
+        srcs = [i.producer() for i in n.inputs if i is not None and i.dtype in (F32, F16) and not _is_const(i)]
+        if any(p is None for p in srcs):
+            continue  # reads a graph input (the cache): not the router
+        from_router = [id(p) in router or id(p) in out for p in srcs]
+        if any(from_router) and all(r or id(p) not in act for r, p in zip(from_router, srcs)):
+            out.add(id(n))
+    return out
 
 
 def _rms_nodes(graph: ir.Graph) -> set[int]:
@@ -330,8 +360,34 @@ def _transpose_for_fp16(node: ir.Node, want: dict, act: set) -> bool:
     return bool(uses) and all(want.get(id(u)) == F16 and u.op_type != "Cast" for u, _ in uses)
 
 
-def to_fp16(model: ir.Model, cache_fp16: bool = True) -> Fp16Report:
-    """Rewrite `model` in place to compute in fp16 with fp32 islands (module doc). -> report."""
+def _gather_for_fp16(node: ir.Node, want: dict, act: set) -> bool:
+    """A data-movement node outside the activations (Gather of a float initializer by computed indices, or a
+    Reshape / Squeeze / Unsqueeze / Transpose of such a node's output) whose every consumer computes in fp16:
+    moving the rows after rounding them is bit-identical to rounding after the move, halves the bytes moved,
+    and stores the table once, in fp16 (the fixed-shape form's static-gather MoE picks the chosen experts'
+    weights this way, models/static_lm.py). Used by to_fp16(fixed_shape=True)."""
+    if node.op_type not in ("Gather", "Reshape", "Squeeze", "Unsqueeze", "Transpose") or id(node) in act \
+            or want.get(id(node)) == F16:
+        return False
+    x, y = node.inputs[0], node.outputs[0]
+    if x is None or x.dtype != F32 or y.is_graph_output():
+        return False
+    if node.op_type == "Gather":
+        if not (_is_const(x) and x.is_initializer()):
+            return False
+    elif x.producer() is None or _is_const(x):
+        return False
+    uses = list(y.uses())
+    return bool(uses) and all(want.get(id(u)) == F16 and u.op_type != "Cast" for u, _ in uses)
+
+
+def to_fp16(model: ir.Model, cache_fp16: bool = True, fixed_shape: bool = False) -> Fp16Report:
+    """Rewrite `model` in place to compute in fp16 with fp32 islands (module doc). -> report.
+
+    fixed_shape: the graph is the family's fixed-shape form (models/static_lm.py; targets/ort_cuda/gears.py):
+    its router (gate projection -> TopK, no MoE node) and routing weights stay fp32 (_router_nodes(from_topk),
+    _routing_weight_nodes; checked by check_router_fp32(fixed_shape)), and the static-gather MoE's expert tables
+    are gathered in fp16 (_gather_for_fp16). Off, nothing changes for the dynamic graphs."""
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     infer_dtypes(model)
     g = model.graph
@@ -339,7 +395,9 @@ def to_fp16(model: ir.Model, cache_fp16: bool = True) -> Fp16Report:
     nodes = list(g)
     act = _activation_nodes(g)
     islands = {"softmax/topk/router-op": {id(n) for n in nodes if n.op_type in _ALWAYS_FP32},
-               "rmsnorm": _rms_nodes(g), "moe-router": _router_nodes(g)}
+               "rmsnorm": _rms_nodes(g), "moe-router": _router_nodes(g, from_topk=True) if fixed_shape else _router_nodes(g)}
+    if fixed_shape:
+        islands["moe-router"] |= _routing_weight_nodes(nodes, islands["moe-router"], act)
     report = Fp16Report()
     want: dict[int, ir.DataType] = {}
     for n in nodes:
@@ -354,6 +412,9 @@ def to_fp16(model: ir.Model, cache_fp16: bool = True) -> Fp16Report:
         if _transpose_for_fp16(n, want, act):
             want[id(n)] = F16
             report.transposes_fp16 += 1
+        elif fixed_shape and _gather_for_fp16(n, want, act):
+            want[id(n)] = F16
+            report.gathers_fp16 += 1
     report.fp16_nodes = sum(d == F16 for d in want.values())
     report.fp32_nodes = len(nodes) - report.fp16_nodes
 
@@ -437,7 +498,7 @@ def to_fp16(model: ir.Model, cache_fp16: bool = True) -> Fp16Report:
             report.casts_inserted += 1
     common_passes.RemoveUnusedNodesPass()(model)
     g.sort()
-    check_router_fp32(g)
+    check_router_fp32(g, fixed_shape=fixed_shape)
     return report
 
 
@@ -445,7 +506,7 @@ class RouterPrecisionError(MlamoeError):
     pass
 
 
-def check_router_fp32(graph: ir.Graph) -> None:
+def check_router_fp32(graph: ir.Graph, fixed_shape: bool = False) -> None:
     """to_fp16's postcondition: every MoE op's router (_router_region: the choice scores, group and expert top-k,
     routing weights, back to the gate projection) computes in fp32, cast to fp16 only where the MoE op reads it.
     Checked on the graph itself, since ORT CPU cannot show a router lost to fp16 numerically: its
@@ -460,6 +521,15 @@ def check_router_fp32(graph: ir.Graph) -> None:
                     f"ort-cuda fp16 conversion: {moe.op_type} node {moe.name!r}'s router computes in fp16 at "
                     f"{p.op_type} {p.name!r} (output {p.outputs[0].name!r}); expert choice must be made on fp32 scores "
                     "(the router island of targets/ort_cuda/graphs.py to_fp16)")
+    if fixed_shape:  # the fixed-shape form's router: each TopK's scores back to the gate projection
+        for t in graph:
+            if t.op_type != "TopK":
+                continue
+            for p in _region_back_to_gate(t.inputs[0]):
+                if p.op_type not in ("Cast", "Shape", "Size") and any(o.dtype == F16 for o in p.outputs):
+                    raise RouterPrecisionError(
+                        f"ort-cuda fp16 conversion (fixed-shape form): TopK {t.name!r}'s scores are computed in fp16 "
+                        f"at {p.op_type} {p.name!r}; expert choice must be made on fp32 scores")
 
 
 def convert_graph_files(src: Path, dst: Path, cache_fp16: bool = True) -> Fp16Report:
