@@ -189,8 +189,10 @@ BUDGETS: dict[str, Budget] = {
     # (the measured ratio of the graphs' error to autocast's: docs/benchmarks.md). top-1 is 1.0 on the positions where
     # fp32's top-1/top-2 margin exceeds what the elementwise limits let two logits move (near ties
     # are excluded and listed); greedy tokens must be equal up to such a near tie.
+    # Routing flips (compare_fp16_routed): at most 10% of (position, MoE layer) decisions, each a near tie.
     "target-ort-cuda-fp16": Budget(
-        atol=2e-2, rtol=2e-2, min_cosine=0.9998, max_kl=1e-3, min_top1=1.0, max_rel_euclid=0.02
+        atol=2e-2, rtol=2e-2, min_cosine=0.9998, max_kl=1e-3, min_top1=1.0, max_rel_euclid=0.02,
+        max_flipped_fraction=0.10
     ),
     # ORT CUDA int8 (MatMulNBits 8-bit weights, fp16 activations) vs eager fp32, judged by
     # compare_fp16(..., quant_budget=BUDGETS["quantize-int8"]): the graph carries two independent
@@ -212,8 +214,10 @@ BUDGETS: dict[str, Budget] = {
     # Ascend fp16 emulated on ORT: judged by msit's own accuracy thresholds alone (REFERENCE.md 3):
     # cosine > 0.99, relative Euclidean distance < 0.05, KL < 0.005, per output tensor. msit has no
     # elementwise or top-1 rule, so atol/rtol are not binding here (the numbers are still reported).
+    # Routing flips (targets/ascend/emulation.py): at most this share of the token positions a report's outputs
+    # depend on, each at an fp32 margin <= emulation.MAX_FLIP_MARGIN.
     "ascend-fp16-emulation": Budget(
-        atol=math.inf, rtol=math.inf, min_cosine=0.99, max_kl=0.005, max_rel_euclid=0.05
+        atol=math.inf, rtol=math.inf, min_cosine=0.99, max_kl=0.005, max_rel_euclid=0.05, max_flipped_fraction=0.10
     ),
     "partition": _FP32,  # per-rank expert graphs recombined vs the unpartitioned graph
 }

@@ -11,8 +11,15 @@ MoE router kept in fp32, as `--keep_dtype` asks ATC), compared with eager fp32 b
 - graph inputs and outputs keep their fp32 dtype (Casts at the boundary), like an OM built without
   --input_fp16_nodes, so the same feeds drive both.
 ORT CPU has no fp16 kernel for several of these ops (MatMul/Gemm among them on x86); its
-InsertCastTransformer then runs that op in fp32 between Casts. Every fp16 tensor is still rounded
-to fp16 between ops, which is what the NPU does (cube units accumulate in fp32 and write fp16).
+InsertCastTransformer then runs that op in fp32 between Casts, and between two such ops it drops
+the casts, so a chain of them computes in fp32 without rounding in between (measured,
+tests/test_fp16_rounding.py). The emulation therefore rounds less than the NPU does (cube units
+accumulate in fp32 and write every tensor as fp16). Its rounding twin (passes/fp16_rounding.py,
+every fp16 tensor rounded explicitly; what the ort-cuda check runs) is not used here yet: with it,
+tiny's w8a8 package exceeds msit's rel euclid at decode step 0 (0.0587 > 0.05) and trained-small's
+w8a8 flips routing at 2 of 15 positions of a decode step, over this module's share rule (measured
+2026-12-03); adopting it wants the teacher-forced routing judgement the quantize and ort-cuda
+stages use (pipeline.parity.compare_routed) for these static graphs first.
 
 `emulate(...)` compares the fp16 graphs with eager fp32 on a prompt prefilled in a bucket, several
 decode steps (each fed the emulated cache) and greedy generation, under
@@ -50,7 +57,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from pipeline.parity import ParityError, ParityReport, compare
+from pipeline.parity import BUDGETS, ParityError, ParityReport, compare
 
 from .static_export import INDEX_DTYPE, StaticGraphSpec, StaticRunner, ort_sessions, static_cache_spec
 
@@ -138,9 +145,10 @@ def emulation_graphs(graphs: dict[str, tuple[StaticGraphSpec, Path]], keep_fp32:
 
 
 # ------------------------------------------------------------------------------------ routing
-MAX_FLIPPED_FRACTION = 0.10
+MAX_FLIPPED_FRACTION = BUDGETS[STAGE].max_flipped_fraction
 """A report fails when more than this fraction of the token positions its outputs depend on had a
-routing flip: rare near-ties are expected under fp16, a router that drifts on many tokens is not."""
+routing flip: rare near-ties are expected under fp16, a router that drifts on many tokens is not
+(the budget table's max_flipped_fraction of the stage)."""
 
 MAX_FLIP_MARGIN = 1e-2
 """A flip is a near-tie only when the fp32 margin of the decision that flipped (the k-th minus the
