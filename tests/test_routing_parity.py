@@ -9,6 +9,7 @@ reported; the same comparison must fail a quantizer that is wrong.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 import torch
@@ -33,6 +34,16 @@ CHECKPOINTS = {  # name: (family, seed, config overrides)
 }
 
 
+_MODELS: dict[tuple[str, float], object] = {}
+
+
+def shared_checkpoint(name: str, tmp_path_factory, gate_scale: float = 3.0):
+    """randomized_checkpoint, built once per module for each (name, gate_scale)."""
+    if (name, gate_scale) not in _MODELS:
+        _MODELS[name, gate_scale] = randomized_checkpoint(name, tmp_path_factory.mktemp(f"ckpt-{name}"), gate_scale)
+    return _MODELS[name, gate_scale]
+
+
 def randomized_checkpoint(name: str, folder, gate_scale: float = 3.0):
     """A transformers-saved checkpoint of CHECKPOINTS[name], weights x3 (router gates and, with gate_scale != 3,
     e_score_correction_bias x gate_scale), loaded by models.load."""
@@ -48,9 +59,14 @@ def randomized_checkpoint(name: str, folder, gate_scale: float = 3.0):
     return models.load(folder)
 
 
+_EXPORTS: dict[int, dict[str, bytes]] = {}  # id(model) -> its exported latent graphs, exported once per module
+
+
 def fp32_graphs(model, passes, folder, factories=None):
     """The exported latent graphs after `passes` (PASSES, or `factories`' variant), saved in folder."""
-    graphs = export_graphs(model, "latent")
+    if id(model) not in _EXPORTS:
+        _EXPORTS[id(model)] = {g: ir.to_proto(m).SerializeToString() for g, m in export_graphs(model, "latent").items()}
+    graphs = {g: ir.from_proto(onnx.load_from_string(b)) for g, b in _EXPORTS[id(model)].items()}
     for name in passes:
         for g in graphs_for(name):
             (factories or {}).get(name, PASSES[name])()(graphs[g])
@@ -63,7 +79,7 @@ def fp32_graphs(model, passes, folder, factories=None):
 @pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
 def fp32_stage(request, tmp_path_factory):
     """(model, golden, folder of the ort-cpu fp32 graphs after the passes) for one randomized checkpoint."""
-    model = randomized_checkpoint(request.param, tmp_path_factory.mktemp(f"ckpt-{request.param}"))
+    model = shared_checkpoint(request.param, tmp_path_factory)
     folder = fp32_graphs(model, ort_cpu.PROFILE.passes, tmp_path_factory.mktemp(f"fp32-{request.param}"))
     return model, make_golden(model, "latent", gen_tokens=2), folder
 
@@ -195,7 +211,7 @@ def test_router_gate_off_by_2x_fails(fp32_stage, tmp_path):
 def _cuda_stage(tmp_path_factory, gate_scale: float, **golden):
     from targets import ort_cuda
     from targets.ort_cuda.build import CUDA_PASS_OVERRIDES
-    model = randomized_checkpoint("v3-s0", tmp_path_factory.mktemp("ckpt-cuda"), gate_scale)
+    model = shared_checkpoint("v3-s0", tmp_path_factory, gate_scale)
     folder = fp32_graphs(model, ort_cuda.PROFILE.passes, tmp_path_factory.mktemp("fp32-cuda"), CUDA_PASS_OVERRIDES)
     return model, make_golden(model, "latent", gen_tokens=2, **golden), folder
 
