@@ -120,7 +120,7 @@ class CudaPackageRuntime:
     def empty_cache(self, batch: int) -> dict:
         """past.* OrtValues on the device before the first token: growing (symbolic) axes at 0 rows, fixed axes at
         their size, filled with the manifest's fill value for that tensor (io.cache; 0 unless it gives one)."""
-        fills = cache_fills(self.manifest["io"]["cache"])
+        fills = cache_fills(self.manifest["io"].get("cache", {}))
         out = {}
         for name in self.past_names:
             shape = [batch if d == "batch" else 0 if isinstance(d, str) else d for d in self.input_shapes[name]]
