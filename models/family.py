@@ -55,6 +55,7 @@ class Family:
     static_step: StaticStep | None = None
     pass_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)  # pass -> why it does not apply
     no_static_step: str = ""  # why there is no static_step (said by targets that need one)
+    target_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)  # target -> why it is refused
 
     def applies(self, pass_name: str) -> bool:
         return self.passes is None or pass_name in self.passes

@@ -86,11 +86,15 @@ class GenaiCacheLayoutPass(ir.passes.InPlacePass):
             for _, past, present in entries:
                 if _width(past) != _width(present):
                     raise GenaiCacheLayoutError(f"{past.name} and {present.name} differ in width")
-        lengths = sorted({str(past.shape[1]) for entries in layers.values() for _, past, _ in entries})
-        if len(lengths) != 1 or lengths[0].isdigit():
+        axes = {past.shape[1] for entries in layers.values() for _, past, _ in entries}
+        grows = sorted(str(d) for d in axes if not isinstance(d, int))
+        fixed = sorted(d for d in axes if isinstance(d, int))
+        if len(grows) != 1 or fixed:
             raise GenaiCacheLayoutError(
-                f"the cache inputs' lengths (axis 1) are {', '.join(lengths)}: onnxruntime-genai keeps one key/value "
-                "pair per layer, all growing by one row per token, so every cache tensor must share one growing axis")
+                f"the cache inputs' lengths (axis 1) are {', '.join(grows) or 'none symbolic'}"
+                + (f" and fixed {', '.join(map(str, fixed))}" if fixed else "") + ": onnxruntime-genai keeps one "
+                "key/value pair per layer, all growing by one row per token, so every cache tensor must share one "
+                "growing axis")
         widths = sorted({sum(_width(past) for _, past, _ in entries) for entries in layers.values()})
         if len(widths) != 1:
             raise GenaiCacheLayoutError(f"layers hold different cache widths {widths}: onnxruntime-genai's "

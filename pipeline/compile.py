@@ -71,7 +71,11 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
     t = time.perf_counter()
     model = models.load(model_spec, seed=seed)
     cfg = model.config
-    layout = layout or models.family_of(model).cache_layouts[0]  # the family's default cache layout
+    family = models.family_of(model)
+    if target in family.target_notes:  # a target the family is not ready for (models.Family.target_notes)
+        raise CompileError(f"--target {target}: {family.describe()} does not compile for it yet: "
+                           f"{family.target_notes[target]}")
+    layout = layout or family.cache_layouts[0]  # the family's default cache layout
     kind = "checkpoint" if Path(model_spec).is_dir() else "preset"
     load = StageRecord("load", {"model": str(model_spec) if kind == "preset" else Path(model_spec).name,
                                 "kind": kind, "seed": seed if kind == "preset" else None,

@@ -1,14 +1,14 @@
 """DeepSeek-V4 through the compiler (issue 14 item 4, ort-cpu): a transformers-saved V4 checkpoint (every layer
 type, hash layers, non-zero sinks / e_score_correction_bias / position biases: tests/test_models_v4.py's
 hf_v4_model) compiles to an ort-cpu package that `verify` passes and whose greedy tokens and per-step logits equal
-transformers' DeepseekV4ForCausalLM; injected faults make the checks fail; ascend refuses V4 by name.
+transformers' DeepseekV4ForCausalLM; injected faults make the checks fail; ascend and ort-cuda refuse V4, naming why.
 
 Reference: transformers' no-cache `forward` over the growing sequence (teacher-forced on the package's tokens),
 never the package's own golden files. `generate()` is not used: on CSA layers it disagrees with transformers' own
 forward (REFERENCE.md, DeepSeek-V4).
 
 Fast tier: the pieces the compile relies on (export Dims per length rule, golden case lengths, empty-cache fills,
-genai's refusal, README cache lines, skipped-pass reasons, the ascend refusal). Slow tier: the compile itself
+genai's refusal, README cache lines, skipped-pass reasons, the ascend and ort-cuda refusals). Slow tier: the compile itself
 (~3 min on 2 shared cores: the dynamo export of the V4 step dominates) and everything that reads its package.
 """
 from __future__ import annotations
@@ -138,16 +138,26 @@ def test_ascend_refuses_v4_naming_why_and_leaves_nothing(tmp_path):
     assert not out.exists()
 
 
+def test_ort_cuda_refuses_v4_naming_the_fp16_budget_it_missed(tmp_path):
+    out = tmp_path / "v4-cuda"
+    with pytest.raises(MlamoeError) as e:
+        compile_package("tiny-v4", "ort-cuda", out, progress=lambda m: None)
+    text = str(e.value)
+    assert text.startswith("--target ort-cuda: v4 (model_type deepseek_v4) does not compile for it yet")
+    assert "fp32 islands" in text and "0.069" in text and "--target ort-cpu" in text
+    assert not out.exists()
+
+
 # ---- slow tier: the compiled package -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_package(tmp_path_factory, stage_cache):
-    """(transformers model, the ort-cpu package compiled from its save_pretrained folder)."""
+    """(transformers model, the ort-cpu package compiled from its save_pretrained folder, that folder)."""
     from test_models_v4 import hf_v4_model
     hf = hf_v4_model()
     ckpt = tmp_path_factory.mktemp("hf_v4_ckpt")
     hf.save_pretrained(ckpt)
     out = tmp_path_factory.mktemp("v4pkg") / "hf-v4-cpu"
-    return hf, compile_package(str(ckpt), "ort-cpu", out, cache_dir=stage_cache, progress=lambda m: None)
+    return hf, compile_package(str(ckpt), "ort-cpu", out, cache_dir=stage_cache, progress=lambda m: None), ckpt
 
 
 @torch.no_grad()
@@ -159,7 +169,7 @@ def hf_step_logits(hf, prompt: np.ndarray, tokens: np.ndarray) -> np.ndarray:
 
 @pytest.mark.slow
 def test_v4_package_verifies_and_records_what_it_skipped(hf_package):
-    _, pkg = hf_package
+    _, pkg, _ = hf_package
     assert verify_package(pkg) == []
     assert ort_runtime.verify_golden(pkg) == []
     m = read_manifest(pkg)
@@ -178,7 +188,7 @@ def test_v4_package_verifies_and_records_what_it_skipped(hf_package):
 
 @pytest.mark.slow
 def test_v4_package_greedy_tokens_and_step_logits_equal_transformers(hf_package):
-    hf, pkg = hf_package
+    hf, pkg, _ = hf_package
     prompt = torch.randint(0, hf.config.vocab_size, (1, 13), generator=torch.Generator().manual_seed(11)).numpy()
     tokens, step_logits = PackageRuntime(pkg).generate(prompt, 40)  # to 52 tokens: 13 CSA, 6 HCA entries
     ref = hf_step_logits(hf, prompt, tokens)
@@ -188,7 +198,7 @@ def test_v4_package_greedy_tokens_and_step_logits_equal_transformers(hf_package)
 
 @pytest.mark.slow
 def test_mlamoe_generate_on_the_package_reproduces_transformers(hf_package):
-    hf, pkg = hf_package
+    hf, pkg, _ = hf_package
     prompt = [3, 77, 5, 120, 9, 41, 18]
     r = subprocess.run([sys.executable, "-m", "pipeline", "generate", str(pkg), "--prompt-ids",
                         ",".join(map(str, prompt)), "--max-new-tokens", "24", "--json"],
@@ -205,7 +215,7 @@ def test_mlamoe_generate_on_the_package_reproduces_transformers(hf_package):
 def test_an_empty_cache_without_the_gate_fill_does_not_reproduce_transformers(hf_package):
     """The -inf empty state of the CSA overlap gates matters: filled with 0 instead, the first compressed entries
     mix in a zero overlap row and the logits leave transformers'."""
-    hf, pkg = hf_package
+    hf, pkg, _ = hf_package
     manifest = read_manifest(pkg)
     for kind in manifest["io"]["cache"]["layer_kinds"]:
         for t in kind["per_layer"]:
@@ -229,7 +239,7 @@ def _break_output(path: Path, name: str, delta: float) -> None:
 
 @pytest.mark.slow
 def test_a_broken_cache_update_in_the_graphs_fails_verify(hf_package, tmp_path):
-    _, pkg = hf_package
+    _, pkg, _ = hf_package
     dst = tmp_path / "pkg"
     shutil.copytree(pkg, dst)
     for g in ("prefill", "decode"):
@@ -237,13 +247,13 @@ def test_a_broken_cache_update_in_the_graphs_fails_verify(hf_package, tmp_path):
     failures = ort_runtime.verify_golden(dst)
     assert any(f.startswith("prefill/present.1.compressed") for f in failures), failures
     assert any(f.startswith("decode/present.1.compressed") for f in failures), failures
-    with pytest.raises(PackageError, match="onnx/prefill.onnx: sha256 mismatch"):
+    with pytest.raises(PackageError, match=r"onnx/prefill.onnx: (size|sha256) mismatch"):
         verify_package(dst)
 
 
 @pytest.mark.slow
 def test_a_perturbed_golden_output_fails_verify(hf_package, tmp_path):
-    _, pkg = hf_package
+    _, pkg, _ = hf_package
     dst = tmp_path / "pkg"
     shutil.copytree(pkg, dst)
     f = dst / "golden" / "decode.out.present.2.compressed.npy"  # layer 2: HCA
@@ -252,3 +262,4 @@ def test_a_perturbed_golden_output_fails_verify(hf_package, tmp_path):
     np.save(f, a)
     failures = ort_runtime.verify_golden(dst)
     assert failures and failures[0].startswith("decode/present.2.compressed: 1 of"), failures
+
