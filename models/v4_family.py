@@ -35,9 +35,9 @@ ORT_CUDA_NOTE = (
     "RMSNorm, the router) do not hold the ort-cuda fp16 budget on V4: on a transformers-saved V4 checkpoint "
     "(tests/test_models_v4.py's hf_v4_model) its greedy step logits on ORT CPU differ from eager fp32 by up to 0.12 "
     "at 15 of 2048 elements where the fp16 budget (limits set by PyTorch fp16 on the same inputs) allows 0.069 "
-    "(tiny-v4 passed, 7.8e-3); which V4 operation needs an fp32 island "
-    "(mHC Sinkhorn, compressor gate softmax, sqrtsoftplus scores, attention sinks) is not established. Use "
-    "--target ort-cpu")
+    "(tiny-v4 passed, 7.8e-3). Not established which V4 operation needs an fp32 island; a likely one: the "
+    "router is an island only on its path into com.microsoft.MoE / QMoE, which V4's graphs do not have (no MoE "
+    "lowering), so its scores are computed in fp16 where the eager router computes in fp32. Use --target ort-cpu")
 
 V4_FAMILY = Family(
     name="v4",

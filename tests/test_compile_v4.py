@@ -262,4 +262,3 @@ def test_a_perturbed_golden_output_fails_verify(hf_package, tmp_path):
     np.save(f, a)
     failures = ort_runtime.verify_golden(dst)
     assert failures and failures[0].startswith("decode/present.2.compressed: 1 of"), failures
-
