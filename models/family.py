@@ -56,6 +56,8 @@ class Family:
     pass_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)  # pass -> why it does not apply
     no_static_step: str = ""  # why there is no static_step (said by targets that need one)
     target_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)  # target -> why it is refused
+    quant_schemes: tuple[str, ...] | None = None  # the --quant schemes built for it (None: every one)
+    quant_note: str = ""  # why the others are not
 
     def applies(self, pass_name: str) -> bool:
         return self.passes is None or pass_name in self.passes

@@ -6,7 +6,8 @@ Built so far: config, reference module with the explicit-state step, checkpoint 
 (native FP8 / FP4, transformers' names, save_pretrained's layout: v4_hf_checkpoint.load_checkpoint over
 v4_checkpoint's reader), a transformers-format writer, presets, cache spec. The exported graphs run on ORT CPU
 as exported plus ort-simplify's exact rewrites; PASS_NOTES says why the MLA passes do not apply. Not yet: a
-fixed-shape step (`static_step` None), so no Ascend target; ort-cuda's fp16 graphs (ORT_CUDA_NOTE).
+fixed-shape step (`static_step` None), so no Ascend target; ort-cuda's fp16 graphs (ORT_CUDA_NOTE);
+quantization (quant_note).
 """
 from __future__ import annotations
 
@@ -55,6 +56,11 @@ V4_FAMILY = Family(
     static_step=None,
     pass_notes=PASS_NOTES,
     target_notes={"ort-cuda": ORT_CUDA_NOTE},
+    quant_schemes=("none",),
+    quant_note=("no quantization is built for V4 yet: the quantize stage's routing-aware checks "
+                "(pipeline/build.py moe_routers, pipeline/parity.py Router) model V3's router (noaux_tc groups, "
+                "gate.e_score_correction_bias), not V4's sqrtsoftplus and hash_moe routing, and no V4 "
+                "quantization rule has been checked"),
     no_static_step=("no fixed-shape V4 step exists yet: its cache tensors follow window / pending / compressed "
                     "length rules of the tokens seen (v4_cache.py), which a fixed-length cache with a write "
                     "position (Family.static_step, the form ATC's gears need) does not express"),

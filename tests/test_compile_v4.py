@@ -148,6 +148,17 @@ def test_ort_cuda_refuses_v4_naming_the_fp16_budget_it_missed(tmp_path):
     assert not out.exists()
 
 
+
+@pytest.mark.parametrize("quant", ["int8", "int4", "w8a8", "fp8"])
+def test_quantization_of_v4_is_refused_naming_why(tmp_path, quant):
+    out = tmp_path / "v4-q"
+    with pytest.raises(MlamoeError) as e:
+        compile_package("tiny-v4", "ort-cpu", out, quant=quant, progress=lambda m: None)
+    assert str(e.value).startswith(f"--quant {quant}: v4 (model_type deepseek_v4) compiles only with --quant none: "
+                                   "no quantization is built for V4 yet")
+    assert not out.exists()
+
+
 # ---- slow tier: the compiled package -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def hf_package(tmp_path_factory, stage_cache):
