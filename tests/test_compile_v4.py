@@ -144,7 +144,7 @@ def test_ort_cuda_refuses_v4_naming_the_fp16_budget_it_missed(tmp_path):
         compile_package("tiny-v4", "ort-cuda", out, progress=lambda m: None)
     text = str(e.value)
     assert text.startswith("--target ort-cuda: v4 (model_type deepseek_v4) does not compile for it yet")
-    assert "fp32 islands" in text and "0.069" in text and "--target ort-cpu" in text
+    assert "fp16 budget" in text and "0.069" in text and "indexer" in text and "--target ort-cpu" in text
     assert not out.exists()
 
 
