@@ -82,6 +82,11 @@ class CacheTensor:
         return (slice(None),) * self.grows + (slice(start, stop),)
 
 
+def _json_number(x: float) -> float | str:
+    """x, or "inf" / "-inf" / "nan" as a string (the manifest is strict JSON: no Infinity)."""
+    return x if math.isfinite(x) else str(x)
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheSpec:
     layout: str
@@ -220,7 +225,7 @@ class CacheSpec:
                 bounded = sum(t.bounded_rows() * t.values_per_token() * np.dtype(t.dtype).itemsize for t in layer)
                 kinds[key] = {"kind": len(kinds), "per_layer": [
                     {"name": t.name, "shape": t.symbolic(), "rule": t.rule, **({"n": t.n} if t.n else {}),
-                     **({"fill": t.fill} if t.fill else {}),
+                     **({"fill": _json_number(t.fill)} if t.fill else {}),
                      "entries_per_token": t.entries_per_token()} for t in layer],
                     "values_per_token": per_tok, "bytes_per_token": bytes_tok, "bounded_bytes_per_batch_row": bounded}
             layer_kind.append(kinds[key]["kind"])

@@ -53,9 +53,18 @@ class Family:
     cache_spec: Callable[[Any, str], CacheSpec]  # (config, layout) -> spec
     passes: tuple[str, ...] | None = None  # the graph passes that apply (None: every pass)
     static_step: StaticStep | None = None
+    pass_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)  # pass -> why it does not apply
+    no_static_step: str = ""  # why there is no static_step (said by targets that need one)
+    target_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)  # target -> why it is refused
+    quant_schemes: tuple[str, ...] | None = None  # the --quant schemes built for it (None: every one)
+    quant_note: str = ""  # why the others are not
 
     def applies(self, pass_name: str) -> bool:
         return self.passes is None or pass_name in self.passes
+
+    def why_not(self, pass_name: str) -> str:
+        """Why a pass that does not apply is left out (pass_notes, or a plain statement)."""
+        return self.pass_notes.get(pass_name, f"model family {self.name!r} does not list it among its passes")
 
     def describe(self) -> str:
         return f"{self.name} (model_type {', '.join(self.model_types)})"

@@ -79,8 +79,9 @@ def static_cache_spec(cfg) -> CacheSpec:
     """The cache spec of the family's fixed-shape form (its static step's layout)."""
     family = family_for(cfg.model_type)
     if family.static_step is None:
+        why = f": {family.no_static_step}" if family.no_static_step else ""
         raise StaticExportError(f"model family {family.name!r} has no fixed-shape form (Family.static_step), "
-                                "so it has no static graphs")
+                                f"so it has no static graphs (ascend, ort-cuda decode gears){why}")
     return family.cache_spec(cfg, family.static_step.layout)
 
 

@@ -86,6 +86,19 @@ class GenaiCacheLayoutPass(ir.passes.InPlacePass):
             for _, past, present in entries:
                 if _width(past) != _width(present):
                     raise GenaiCacheLayoutError(f"{past.name} and {present.name} differ in width")
+        axes = {past.shape[1] for entries in layers.values() for _, past, _ in entries}
+        grows = sorted(str(d) for d in axes if not isinstance(d, int))
+        fixed = sorted(d for d in axes if isinstance(d, int))
+        if len(grows) != 1 or fixed:
+            raise GenaiCacheLayoutError(
+                f"the cache inputs' lengths (axis 1) are {', '.join(grows) or 'none symbolic'}"
+                + (f" and fixed {', '.join(map(str, fixed))}" if fixed else "") + ": onnxruntime-genai keeps one "
+                "key/value pair per layer, all growing by one row per token, so every cache tensor must share one "
+                "growing axis")
+        widths = sorted({sum(_width(past) for _, past, _ in entries) for entries in layers.values()})
+        if len(widths) != 1:
+            raise GenaiCacheLayoutError(f"layers hold different cache widths {widths}: onnxruntime-genai's "
+                                        "key/value pairs have one head size for every layer")
 
     def ensures(self, model: ir.Model) -> None:
         graph, layout = model.graph, layout_of(model)

@@ -57,6 +57,18 @@ def family_passes(model, pass_names) -> tuple[str, ...]:
     return tuple(p for p in pass_names if family.applies(p))
 
 
+def skipped_passes(model, pass_names) -> dict[str, str]:
+    """The target's passes that do not apply to the model's family -> why (models.Family.why_not)."""
+    family = models.family_of(model)
+    return {p: family.why_not(p) for p in pass_names if not family.applies(p)}
+
+
+def skipped_stage(name: str, inputs: dict, why: str, **params) -> StageRecord:
+    """The record of a stage left out (params "skipped": why): outputs = inputs, the reason in its notes (the
+    package README lists such stages, pipeline/package_readme.py)."""
+    return StageRecord(name, {**params, "skipped": why}, dict(inputs), dict(inputs), notes=[f"not run: {why}"])
+
+
 def prefill_feeds(model_ir: ir.Model, ids: np.ndarray) -> dict[str, np.ndarray]:
     """Feeds for a fresh prompt: input_ids [B, S] and every past.* input empty (past = 0)."""
     feeds = {"input_ids": np.asarray(ids, dtype=np.int64)}
@@ -239,12 +251,14 @@ def reference_from_graphs(paths: dict[str, Path], golden: Golden, cfg: DeepseekC
 
 
 def run_graph_stages(runner: StageRunner, model, load: StageRecord, golden: Golden, work: Path,
-                     pass_names, layout: str, factories=None, pass_params=None) -> tuple[StageRecord, Path]:
+                     pass_names, layout: str, factories=None, pass_params=None,
+                     skipped: dict[str, str] | None = None) -> tuple[StageRecord, Path]:
     """The export stage, then each named pass (on the graphs passes.graphs_for names), each checked
     against the golden data at the fp32 budgets. -> (last stage's record, folder of its graphs).
 
     factories: name -> pass factory overriding passes.PASSES (a target's variant of a pass);
-    pass_params: name -> extra stage parameters (part of the cache key) for such a variant.
+    pass_params: name -> extra stage parameters (part of the cache key) for such a variant;
+    skipped: pass name -> why it is left out (skipped_passes): recorded as a skipped stage after the export.
     """
     factories = {**PASSES, **(factories or {})}
 
@@ -261,6 +275,9 @@ def run_graph_stages(runner: StageRunner, model, load: StageRecord, golden: Gold
     prev = runner.run("export", {"layout": layout, "exporter": "torch.onnx.export(dynamo=True)"},
                       dict(load.inputs), work / "export", do_export, checker("export"))
     prev_dir = work / "export"
+    for name, why in (skipped or {}).items():
+        runner.records.append(skipped_stage(f"passes/{name}", prev.outputs, why, **{"pass": name}))
+        runner.progress(f"[passes/{name}] not run: {why}")
     for i, name in enumerate(pass_names):
         src_dir, dst_dir = prev_dir, work / f"pass{i}-{name}"
 

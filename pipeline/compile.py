@@ -71,7 +71,11 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
     t = time.perf_counter()
     model = models.load(model_spec, seed=seed)
     cfg = model.config
-    layout = layout or models.family_of(model).cache_layouts[0]  # the family's default cache layout
+    family = models.family_of(model)
+    if target in family.target_notes:  # a target the family is not ready for (models.Family.target_notes)
+        raise CompileError(f"--target {target}: {family.describe()} does not compile for it yet: "
+                           f"{family.target_notes[target]}")
+    layout = layout or family.cache_layouts[0]  # the family's default cache layout
     kind = "checkpoint" if Path(model_spec).is_dir() else "preset"
     load = StageRecord("load", {"model": str(model_spec) if kind == "preset" else Path(model_spec).name,
                                 "kind": kind, "seed": seed if kind == "preset" else None,
@@ -81,6 +85,14 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
     if fp8_checkpoint:
         load.notes.append(f"{len(model.checkpoint.fp8_names)} FP8 e4m3 weights dequantized to fp32 for the reference")
     quant, quant_why = _default_quant(requested_quant, quant, fp8_checkpoint, profile)
+    if family.quant_schemes is not None and quant not in family.quant_schemes:  # models.Family.quant_schemes
+        allowed = ", ".join(family.quant_schemes)
+        if requested_quant is not None:
+            raise CompileError(f"--quant {quant}: {family.describe()} compiles only with --quant {allowed}: "
+                               f"{family.quant_note}")
+        quant, quant_why = family.quant_schemes[0], (
+            f"no --quant: {family.describe()} compiles only with --quant {allowed} ({family.quant_note}), so the "
+            f"weights are packaged as --quant {family.quant_schemes[0]}")
     if quant_why:
         load.notes.append(quant_why)
         runner.progress(f"[load] {quant_why}")

@@ -2,9 +2,13 @@
 
 Graph IO (per layer i; the tensors, shapes and layouts are the family's cache spec, models/cache.py):
   inputs : input_ids int64 [batch, seq] (decode: [batch, 1]),
-           past.{i}.{name} for each tensor of the layout's spec, its growing axis "past" dynamic
-  outputs: logits fp32 [batch, seq, vocab], present.{i}.{name} = past.{i}.{name} with this step appended.
-Positions are past + arange(seq): a fresh prompt passes caches with past = 0.
+           past.{i}.{name} for each tensor of the layout's spec, its growing axis dynamic
+  outputs: logits fp32 [batch, seq, vocab], present.{i}.{name}: past.{i}.{name} after this step.
+Positions are past + arange(seq): a fresh prompt passes empty caches (past = 0).
+
+The growing axes get one torch.export Dim per length rule of the spec (models/cache.py): "past" for every
+append tensor (the uniform MLA specs: one Dim, as always), and for per-layer specs one per window(n),
+pending(m) and compressed(m) rule, since those lengths are different functions of the tokens seen.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -27,6 +32,8 @@ GRAPHS = ("prefill", "decode")
 STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
 # Past the protobuf limit weights must live in external data; we switch a little earlier.
 EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)
+PAST = "past"  # the Dim of append-rule cache axes (the uniform specs' only one)
+MAX_PAST = 2**20
 
 
 class ExportError(MlamoeError):
@@ -47,8 +54,47 @@ class CausalLMGraph(torch.nn.Module):
         return (logits, *[t for layer in present for t in layer])
 
 
-def example_inputs(model, graph: str, layout: str, batch: int = 2, seq: int = 3, past: int = 2):
-    """Inputs to trace with. Sizes avoid 0/1 so the exporter keeps those axes symbolic."""
+def length_dims(spec, max_len: int) -> dict[tuple[str, int], Dim]:
+    """One Dim per (rule, n) of the spec's growing axes: append -> "past" (at most max_len), window(n) ->
+    "window{n}" (at most n rows), pending(m) -> "pending{m}", compressed(m) -> "compressed{m}". The pending
+    Dims are left unbounded above: with their true bound m - 1 the exporter specialised an example at m - 1
+    to that size (tests/test_models_v4_export.py)."""
+    dims: dict[tuple[str, int], Dim] = {}
+    for layer in spec.layers:
+        for t in layer:
+            key = (t.rule, t.n)
+            if t.rule == "fixed" or key in dims:
+                continue
+            name = PAST if t.rule == "append" else f"{t.rule}{t.n}"
+            dims[key] = Dim(name, min=0, max=t.n if t.rule == "window" else max_len)
+    return dims
+
+
+def example_past(spec, smallest: int = 2) -> int:
+    """Tokens seen by the example cache: the fewest (>= smallest) giving every growing axis at least 2 rows, so
+    the exporter keeps each one symbolic (a 0- or 1-sized example axis is specialised). Uniform specs: 2."""
+    tensors = [t for layer in spec.layers for t in layer if t.rule != "fixed"]
+    for past in range(smallest, MAX_PAST):
+        if all(t.rows_for(past) >= 2 for t in tensors):
+            return past
+    raise ExportError(f"no example cache length below {MAX_PAST} gives every cache axis 2 rows or more")
+
+
+def dynamic_shapes(spec, graph: str, max_seq: int) -> dict:
+    """The exporter's dynamic_shapes: batch everywhere, seq on prefill's input_ids, each growing axis its rule's
+    Dim (length_dims), fixed tensors only batch; max_seq (the context length) bounds seq and the unbounded Dims."""
+    batch = Dim("batch", min=1, max=1024)
+    dims = length_dims(spec, max_seq)
+    ids = {0: batch} if graph == "decode" else {0: batch, 1: Dim("seq", min=1, max=max_seq)}
+    return {"input_ids": ids,
+            "past": tuple({0: batch} if t.rule == "fixed" else {0: batch, t.grows: dims[(t.rule, t.n)]}
+                          for layer in spec.layers for t in layer)}
+
+
+def example_inputs(model, graph: str, layout: str, batch: int = 2, seq: int = 3, past: int | None = None):
+    """Inputs to trace with. Sizes avoid 0/1 so the exporter keeps those axes symbolic; past: tokens seen by the
+    example cache (default example_past of the layout's spec)."""
+    past = example_past(model.cache_spec(layout)) if past is None else past
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (batch, 1 if graph == "decode" else seq), generator=g)
     cache = model.empty_cache(batch, layout)
@@ -66,13 +112,8 @@ def export_graph(model, graph: str, layout: str | None = None, verbose: bool = F
     layout = layout or layouts[0]
     if layout not in layouts:
         raise ExportError(f"unknown cache layout {layout!r}: expected one of {layouts}")
-    cfg = model.config
     spec = model.cache_spec(layout)
-    batch = Dim("batch", min=1, max=1024)
-    past = Dim("past", min=0, max=cfg.max_position_embeddings)
-    ids_shape = {0: batch} if graph == "decode" else {0: batch, 1: Dim("seq", min=1, max=cfg.max_position_embeddings)}
-    dynamic = {"input_ids": ids_shape,
-               "past": tuple({0: batch, t.grows: past} for _ in range(spec.num_layers) for t in spec.tensors)}
+    dynamic = dynamic_shapes(spec, graph, model.config.max_position_embeddings)
     args = example_inputs(model, graph, layout)
     wrapper = CausalLMGraph(model, layout).eval()
     program = trace(wrapper, args, f"the {graph} graph ({layout} cache)", ExportError, verbose,
@@ -121,12 +162,18 @@ def specialize_decode(prefill: ir.Model) -> ir.Model:
     if ids.name != "input_ids" or ids.shape is None or len(ids.shape) != 2:
         raise ExportError("specialize_decode: the first graph input must be input_ids [batch, seq]")
     ids.shape = ir.Shape([ids.shape[0], 1])
-    for out in decode.graph.outputs:  # the dims the exporter named after seq
+    for out in decode.graph.outputs:  # the dims the exporter named after seq ("past + seq" -> "past + 1")
         if out.shape is not None:
-            out.shape = ir.Shape([1 if str(d) == "seq" else "past + 1" if str(d) == "past + seq" else d
-                                  for d in out.shape])
+            out.shape = ir.Shape([_seq_is_one(d) for d in out.shape])
     decode.graph.name = "decode"
     return cleanup(decode)
+
+
+def _seq_is_one(dim):
+    name = str(dim)
+    if name == "seq":
+        return 1
+    return re.sub(r"\bseq\b", "1", name) if re.search(r"\bseq\b", name) else dim
 
 
 def export_graphs(model, layout: str | None = None) -> dict[str, ir.Model]:

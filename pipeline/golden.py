@@ -3,6 +3,7 @@ shipped in the package for re-verification on the target."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +29,31 @@ class Golden:
     step_logits: np.ndarray  # [1, N, vocab]
 
 
+def case_lengths(spec, prompt_len: int = 8, chunk_len: int = 4) -> tuple[int, int]:
+    """(prompt, chunk) lengths of the golden cases. A spec whose tensors follow window(n) / pending(m) /
+    compressed(m) rules (models/cache.py) gets a prompt that fills every window and closes at least two entries of
+    each rate m, and whose decode token (at position prompt + chunk) closes an entry of every rate at once; the
+    chunk then closes one of each rate m <= chunk_len. Specs with append tensors only keep the given lengths."""
+    tensors = [t for layer in spec.layers for t in layer]
+    rates = {t.n for t in tensors if t.rule in ("pending", "compressed")}
+    windows = [t.n for t in tensors if t.rule == "window"]
+    if not rates and not windows:
+        return prompt_len, chunk_len
+    period = math.lcm(*rates) if rates else 1
+    least = max([prompt_len, *(2 * m for m in rates), *(n + 1 for n in windows)])
+    prompt = least + (-(least + chunk_len + 1)) % period
+    return prompt, chunk_len
+
+
 @torch.no_grad()
-def make_golden(model, layout: str | None = None, batch: int = 2, prompt_len: int = 8,
+def make_golden(model, layout: str | None = None, batch: int = 2, prompt_len: int | None = None,
                 chunk_len: int = 4, gen_tokens: int = 32, seed: int = 0) -> Golden:
-    """The golden cases in `layout` (the family's default cache layout unless given)."""
+    """The golden cases in `layout` (the family's default cache layout unless given); prompt_len: case_lengths'
+    unless given."""
     layout = layout or family_of(model).cache_layouts[0]
     spec = model.cache_spec(layout)
+    if prompt_len is None:
+        prompt_len, chunk_len = case_lengths(spec, chunk_len=chunk_len)
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size
     prompt = torch.randint(0, V, (batch, prompt_len), generator=g)

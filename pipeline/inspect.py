@@ -13,8 +13,13 @@ def describe(manifest: dict, build_log: dict | None = None) -> str:
            f"toolchain " + ", ".join(f"{k} {v}" for k, v in sorted(manifest["toolchain"].items()))]
     if "io" in manifest:
         cache = manifest["io"]["cache"]
-        out.append(f"cache     {cache['layout']}: {cache['values_per_token_per_layer']} values = "
-                   f"{cache['bytes_per_token_per_layer']} bytes per token per layer, {cache['num_layers']} layers")
+        if "layer_kinds" in cache:  # a per-layer spec (models/cache.py)
+            out.append(f"cache     {cache['layout']}: {len(cache['layer_kinds'])} layer kinds, {cache['num_layers']} "
+                       f"layers, {cache['bytes_per_token']:g} bytes per token + {cache['bounded_bytes_per_batch_row']} "
+                       "bytes bounded state per sequence")
+        else:
+            out.append(f"cache     {cache['layout']}: {cache['values_per_token_per_layer']} values = "
+                       f"{cache['bytes_per_token_per_layer']} bytes per token per layer, {cache['num_layers']} layers")
     target = targets.find(t["name"])
     if target is not None:
         out += target.describe(manifest)
@@ -22,7 +27,8 @@ def describe(manifest: dict, build_log: dict | None = None) -> str:
     runs = {r["name"]: r for r in (build_log or {}).get("stages", [])}
     for s in manifest["stages"]:
         parity = s.get("parity") or []
-        verdict = ("-" if not parity else "PASS" if all(p["passed"] for p in parity) else "FAIL")
+        verdict = ("SKIP" if s["params"].get("skipped") else "-" if not parity
+                   else "PASS" if all(p["passed"] for p in parity) else "FAIL")
         run = runs.get(s["name"])
         when = (f"{run['seconds']:>8.2f} s{'  (cached)' if run.get('cached') else ''}" if run
                 else f"{'':>8}  ")  # times live in the build log beside the package, not in the package

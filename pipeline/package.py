@@ -774,6 +774,7 @@ def _check_files(root: Path, manifest: dict) -> list[str]:
 
 _FILE_LIKE = re.compile(r"[\w.\-/]*/[\w.\-/]+|[\w.\-]+\.(npy|onnx|data|json|py|sh|txt|md)")
 _NOT_REFERENCES = ("files", "stages", "model", "toolchain", "verification", "quantization_choice", "archive")
+_SYMBOLS = ("io.cache",)  # shapes and length rules ("past//4"), never paths
 
 
 def reference_problems(manifest: dict) -> list[str]:
@@ -786,7 +787,7 @@ def reference_problems(manifest: dict) -> list[str]:
     def walk(value, where: str) -> None:
         if isinstance(value, dict):
             for k, v in value.items():
-                if not (where == "" and k in _NOT_REFERENCES):
+                if not (where == "" and k in _NOT_REFERENCES or f"{where}.{k}" in _SYMBOLS):
                     walk(v, f"{where}.{k}" if where else str(k))
         elif isinstance(value, list):
             for i, v in enumerate(value):

@@ -82,14 +82,8 @@ def package_readme(manifest: dict, reports: list[ParityReport]) -> str:
         "",
         "- `input_ids` int64 `[batch, seq]` (decode: `[batch, 1]`).",
     ]
-    for spec in cache["per_layer"]:
-        lines.append(f"- `past.{{layer}}.{spec['name']}` float32 `{spec['shape']}` for layer 0..{cache['num_layers'] - 1}; "
-                     f"the graph returns `present.{{layer}}.{spec['name']}` with this step appended (feed it back as past).")
+    lines += cache_lines(cache, io["vocab_size"])
     lines += [
-        f"- `logits` float32 `[batch, seq, {io['vocab_size']}]`.",
-        f"- Cache layout `{cache['layout']}`: {cache['values_per_token_per_layer']} values "
-        f"({cache['bytes_per_token_per_layer']} bytes) per token per layer, {cache['bytes_per_token']} bytes per token.",
-        "- Positions are `past + arange(seq)`; a new prompt passes caches with `past = 0`.",
         "",
         "## Run and verify",
         "",
@@ -108,6 +102,8 @@ def package_readme(manifest: dict, reports: list[ParityReport]) -> str:
     ]
     lines += [f"- Verified: {v}" for v in manifest["verification"]["verified_here"]]
     lines += [f"- Not verified: {v}" for v in manifest["verification"]["not_verified"]] or []
+    lines += [f"- Not run: `{r['name']}`: {r['params']['skipped']}" for r in manifest.get("stages", [])
+              if r["params"].get("skipped")]
     lines += ["", "## Parity summary", "", "| stage | passed | worst max abs | min cosine |", "|---|---|---|---|"]
     for r in reports:
         finite = [o for o in r.outputs if o.max_abs == o.max_abs]
@@ -115,6 +111,35 @@ def package_readme(manifest: dict, reports: list[ParityReport]) -> str:
         cos = min((o.cosine for o in finite if o.cosine is not None), default=1.0)
         lines.append(f"| {r.stage} | {'yes' if r.passed else 'NO'} | {worst:.2e} | {cos:.6f} |")
     return "\n".join(lines) + "\n"
+
+
+def cache_lines(cache: dict, vocab_size: int) -> list[str]:
+    """The README's cache IO lines from the manifest's io.cache (models/cache.py's to_manifest): one line per
+    tensor of a uniform spec; per-layer specs: each layer kind's tensors with their length rules."""
+    if "layer_kinds" not in cache:
+        lines = [f"- `past.{{layer}}.{spec['name']}` float32 `{spec['shape']}` for layer 0..{cache['num_layers'] - 1}; "
+                 f"the graph returns `present.{{layer}}.{spec['name']}` with this step appended (feed it back as past)."
+                 for spec in cache["per_layer"]]
+        return lines + [
+            f"- `logits` float32 `[batch, seq, {vocab_size}]`.",
+            f"- Cache layout `{cache['layout']}`: {cache['values_per_token_per_layer']} values "
+            f"({cache['bytes_per_token_per_layer']} bytes) per token per layer, {cache['bytes_per_token']} bytes per token.",
+            "- Positions are `past + arange(seq)`; a new prompt passes caches with `past = 0`.",
+        ]
+    lines = [f"- Cache layout `{cache['layout']}`, per layer kind (`past` = tokens seen; each `present.{{layer}}.{{name}}` "
+             "is that tensor after this step: feed it back as `past.{layer}.{name}`):"]
+    for kind in cache["layer_kinds"]:
+        layers = [i for i, k in enumerate(cache["layer_kind_of"]) if k == kind["kind"]]
+        tensors = ", ".join(f"`{t['name']}` `{t['shape']}`" + (f" (empty state {t['fill']})" if "fill" in t else "")
+                            for t in kind["per_layer"])
+        lines.append(f"  - layers {', '.join(map(str, layers))}: {tensors}")
+    return lines + [
+        f"- `logits` float32 `[batch, seq, {vocab_size}]`.",
+        f"- {cache['bytes_per_token']:g} bytes per token in the long run (compressed entries counted per token), plus "
+        f"{cache['bounded_bytes_per_batch_row']} bytes per sequence of bounded state (windows, pending rows, fixed tensors).",
+        "- The tokens seen are read from the cache tensors' lengths; a new prompt passes every tensor empty (0 rows; "
+        "fixed tensors at their empty state; runtime/ort_runtime.py's empty_cache builds them from manifest.json).",
+    ]
 
 
 def _tokenizer_rows(manifest: dict) -> list[str]:

@@ -70,6 +70,17 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
+def cache_fills(cache: dict) -> dict[str, float]:
+    """{past.{layer}.{name}: fill} for the cache tensors whose empty state is not 0 (the manifest's io.cache:
+    per-layer specs list each layer kind's tensors, a "fill" given as a number or "inf" / "-inf"); the same
+    function as runtime/ort_runtime.py's (each runtime ships alone)."""
+    kinds = cache.get("layer_kinds")
+    if not kinds:
+        return {}
+    return {f"past.{i}.{t['name']}": float(t["fill"]) for i, k in enumerate(cache["layer_kind_of"])
+            for t in kinds[k]["per_layer"] if "fill" in t}
+
+
 class CudaPackageRuntime:
     """Greedy generation from an ort-cuda package's graphs with IOBinding (module doc).
 
@@ -110,11 +121,13 @@ class CudaPackageRuntime:
         return self.ort.OrtValue.ortvalue_from_numpy(arr, self.device, self.device_id)
 
     def empty_cache(self, batch: int) -> dict:
-        """Zero-length past.* OrtValues on the device."""
+        """past.* OrtValues on the device before the first token: growing (symbolic) axes at 0 rows, fixed axes at
+        their size, filled with the manifest's fill value for that tensor (io.cache; 0 unless it gives one)."""
+        fills = cache_fills(self.manifest["io"].get("cache", {}))
         out = {}
         for name in self.past_names:
             shape = [batch if d == "batch" else 0 if isinstance(d, str) else d for d in self.input_shapes[name]]
-            out[name] = self.to_device(np.zeros(shape, self.input_types["decode"][name]))
+            out[name] = self.to_device(np.full(shape, fills.get(name, 0.0), self.input_types["decode"][name]))
         return out
 
     def cache_from_numpy(self, cache: dict[str, np.ndarray]) -> dict:

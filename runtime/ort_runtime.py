@@ -34,6 +34,16 @@ def session_options(config: dict):
     return so
 
 
+def cache_fills(cache: dict) -> dict[str, float]:
+    """{past.{layer}.{name}: fill} for the cache tensors whose empty state is not 0 (the manifest's io.cache:
+    per-layer specs list each layer kind's tensors, a "fill" given as a number or "inf" / "-inf")."""
+    kinds = cache.get("layer_kinds")
+    if not kinds:
+        return {}
+    return {f"past.{i}.{t['name']}": float(t["fill"]) for i, k in enumerate(cache["layer_kind_of"])
+            for t in kinds[k]["per_layer"] if "fill" in t}
+
+
 class PackageRuntime:
     """Greedy generation from a package's prefill/decode graphs on ONNX Runtime."""
 
@@ -56,10 +66,13 @@ class PackageRuntime:
         self.past_names = [i["name"] for i in io["graphs"]["decode"]["inputs"] if i["name"] != "input_ids"]
 
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        """Every past.* input before the first token: each growing (symbolic) axis at 0 rows, fixed axes at their
+        size, filled with the manifest's fill value for that tensor (io.cache; 0 unless it gives one)."""
+        fills = cache_fills(self.cache_spec)
         out = {}
         for name in self.past_names:
-            shape = [batch if d == "batch" else 0 if d == "past" else d for d in self._shape_of(name)]
-            out[name] = np.zeros(shape, dtype=np.float32)
+            shape = [batch if d == "batch" else d if isinstance(d, int) else 0 for d in self._shape_of(name)]
+            out[name] = np.full(shape, fills.get(name, 0.0), dtype=np.float32)
         return out
 
     def _shape_of(self, name: str) -> list:

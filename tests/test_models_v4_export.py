@@ -4,7 +4,8 @@ compressed(m): one Dim per rule and rate), and ONNX Runtime runs it equal to the
 empty, chunked prefill and decode (S = 1) at past lengths on both sides of CSA / HCA window boundaries.
 Nothing in the eager form had to change: its lengths are shape arithmetic, the indexer's top-k has
 k = min(index_topk, entries) (a symbolic min), and indexer.top_ids switches to TopK while exporting.
-Not wired into the compiler pipeline (pipeline/export.py's export_graph assumes one "past" Dim).
+The compiler's export (pipeline/export.py length_dims / example_past) builds the same Dims; its packages are
+tested in tests/test_compile_v4.py.
 """
 from __future__ import annotations
 

@@ -141,9 +141,10 @@ def test_toy_family_compiles_for_ort_cpu_with_parity(toy_family, tmp_path):
     assert cache["values_per_token_per_layer"] == 2 * cfg.hidden_size
     decode_inputs = [i["name"] for i in manifest["io"]["graphs"]["decode"]["inputs"]]
     assert decode_inputs == ["input_ids", "past.0.kv", "past.1.kv"]
-    stages = [s["name"] for s in manifest["stages"]]
-    assert "passes/ort-simplify" in stages
-    assert not any(s in stages for s in ("passes/latent-kv-fusion", "passes/moe-ort-fused"))  # MLA's passes skipped
+    stages = {s["name"]: s for s in manifest["stages"]}
+    assert stages["passes/ort-simplify"]["parity"] and "skipped" not in stages["passes/ort-simplify"]["params"]
+    for name in ("passes/latent-kv-fusion", "passes/moe-ort-fused"):  # MLA's passes: not run, recorded as skipped
+        assert stages[name]["params"]["skipped"] and not stages[name]["parity"], name
     # a 4-D cache tensor is not a genai key/value pair: no genai/ folder, and the package says why
     assert "genai" not in manifest and not (pkg / "genai").exists()
     assert any(v.startswith("no genai/ folder") for v in manifest["verification"]["not_verified"])

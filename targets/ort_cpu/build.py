@@ -15,7 +15,7 @@ import onnxruntime as ort
 
 from pipeline.build import (GRAPHS, BuildContext, assemble_package, calibrate_w8a8, check_cases, check_quant_cases,
                             family_passes, load_graphs, quantize_graph, reference_from_graphs, run_graph_stages,
-                            write_tokenizer)
+                            skipped_passes, skipped_stage, write_tokenizer)
 from pipeline.error_profile import write_error_profile
 from pipeline.export import save_graph
 from pipeline.golden import Golden, make_golden
@@ -50,7 +50,7 @@ def build_ort_cpu(ctx: BuildContext) -> None:
                                               reference or golden, session)
 
         prev, prev_dir = run_graph_stages(runner, model, load, golden, work, family_passes(model, profile.passes),
-                                          layout)
+                                          layout, skipped=skipped_passes(model, profile.passes))
 
         # ---- quantize ---------------------------------------------------------------------------
         expected = golden  # what the packaged graphs must reproduce
@@ -190,6 +190,9 @@ def _genai_folder(pkg: Path, manifest: dict, runner, target_rec: StageRecord, fo
     except GenaiCacheLayoutError as e:  # a cache genai's key/value pairs cannot hold: no folder, said so
         shutil.rmtree(pkg / GENAI_DIR, ignore_errors=True)
         manifest["verification"]["not_verified"].append(f"no genai/ folder: onnxruntime-genai cannot take this cache ({e})")
+        runner.records.insert(-1, skipped_stage("genai", target_rec.outputs,
+                                                f"onnxruntime-genai cannot take this cache: {e}", form=form))
+        manifest["stages"] = [r.to_dict() for r in runner.records]
         runner.progress(f"[genai] not written: {e}")
         return
     failures = check_golden(pkg, pkg / GENAI_DIR, manifest=manifest)

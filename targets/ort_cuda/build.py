@@ -37,8 +37,8 @@ import onnxruntime as ort
 
 from passes.fp16_rounding import rounding_twin
 from pipeline import fp16_reference
-from pipeline.build import (GRAPHS, BuildContext, RoutingProbe, assemble_package, check_quant_cases, moe_routers,
-                            run_graph_stages, write_tokenizer)
+from pipeline.build import (GRAPHS, BuildContext, RoutingProbe, assemble_package, check_quant_cases, family_passes,
+                            moe_routers, run_graph_stages, skipped_passes, write_tokenizer)
 from pipeline.error_profile import write_error_profile
 from pipeline.export import save_graph
 from pipeline.golden import Golden, GoldenCase, make_golden, save_golden
@@ -156,8 +156,16 @@ def _fp16_tolerance(reports, stage: str) -> dict:
 
 
 def cuda_cache_spec(cfg, layout: str) -> dict:
+    """The manifest's io.cache with the fp16 graphs' byte counts (models/cache.py's to_manifest is fp32)."""
     spec = cache_spec(cfg, layout)
     spec["dtype"] = "float16"
+    if "layer_kinds" in spec:  # a per-layer spec: every byte count halves
+        for kind in spec["layer_kinds"]:
+            kind["bytes_per_token"] /= 2
+            kind["bounded_bytes_per_batch_row"] //= 2
+        spec["bytes_per_token"] /= 2
+        spec["bounded_bytes_per_batch_row"] //= 2
+        return spec
     spec["bytes_per_token_per_layer"] = spec["values_per_token_per_layer"] * 2
     spec["bytes_per_token"] = spec["bytes_per_token_per_layer"] * cfg.num_hidden_layers
     return spec
@@ -181,9 +189,10 @@ def build_cuda_package(ctx: BuildContext) -> None:
     with work_dir(out) as work_s:
         work = Path(work_s)
 
-        prev, prev_dir = run_graph_stages(runner, model, load, golden, work, profile.passes, layout,
-                                          factories=CUDA_PASS_OVERRIDES,
-                                          pass_params={n: {"router": "subgraph"} for n in CUDA_PASS_OVERRIDES})
+        prev, prev_dir = run_graph_stages(runner, model, load, golden, work, family_passes(model, profile.passes),
+                                          layout, factories=CUDA_PASS_OVERRIDES,
+                                          pass_params={n: {"router": "subgraph"} for n in CUDA_PASS_OVERRIDES},
+                                          skipped=skipped_passes(model, profile.passes))
         fp32_dir = prev_dir  # the fp32 graphs after the passes: the routing reference of the fp16 judgement
         if not quantized:
             runner.records.append(StageRecord("quantize", {"scheme": "none"}, dict(prev.outputs), dict(prev.outputs),
@@ -249,7 +258,7 @@ def build_cuda_package(ctx: BuildContext) -> None:
         t = time.perf_counter()
         tdir = work / "target"
         rt = cuda_runtime.CudaPackageRuntime(
-            tdir, device="cpu", manifest={"io": {"vocab_size": cfg.vocab_size,
+            tdir, device="cpu", manifest={"io": {"vocab_size": cfg.vocab_size, "cache": cuda_cache_spec(cfg, layout),
                                                  "graphs": {g: {"file": f"{g}.onnx"} for g in GRAPHS}},
                                           "target": {"session": session}})
         tokens, step_logits = rt.generate(golden.prompt, golden.tokens.shape[1])
