@@ -186,7 +186,7 @@ def torch_static(model, G: int, dev, repeat: int) -> dict:
 
     import torch
     from models.static_lm import StaticCausalLM, static_cache_spec
-    m16 = copy.deepcopy(model).to(dev)
+    m16 = copy.deepcopy(model).cpu()  # built on the CPU: StaticCausalLM makes its rope tables with torch.arange there
     w = StaticCausalLM(m16, 1, G, "gather").to(dev).half().eval()
     spec = static_cache_spec(model.config)
     gen = torch.Generator(device=dev).manual_seed(0)

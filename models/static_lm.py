@@ -5,8 +5,9 @@ trace it, through pipeline/static_export.py (torch -> ONNX, opset conversion, an
 It lives in models/ beside the family's static attention step (models/mla_static.py, models.family.StaticStep):
 torch only, no ONNX, so any target may use it without importing another target.
 
-`pipeline.export` (growing cache, data-dependent MoE loop with NonZero) do not fit. This module
-wraps the `models/` submodules (their weights, unchanged) in :class:`StaticCausalLM`, a torch
+ATC compiles static graphs (or a few `--dynamic_dims` gears of one) and a CUDA graph replays fixed shapes and
+addresses, so the dynamic-shape graphs of `pipeline.export` (growing cache, data-dependent MoE loop with NonZero)
+fit neither. This module wraps the `models/` submodules (their weights, unchanged) in :class:`StaticCausalLM`, a torch
 module whose every shape is fixed at export time, and exports it with `torch.onnx.export` (dynamo,
 no dynamic shapes), then converts the graph to opset 18 with onnx's version converter.
 
