@@ -27,8 +27,9 @@ genai-venv:
 	test -x .venv-genai/bin/python || $(PYTHON) -m venv .venv-genai
 	.venv-genai/bin/python -m pip install -q --disable-pip-version-check onnxruntime-genai==0.18.0
 
+# two workers (pytest-xdist), a whole test file per worker (module fixtures built once): both CI cores busy
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
