@@ -251,3 +251,38 @@ def test_tiny_v2_w8a8_builds(tmp_path):
     prof = make_profile("Ascend910B3", "mixed_float16", "w8a8")
     for s in b.specs:
         assert checker.check(tmp_path / "onnx" / f"{s.name}.onnx", prof) == []
+
+
+def test_quant_parity_is_routing_aware_and_fails_a_wrong_scale(pkg, tiny, tmp_path):
+    """emulation.quant_parity (the quantize-w8a8/ascend-static stage): the packaged QDQ graphs pass against eager
+    with their routing compared to the fp32 static graphs'; the same graphs with one weight's dequantization
+    scales doubled (one MoE layer's expert down projections) fail, naming the output."""
+    import onnx_ir as ir
+
+    from pipeline.parity import ParityError
+    from pipeline.static_export import export_static_graphs, save_static_graph
+    from targets.ascend import emulation
+    fp32 = {}
+    for name, (spec, m) in export_static_graphs(tiny).items():
+        fp32[name] = (spec, save_static_graph(m, tmp_path / "fp32" / f"{name}.onnx"))
+    quant = {name: (spec, pkg / "onnx" / f"{name}.onnx") for name, (spec, _) in fp32.items()}
+    assert all(p.is_file() for _, p in quant.values())
+    reports = emulation.quant_parity(tiny, fp32, quant, "quantize-w8a8/ascend-static", gen_tokens=4)
+    assert all(r.passed for r in reports) and all("routing" in r.extra for r in reports)
+
+    def doubled(path):  # the first MoE layer's routed-expert down projections: scales x2
+        m = ir.load(path)
+        dqs = [n for n in m.graph if n.op_type == "DequantizeLinear" and n.name.startswith(("moe_down_1", "moe_down_t_1"))]
+        assert dqs, path
+        for dq in dqs:
+            s = dq.inputs[1]
+            s.const_value = ir.tensor(s.const_value.numpy() * 2, name=s.name)
+        out = tmp_path / "fault" / path.name
+        save_static_graph(m, out)
+        return out
+    faulty = {name: (spec, doubled(p)) for name, (spec, p) in quant.items()}
+    reports = emulation.quant_parity(tiny, fp32, faulty, "quantize-w8a8/ascend-static", gen_tokens=4)
+    failed = [r for r in reports if not r.passed]
+    assert failed
+    with pytest.raises(ParityError, match=r"(?s)quantize-w8a8/ascend-static/.*output 'logits'.*cosine 0\.\d+ < 0\.98"):
+        failed[0].raise_if_failed()

@@ -101,6 +101,7 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
             reports += emulation.static_parity(model, graphs, gen_tokens=gen_tokens, seed=seed)
             for r in reports:
                 r.raise_if_failed()
+            fp32_graphs = graphs
             graphs, keep, quant_reports = _quantize_w8a8(model, graphs, package_dir, seed, progress)
             seconds["quantize"] = round(time.perf_counter() - t, 3)
 
@@ -112,8 +113,8 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
 
         t = time.perf_counter()
         if quant == "w8a8":
-            reports += emulation.static_parity(model, graphs, stage="quantize-w8a8/ascend-static",
-                                               gen_tokens=gen_tokens, seed=seed)
+            reports += emulation.quant_parity(model, fp32_graphs, graphs, "quantize-w8a8/ascend-static",
+                                              gen_tokens=gen_tokens, seed=seed)
             reference = emulation.static_reference(graphs, model.config)
         else:
             reports += emulation.static_parity(model, graphs, gen_tokens=gen_tokens, seed=seed)
