@@ -273,6 +273,7 @@ def run_model(name: str, args, log, res: dict, save) -> dict:
         t_dyn, s_dyn = rt.generate(prompt, args.steps)
         t_gear, s_gear = dec.generate(prompt, args.steps)
         t_again, _ = dec.generate(prompt, args.steps)
+        t_dyn_again, _ = rt.generate(prompt, args.steps)  # is the dynamic path itself repeatable?
         with torch.no_grad():
             md = model.to(dev)
             ids = torch.tensor(prompt, device=dev)
@@ -291,6 +292,8 @@ def run_model(name: str, args, log, res: dict, save) -> dict:
         res["parity"] = {"gear_form": next(k for k, v in decoders.items() if v is dec),
                          "gear_tokens_equal_dynamic": bool(np.array_equal(t_gear, t_dyn)),
                          "gear_replay_again_equal": bool(np.array_equal(t_again, t_gear)),
+                         "dynamic_again_equal": bool(np.array_equal(t_dyn_again, t_dyn)),
+                         "equal_prefix_gear_vs_gear_again": prefix(t_gear, t_again),
                          "equal_prefix_gear_vs_dynamic": prefix(t_gear, t_dyn),
                          "equal_prefix_dynamic_vs_eager_fp32": prefix(t_dyn, t_ref),
                          "equal_prefix_gear_vs_eager_fp32": prefix(t_gear, t_ref),
