@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -46,23 +45,12 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from benchmarks import command_line, elapsed_logger  # noqa: E402
+from benchmarks.cuda import HBM_BYTES_PER_S  # noqa: E402
+from benchmarks.cuda import _median_ms as _timed  # noqa: E402
 
-HBM_BYTES_PER_S = 4.8e12  # H200 datasheet
 
-
-def _median_ms(fn, repeat: int, warmup: int = 5, sync=None) -> dict:
-    for _ in range(warmup):
-        fn()
-    if sync:
-        sync()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append((time.perf_counter() - t) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "repeat": repeat}
+def _median_ms(fn, repeat: int, sync=None) -> dict:
+    return _timed(fn, repeat, warmup=5, sync=sync)  # 5 warm-up runs: the first replays of a capture
 
 
 def build(model, work: Path, gear_list, log) -> dict:
