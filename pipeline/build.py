@@ -21,6 +21,7 @@ from models.errors import MlamoeError
 from passes import PASSES, graphs_for
 from passes.cleanup import cleanup
 from runtime import ort_runtime
+from runtime.cuda_runtime import _ORT_TYPES
 
 from .export import export_graphs, save_graph
 from .golden import Golden, GoldenCase, save_golden
@@ -146,29 +147,27 @@ class RoutingProbe:
                                   f"{n_routers} MoE layers in the model; routing checks need one per layer")
             self.ref[g], self.forced[g], self.plain[g] = session(r), session(f), session(paths[g])
 
-    @staticmethod
-    def _run(sess, feeds: dict) -> dict:
-        types = {i.name: _ORT_TYPES.get(i.type) for i in sess.get_inputs()}
-        feeds = {n: (np.asarray(a).astype(types[n], copy=False) if types.get(n) is not None else a)
-                 for n, a in feeds.items()}
-        return {o.name: v for o, v in zip(sess.get_outputs(), sess.run(None, feeds))}
-
     def run(self, case) -> dict:
         """-> {"reference_gates", "forced" (outputs), "actual_gates", "router_probs", "unforced" (outputs)}, the
         float outputs as float32."""
         g, n = case.graph, self.n[case.graph]
-        ref_gates = [self._run(self.ref[g], case.inputs)[gate_name(i)].astype(np.float32) for i in range(n)]
-        fres = self._run(self.forced[g], {**case.inputs, **{forced_name(i): ref_gates[i] for i in range(n)}})
+        ref_gates = [run_cast(self.ref[g], case.inputs)[gate_name(i)].astype(np.float32) for i in range(n)]
+        fres = run_cast(self.forced[g], {**case.inputs, **{forced_name(i): ref_gates[i] for i in range(n)}})
         as32 = {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in fres.items()}
         plain = {k: (v.astype(np.float32) if v.dtype == np.float16 else v)
-                 for k, v in self._run(self.plain[g], case.inputs).items()}
+                 for k, v in run_cast(self.plain[g], case.inputs).items()}
         return {"reference_gates": ref_gates, "forced": as32,
                 "actual_gates": [as32[gate_name(i)] for i in range(n)],
                 "router_probs": [as32[router_probs_name(i)] for i in range(n)], "unforced": plain}
 
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-              "tensor(int32)": np.int32}
+def run_cast(sess, feeds: dict) -> dict:
+    """{output: array} of one run, each feed cast to the dtype the session's input declares (fp16 graphs take fp16
+    caches)."""
+    types = {i.name: _ORT_TYPES.get(i.type) for i in sess.get_inputs()}
+    feeds = {n: (np.asarray(a).astype(types[n], copy=False) if types.get(n) is not None else a)
+             for n, a in feeds.items()}
+    return {o.name: v for o, v in zip(sess.get_outputs(), sess.run(None, feeds))}
 
 
 def routed_reports(stage: str, paths: dict[str, Path], reference_paths: dict[str, Path], golden: Golden,

@@ -76,3 +76,19 @@ def tiny_cuda_graphs():
     the subgraph router), as serialized protos; shared by test_ort_cuda_int8.py and test_ort_cuda_fp8.py."""
     from targets.ort_cuda.build import CUDA_PASS_OVERRIDES
     return tiny_fused_graphs(CUDA_PASS_OVERRIDES["moe-ort-fused"])[1]
+
+
+def package_copy(src, dest: Path, check=None) -> Path:
+    """A copy at dest of the package folder or .tar.gz `src` (GPU tests record into theirs); check(manifest) may
+    assert or skip first."""
+    import shutil
+
+    from pipeline.package import open_package
+    root, manifest, cleanup = open_package(src)
+    try:
+        if check is not None:
+            check(manifest)
+        shutil.copytree(root, dest)
+    finally:
+        cleanup()
+    return dest

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import numpy as np
 import onnx_ir as ir
@@ -27,19 +26,15 @@ PACKAGE_ENV = "MLAMOE_ORT_CUDA_PACKAGE"
 @pytest.fixture
 def cpu_built_package(tmp_path):
     """A copy (the tests record into it) of the ort-cuda package named by $MLAMOE_ORT_CUDA_PACKAGE."""
-    from pipeline.package import open_package
+    from conftest import package_copy
     src = os.environ.get(PACKAGE_ENV)
     if not src:
         pytest.skip(f"{PACKAGE_ENV} is not set: compile one on a CPU machine with the pinned onnxruntime "
                     "(`mlamoe compile --model tiny --target ort-cuda --out dist/tiny-ort-cuda`) and point "
                     f"{PACKAGE_ENV} at the folder or its .tar.gz (benchmarks/gpu/README.md)")
-    root, manifest, cleanup = open_package(src)
-    try:
+    def check(manifest):
         assert manifest["target"]["name"] == "ort-cuda", f"{src}: target {manifest['target']['name']}, not ort-cuda"
-        shutil.copytree(root, tmp_path / "pkg")
-    finally:
-        cleanup()
-    return tmp_path / "pkg"
+    return package_copy(src, tmp_path / "pkg", check)
 
 
 @pytest.fixture(scope="module")

@@ -231,19 +231,15 @@ def test_verify_golden_runs_the_gears(pkg):
 
 @pytest.fixture
 def gpu_gears_package(tmp_path):
-    from pipeline.package import open_package
+    from conftest import package_copy
     src = os.environ.get(PACKAGE_ENV)
     if not src:
         pytest.skip(f"{PACKAGE_ENV} is not set: compile one on a CPU machine (`mlamoe compile --model tiny --target "
                     f"ort-cuda --decode-gears 16,64 --out dist/tiny-ort-cuda-gears`) and point {PACKAGE_ENV} at it "
                     "(benchmarks/gpu/cuda_graph.sh)")
-    root, manifest, cleanup = open_package(src)
-    try:
+    def check(manifest):
         assert manifest["io"].get("decode_gears"), f"{src}: no decode gears"
-        shutil.copytree(root, tmp_path / "pkg")
-    finally:
-        cleanup()
-    return tmp_path / "pkg"
+    return package_copy(src, tmp_path / "pkg", check)
 
 
 @pytest.mark.gpu

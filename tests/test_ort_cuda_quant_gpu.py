@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -27,20 +26,16 @@ SCHEME_OPS = {"int8": ("MatMulNBits", "QMoE", "MoE"), "int4": ("MatMulNBits", "Q
 
 @pytest.fixture
 def quant_package(tmp_path):
-    from pipeline.package import open_package
+    from conftest import package_copy
     src = os.environ.get(PACKAGE_ENV)
     if not src:
         pytest.skip(f"{PACKAGE_ENV} is not set: compile a quantized package on a CPU machine (`mlamoe compile --model "
                     "tiny --target ort-cuda --quant int8|int4|fp8 --out dist/tiny-ort-cuda-int8`) and point it there")
-    root, manifest, cleanup = open_package(src)
-    try:
+    def check(manifest):
         if manifest["target"].get("quantization") not in QUANTIZED:
             pytest.skip(f"{src}: an ort-cuda package of quantization {manifest['target'].get('quantization')!r}, "
                         f"not one of {', '.join(QUANTIZED)}")
-        shutil.copytree(root, tmp_path / "pkg")
-    finally:
-        cleanup()
-    return tmp_path / "pkg"
+    return package_copy(src, tmp_path / "pkg", check)
 
 
 @pytest.mark.gpu

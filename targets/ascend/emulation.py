@@ -511,24 +511,32 @@ def emulate(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], keep_fp32: d
     with tempfile.TemporaryDirectory(prefix="mlamoe-emul-") as tmp:
         folder = Path(work) if work else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        p16, p32, d16, d32 = {}, {}, {}, {}
-        for name, (_, path) in graphs.items():
-            m32 = ir.load(path)
-            m16 = to_fp16(m32, keep_fp32.get(name, []))
-            if routing_aware:
-                d16[name] = expose_routing(m16, scores=False)
-                d32[name] = expose_routing(m32, scores=True)
-                p32[name] = folder / f"{name}.fp32.routing.onnx"
-                ir.save(m32, p32[name])
-            p16[name] = folder / f"{name}.fp16.onnx"
-            ir.save(m16, p16[name])
-            del m32, m16
         if routing_aware:
-            runner = RoutingRunner(ort_sessions(p16), specs, model.config, d16)
-            ref = RoutingRunner(ort_sessions(p32), specs, model.config, d32)
+            pairs = ((name, m32, to_fp16(m32, keep_fp32.get(name, [])))
+                     for name, (_, path) in graphs.items() for m32 in [ir.load(path)])
+            runner, ref = _routing_runners(model.config, specs, pairs, folder, "fp16", act_scores=False)
         else:
+            p16 = {}
+            for name, (_, path) in graphs.items():
+                p16[name] = folder / f"{name}.fp16.onnx"
+                ir.save(to_fp16(ir.load(path), keep_fp32.get(name, [])), p16[name])
             runner, ref = StaticRunner(ort_sessions(p16), specs, model.config), None
         return compare_runs(model, runner, stage, prompt_len, decode_steps, gen_tokens, seed, routing_ref=ref)
+
+
+def _routing_runners(cfg, specs: dict, pairs, folder: Path, tag: str, act_scores: bool):
+    """(runner over the lossy graphs, reference runner over the fp32 ones) from (name, fp32 ir.Model, lossy ir.Model)
+    triples, taken one at a time (a lazy iterable keeps one pair in memory): comparison-only copies with every
+    routing TopK exposed (the fp32 ones with their ranked scores, the lossy ones too when act_scores), saved in
+    folder."""
+    pa, pr, da, dr = {}, {}, {}, {}
+    for name, m32, mact in pairs:
+        da[name] = expose_routing(mact, scores=act_scores)
+        dr[name] = expose_routing(m32, scores=True)
+        pa[name], pr[name] = folder / f"{name}.{tag}.onnx", folder / f"{name}.fp32.routing.onnx"
+        ir.save(mact, pa[name])
+        ir.save(m32, pr[name])
+    return (RoutingRunner(ort_sessions(pa), specs, cfg, da), RoutingRunner(ort_sessions(pr), specs, cfg, dr))
 
 
 def quant_parity(model, fp32_graphs: dict[str, tuple[StaticGraphSpec, Path]],
@@ -540,18 +548,8 @@ def quant_parity(model, fp32_graphs: dict[str, tuple[StaticGraphSpec, Path]],
     budget and reported (compare_runs with routing_ref; share of flips from the stage's budget)."""
     specs = {n: s for n, (s, _) in graphs.items()}
     with tempfile.TemporaryDirectory(prefix="mlamoe-quant-routing-") as tmp:
-        folder = Path(tmp)
-        pq, p32, dq, d32 = {}, {}, {}, {}
-        for name, (_, path) in graphs.items():
-            mq, m32 = ir.load(path), ir.load(fp32_graphs[name][1])
-            dq[name] = expose_routing(mq, scores=True)
-            d32[name] = expose_routing(m32, scores=True)
-            pq[name], p32[name] = folder / f"{name}.quant.routing.onnx", folder / f"{name}.fp32.routing.onnx"
-            ir.save(mq, pq[name])
-            ir.save(m32, p32[name])
-            del mq, m32
-        runner = RoutingRunner(ort_sessions(pq), specs, model.config, dq)
-        ref = RoutingRunner(ort_sessions(p32), specs, model.config, d32)
+        pairs = ((name, ir.load(fp32_graphs[name][1]), ir.load(path)) for name, (_, path) in graphs.items())
+        runner, ref = _routing_runners(model.config, specs, pairs, Path(tmp), "quant.routing", act_scores=True)
         return compare_runs(model, runner, stage, prompt_len, decode_steps, gen_tokens, seed, routing_ref=ref)
 
 

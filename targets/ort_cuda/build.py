@@ -38,7 +38,7 @@ import onnxruntime as ort
 from passes.fp16_rounding import rounding_twin
 from pipeline import fp16_reference
 from pipeline.build import (GRAPHS, BuildContext, RoutingProbe, assemble_package, check_quant_cases, family_passes,
-                            moe_routers, run_graph_stages, skipped_passes, write_tokenizer)
+                            moe_routers, run_cast, run_graph_stages, skipped_passes, write_tokenizer)
 from pipeline.error_profile import write_error_profile
 from pipeline.export import save_graph
 from pipeline.golden import Golden, GoldenCase, make_golden, save_golden
@@ -121,10 +121,7 @@ def _fp16_case_reports(stage, golden, model, layout, routers, probe, sessions, q
                                          r["actual_gates"], routers, ref16, unforced=r["unforced"],
                                          forced_router_probs=r["router_probs"], **kw)
         else:
-            sess = sessions[case.graph]
-            types = {i.name: cuda_runtime._ORT_TYPES[i.type] for i in sess.get_inputs()}
-            feeds = {n: np.asarray(a).astype(types[n], copy=False) for n, a in case.inputs.items()}
-            got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+            got = run_cast(sessions[case.graph], case.inputs)
             got = {n: got[n].astype(np.float32) for n in case.outputs}
             report = compare_fp16(f"{stage}/{case.name}", case.outputs, got, ref16, **kw)
         if results is not None:
