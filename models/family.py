@@ -24,11 +24,15 @@ class StaticStep:
     its growing axis fixed to M; a step at `position` overwrites rows position .. position+S-1.
 
     constants(attention module) -> {name: tensor} precomputed per layer from its weights;
-    attention(module, x, cos, sin, mask, write, covered, past, const, softmax) -> (out, present)."""
+    modules(attention module) -> {name: torch module} per layer (a family's own fp32 islands, so that their nodes
+    carry the module's scope in their names; None: none);
+    attention(module, x, cos, sin, mask, write, covered, past, const, softmax) -> (out, present), where
+    const(name) gives this layer's constant or module by name."""
 
     layout: str
     constants: Callable[[Any], dict]
     attention: Callable[..., tuple]
+    modules: Callable[[Any], dict] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,6 +30,14 @@ def constants(attn: MLA) -> dict[str, torch.Tensor]:
     return {"w_uk": w_uk.clone().contiguous(), "w_uv_t": w_uv.transpose(1, 2).contiguous()}
 
 
+def write_rows(past: torch.Tensor, rows: torch.Tensor, write, covered) -> torch.Tensor:
+    """past [B, M, w] with rows [B, S, w] written at position .. position+S-1 (module docstring)."""
+    if rows.shape[1] == 1:  # decode: the new row broadcasts over M, selected where key_pos == position
+        return torch.where(write.transpose(1, 2), rows, past)  # write^T [B, M, 1] bool
+    place = write.transpose(1, 2).to(rows.dtype)  # prefill: one-hot [B, M, S] @ rows [B, S, w]
+    return torch.where(covered, place @ rows, past)
+
+
 def attention(attn: MLA, x, cos, sin, mask, write, covered, past: tuple, const: Callable[[str], torch.Tensor],
               softmax: Callable) -> tuple[torch.Tensor, tuple]:
     """One layer's attention at fixed shapes -> out [B, S, hidden], present (c_kv, k_pe) [B, M, .].
@@ -48,14 +56,7 @@ def attention(attn: MLA, x, cos, sin, mask, write, covered, past: tuple, const: 
     c, k_pe = attn.kv_a_proj_with_mqa(x).split([attn.kv_lora_rank, rope], dim=-1)
     c = attn.kv_a_layernorm(c)
     k_pe = apply_rope(k_pe, cos, sin)  # [B, S, rope]
-    if S == 1:  # decode: the new row broadcasts over M, selected where key_pos == position
-        sel = write.transpose(1, 2)  # [B, M, 1] bool
-        c_all = torch.where(sel, c, past_c)
-        pe_all = torch.where(sel, k_pe, past_pe)
-    else:  # prefill: one-hot [B, M, S] @ rows [B, S, .] places each new row at its position
-        place = write.transpose(1, 2).to(c.dtype)
-        c_all = torch.where(covered, place @ c, past_c)
-        pe_all = torch.where(covered, place @ k_pe, past_pe)
+    c_all, pe_all = write_rows(past_c, c, write, covered), write_rows(past_pe, k_pe, write, covered)
     q_lat = q_nope @ const("w_uk")  # [B, H, S, r]
     c_t = c_all.unsqueeze(1)  # [B, 1, M, r]
     scores = q_lat @ c_t.transpose(2, 3) + q_pe @ pe_all.unsqueeze(1).transpose(2, 3)  # [B, H, S, M]

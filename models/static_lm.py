@@ -160,6 +160,9 @@ class StaticCausalLM(nn.Module):
             for i, layer in enumerate(model.model.layers):
                 for name, t in self.static_step.constants(layer.self_attn).items():
                     self.register_buffer(f"{name}_{i}", t, persistent=False)
+                if self.static_step.modules is not None:
+                    for name, module in self.static_step.modules(layer.self_attn).items():
+                        self.add_module(f"{name}_{i}", module)
                 if isinstance(layer.mlp, MoE):
                     ex = layer.mlp.experts
                     g = torch.stack([e.gate_proj.weight for e in ex])  # [E, inter, h]

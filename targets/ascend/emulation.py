@@ -158,6 +158,7 @@ Where the lossy graph's ranked scores are seen too (quant_parity), the limit is 
 parity.FLIP_MARGIN_FACTOR x 2 x the most the stage moved that TopK's scores in that run (parity's rule)."""
 
 _ROUTER_SCOPE = re.compile(r"(?:^|/)routers\.(\d+)/")
+_INDEXER_SCOPE = re.compile(r"(?:^|/)index_select_\d+[./]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +179,8 @@ def _decision_nodes(model: ir.Model) -> list[tuple[ir.Node, int | str, int, int]
     for node in model.graph:
         if node.op_type != "TopK" or len(node.outputs) < 2:
             continue
+        if _INDEXER_SCOPE.search(node.name or ""):
+            continue  # DeepSeek-V3.2's indexer top-k, not a router's: judged by the numbers it leads to
         idx = node.outputs[1]
         if not idx.uses() and not idx.is_graph_output():
             continue  # e.g. the per-group top-2, whose values alone make the group score

@@ -11,7 +11,9 @@ graphs of targets/ascend/static_export.py after export, before the profile check
                per-token dynamic (dense MLP, shared experts, routed experts): s = max(amax|x|, 1e-8)/127
                over the token's row, x' = clip(round(x / s), -127, 127) * s, as standard ops.
   never        embeddings (Gather tables), lm_head, norms, the router gate, the absorbed kv_b_proj
-               constants W_UK / W_UV (rank-3 batched MatMul constants, not linear sites).
+               constants W_UK / W_UV (rank-3 batched MatMul constants, not linear sites), DeepSeek-V3.2's
+               lightning indexer (wq_b, wk, weights_proj: its top-k is a discrete choice, kept fp32 as
+               the router is).
 
 Two kinds of site:
 - rank-2 linear sites (MatMul/Gemm on a 2-D fp32 initializer): passes.quant_w8a8.W8A8Pass.
@@ -52,6 +54,7 @@ from passes.quant_weights import (DEFAULT_EXCLUDE, QuantizationError, QuantRepor
 
 EXPERT_TABLE = re.compile(r"^moe_(gate|up|down|gate_up_t|down_t)_(\d+)$")
 EXPERT_EXCLUDE = ("moe_*",)  # the stacked expert tables: quantized by quantize_experts, not W8A8Pass
+INDEXER_EXCLUDE = ("*indexer*",)  # DeepSeek-V3.2's lightning indexer stays fp32 (its top-k is a discrete choice)
 QUANT_NODE_MARKERS = (".a8.", ".a8s.")
 _PATH_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Expand"}
 
@@ -235,15 +238,15 @@ def quantize_static_graph(model: ir.Model, cfg, calibration: Mapping[str, float]
     if missing:
         raise AscendQuantError(f"no calibrated amax for {missing[:4]}{' ...' if len(missing) > 4 else ''}: "
                                "calibrate on a static graph of the same model (calibrate_static)")
-    p = W8A8Pass(calibration={a: calibration[k] for a, k in keys.items()}, exclude=DEFAULT_EXCLUDE + EXPERT_EXCLUDE)
+    p = W8A8Pass(calibration={a: calibration[k] for a, k in keys.items()}, exclude=DEFAULT_EXCLUDE + EXPERT_EXCLUDE + INDEXER_EXCLUDE)
     p(model)
     rep = p.report
     rep.skipped = [s for s in rep.skipped if not EXPERT_TABLE.match(s.get("weight") or "")]
     n = quantize_experts(model, cfg, rep)
     rep.notes.append(f"{n} stacked routed-expert tables: per-channel int8 (per expert output channel), per-token "
                      "dynamic activations")
-    rep.notes.append("not quantized: embeddings, norms, lm_head, router gate, and the absorbed kv_b_proj "
-                     "(W_UK / W_UV rank-3 constants of the latent attention)")
+    rep.notes.append("not quantized: embeddings, norms, lm_head, router gate, the absorbed kv_b_proj "
+                     "(W_UK / W_UV rank-3 constants of the latent attention) and DeepSeek-V3.2's lightning indexer")
     rep.weights_bytes_before = before
     rep.weights_bytes_after = initializer_bytes(model.graph)
     common_passes.TopologicalSortPass()(model)

@@ -23,12 +23,15 @@ FP32_ISLANDS = {
     "softmax": ("attn_softmax.",),
     "norm": ("layernorm/", "model.norm/"),
     "router": ("routers.",),
+    "indexer": ("self_attn.indexer.", "index_select_"),
 }
-"""Name fragments of the nodes ATC must keep in fp32 under mixed precision (--keep_dtype)."""
+"""Name fragments of the nodes ATC must keep in fp32 under mixed precision (--keep_dtype); "indexer": DeepSeek-V3.2's
+lightning indexer (its projections and its scoring + top-k, models/v32_static.py), whose top-k over fp16 scores
+would choose other keys at near ties."""
 
 
 def fp32_island_nodes(model_ir: ir.Model) -> dict[str, list[str]]:
-    """{island kind: [node names]} for the attention softmax, every RMSNorm and the MoE router."""
+    """{island kind: [node names]} for the attention softmax, every RMSNorm, the MoE router and the indexer."""
     out: dict[str, list[str]] = {k: [] for k in FP32_ISLANDS}
     for node in model_ir.graph:
         name = node.name or ""
