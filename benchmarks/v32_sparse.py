@@ -9,7 +9,14 @@ Graphs timed (batch 1, fp32, one new token per call, a random cache of the given
   dense   the same model without the indexer (a DeepSeek-V3 config with the same dimensions, the V3.2 state dict
           minus the indexer's weights), exported and fused by the same pass: V3's absorbed decode over all T rows
 Both graphs are otherwise the same model (MoE, norms, projections): the ratio is what the top-k selection buys.
-Medians (and mins) of `repeats` calls after warm-up, the two forms in alternating blocks (benchmarks.time_blocks).
+Those two dynamic graphs return present = past + the new row (the IO contract of the dynamic graphs), so every step
+copies the whole cache. With `static` (the default) two more forms are timed in the same blocks:
+  sparse-static, dense-static  the family's fixed-shape decode (models/static_lm.py; V3.2: models/v32_static.py, the
+          dense twin: models/mla_static.py) exported with its cache preallocated at the cache length, position at the
+          last row, the row write made an in-place ScatterND (passes/static_cache_write.py) and present.* bound to
+          past.*'s buffer through IOBinding: the step writes one row per cache tensor (checked: exactly one row
+          changes), the decode a serving loop over a preallocated cache runs.
+Medians (and mins) of `repeats` calls after warm-up, the forms in alternating blocks (benchmarks.time_blocks).
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ import onnxruntime as ort  # noqa: E402
 from benchmarks import time_blocks  # noqa: E402
 
 FORMS = ("sparse", "dense")
+STATIC_FORMS = ("sparse-static", "dense-static")
 
 
 def dense_twin(model):
@@ -66,6 +74,46 @@ def decode_graphs(model_name: str) -> tuple[dict[str, bytes], dict[str, list]]:
         del g
         gc.collect()
     return blobs, reports
+
+
+def static_decode(model, length: int, threads: int):
+    """(run(), rows changed by one call) for the fixed-shape decode of `model` with its cache preallocated at
+    `length` rows (module docstring): random cache, the token at position length - 1, present bound to past."""
+    from passes.static_cache_write import StaticCacheWritePass
+    from pipeline.static_export import StaticGraphSpec, export_static_graph
+    g = export_static_graph(model, StaticGraphSpec("decode", 1, 1, length, "gather"))
+    write = StaticCacheWritePass()
+    write(g)
+    if write.rewritten == 0 or write.skipped:
+        raise RuntimeError(f"static decode at {length}: cache write not rewritten in place ({write.skipped})")
+    sess = _session(ir.to_proto(g).SerializeToString(), threads)
+    del g
+    rng = np.random.default_rng(0)
+    io, bufs = sess.io_binding(), {}
+    for i in sess.get_inputs():
+        if i.name == "input_ids":
+            a = rng.integers(0, model.config.vocab_size, (1, 1)).astype(np.int32)
+        elif i.name == "position":
+            a = np.array([length - 1], np.int32)
+        else:
+            a = rng.standard_normal(i.shape, dtype=np.float32)
+        bufs[i.name] = a
+        io.bind_cpu_input(i.name, a)
+    for o in sess.get_outputs():
+        if o.name.startswith("present."):
+            a = bufs["past." + o.name[len("present."):]]
+            io.bind_output(o.name, "cpu", 0, np.float32, list(a.shape), a.ctypes.data)
+        else:
+            io.bind_output(o.name, "cpu")
+    before = {k: v.copy() for k, v in bufs.items() if k.startswith("past.")}
+    sess.run_with_iobinding(io)
+    changed = max(int((bufs[k] != v).any(axis=-1).sum()) for k, v in before.items())
+    del before
+
+    def run():
+        sess.run_with_iobinding(io)
+    run.keep = (sess, io, bufs)  # the buffers the binding points at live as long as the callable
+    return run, changed
 
 
 def _session(blob: bytes, threads: int) -> ort.InferenceSession:
@@ -126,7 +174,7 @@ def append_share_ms(blob: bytes, feeds: dict, threads: int, runs: int = 3) -> tu
 
 
 def bench_v32_sparse(model_name: str = "small-v32", cache_lengths=(8192, 32768, 131072), threads: int = 2,
-                     warmup: int = 2, repeats: int = 8, profile: bool = True) -> dict:
+                     warmup: int = 2, repeats: int = 8, profile: bool = True, static: bool = True) -> dict:
     """Decode ms/token per form and cache length, and dense/sparse per length (medians). profile: also the ms per
     call spent in the cache-append Concats (present = past + the new row: a copy of the whole cache each step,
     the graph IO contract of every family) against all kernels, from ORT's profiler (which inflates the many small
@@ -138,22 +186,44 @@ def bench_v32_sparse(model_name: str = "small-v32", cache_lengths=(8192, 32768, 
     blobs, reports = decode_graphs(model_name)
     export_s = time.perf_counter() - t0
     sessions = {form: _session(blobs[form], threads) for form in FORMS}
-    med: dict[str, dict[int, float]] = {f: {} for f in FORMS}
+    forms = FORMS + (STATIC_FORMS if static else ())
+    med: dict[str, dict[int, float]] = {f: {} for f in forms}
     append: dict[str, dict[int, float]] = {f: {} for f in FORMS}
     kernels: dict[str, dict[int, float]] = {f: {} for f in FORMS}
-    low: dict[str, dict[int, float]] = {f: {} for f in FORMS}
+    low: dict[str, dict[int, float]] = {f: {} for f in forms}
+    rows_written: dict[str, dict[int, int]] = {f: {} for f in STATIC_FORMS}
+    static_export_s = 0.0
+    if static:
+        import models
+        sparse_model = models.load(model_name, seed=0)
+        twins = {"sparse-static": sparse_model, "dense-static": dense_twin(sparse_model)}
     for n in cache_lengths:
         feeds = {f: _feeds(s, int(n), cfg.vocab_size) for f, s in sessions.items()}
-        times = time_blocks({f: (lambda s=s, f=f: s.run(None, feeds[f])) for f, s in sessions.items()},
-                            repeats, warmup, 2)
+        run = {f: (lambda s=s, f=f: s.run(None, feeds[f])) for f, s in sessions.items()}
+        if static:
+            t0 = time.perf_counter()
+            for f, m in twins.items():
+                run[f], rows_written[f][int(n)] = static_decode(m, int(n), threads)
+            static_export_s += time.perf_counter() - t0
+        times = time_blocks(run, repeats, warmup, 2)
         for f, ts in times.items():
             med[f][int(n)], low[f][int(n)] = statistics.median(ts), min(ts)
+        del run
+        gc.collect()
         if profile:
             for f in FORMS:
                 append[f][int(n)], kernels[f][int(n)] = append_share_ms(blobs[f], feeds[f], threads)
         del feeds
         gc.collect()
-    return {
+    extra = {}
+    if static:
+        extra = {
+            "static_dense_over_sparse": {n: med["dense-static"][n] / med["sparse-static"][n] for n in med["sparse"]},
+            "best_dense_over_best_sparse": {
+                n: min(med["dense"][n], med["dense-static"][n]) / min(med["sparse"][n], med["sparse-static"][n])
+                for n in med["sparse"]},
+            "static_rows_written_per_step": rows_written, "static_export_s": static_export_s}
+    return {**extra,
         "model": model_name, "threads": threads, "cache_lengths": [int(n) for n in cache_lengths],
         "index_topk": cfg.index_topk, "decode_ms": med, "decode_min_ms": low,
         "dense_over_sparse": {n: med["dense"][n] / med["sparse"][n] for n in med["sparse"]},
@@ -174,11 +244,18 @@ def format_table(r: dict) -> str:
              "batch 1, ms/token (median, min)",
              "| form | " + " | ".join(f"past {n // 1024}K" for n in lengths) + " |", "|" + "---|" * (len(lengths) + 1)]
     label = {"sparse": "sparse: indexer + absorbed MLA over top-k gathered rows",
-             "dense": "dense: absorbed MLA over all T rows (V3 twin)"}
-    for f in FORMS:
+             "dense": "dense: absorbed MLA over all T rows (V3 twin)",
+             "sparse-static": "sparse, fixed-shape, cache written in place",
+             "dense-static": "dense, fixed-shape, cache written in place"}
+    for f in [f for f in FORMS + STATIC_FORMS if f in r["decode_ms"]]:
         lines.append(f"| {label[f]} | " + " | ".join(f"{r['decode_ms'][f][n]:.1f} ({r['decode_min_ms'][f][n]:.1f})"
                                                      for n in lengths) + " |")
     lines.append("| dense / sparse | " + " | ".join(f"{r['dense_over_sparse'][n]:.2f}x" for n in lengths) + " |")
+    if "static_dense_over_sparse" in r:
+        lines.append("| dense / sparse, fixed-shape in place | " + " | ".join(
+            f"{r['static_dense_over_sparse'][n]:.2f}x" for n in lengths) + " |")
+        lines.append("| fastest dense / fastest sparse | " + " | ".join(
+            f"{r['best_dense_over_best_sparse'][n]:.2f}x" for n in lengths) + " |")
     prof = r.get("profile_ms", {}).get("cache_append_concat", {})
     if prof.get("sparse"):
         for f in FORMS:
