@@ -190,7 +190,10 @@ def test_damaged_weights_file_is_caught_naming_it(packages, tmp_path, target, da
         want = f"onnx/{WEIGHTS_FILE}: sha256 mismatch"
     with pytest.raises(PackageError) as e:
         verify_package(pkg)
-    assert any(p.startswith(want) for p in e.value.problems), e.value.problems
+    problem = next((p for p in e.value.problems if p.startswith(want)), None)
+    assert problem is not None, e.value.problems
+    graphs = sorted(f"onnx/{g.name}" for g in (pkg / "onnx").glob("*.onnx"))
+    assert all(g in problem for g in graphs), problem  # the graphs that read it are named too
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(pkg)], cwd=REPO, capture_output=True,
                        text=True)
     assert r.returncode != 0 and want in r.stdout + r.stderr, r.stdout + r.stderr
