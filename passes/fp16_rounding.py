@@ -20,7 +20,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from models.errors import MlamoeError
-from passes.ir_copy import copy_model
+from passes.ir_external import copy_model
 
 F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
 _DTYPE_ATTRS = ("to", "dtype", "output_dtype")

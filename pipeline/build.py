@@ -20,6 +20,7 @@ from models.config import DeepseekConfig
 from models.errors import MlamoeError
 from passes import PASSES, graphs_for
 from passes.cleanup import cleanup
+from passes.ir_external import session_from_model
 from runtime import ort_runtime
 from runtime.cuda_runtime import _ORT_TYPES
 
@@ -136,8 +137,9 @@ class RoutingProbe:
     def __init__(self, stage: str, paths: dict[str, Path], reference_paths: dict[str, Path], n_routers: int,
                  session_options: ort.SessionOptions):
         def session(m: Path | ir.Model):
-            src = str(m) if isinstance(m, Path) else ir.to_proto(m).SerializeToString()
-            return ort.InferenceSession(src, session_options, providers=["CPUExecutionProvider"])
+            if isinstance(m, Path):
+                return ort.InferenceSession(str(m), session_options, providers=["CPUExecutionProvider"])
+            return session_from_model(m, session_options)
 
         self.ref, self.forced, self.plain, self.n = {}, {}, {}, {}
         for g in paths:

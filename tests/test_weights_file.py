@@ -197,3 +197,23 @@ def test_damaged_weights_file_is_caught_naming_it(packages, tmp_path, target, da
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "verify", str(pkg)], cwd=REPO, capture_output=True,
                        text=True)
     assert r.returncode != 0 and want in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_in_memory_graph_over_a_shared_file_runs_and_copies(tmp_path):
+    """A graph loaded from a shared file runs from bytes (session_from_model tells ORT the folder: without it ORT
+    refuses) and copy_model keeps its weights while the copy's types are its own."""
+    from passes.ir_external import copy_model, session_from_model
+    with WeightsFile(tmp_path / "w") as w:
+        for f, m in _graphs().items():
+            w.save(m, f)
+    want = _run(tmp_path / "w" / "first.onnx")
+    m = ir.load(tmp_path / "w" / "first.onnx")
+    x = {"x": np.linspace(0, 1, N, dtype=np.float32)[None]}
+    with pytest.raises(Exception, match="[Ee]xternal data"):
+        ort.InferenceSession(ir.to_proto(m).SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session_from_model(m).run(None, x)[0], want)
+    c = copy_model(m)
+    assert isinstance(c.graph.initializers["wa"].const_value, ir.ExternalTensor)
+    np.testing.assert_array_equal(session_from_model(c).run(None, x)[0], want)
+    c.graph.outputs[0].dtype = ir.DataType.FLOAT16
+    assert m.graph.outputs[0].dtype == ir.DataType.FLOAT

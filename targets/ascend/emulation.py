@@ -57,7 +57,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from passes.ir_copy import copy_model
+from passes.ir_external import copy_model
 from pipeline.export import save_graph
 from pipeline.parity import BUDGETS, FLIP_MARGIN_FACTOR, ParityError, ParityReport, budget_for, compare
 
