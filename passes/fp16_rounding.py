@@ -20,6 +20,7 @@ import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from models.errors import MlamoeError
+from passes.ir_external import copy_model
 
 F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
 _DTYPE_ATTRS = ("to", "dtype", "output_dtype")
@@ -47,7 +48,7 @@ def _fp32_tensor(t, name: str):
 
 def rounding_twin(model: ir.Model) -> ir.Model:
     """A copy of the fp16 graph `model` computing in fp32 with an explicit fp16 rounding of every fp16 tensor."""
-    m = ir.from_proto(ir.to_proto(model))
+    m = copy_model(model)
     infer_dtypes(m)
     g = m.graph
     for v in g.initializers.values():

@@ -41,6 +41,7 @@ import numpy as np
 import onnx_ir as ir
 
 from models.errors import MlamoeError
+from passes.ir_external import session_from_model
 
 ROLES = ("attention", "mlp", "router", "lm_head")
 DEFAULT_EXCLUDE = ("lm_head", "router")
@@ -132,7 +133,7 @@ def session_with_outputs(model_ir: ir.Model, extra_outputs: Iterable[str] = (), 
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return session_from_model(model_ir, so, proto=proto)
 
 
 def initializer_bytes(graph: ir.Graph) -> int:

@@ -20,10 +20,12 @@ from models.config import DeepseekConfig
 from models.errors import MlamoeError
 from passes import PASSES, graphs_for
 from passes.cleanup import cleanup
+from passes.ir_external import session_from_model
 from runtime import ort_runtime
 from runtime.cuda_runtime import _ORT_TYPES
 
 from .export import export_graphs, save_graph
+from .weights_file import WeightsFile, weights_section
 from .golden import Golden, GoldenCase, save_golden
 from .io_spec import cache_spec, graph_io
 from .parity import Router, budget_for, compare, compare_routed
@@ -135,8 +137,9 @@ class RoutingProbe:
     def __init__(self, stage: str, paths: dict[str, Path], reference_paths: dict[str, Path], n_routers: int,
                  session_options: ort.SessionOptions):
         def session(m: Path | ir.Model):
-            src = str(m) if isinstance(m, Path) else ir.to_proto(m).SerializeToString()
-            return ort.InferenceSession(src, session_options, providers=["CPUExecutionProvider"])
+            if isinstance(m, Path):
+                return ort.InferenceSession(str(m), session_options, providers=["CPUExecutionProvider"])
+            return session_from_model(m, session_options)
 
         self.ref, self.forced, self.plain, self.n = {}, {}, {}, {}
         for g in paths:
@@ -204,19 +207,30 @@ def check_quant_cases(runner: StageRunner, record: StageRecord, stage: str, mode
 
 
 def assemble_package(pkg: Path, target_dir: Path, target_rec: StageRecord, runtime_file: Path, golden: Golden,
-                     profile, vocab_size: int, cache: dict) -> tuple[dict, dict]:
-    """Copy the target stage's graphs to onnx/, the runtime to runtime/, write golden/;
-    -> (the manifest's "golden" section, its "io" section)."""
+                     profile, vocab_size: int, cache: dict,
+                     extra_graphs: dict[str, Path] | None = None) -> tuple[dict, dict]:
+    """Save the target stage's graphs (and `extra_graphs`, {file name in onnx/: saved graph}) into onnx/ over one
+    shared weights file (pipeline/weights_file.py: each distinct initializer stored once), copy the runtime to
+    runtime/, write golden/; -> (the manifest's "golden" section, its "io" section, whose "weights" names the
+    shared file)."""
     (pkg / "onnx").mkdir()
-    for rel in target_rec.outputs:
-        shutil.copyfile(target_dir / rel, pkg / "onnx" / rel)
+    graph_files = {f"{g}.onnx" for g in GRAPHS}
+    with WeightsFile(pkg / "onnx") as weights:
+        for g in GRAPHS:
+            weights.save_file(target_dir / f"{g}.onnx")  # ORT-optimized graphs: ONNX's checker does not know them
+        for name, src in (extra_graphs or {}).items():
+            weights.save_file(src, name)
+    for rel in target_rec.outputs:  # anything else the target stage wrote (not the graphs' own weights files)
+        if rel not in graph_files and not rel.endswith(".onnx.data"):
+            shutil.copyfile(target_dir / rel, pkg / "onnx" / rel)
     (pkg / "runtime").mkdir()
     shutil.copyfile(runtime_file, pkg / "runtime" / runtime_file.name)
     golden_section = save_golden(golden, pkg / "golden", pkg)
     tol = budget_for(profile.parity_stage)
     golden_section["tolerance"] = {"atol": tol.atol, "rtol": tol.rtol, "stage": profile.parity_stage}
     io = {"vocab_size": vocab_size, "cache": cache,
-          "graphs": {g: {"file": f"onnx/{g}.onnx", **graph_io(pkg / "onnx" / f"{g}.onnx")} for g in GRAPHS}}
+          "graphs": {g: {"file": f"onnx/{g}.onnx", **graph_io(pkg / "onnx" / f"{g}.onnx")} for g in GRAPHS},
+          "weights": weights_section(weights, "onnx")}
     return golden_section, io
 
 

@@ -186,8 +186,11 @@ def weights_bytes(model_ir: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model_ir.graph.initializers.values() if v.const_value is not None)
 
 
-def save_graph(model_ir: ir.Model, path: Path) -> list[Path]:
-    """Save a graph; weights go to `<name>.onnx.data` beside it when the model is large.
+def save_graph(model_ir: ir.Model, path: Path, check: bool = True) -> list[Path]:
+    """Save a graph on its own; weights go to `<name>.onnx.data` beside it when the model is large. A graph whose
+    weights are references into another folder's data file (a package graph over its shared weights file,
+    pipeline/weights_file.py) gets its own copy here. A package's graphs share one file: pipeline.weights_file.
+    check: ONNX's checker on the saved file (off for graphs of ops only ONNX Runtime knows).
 
     Returns the files written (the .onnx and, if any, its external data file).
     """
@@ -202,7 +205,8 @@ def save_graph(model_ir: ir.Model, path: Path) -> list[Path]:
     if (path.parent / data_name).exists():
         os.remove(path.parent / data_name)
     ir.save(model_ir, path, external_data=data_name if external else None)
-    check_graph(path)
+    if check:
+        check_graph(path)
     return [path] + ([path.parent / data_name] if external else [])
 
 

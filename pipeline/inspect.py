@@ -46,6 +46,10 @@ def describe(manifest: dict, build_log: dict | None = None) -> str:
                 out.append(f"    ... {more} more {kind} (past./present. cache tensors per layer)")
     files = manifest["files"]
     out += ["", f"files     {len(files)} files, {sum(f['size'] for f in files):,} bytes"]
+    w = manifest.get("io", {}).get("weights") or manifest.get("ascend", {}).get("weights")
+    if isinstance(w, dict) and "file" in w:
+        out.append(f"weights   {w['file']}: {w.get('bytes', 0):,} bytes shared by {len(w.get('graphs', []))} graphs "
+                   f"(separate files would hold the {w.get('referenced_bytes', 0):,} bytes they reference)")
     ver = manifest.get("verification", {})
     for v in ver.get("verified_here", []):
         out.append(f"verified  {v}")

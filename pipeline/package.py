@@ -828,12 +828,27 @@ def archive_check(path: str | os.PathLike) -> tuple[bool, str]:
     return True, f"ok   archive: {tar.name} sha256 {got} matches {folder.name}/{MANIFEST_NAME}"
 
 
+def _weights_users(problems: list[str], manifest: dict) -> list[str]:
+    """A problem with a package's shared weights file (pipeline/weights_file.py: the manifest's io.weights or
+    ascend.weights) also names the graphs that read it: every one of them is damaged with it."""
+    sections = [s for s in (manifest.get("io", {}).get("weights"), manifest.get("ascend", {}).get("weights"))
+                if isinstance(s, dict) and isinstance(s.get("file"), str)]
+    out = []
+    for p in problems:
+        for sec in sections:
+            if p.startswith(f"{sec['file']}: ") and isinstance(sec.get("graphs"), list):
+                p += (f" [the shared weights of {', '.join(map(str, sec['graphs']))}: every one of them reads it; "
+                      "copy the package again or rebuild it]")
+        out.append(p)
+    return out
+
+
 def verify_package(path: str | os.PathLike, tmp_root: str | os.PathLike | None = None) -> list[str]:
     """Re-hash every file of a package folder or .tar.gz against its manifest. Returns [] when all
     match; otherwise raises PackageError listing each problem by file (also in `.problems`)."""
     root, manifest, cleanup = open_package(path, tmp_root)
     try:
-        problems = _check_files(root, manifest) + reference_problems(manifest)
+        problems = _weights_users(_check_files(root, manifest), manifest) + reference_problems(manifest)
     finally:
         cleanup()
     if problems:

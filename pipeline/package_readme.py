@@ -72,6 +72,7 @@ def package_readme(manifest: dict, reports: list[ParityReport]) -> str:
         "sha256 and size of every file |",
         "| `onnx/prefill.onnx`, `onnx/decode.onnx` | the graphs (prefill: any prompt length, optional past cache; "
         "decode: one token per sequence) |",
+        *_weights_rows(manifest),
         "| `runtime/ort_runtime.py` | a runner needing only numpy + onnxruntime (greedy generation, golden re-check) |",
         "| `golden/` | inputs and expected outputs (.npy) of the eager fp32 reference |",
         "| `reports/parity.json`, `reports/parity.md` | every stage's parity numbers |",
@@ -140,6 +141,14 @@ def cache_lines(cache: dict, vocab_size: int) -> list[str]:
         "- The tokens seen are read from the cache tensors' lengths; a new prompt passes every tensor empty (0 rows; "
         "fixed tensors at their empty state; runtime/ort_runtime.py's empty_cache builds them from manifest.json).",
     ]
+
+
+def _weights_rows(manifest: dict) -> list[str]:
+    w = manifest.get("io", {}).get("weights")
+    if not isinstance(w, dict) or "file" not in w:
+        return []
+    return [f"| `{w['file']}` | the weights of every graph, one copy ({w.get('bytes', 0):,} bytes; the graphs reference "
+            "it by offset, ONNX external data: keep `onnx/` together) |"]
 
 
 def _tokenizer_rows(manifest: dict) -> list[str]:

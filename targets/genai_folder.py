@@ -1,8 +1,10 @@
 """The ONNX Runtime GenAI folder of an ORT package: what `onnxruntime_genai.Model(folder)` loads.
 
-    genai/prefill.onnx, decode.onnx (+ .onnx.data when large)  the package's two graphs, cache IO in
-                                 genai's layout (passes/genai_cache_layout); genai runs prefill.onnx on
-                                 the prompt and decode.onnx on every generated token ("decoder-pipeline")
+    genai/prefill.onnx, decode.onnx  the package's two graphs, cache IO in genai's layout
+                                 (passes/genai_cache_layout); genai runs prefill.onnx on the prompt and
+                                 decode.onnx on every generated token ("decoder-pipeline")
+    genai/weights.data           their weights, one copy shared by both (pipeline/weights_file.py; the folder's
+                                 own: ONNX Runtime reads external data only from the graph's folder)
     genai/genai_config.json      targets/genai_config.py
     genai/tokenizer.json, tokenizer_config.json ...  the package's tokenizer files, as they are
 
@@ -30,26 +32,13 @@ import onnx_ir as ir
 
 from passes.genai_cache_layout import METADATA_KEY, GenaiCacheLayoutPass, join_state, split_state
 
+from pipeline.weights_file import WEIGHTS_FILE, WeightsFile
 from runtime.ort_runtime import PackageRuntime, verify_golden
 
 from .genai_config import DECODER_FILENAME, write_genai_config
 
 GENAI_DIR = "genai"
 FORMS = ("pipeline", "single")
-# weights above this go to model.onnx.data (ONNX's 2 GiB protobuf limit; the threshold of the
-# package's own graphs, pipeline/export.py)
-EXTERNAL_DATA_BYTES = int(1.5 * 2**30)
-
-
-def _save(model: ir.Model, path: Path) -> list[Path]:
-    """Save without ONNX's checker: an ort-cpu package graph is ORT-optimized (contrib ops such as
-    SimplifiedLayerNormalization in the default domain), which only ONNX Runtime loads."""
-    weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-    data = path.name + ".data" if weights > EXTERNAL_DATA_BYTES else None
-    if data is None:
-        ir.external_data.load_to_model(model)  # nothing may point at the source package's data file
-    ir.save(model, path, external_data=data)
-    return [path] + ([path.parent / data] if data else [])
 
 
 def build_genai_folder(out_dir: str | Path, graphs: dict[str, ir.Model], model_config: dict,
@@ -64,11 +53,14 @@ def build_genai_folder(out_dir: str | Path, graphs: dict[str, ir.Model], model_c
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    files: list[Path] = []
     names = {"prefill": "prefill.onnx", "decode": "decode.onnx"} if form == "pipeline" else {"prefill": DECODER_FILENAME}
-    for graph, filename in names.items():
-        GenaiCacheLayoutPass()(graphs[graph])
-        files += _save(graphs[graph], out / filename)
+    # the graphs over one weights file of the folder's own (ONNX Runtime refuses external data outside the
+    # graph's folder, so genai/ cannot reference the package's onnx/weights.data)
+    with WeightsFile(out) as weights:
+        for graph, filename in names.items():
+            GenaiCacheLayoutPass()(graphs[graph])
+            weights.save(graphs[graph], filename, check=False)  # ORT-optimized graphs: contrib ops
+    files: list[Path] = list(weights.files)
     token_gen = ("decode.onnx", graphs["decode"]) if form == "pipeline" else None
     files.append(write_genai_config(out, model_config, graphs["prefill"], filename=names["prefill"],
                                     token_gen=token_gen, max_length=max_length))
@@ -149,6 +141,7 @@ def manifest_section(package_dir: str | Path, genai_dir: str | Path) -> dict:
     dec = cfg["model"]["decoder"]
     rel = genai.relative_to(root).as_posix()
     return {"dir": rel, "config": f"{rel}/genai_config.json", "type": cfg["model"]["type"],
+            "weights": f"{rel}/{WEIGHTS_FILE}",
             "graphs": {g: f"{rel}/{f}" for g, f in graph_files(genai).items()},
             "cache": {"past_key_names": dec["inputs"]["past_key_names"],
                       "past_value_names": dec["inputs"]["past_value_names"],

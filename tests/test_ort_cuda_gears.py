@@ -14,6 +14,7 @@ import onnx
 import pytest
 
 from targets import ort_cuda
+from pipeline.weights_file import WEIGHTS_FILE
 from targets.ort_cuda import gears
 
 HAS_CUDA, NO_CUDA_REASON = ort_cuda.has_cuda_provider()
@@ -60,13 +61,15 @@ def test_package_gears_manifest_readme(pkg):
         assert f"| {g} | {per_row * g / 2**20:.2f} MiB" in readme
         assert {i["name"]: i["dtype"] for i in e["inputs"]}["position"] == "int32"
         assert [i["shape"] for i in e["inputs"] if i["name"] == "past.0.c_kv"] == [[1, g, cfg["kv_lora_rank"]]]
-    # one weights file for all gears: each large initializer stored once, referenced by every gear graph
+    # one weights file for the gears and the dynamic graphs: each large initializer stored once, referenced by
+    # every graph that uses it
     files = {g: onnx.load(str(pkg / gi["graphs"][str(g)]["file"]), load_external_data=False) for g in GEARS}
     refs = {g: {t.name: tuple((e.key, e.value) for e in t.external_data) for t in f.graph.initializer
                 if t.data_location == onnx.TensorProto.EXTERNAL} for g, f in files.items()}
     shared = [n for n in refs[16] if refs[16][n] == refs[64].get(n)]
-    assert len(shared) > 10 and all(dict(v)["location"] == gears.WEIGHTS_FILE for r in refs.values() for v in r.values())
-    assert not (pkg / "onnx" / "decode_g16.onnx.data").exists()
+    assert len(shared) > 10 and all(dict(v)["location"] == WEIGHTS_FILE for r in refs.values() for v in r.values())
+    assert gi["weights_file"] == f"onnx/{WEIGHTS_FILE}" == m["io"]["weights"]["file"]
+    assert sorted(p.name for p in (pkg / "onnx").glob("*.data")) == [WEIGHTS_FILE]
     ops = {n.op_type for n in files[16].graph.node}
     assert "ScatterND" in ops and not ops & {"MoE", "QMoE", "NonZero", "Shape", "Loop", "If"}
     stage = next(s for s in m["stages"] if s["name"] == "target/ort-cuda-gears")

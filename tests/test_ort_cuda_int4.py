@@ -16,6 +16,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
+from passes.ir_external import session_from_model
 from targets import ort_cuda
 
 F16, F32, U8 = ir.DataType.FLOAT16, ir.DataType.FLOAT, ir.DataType.UINT8
@@ -29,7 +30,7 @@ def _load(blob: bytes) -> ir.Model:
 def _session(m: ir.Model) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.log_severity_level, so.intra_op_num_threads = 3, 1
-    return ort.InferenceSession(ir.to_proto(m).SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return session_from_model(m, so)  # a package graph's weights are in onnx/weights.data: ORT is told the folder
 
 
 # ---- an independent numpy RTN with fp16 scales (written from MatMulNBits' schema and MLAS's formulas) ---------

@@ -57,6 +57,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from passes.ir_external import copy_model
+from pipeline.export import save_graph
 from pipeline.parity import BUDGETS, FLIP_MARGIN_FACTOR, ParityError, ParityReport, budget_for, compare
 
 from .static_export import INDEX_DTYPE, StaticGraphSpec, StaticRunner, ort_sessions, static_cache_spec
@@ -67,7 +69,7 @@ _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
 
 def to_fp16(model: ir.Model, keep_fp32: set[str] | list[str]) -> ir.Model:
     """A copy of `model` computing in fp16 except the nodes named in keep_fp32 (see module doc)."""
-    m = ir.from_proto(ir.to_proto(model))
+    m = copy_model(model)
     keep = set(keep_fp32)
     g = m.graph
     nodes = list(g)
@@ -139,7 +141,7 @@ def emulation_graphs(graphs: dict[str, tuple[StaticGraphSpec, Path]], keep_fp32:
     for name, (_, path) in graphs.items():
         m16 = to_fp16(ir.load(path), keep_fp32.get(name, []))
         p = folder / f"{name}.fp16.onnx"
-        ir.save(m16, p)
+        save_graph(m16, p, check=False)
         out[name] = p
     return out
 
@@ -522,7 +524,7 @@ def emulate(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], keep_fp32: d
             p16 = {}
             for name, (_, path) in graphs.items():
                 p16[name] = folder / f"{name}.fp16.onnx"
-                ir.save(to_fp16(ir.load(path), keep_fp32.get(name, [])), p16[name])
+                save_graph(to_fp16(ir.load(path), keep_fp32.get(name, [])), p16[name], check=False)
             runner, ref = StaticRunner(ort_sessions(p16), specs, model.config), None
         return compare_runs(model, runner, stage, prompt_len, decode_steps, gen_tokens, seed, routing_ref=ref)
 
@@ -537,8 +539,8 @@ def _routing_runners(cfg, specs: dict, pairs, folder: Path, tag: str, act_scores
         da[name] = expose_routing(mact, scores=act_scores)
         dr[name] = expose_routing(m32, scores=True)
         pa[name], pr[name] = folder / f"{name}.{tag}.onnx", folder / f"{name}.fp32.routing.onnx"
-        ir.save(mact, pa[name])
-        ir.save(m32, pr[name])
+        save_graph(mact, pa[name], check=False)  # its own copy of the weights: folder is not the package's onnx/
+        save_graph(m32, pr[name], check=False)
     return (RoutingRunner(ort_sessions(pa), specs, cfg, da), RoutingRunner(ort_sessions(pr), specs, cfg, dr))
 
 

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from pipeline.parity import ParityReport
+from pipeline.weights_file import WeightsFile, weights_section
 
 from . import atc as atc_mod
 from . import checker, emulation, kit
@@ -84,13 +85,16 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
         t = time.perf_counter()
         graphs: dict[str, tuple[StaticGraphSpec, Path]] = {}
         keep: dict[str, list[str]] = {}
-        for spec in specs:
-            m = export_static_graph(model, spec)
-            path = save_static_graph(m, fp32_dir / f"{spec.name}.onnx")
-            graphs[spec.name] = (spec, path)
-            keep[spec.name] = [n for names in fp32_island_nodes(m).values() for n in names]
-            progress(f"[ascend] exported {spec.name}: batch {spec.batch}, seq {spec.seq}, cache {spec.max_cache}, "
-                     f"{len(m.graph)} nodes")
+        with WeightsFile(fp32_dir) as weights:  # decode and every bucket over one weights file
+            for spec in specs:
+                m = export_static_graph(model, spec)
+                path = weights.save(m, f"{spec.name}.onnx")
+                graphs[spec.name] = (spec, path)
+                keep[spec.name] = [n for names in fp32_island_nodes(m).values() for n in names]
+                progress(f"[ascend] exported {spec.name}: batch {spec.batch}, seq {spec.seq}, cache {spec.max_cache}, "
+                         f"{len(m.graph)} nodes")
+                del m
+        weights_info = weights_section(weights, "onnx")
         seconds["export"] = round(time.perf_counter() - t, 3)
 
         reports: list[ParityReport] = []
@@ -102,7 +106,7 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
             for r in reports:
                 r.raise_if_failed()
             fp32_graphs = graphs
-            graphs, keep, quant_reports = _quantize_w8a8(model, graphs, package_dir, seed, progress)
+            graphs, keep, quant_reports, weights_info = _quantize_w8a8(model, graphs, package_dir, seed, progress)
             seconds["quantize"] = round(time.perf_counter() - t, 3)
 
         t = time.perf_counter()
@@ -175,6 +179,7 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
         "io": {"input_ids": "int32 [B, S]", "position": "int32 [B]",
                "cache": _cache_io(static_cache_spec(model.config))},
         "build": build_section,
+        "weights": weights_info,
         "om": {"status": result.status, "files": result.om_files, "log": result.log},
         "kit": {"verify": kit_path, "golden": f"{kit.GOLDEN_DIR}/cases.json"},
         "verification": {"verified_here": verified_here, "not_verified": not_verified},
@@ -243,16 +248,17 @@ def _quantize_w8a8(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], packa
     progress(f"[ascend] w8a8: calibrated {len(calibration)} attention activations on {cal_name} "
              f"({CALIBRATION_PROMPTS} seeded prompts of {spec.seq} tokens)")
     out, keep, reps = {}, {}, {}
-    for name, (spec, p) in graphs.items():
-        m = ir.load(p)
-        rep = quantize_static_graph(m, cfg, calibration)
-        dst = save_static_graph(m, package_dir / "onnx" / f"{name}.onnx")
-        out[name] = (spec, dst)
-        keep[name] = list(dict.fromkeys([n for names in fp32_island_nodes(m).values() for n in names]
-                                        + quant_node_names(m)))
-        reps[name] = rep.to_dict()
-        progress(f"[ascend] w8a8 {name}: {rep.summary()}")
-    return out, keep, reps
+    with WeightsFile(package_dir / "onnx") as weights:  # the QDQ graphs over one weights file
+        for name, (spec, p) in graphs.items():
+            m = ir.load(p)
+            rep = quantize_static_graph(m, cfg, calibration)
+            dst = weights.save(m, f"{name}.onnx")
+            out[name] = (spec, dst)
+            keep[name] = list(dict.fromkeys([n for names in fp32_island_nodes(m).values() for n in names]
+                                            + quant_node_names(m)))
+            reps[name] = rep.to_dict()
+            progress(f"[ascend] w8a8 {name}: {rep.summary()}")
+    return out, keep, reps, weights_section(weights, "onnx")
 
 
 CALIBRATION_PROMPTS = 4

@@ -277,11 +277,14 @@ def build_cuda_package(ctx: BuildContext) -> None:
                                for c in golden.cases], golden.prompt, tokens, step_logits)
 
         # ---- package ----------------------------------------------------------------------------------
+        gear_graphs = {} if gear_info is None else {
+            f"{gears_mod.gear_name(g)}.onnx": work / "gears" / f"{gears_mod.gear_name(g)}.onnx" for g in gear_info["gears"]}
         golden_section, io = assemble_package(pkg, tdir, target_rec, Path(cuda_runtime.__file__), expected,
-                                              profile, cfg.vocab_size, cuda_cache_spec(cfg, layout))
+                                              profile, cfg.vocab_size, cuda_cache_spec(cfg, layout),
+                                              extra_graphs=gear_graphs)
         golden_section["tolerance"].update(_fp16_tolerance(runner.reports, stage))
         if gear_info is not None:
-            io["decode_gears"] = _package_gears(pkg, work / "gears", gear_info)
+            io["decode_gears"] = _package_gears(pkg, work / "gears", gear_info, io["weights"])
         if quantized:
             if (prev_dir / "reports").is_dir():
                 shutil.copytree(prev_dir / "reports", pkg / "reports")
@@ -506,10 +509,12 @@ def _gear_stage(runner: StageRunner, model, load: StageRecord, golden: Golden, w
     return {"gears": list(gear_list), "record": rec, "spec": spec, "names": names, **reports}
 
 
-def _package_gears(pkg: Path, gear_dir: Path, info: dict) -> dict:
-    """Copy the gear files into onnx/; -> the manifest's io.decode_gears section."""
+def _package_gears(pkg: Path, gear_dir: Path, info: dict, weights: dict) -> dict:
+    """Copy the pad graphs into onnx/ (assemble_package saved the gear graphs over the package's weights file);
+    -> the manifest's io.decode_gears section."""
     from pipeline.io_spec import graph_io
-    for rel in info["record"].outputs:
+    for g in info["gears"]:
+        rel = f"{gears_mod.pad_name(g)}.onnx"
         shutil.copyfile(gear_dir / rel, pkg / "onnx" / rel)
     spec = info["spec"]
     graphs = {}
@@ -517,9 +522,8 @@ def _package_gears(pkg: Path, gear_dir: Path, info: dict) -> dict:
         f = f"onnx/{gears_mod.gear_name(g)}.onnx"
         graphs[str(g)] = {"file": f, "pad_file": f"onnx/{gears_mod.pad_name(g)}.onnx",
                           "cache_bytes": gears_mod.gear_memory(spec, g), **graph_io(pkg / f)}
-    weights = pkg / "onnx" / gears_mod.WEIGHTS_FILE
     return {"gears": info["gears"], "batch": gears_mod.GEAR_BATCH, "graphs": graphs,
-            "weights_file": f"onnx/{gears_mod.WEIGHTS_FILE}", "weights_bytes": weights.stat().st_size,
+            "weights_file": weights["file"], "weights_bytes": weights["bytes"],
             "cache_write": "in place: present.* bound to the past.* buffers, one ScatterND row per cache tensor",
             "cuda_graph": "enable_cuda_graph per gear session (runtime/cuda_runtime.py GearDecoder)",
             "prefill": "the dynamic onnx/prefill.onnx, its cache padded into the gear on the device (pad graph)",
@@ -537,9 +541,9 @@ def _gear_lines(io: dict) -> list[str]:
             "`input_ids` int32 [1, 1], `position` int32 [1], `past.*`/`present.*` fp16 [1, G, w], `logits` fp32 "
             "[1, 1, V]) over a cache preallocated at G rows; the step writes its row in place (one ScatterND per cache "
             "tensor, present bound to the same buffer as past), the MoE is the static-gather form, so that ONNX Runtime "
-            "can capture each gear as a CUDA graph (not checked here: see Verification). All gears share one weights file, "
-            f"`{gi['weights_file']}` ({gi['weights_bytes'] / mib:.2f} MiB; each gear session holds its own device copy "
-            "of the weights). `onnx/pad_g{G}.onnx` pads a cache into gear G on the device (after the dynamic prefill, "
+            "can capture each gear as a CUDA graph (not checked here: see Verification). The gears and the dynamic graphs share one "
+            f"weights file, `{gi['weights_file']}` ({gi['weights_bytes'] / mib:.2f} MiB; each gear session holds its own "
+            "device copy of the weights). `onnx/pad_g{G}.onnx` pads a cache into gear G on the device (after the dynamic prefill, "
             "and at a gear switch).", "",
             "| gear (cache rows) | preallocated fp16 cache |", "|---|---|",
             *[f"| {g} | {gi['graphs'][str(g)]['cache_bytes'] / mib:.2f} MiB ({gi['graphs'][str(g)]['cache_bytes']:,} bytes) |"

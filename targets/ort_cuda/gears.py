@@ -25,9 +25,10 @@ The graph is then:
   ScatterND of one row, whose CUDA / CPU kernels skip the copy of `past` when `present` is bound to the same buffer:
   the runtime binds them to one buffer per gear, so a step writes one row per cache tensor (no ping-pong pair).
 
-All gears of a package share one external weights file (onnx/decode_gears.onnx.data): every initializer
-identical in name and bytes across the gear graphs is stored once and referenced at its offset by each graph
-(only the gear-sized tables, RoPE cos/sin [G, rope/2] and the row-index column [G, 1], differ). ONNX Runtime reads
+All gears share one external weights file with the package's dynamic graphs (onnx/weights.data,
+pipeline/weights_file.py): every initializer identical in bytes across the graphs is stored once and referenced
+at its offset by each graph (across the gears only the gear-sized tables, RoPE cos/sin [G, rope/2] and the
+row-index column [G, 1], differ). ONNX Runtime reads
 each session's initializers from that file; on the GPU each gear session still holds its own device copy of the
 weights (the README's memory line says so).
 
@@ -37,7 +38,6 @@ A gear switch and the step from the dynamic prefill into a gear use a tiny `pad`
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +47,7 @@ import onnx_ir as ir
 from models.errors import MlamoeError
 
 GEAR_BATCH = 1
-WEIGHTS_FILE = "decode_gears.onnx.data"
-_ALIGN = 64
-_INLINE_BYTES = 1024  # initializers up to this size stay inside each .onnx
+WEIGHTS_FILE = "decode_gears.onnx.data"  # the gear stage's own folder; in the package: onnx/weights.data
 
 
 class GearError(MlamoeError):
@@ -118,39 +116,10 @@ def export_gear(model, gear: int, batch: int = GEAR_BATCH) -> tuple[ir.Model, Ge
 
 
 def save_gears(graphs: dict[str, ir.Model], folder: Path, weights_file: str = WEIGHTS_FILE) -> list[Path]:
-    """Save the gear graphs into `folder` with one shared external weights file (module doc) -> files written."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    data_path = folder / weights_file
-    stored: dict[tuple[str, str], tuple[int, int]] = {}
-    files = []
-    with open(data_path, "wb") as data:
-        for name, m in graphs.items():
-            proto = ir.to_proto(m)
-            for t in proto.graph.initializer:
-                raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
-                if len(raw) <= _INLINE_BYTES:
-                    continue
-                key = (t.name, hashlib.sha256(raw).hexdigest())
-                if key not in stored:
-                    pad = (-data.tell()) % _ALIGN
-                    data.write(b"\0" * pad)
-                    stored[key] = (data.tell(), len(raw))
-                    data.write(raw)
-                offset, length = stored[key]
-                for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
-                    t.ClearField(field)
-                t.ClearField("raw_data")
-                t.data_location = onnx.TensorProto.EXTERNAL
-                del t.external_data[:]
-                for k, v in (("location", weights_file), ("offset", str(offset)), ("length", str(length))):
-                    e = t.external_data.add()
-                    e.key, e.value = k, v
-            path = folder / f"{name}.onnx"
-            onnx.save_model(proto, str(path))
-            onnx.checker.check_model(str(path))
-            files.append(path)
-    return files + [data_path]
+    """Save the gear graphs into `folder` over one shared external weights file (pipeline/weights_file.py: each
+    distinct initializer stored once, referenced by offset from every gear) -> files written."""
+    from pipeline.weights_file import save_graphs
+    return save_graphs(folder, {f"{name}.onnx": m for name, m in graphs.items()}, name=weights_file)
 
 
 def pad_graph(input_names: list[str], widths: list[int], gear: int, batch: int = GEAR_BATCH) -> onnx.ModelProto:

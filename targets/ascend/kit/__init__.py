@@ -137,6 +137,10 @@ def kit_readme(atc_config: dict, cases_doc: dict, atc_status: str, verified_here
 |---|---|---|
 {g_lines}
 
+All graphs keep their weights in one file, `onnx/weights.data` (ONNX external data: each graph's initializers
+reference it by offset, initializers of at most 1 KiB stay inside the .onnx). ATC is given each `onnx/<graph>.onnx`
+by path and reads the external data beside it, as for any ONNX model past protobuf's 2 GB; keep `onnx/` together.
+
 Build on a host with the CANN toolkit (`source /usr/local/Ascend/ascend-toolkit/set_env.sh`; no NPU needed):
 
     bash ascend/build_om.sh check   # atc --mode=3 pre-checks only
