@@ -46,8 +46,9 @@ def from_constants(value: ir.Value | None, memo: dict | None = None) -> bool:
 
 
 def is_projection(node: ir.Node) -> bool:
-    """A linear layer of the hidden state: MatMul/Gemm by a weight (from_constants), or a quantized one
-    (com.microsoft.MatMulNBits)."""
+    """A linear layer of the hidden state: MatMul/Gemm (or ORT's FusedMatMul, a MatMul with its scale folded in) by
+    a weight (from_constants), or a quantized one (com.microsoft.MatMulNBits)."""
     if node.op_type == "MatMulNBits":
         return True
-    return node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 and from_constants(node.inputs[1])
+    return (node.op_type in ("MatMul", "Gemm", "FusedMatMul") and len(node.inputs) > 1
+            and from_constants(node.inputs[1]))
