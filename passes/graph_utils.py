@@ -52,3 +52,35 @@ def is_projection(node: ir.Node) -> bool:
         return True
     return (node.op_type in ("MatMul", "Gemm", "FusedMatMul") and len(node.inputs) > 1
             and from_constants(node.inputs[1]))
+
+
+def topk_score_projections(graph: ir.Graph) -> list[tuple[ir.Node, ir.Node]]:
+    """(TopK, projection) pairs: for every TopK, the projections (is_projection) its scores are computed from,
+    walking back through every non-constant input (not into Shape/Size): the router gate of a TopK router, the
+    lightning indexer's wq_b / wk / weights_proj for its key selection."""
+    out = []
+    for t in graph:
+        if t.op_type != "TopK" or not t.inputs or t.inputs[0] is None:
+            continue
+        seen, stack = set(), [t.inputs[0]]
+        while stack:
+            p = stack.pop().producer()
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if is_projection(p):
+                out.append((t, p))
+            elif p.op_type not in ("Shape", "Size"):
+                stack.extend(i for i in p.inputs if i is not None and i.const_value is None and not i.is_initializer())
+    return out
+
+
+def is_fp32_projection(node: ir.Node) -> bool:
+    """A projection (is_projection) by a plain fp32 weight: an fp32 initializer or constant, or its Transpose."""
+    if node.op_type == "MatMulNBits":
+        return False
+    w = node.inputs[1]
+    p = w.producer() if w.const_value is None and not w.is_initializer() else None
+    if p is not None and p.op_type == "Transpose" and p.inputs[0] is not None:
+        w = p.inputs[0]
+    return (w.const_value is not None or w.is_initializer()) and w.dtype == ir.DataType.FLOAT

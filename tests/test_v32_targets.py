@@ -261,3 +261,17 @@ def test_selection_judge_counts_flips_and_refuses_what_forcing_does_not_reproduc
                              "actual_scores": [many_act], "forced_ids": [np.tile(ids, (1, 10, 1))]}, 0.1)
     assert rec["n_flips"] == 3 and rec["n_decisions"] == 10
     assert any("selection flipped at 3 of 10" in r for r in rec["reasons"]), rec["reasons"]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8", "fp8"])
+def test_a_quantized_indexer_is_refused_by_the_quantize_postcondition(cpu_fp32, scheme, monkeypatch):
+    """Numerically an int8 indexer passes the teacher-forced judgement (its error is small, its selection flips are
+    near ties: docs/v32.md), so the rule is structural: with the site classification made to miss the indexer (it
+    is then quantized as 'attention'), every scheme refuses the graph, naming the TopK and the projection."""
+    from passes import quant_weights
+    from passes.quantize import quantize
+    model = models.load("tiny-v32", seed=0)
+    quantize(_load(cpu_fp32[1]["decode"]), scheme, model=model)  # as built: passes
+    monkeypatch.setattr(quant_weights, "_topk_feeding_sites", lambda graph, sites: {})
+    with pytest.raises(quant_weights.QuantizationError, match=r"TopK '.*' selects from scores computed by a quantized"):
+        quantize(_load(cpu_fp32[1]["decode"]), scheme, model=model)
