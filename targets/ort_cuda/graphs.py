@@ -19,6 +19,11 @@ decided by structure, never by names:
       so expert choice is made on fp32 scores; MoE itself runs in fp16 (experts' weights fp16) with
       the fp32 router's log-scores cast to fp16 (the non-selected experts are -inf, so the
       selection cannot change in the cast);
+    * every other TopK with its scores back to the projections that feed them (the "topk-selection" island,
+      _selection_nodes): DeepSeek-V3.2's lightning indexer (wq_b, wk, k_norm, RoPE, weights_proj, the weighted
+      ReLU scores over the whole key cache, its past rows cast from the fp16 cache), so the keys each query
+      attends to are chosen on fp32 scores; a second discrete choice like expert choice (check_router_fp32
+      refuses an fp16 one, SelectionPrecisionError);
     * TopK anywhere;
 - every other activation node computes in fp16: float initializers it reads are stored fp16 (one
   fp16 copy where an fp32 island reads the same initializer), Cast-to-float becomes Cast-to-fp16;
