@@ -66,9 +66,10 @@ def _type_follows_first_input(node: ir.Node, k: int) -> bool:
 def infer_dtypes(model: ir.Model) -> None:
     """Give every value a dtype (in place): ONNX shape inference, then (contrib ops it does not know, and what
     follows them) the dtype of the node's first typed input where the output's type is the first input's
-    (_type_follows_first_input). An output left untyped whose type is not its input's (Shape, TopK's indices,
-    ArgMax, ...) means ONNX shape inference failed on the graph: refused, naming the node (guessing its first
-    input's dtype would give Shape a float output, which ORT refuses at load)."""
+    (_type_follows_first_input). An output whose type is not its input's (Shape, TopK's indices, EyeLike's dtype
+    attribute, ...) is left untyped when shape inference did not type it: guessing its first input's dtype gave
+    Shape a float output once, which ORT refuses at load. Initializers stored in another shape than declared (what
+    made ONNX shape inference fail then) are refused first (check_initializer_shapes)."""
     check_initializer_shapes(model.graph)
     common_passes.ShapeInferencePass()(model)
     for node in model.graph:
@@ -76,15 +77,8 @@ def infer_dtypes(model: ir.Model) -> None:
             if o.dtype is not None:
                 continue
             typed = [i.dtype for i in node.inputs if i is not None and i.dtype is not None]
-            if not typed:
-                continue
-            if not _type_follows_first_input(node, k):
-                raise DtypeInferenceError(
-                    f"dtype inference: output {o.name!r} of {node.op_type} node {node.name!r} has no inferred dtype "
-                    "and its type is not its input's: ONNX shape inference failed on this graph (its warning is "
-                    "logged above; run onnx.shape_inference.infer_shapes(..., strict_mode=True) on the saved graph "
-                    "to see why)")
-            o.dtype = typed[0]
+            if typed and _type_follows_first_input(node, k):
+                o.dtype = typed[0]
 
 
 def _fp32_tensor(t, name: str):

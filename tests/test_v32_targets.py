@@ -96,6 +96,18 @@ def test_an_initializer_stored_in_another_shape_is_refused_by_name():
         infer_dtypes(ir.Model(graph, ir_version=10))
 
 
+def test_when_shape_inference_fails_a_shape_output_is_not_given_a_float_dtype():
+    """EyeLike on a 1-D input makes ONNX shape inference fail on the whole graph; Shape(x) must then not be typed
+    float from its input (what the old fallback did, and ORT refused at load)."""
+    from passes.fp16_rounding import infer_dtypes
+    x = ir.Value(name="x", type=ir.TensorType(F32), shape=ir.Shape([3]))
+    eye = ir.node("EyeLike", [x], name="eye")
+    shape = ir.node("Shape", [x], name="shape")
+    graph = ir.Graph([x], [eye.outputs[0], shape.outputs[0]], nodes=[eye, shape], opset_imports={"": 20})
+    infer_dtypes(ir.Model(graph, ir_version=10))
+    assert shape.outputs[0].dtype in (None, ir.DataType.INT64)
+
+
 # ---- ort-cuda: the indexer island ------------------------------------------------------------------------------
 
 def test_fp16_conversion_keeps_the_indexer_fp32(cuda_fp32):
