@@ -13,6 +13,10 @@ top-k, or the exported TopK subgraph). Two edits on a copy of a graph, found by 
   (computed from its own hidden state) are still an output, so the routing decision it would have made is
   still seen; the MoE op's router input is exposed as ``routing.{i}.router_probs`` (what it selects experts
   from, given the forced logits: an fp32 router reproduces the reference's choice exactly).
+
+The same for the other top-k choices a graph makes (DeepSeek-V3.2's lightning indexer, which picks the keys each query
+attends to): :func:`selection_topks` finds the TopKs outside the routers, :func:`expose_selections` /
+:func:`force_selections` expose their scores and feed the TopK from graph input ``selection.{j}.scores.forced``.
 """
 from __future__ import annotations
 
