@@ -30,16 +30,56 @@ class RoundingTwinError(MlamoeError):
     pass
 
 
+class DtypeInferenceError(MlamoeError):
+    pass
+
+
+def check_initializer_shapes(graph: ir.Graph) -> None:
+    """Every initializer's tensor has the rank and the fixed dims its value declares. A mismatch (e.g. a scalar declared [] but stored
+    [1]) makes ONNX shape inference fail on the whole graph, which onnx-ir's ShapeInferencePass only logs (the
+    model is left without inferred types)."""
+    for v in graph.initializers.values():
+        t = v.const_value
+        if t is None or v.shape is None:
+            continue
+        declared, stored = list(v.shape), list(t.shape)
+        if len(declared) != len(stored) or any(isinstance(d, int) and d != n for d, n in zip(declared, stored)):
+            raise DtypeInferenceError(
+                f"initializer {v.name!r} declares shape {list(v.shape)} but its tensor has shape {list(t.shape)}: "
+                "ONNX shape inference fails on such a graph; the pass that created it must give the value the "
+                "tensor's shape (np.ascontiguousarray turns a 0-d array into a 1-d one)")
+
+
+def _type_follows_first_input(node: ir.Node, k: int) -> bool:
+    """Whether output k of `node` has the type of its first input by the op's ONNX schema (the output's type
+    constraint is the first input's), or the op has no ONNX schema (contrib ops: com.microsoft.MoE / QMoE /
+    MoEGroupRouter, whose float outputs have their first input's type)."""
+    import onnx
+    domain = "" if node.domain in ("", "ai.onnx") else node.domain
+    if not onnx.defs.has(node.op_type, domain):
+        return True
+    schema = onnx.defs.get_schema(node.op_type, domain=domain)
+    if not schema.inputs or k >= len(schema.outputs):
+        return False
+    return schema.outputs[k].type_str == schema.inputs[0].type_str
+
+
 def infer_dtypes(model: ir.Model) -> None:
-    """Give every value a dtype (in place): ONNX shape inference, then (contrib ops it does not know) the dtype
-    of the node's first typed input (true of com.microsoft.MoE / QMoE / MoEGroupRouter outputs)."""
+    """Give every value a dtype (in place): ONNX shape inference, then (contrib ops it does not know, and what
+    follows them) the dtype of the node's first typed input where the output's type is the first input's
+    (_type_follows_first_input). An output whose type is not its input's (Shape, TopK's indices, EyeLike's dtype
+    attribute, ...) is left untyped when shape inference did not type it: guessing its first input's dtype gave
+    Shape a float output once, which ORT refuses at load. Initializers stored in another shape than declared (what
+    made ONNX shape inference fail then) are refused first (check_initializer_shapes)."""
+    check_initializer_shapes(model.graph)
     common_passes.ShapeInferencePass()(model)
     for node in model.graph:
-        for o in node.outputs:
-            if o.dtype is None:
-                typed = [i.dtype for i in node.inputs if i is not None and i.dtype is not None]
-                if typed:
-                    o.dtype = typed[0]
+        for k, o in enumerate(node.outputs):
+            if o.dtype is not None:
+                continue
+            typed = [i.dtype for i in node.inputs if i is not None and i.dtype is not None]
+            if typed and _type_follows_first_input(node, k):
+                o.dtype = typed[0]
 
 
 def _fp32_tensor(t, name: str):

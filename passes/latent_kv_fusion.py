@@ -481,9 +481,12 @@ class _Builder:
         if key in self.names.consts:
             return self.names.consts[key]
         name = self.names(f"latent_kv.{what}" if small else f"{self.prefix}.{what}")
+        # np.ascontiguousarray makes a 0-d array 1-d: reshape back, so that the tensor's shape is the declared one
+        # (a scalar scale declared [] but stored [1] fails ONNX shape inference, which the fp16 conversion runs)
+        data = np.ascontiguousarray(array).reshape(array.shape)
         value = ir.Value(name=name, shape=ir.Shape(array.shape),
                          type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                         const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+                         const_value=ir.tensor(data, name=name))
         self.graph.register_initializer(value)
         if small:
             self.names.consts[key] = value

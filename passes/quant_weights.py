@@ -20,12 +20,17 @@ Roles (each site gets one):
              (x * sigmoid(x)) never reaches TopK that way, so it is not mistaken for the router.
              After MoE lowering ("ort-fused"): the linear feeding com.microsoft.MoEGroupRouter or
              MoE/QMoE's router_probs input.
+  "indexer"  a linear feeding the scores of a TopK that is not a router's (walking back from the TopK's input
+             through non-linear ops to the linears that feed it): DeepSeek-V3.2's lightning indexer (wq_b, wk,
+             weights_proj; models/indexer.py), whose top-k picks the keys each query attends to. Kept fp32 by
+             default ("quantization as for V3, the indexer stays in higher precision"): its selection is a
+             discrete choice like expert routing (docs/v32.md)
   "mlp"      part of a SwiGLU block: gate/up (feeding Mul(x*Sigmoid(x), up)) or down (its input
              is that product) -- dense MLP, routed and shared experts
   "attention" every other linear (the MLA projections q_a/q_b/q, kv_a, kv_b, o_proj)
 Embedding tables (Gather) and norm weights (Mul) are never linear sites, so never quantized.
 `exclude` takes roles and/or fnmatch patterns matched against the node name or the initializer
-name (a user's override; matching never depends on names otherwise). Default: lm_head, router.
+name (a user's override; matching never depends on names otherwise). Default: lm_head, router, indexer.
 
 Weights used by anything other than linear sites (e.g. an lm_head tied to the embedding table)
 are left as they are.
@@ -43,8 +48,8 @@ import onnx_ir as ir
 from models.errors import MlamoeError
 from passes.ir_external import session_from_model
 
-ROLES = ("attention", "mlp", "router", "lm_head")
-DEFAULT_EXCLUDE = ("lm_head", "router")
+ROLES = ("attention", "mlp", "router", "lm_head", "indexer")
+DEFAULT_EXCLUDE = ("lm_head", "router", "indexer")
 SCHEMES = ("none", "int8", "int4", "w8a8", "fp8")
 METADATA_KEY = "mlamoe.quantization"
 
@@ -197,6 +202,30 @@ def _reaches_topk(start: ir.Value) -> bool:
     return False
 
 
+def _topk_feeding_sites(graph: ir.Graph, sites: Sequence[LinearSite]) -> dict[int, list[int]]:
+    """{id(TopK node): [id(site node) of every linear site feeding its scores]}: walking back from each TopK's
+    scores input through every non-constant input, stopping at linear sites (and not into Shape/Size)."""
+    site_nodes = {id(s.node) for s in sites}
+    out = {}
+    for t in graph:
+        if t.op_type != "TopK" or not t.inputs or t.inputs[0] is None:
+            continue
+        found, seen, stack = [], set(), [t.inputs[0]]
+        while stack:
+            p = stack.pop().producer()
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if id(p) in site_nodes:
+                found.append(id(p))
+                continue
+            if p.op_type in ("Shape", "Size"):
+                continue
+            stack.extend(i for i in p.inputs if i is not None and not _const(i))
+        out[id(t)] = found
+    return out
+
+
 def _is_fused_router_input(node: ir.Node, index: int) -> bool:
     """The gate logits after passes/moe_lowering.py "ort-fused": MoEGroupRouter's input, or MoE/QMoE's
     router_probs (input 1; the V2 softmax-greedy router)."""
@@ -234,13 +263,21 @@ def find_linear_sites(graph: ir.Graph, logits_outputs: Sequence[str] = ("logits"
                 swiglu_in[id(a)] = "gate"
                 swiglu_in[id(other)] = "up"
                 swiglu_in[id(n.outputs[0])] = "product"
+    def is_router(s: LinearSite) -> bool:
+        out = s.node.outputs[0]
+        return (any(u.op_type in ("Sigmoid", "Softmax") and _reaches_topk(u.outputs[0]) for u, _ in out.uses())
+                or any(_is_fused_router_input(u, i) for u, i in out.uses()))
+
+    routers = {id(s.node) for s in sites if id(s.node) not in heads and is_router(s)}
+    indexer = {n for fed in _topk_feeding_sites(graph, sites).values() if not routers.intersection(fed) for n in fed}
     for s in sites:
         out = s.node.outputs[0]
         if id(s.node) in heads:
             s.role = "lm_head"
-        elif any(u.op_type in ("Sigmoid", "Softmax") and _reaches_topk(u.outputs[0]) for u, _ in out.uses()) \
-                or any(_is_fused_router_input(u, i) for u, i in out.uses()):
+        elif id(s.node) in routers:
             s.role = "router"
+        elif id(s.node) in indexer:
+            s.role = "indexer"
         elif id(out) in swiglu_in or swiglu_in.get(id(s.activation)) == "product":
             s.role = "mlp"
         else:

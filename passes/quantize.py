@@ -51,4 +51,23 @@ def quantize(model_ir: ir.Model, scheme: str, *, model=None, calibration: dict[s
     else:
         raise QuantizationError(f"unknown quantization scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
     p(model_ir)
+    _check_selections_fp32(model_ir, exclude, scheme)
     return p.report
+
+
+def _check_selections_fp32(model_ir: ir.Model, exclude: Iterable[str], scheme: str) -> None:
+    """The postcondition of every scheme, while the router and the indexer are excluded (the default): each TopK's
+    scores still come from fp32 projections (passes.graph_utils.topk_score_projections: the router gate, DeepSeek-
+    V3.2's lightning indexer wq_b / wk / weights_proj). Found from the quantized graph itself, so a role the site
+    classification missed is refused, not shipped quantized."""
+    from .graph_utils import is_fp32_projection, topk_score_projections
+    exclude = tuple(exclude)
+    if "router" not in exclude or "indexer" not in exclude:
+        return
+    for topk, proj in topk_score_projections(model_ir.graph):
+        if not is_fp32_projection(proj):
+            raise QuantizationError(
+                f"--quant {scheme}: TopK {topk.name!r} selects from scores computed by a quantized projection "
+                f"({proj.op_type} {proj.name!r}); a top-k selection (MoE router, lightning indexer) must be made from "
+                "fp32 projections: exclude the role 'router' / 'indexer' (passes/quant_weights.py) or fix the site "
+                "classification that missed it")

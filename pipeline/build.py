@@ -29,7 +29,9 @@ from .weights_file import WeightsFile, weights_section
 from .golden import Golden, GoldenCase, save_golden
 from .io_spec import cache_spec, graph_io
 from .parity import Router, budget_for, compare, compare_routed
-from .routing import expose_gate_logits, force_gate_logits, forced_name, gate_name, router_probs_name
+from .routing import (expose_gate_logits, expose_selections, force_gate_logits, force_selections, forced_name,
+                      gate_name, router_probs_name, selection_forced_name, selection_ids_name, selection_name,
+                      selection_topks)
 from .stages import StageRecord, StageRunner
 
 GRAPHS = ("prefill", "decode")
@@ -141,27 +143,41 @@ class RoutingProbe:
                 return ort.InferenceSession(str(m), session_options, providers=["CPUExecutionProvider"])
             return session_from_model(m, session_options)
 
-        self.ref, self.forced, self.plain, self.n = {}, {}, {}, {}
+        self.ref, self.forced, self.plain, self.n, self.n_sel = {}, {}, {}, {}, {}
         for g in paths:
             r, f = ir.load(reference_paths[g]), ir.load(paths[g])
+            r_sel, f_sel = selection_topks(r), selection_topks(f)  # before the gate edits (they cut the routers)
             self.n[g] = expose_gate_logits(r)
             if force_gate_logits(f) != self.n[g] or self.n[g] != n_routers:
                 raise MlamoeError(f"{stage}: graph {g!r} has {self.n[g]} MoE routers in the reference graph and "
                                   f"{n_routers} MoE layers in the model; routing checks need one per layer")
+            self.n_sel[g] = expose_selections(r, r_sel)
+            if force_selections(f, f_sel) != self.n_sel[g]:
+                raise MlamoeError(f"{stage}: graph {g!r} has {self.n_sel[g]} selections (TopKs outside the MoE "
+                                  f"routers: the lightning indexer) in the reference graph and {len(f_sel)} in the "
+                                  "lossy graph; selection checks need the same TopKs in both")
             self.ref[g], self.forced[g], self.plain[g] = session(r), session(f), session(paths[g])
 
     def run(self, case) -> dict:
         """-> {"reference_gates", "forced" (outputs), "actual_gates", "router_probs", "unforced" (outputs)}, the
         float outputs as float32."""
-        g, n = case.graph, self.n[case.graph]
-        ref_gates = [run_cast(self.ref[g], case.inputs)[gate_name(i)].astype(np.float32) for i in range(n)]
-        fres = run_cast(self.forced[g], {**case.inputs, **{forced_name(i): ref_gates[i] for i in range(n)}})
+        g, n, m = case.graph, self.n[case.graph], self.n_sel[case.graph]
+        ref = run_cast(self.ref[g], case.inputs)
+        ref_gates = [ref[gate_name(i)].astype(np.float32) for i in range(n)]
+        ref_sel = [ref[selection_name(j)].astype(np.float32) for j in range(m)]
+        fres = run_cast(self.forced[g], {**case.inputs, **{forced_name(i): ref_gates[i] for i in range(n)},
+                                         **{selection_forced_name(j): ref_sel[j] for j in range(m)}})
         as32 = {k: (v.astype(np.float32) if v.dtype == np.float16 else v) for k, v in fres.items()}
         plain = {k: (v.astype(np.float32) if v.dtype == np.float16 else v)
                  for k, v in run_cast(self.plain[g], case.inputs).items()}
+        selections = None if not m else {
+            "reference_scores": ref_sel, "reference_ids": [ref[selection_ids_name(j)] for j in range(m)],
+            "actual_scores": [as32[selection_name(j)] for j in range(m)],
+            "forced_ids": [as32[selection_ids_name(j)] for j in range(m)]}
         return {"reference_gates": ref_gates, "forced": as32,
                 "actual_gates": [as32[gate_name(i)] for i in range(n)],
-                "router_probs": [as32[router_probs_name(i)] for i in range(n)], "unforced": plain}
+                "router_probs": [as32[router_probs_name(i)] for i in range(n)], "unforced": plain,
+                "selections": selections}
 
 
 def run_cast(sess, feeds: dict) -> dict:
@@ -183,7 +199,7 @@ def routed_reports(stage: str, paths: dict[str, Path], reference_paths: dict[str
         r = probe.run(case)
         reports.append(compare_routed(f"{stage}/{case.name}", case.outputs, r["forced"], r["reference_gates"],
                                       r["actual_gates"], routers, logits_outputs=["logits"], unforced=r["unforced"],
-                                      forced_router_probs=r["router_probs"]))
+                                      forced_router_probs=r["router_probs"], selections=r["selections"]))
     return reports
 
 

@@ -5,7 +5,8 @@ vs eager fp32; see BUDGETS["target-ort-cuda-fp16"]).
 The reference is `torch.autocast(float16)` over the eager model with every MoE router gate run
 outside autocast: autocast would otherwise cast `F.linear(x.float(), weight.float())` to fp16, while
 the graphs (and the model's intent) keep the router in fp32; softmax and the RMSNorm statistics are
-fp32 under autocast already. Works on CPU (compile) and CUDA (benchmarks), the model's own device.
+fp32 under autocast already. The lightning indexer (DeepSeek-V3.2, models/indexer.py) runs outside autocast
+too, on its inputs cast to fp32 (the graphs' topk-selection island, targets/ort_cuda/graphs.py). Works on CPU (compile) and CUDA (benchmarks), the model's own device.
 """
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ import numpy as np
 import torch
 
 from models.family import family_of
+from models.indexer import LightningIndexer
 from models.moe import Router
 
 from .routing import gate_name
 
-NOTE = ("PyTorch autocast fp16 of the same model on the same inputs (router gate fp32, as in the graphs), "
-        "vs eager fp32")
+NOTE = ("PyTorch autocast fp16 of the same model on the same inputs (router gate and lightning indexer fp32, as in "
+        "the graphs), vs eager fp32")
 
 
 def _device_type(model) -> str:
@@ -42,14 +44,23 @@ def autocast_fp16(model, gate_logits: list | None = None):
                 return forward(x, *args, **kwargs)
         return run
 
+    def fp32_module(forward):
+        def run(*args):
+            with torch.autocast(dev, enabled=False):
+                return forward(*(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+        return run
+
+    indexers = [m for m in model.modules() if isinstance(m, LightningIndexer)]
     for r in routers:
         r.forward = fp32(r, r.forward)
+    for m in indexers:
+        m.forward = fp32_module(m.forward)
     try:
         with torch.autocast(dev, dtype=torch.float16):
             yield
     finally:
-        for r in routers:
-            del r.forward  # back to the class's method
+        for m in routers + indexers:
+            del m.forward  # back to the class's method
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

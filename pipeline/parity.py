@@ -779,7 +779,8 @@ def _compare_one(name: str, ref: np.ndarray, act: np.ndarray, budget: Budget,
     stats.cosine = _cosine(af, rf)
     stats.rel_euclid = _rel_euclid(af, rf)
 
-    fails = (d > budget.atol) & (d > budget.rtol * np.abs(rf))
+    with np.errstate(invalid="ignore"):  # rtol inf (elementwise not judged) x a zero reference: nan, not failing
+        fails = (d > budget.atol) & (d > budget.rtol * np.abs(rf))
     n_poly = int(np.count_nonzero(fails))
     stats.n_failing = n_poly + int(np.count_nonzero(nonfinite_mismatch))
 
@@ -1071,6 +1072,7 @@ class RoutedReport(ParityReport):
             return text
         lines = ["", f"Routing ({rt['rule']}): {rt['summary']}", ""]
         lines += [f"- flip: {_routing_flip_text(f)}" for f in rt["flips"]]
+        lines += [f"- selection flip: {_selection_flip_text(f)}" for f in rt.get("selection", {}).get("flips", [])]
         lines += [f"- routing: {r}" for r in rt["reasons"]]
         return text + "\n".join(lines) + "\n"
 
@@ -1163,6 +1165,109 @@ def _judge_routing(budget: Budget | None, reference_gates: Sequence[np.ndarray],
     return outputs, record
 
 
+SELECTION_RULE = ("selections (TopKs outside the MoE routers: DeepSeek-V3.2's lightning indexer picking the keys each "
+                  "query attends to) judged like routing: numeric error with the reference's scores forced into the "
+                  "TopK; flips judged on the lossy graph's own scores: at most the budget's share of (query, selection) "
+                  f"decisions (one flip always allowed), none whose reference margin (k-th minus (k+1)-th score) exceeds "
+                  f"{FLIP_MARGIN_FACTOR:g} x 2 x the selection's largest score error; given the reference's scores the "
+                  "TopK must pick the reference's keys")
+
+
+def _finite_pair(ref: np.ndarray, act: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The scores where the reference is finite; both 0 where the reference is masked (-inf): the causal mask is
+    the same constant in both graphs, an actual non-finite value where the reference is finite stays and fails."""
+    keep = np.isfinite(ref)
+    return np.where(keep, ref, 0.0), np.where(keep, act, 0.0)
+
+
+def selection_outputs(selections: Mapping[str, Any] | None) -> tuple[dict, dict]:
+    """({name: reference scores}, {name: actual scores}) of the selections, masked entries zeroed (_finite_pair):
+    judged as outputs, so that a stage that breaks the indexer cannot widen its own allowed flip margin."""
+    if not selections:
+        return {}, {}
+    ref, act = {}, {}
+    for j, (r, a) in enumerate(zip(selections["reference_scores"], selections["actual_scores"])):
+        ref[f"selection.{j}.scores"], act[f"selection.{j}.scores"] = _finite_pair(
+            np.asarray(r, np.float64), np.asarray(a, np.float64))
+    return ref, act
+
+
+def _top_ids(scores: np.ndarray, k: int) -> np.ndarray:
+    """Sorted top-k ids per row [N, k] (equal scores: the lower id, as ONNX TopK and models/indexer.py pick)."""
+    return np.sort(np.argsort(-scores, -1, kind="stable")[:, :k], -1)
+
+
+def _judge_selections(selections: Mapping[str, Any] | None, max_share: float) -> dict[str, Any] | None:
+    """The selection record (SELECTION_RULE) of a forced run: selections from pipeline/build.py RoutingProbe.run
+    ("reference_scores", "reference_ids", "actual_scores", "forced_ids", one per selection [..., T] / [..., k])."""
+    if not selections:
+        return None
+    flips, reasons, per, n_dec = [], [], [], 0
+    for j, (rs, rids, acs, fids) in enumerate(zip(selections["reference_scores"], selections["reference_ids"],
+                                                   selections["actual_scores"], selections["forced_ids"])):
+        rs, acs = np.asarray(rs, np.float64), np.asarray(acs, np.float64)
+        if rs.shape != acs.shape:
+            raise ValueError(f"selection {j}: scores {list(acs.shape)} vs reference {list(rs.shape)}")
+        lead, T, k = rs.shape[:-1], rs.shape[-1], int(np.shape(rids)[-1])
+        r2, a2 = rs.reshape(-1, T), acs.reshape(-1, T)
+        ids_r, ids_a = _top_ids(r2, k), _top_ids(a2, k)
+        ref_ids = np.sort(np.asarray(rids).reshape(-1, k), -1)
+        srt = -np.sort(-r2, -1)
+        with np.errstate(invalid="ignore"):
+            margin = srt[:, k - 1] - srt[:, k] if T > k else np.full(r2.shape[0], np.inf)
+        margin = np.where(np.isfinite(margin), margin, np.inf)
+        fin = np.isfinite(r2)
+        with np.errstate(invalid="ignore"):  # -inf - -inf at the masked keys, dropped by `fin`
+            moved = float(np.max(np.abs(a2 - r2)[fin])) if fin.any() else 0.0
+        allowed = FLIP_MARGIN_FACTOR * 2 * moved
+        flipped = np.flatnonzero((ids_r != ids_a).any(-1))
+        n_dec += r2.shape[0]
+        entry = {"selection": j, "k": k, "keys": T, "max_score_error": moved, "allowed_margin": allowed,
+                 "n_flips": int(flipped.size), "min_reference_margin": float(margin.min()) if margin.size else None}
+        for i in flipped:
+            f = {"selection": j, "query": [int(x) for x in np.unravel_index(int(i), lead)],
+                 "keys_reference": ids_r[i].tolist(), "keys_actual": ids_a[i].tolist(),
+                 "margin": float(margin[i]), "allowed": allowed}
+            flips.append(f)
+            if not f["margin"] <= allowed:
+                reasons.append(f"{_selection_flip_text(f)}: not a near tie")
+        if fids is not None:
+            forced = np.sort(np.asarray(fids).reshape(-1, k), -1)
+            bad = np.flatnonzero((forced != ref_ids).any(-1) & (margin > FORCED_TIE_MARGIN))
+            entry["forced_not_reproduced"] = int(bad.size)
+            for i in bad[:4]:
+                reasons.append(f"selection {j} query {[int(x) for x in np.unravel_index(int(i), lead)]}: given the "
+                               f"reference's scores the graph's TopK picked keys {forced[i].tolist()}, the reference "
+                               f"{ref_ids[i].tolist()} (reference margin {margin[i]:.3g})")
+        per.append(entry)
+    share = len(flips) / n_dec if n_dec else 0.0
+    if share > max_share and len(flips) > 1:
+        reasons.append(f"selection flipped at {len(flips)} of {n_dec} (query, selection) decisions "
+                       f"({100 * share:.1f}% > {100 * max_share:g}%)")
+    summary = ("no selection flip" if not flips else
+               f"{len(flips)} of {n_dec} (query, selection) decisions flipped, all near ties" if not reasons else
+               f"{len(flips)} of {n_dec} (query, selection) decisions flipped")
+    return {"rule": SELECTION_RULE, "summary": summary, "n_decisions": n_dec, "n_flips": len(flips),
+            "flipped_share": share, "selections": per, "flips": flips[:64], "reasons": reasons,
+            "max_flipped_fraction": max_share}
+
+
+def _selection_flip_text(f: dict) -> str:
+    return (f"selection {f['selection']} query {f['query']}: keys {f['keys_reference']} -> {f['keys_actual']} "
+            f"(reference margin {f['margin']:.3g}, the stage's error moves it up to {f['allowed']:.3g})")
+
+
+def _with_selection(record: dict, selection: dict | None) -> dict:
+    """The routing record with the selection record beside it; its failure reasons join the routing's (prefixed)."""
+    if selection is not None:
+        record["selection"] = selection
+        record["reasons"] = list(record["reasons"]) + [f"selection: {r}" for r in selection["reasons"]]
+        if selection["reasons"] and record["summary"].endswith("all near ties"):
+            record["summary"] = record["summary"][:-len(", all near ties")]
+        record["summary"] += f"; {selection['summary']}"
+    return record
+
+
 def _unforced_record(stage: str, reference: Mapping[str, Any], unforced: Mapping[str, Any],
                      logits_outputs: Iterable[str], budget: Budget) -> dict[str, Any]:
     info = compare(stage, reference, {k: v for k, v in unforced.items() if k in reference},
@@ -1175,7 +1280,8 @@ def compare_routed(stage: str, reference: Mapping[str, Any], forced: Mapping[str
                    reference_gates: Sequence[np.ndarray], actual_gates: Sequence[np.ndarray],
                    routers: Sequence[Router], *, logits_outputs: Iterable[str] = (),
                    budget: Budget | None = None, unforced: Mapping[str, Any] | None = None,
-                   forced_router_probs: Sequence[np.ndarray] | None = None) -> RoutedReport:
+                   forced_router_probs: Sequence[np.ndarray] | None = None,
+                   selections: Mapping[str, Any] | None = None) -> RoutedReport:
     """Routing-aware comparison of a lossy stage.
 
     reference: the reference's outputs; forced: the lossy graph's outputs with the reference's gate logits
@@ -1185,11 +1291,16 @@ def compare_routed(stage: str, reference: Mapping[str, Any], forced: Mapping[str
     Outputs are judged as :func:`compare` judges them (on ``forced``); ``unforced`` outputs (the lossy graph
     routing by itself) are compared too and recorded, not judged. ``forced_router_probs`` (per layer, the
     MoE op's router_probs input in the forced run): the experts it selects must be the reference's wherever
-    the reference's margin is above FORCED_TIE_MARGIN.
+    the reference's margin is above FORCED_TIE_MARGIN. ``selections`` (pipeline/build.py RoutingProbe.run: the
+    forced run of a graph with TopKs outside the routers, the lightning indexer's): their scores are judged as
+    outputs, their flips as SELECTION_RULE says (_judge_selections).
     """
-    base = compare(stage, reference, {k: v for k, v in forced.items() if k in reference},
+    sel_ref, sel_act = selection_outputs(selections)
+    base = compare(stage, {**reference, **sel_ref}, {**{k: v for k, v in forced.items() if k in reference}, **sel_act},
                    logits_outputs=logits_outputs, budget=budget)
     gates, record = _judge_routing(base.budget, reference_gates, actual_gates, routers, forced_router_probs)
+    share = base.budget.max_flipped_fraction if base.budget.max_flipped_fraction is not None else MAX_FLIPPED_FRACTION
+    record = _with_selection(record, _judge_selections(selections, share))
     if unforced is not None:
         record["unforced"] = _unforced_record(stage, reference, unforced, logits_outputs, base.budget)
     return RoutedReport(stage=stage, budget=base.budget, outputs=base.outputs + gates, extra={"routing": record})
@@ -1205,18 +1316,22 @@ def compare_fp16_routed(stage: str, reference: Mapping[str, Any], forced: Mappin
                         logits_outputs: Iterable[str] = (), budget: Budget | None = None,
                         reference_note: str | None = None, quant_budget: Budget | None = None,
                         unforced: Mapping[str, Any] | None = None,
-                        forced_router_probs: Sequence[np.ndarray] | None = None) -> RoutedFp16Report:
+                        forced_router_probs: Sequence[np.ndarray] | None = None,
+                        selections: Mapping[str, Any] | None = None) -> RoutedFp16Report:
     """:func:`compare_fp16` of the forced run (the fp16 graph computing with the reference's gate logits) plus
     the routing judgement of :func:`compare_routed`. The gate logits are outputs of the fp16 judgement (their
     limits widened by ``fp16_reference``'s gate logits ``routing.{i}.gate_logits``, where it has them)."""
     gates_ref = {f"routing.{i}.gate_logits": np.asarray(g) for i, g in enumerate(reference_gates)}
     gates_act = {f"routing.{i}.gate_logits": np.asarray(g) for i, g in enumerate(actual_gates)}
-    base = compare_fp16(stage, {**reference, **gates_ref},
-                        {**{k: v for k, v in forced.items() if k in reference}, **gates_act}, fp16_reference,
+    sel_ref, sel_act = selection_outputs(selections)
+    base = compare_fp16(stage, {**reference, **gates_ref, **sel_ref},
+                        {**{k: v for k, v in forced.items() if k in reference}, **gates_act, **sel_act}, fp16_reference,
                         logits_outputs=logits_outputs, budget=budget, reference_note=reference_note,
                         quant_budget=quant_budget)
     _, record = _judge_routing(None, reference_gates, actual_gates, routers, forced_router_probs,
                                base.budget.max_flipped_fraction)
+    share = base.budget.max_flipped_fraction if base.budget.max_flipped_fraction is not None else MAX_FLIPPED_FRACTION
+    record = _with_selection(record, _judge_selections(selections, share))
     if unforced is not None:
         record["unforced"] = _unforced_record(stage, reference, unforced, logits_outputs, _UNJUDGED)
     return RoutedFp16Report(stage=stage, budget=base.budget, outputs=base.outputs,

@@ -13,6 +13,10 @@ top-k, or the exported TopK subgraph). Two edits on a copy of a graph, found by 
   (computed from its own hidden state) are still an output, so the routing decision it would have made is
   still seen; the MoE op's router input is exposed as ``routing.{i}.router_probs`` (what it selects experts
   from, given the forced logits: an fp32 router reproduces the reference's choice exactly).
+
+The same for the other top-k choices a graph makes (DeepSeek-V3.2's lightning indexer, which picks the keys each query
+attends to): :func:`selection_topks` finds the TopKs outside the routers, :func:`expose_selections` /
+:func:`force_selections` expose their scores and feed the TopK from graph input ``selection.{j}.scores.forced``.
 """
 from __future__ import annotations
 
@@ -99,3 +103,77 @@ def force_gate_logits(model: ir.Model) -> int:
         if not probs.is_graph_output():
             model.graph.outputs.append(probs)
     return len(values)
+
+
+# ---- selections: TopKs outside the MoE routers (DeepSeek-V3.2's lightning indexer) -------------------------------
+# A second discrete choice, probed like routing: the TopK's scores input (the indexer's scores [B, S, T], causal
+# -inf included) is exposed as ``selection.{j}.scores`` (j = the TopK's index among the selections, graph order) and,
+# in the forced copy, the TopK reads graph input ``selection.{j}.scores.forced`` instead (fed with the reference's
+# scores: the lossy graph attends to the reference's keys), its own scores still an output, and the TopK's indices
+# exposed as ``selection.{j}.ids`` (what it picked given the forced scores).
+
+def selection_name(j: int) -> str:
+    return f"selection.{j}.scores"
+
+
+def selection_forced_name(j: int) -> str:
+    return f"selection.{j}.scores.forced"
+
+
+def selection_ids_name(j: int) -> str:
+    return f"selection.{j}.ids"
+
+
+def selection_topks(model: ir.Model) -> list[ir.Node]:
+    """The TopK nodes whose scores do not come from a MoE layer's gate logits, in graph order: walking back from
+    each TopK's scores through every non-constant input, stopping at projections (passes.graph_utils.is_projection),
+    a TopK reaching a gate logits value is a router's (the ort-cuda subgraph router), any other a selection."""
+    from passes.graph_utils import is_projection
+    moes = [n for n in model.graph if (n.domain, n.op_type) in MOE_OPS]
+    gates = {id(v) for v in (gate_logits(model) if moes else [])}
+    out = []
+    for t in model.graph:
+        if t.op_type != "TopK" or t.domain not in ("", "ai.onnx"):
+            continue
+        seen, stack, router = set(), [t.inputs[0]], False
+        while stack and not router:
+            v = stack.pop()
+            if v is None or id(v) in seen:
+                continue
+            seen.add(id(v))
+            if id(v) in gates:
+                router = True
+                break
+            p = v.producer()
+            if p is None or p.op_type in ("Shape", "Size") or is_projection(p):
+                continue
+            stack.extend(i for i in p.inputs if i is not None and i.const_value is None and not i.is_initializer())
+        if not router:
+            out.append(t)
+    return out
+
+
+def expose_selections(model: ir.Model, topks: list[ir.Node] | None = None) -> int:
+    """Add each selection's scores (and its TopK's indices) as outputs ``selection.{j}.scores`` / ``.ids`` (in
+    place); -> number of selections. topks: selection_topks(model), computed before any other probe edit."""
+    topks = selection_topks(model) if topks is None else topks
+    for j, t in enumerate(topks):
+        v, ids = t.inputs[0], t.outputs[1]
+        v.name, ids.name = selection_name(j), selection_ids_name(j)
+        for w in (v, ids):
+            if not w.is_graph_output():
+                model.graph.outputs.append(w)
+    return len(topks)
+
+
+def force_selections(model: ir.Model, topks: list[ir.Node] | None = None) -> int:
+    """Expose each selection's scores and TopK indices, and make the TopK read graph input
+    ``selection.{j}.scores.forced`` instead of its own scores (in place); -> number of selections."""
+    topks = selection_topks(model) if topks is None else topks
+    expose_selections(model, topks)
+    for j, t in enumerate(topks):
+        v = t.inputs[0]
+        forced = ir.Value(name=selection_forced_name(j), type=v.type, shape=v.shape)
+        model.graph.inputs.append(forced)
+        t.replace_input_with(0, forced)
+    return len(topks)

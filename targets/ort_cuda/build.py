@@ -119,7 +119,7 @@ def _fp16_case_reports(stage, golden, model, layout, routers, probe, sessions, q
             got = {n: r["unforced"][n] for n in case.outputs}
             report = compare_fp16_routed(f"{stage}/{case.name}", case.outputs, r["forced"], r["reference_gates"],
                                          r["actual_gates"], routers, ref16, unforced=r["unforced"],
-                                         forced_router_probs=r["router_probs"], **kw)
+                                         forced_router_probs=r["router_probs"], selections=r["selections"], **kw)
         else:
             got = run_cast(sessions[case.graph], case.inputs)
             got = {n: got[n].astype(np.float32) for n in case.outputs}

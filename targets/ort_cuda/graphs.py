@@ -19,6 +19,11 @@ decided by structure, never by names:
       so expert choice is made on fp32 scores; MoE itself runs in fp16 (experts' weights fp16) with
       the fp32 router's log-scores cast to fp16 (the non-selected experts are -inf, so the
       selection cannot change in the cast);
+    * every other TopK with its scores back to the projections that feed them (the "topk-selection" island,
+      _selection_nodes): DeepSeek-V3.2's lightning indexer (wq_b, wk, k_norm, RoPE, weights_proj, the weighted
+      ReLU scores over the whole key cache, its past rows cast from the fp16 cache), so the keys each query
+      attends to are chosen on fp32 scores; a second discrete choice like expert choice (check_router_fp32
+      refuses an fp16 one, SelectionPrecisionError);
     * TopK anywhere;
 - every other activation node computes in fp16: float initializers it reads are stored fp16 (one
   fp16 copy where an fp32 island reads the same initializer), Cast-to-float becomes Cast-to-fp16;
@@ -81,6 +86,7 @@ from onnx_ir.passes import common as common_passes
 
 from models.errors import MlamoeError
 from passes.fp16_rounding import infer_dtypes
+from passes.graph_utils import is_projection
 
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 CACHE_PREFIXES = ("past.", "present.")
@@ -266,7 +272,8 @@ def _router_region(moe: ir.Node) -> list[ir.Node]:
 
 
 def _region_back_to_gate(start: ir.Value | None) -> list[ir.Node]:
-    """The nodes from `start` back to (and including) the gate projection (_router_region's walk)."""
+    """The nodes from `start` back to (and including) the projections of the hidden state that feed it
+    (passes.graph_utils.is_projection; for a router, the gate projection): _router_region's walk, and the selection region's."""
     out, seen = [], set()
     stack = [start] if start is not None else []
     while stack:
@@ -278,8 +285,8 @@ def _region_back_to_gate(start: ir.Value | None) -> list[ir.Node]:
         out.append(p)
         if p.op_type in ("Shape", "Size"):
             continue
-        if p.op_type in ("MatMul", "Gemm") and len(p.inputs) > 1 and _is_const(p.inputs[1]):
-            continue  # the gate projection: stop here
+        if is_projection(p):
+            continue  # the gate projection (or an indexer projection): stop here
         stack.extend(i for i in p.inputs if i is not None and not _is_const(i))
     return out
 
@@ -291,6 +298,19 @@ def _router_nodes(graph: ir.Graph, from_topk: bool = False) -> set[int]:
     out = {id(n) for moe in graph if moe.op_type in ("MoE", "QMoE") for n in _router_region(moe)}
     if from_topk:
         out |= {id(n) for t in graph if t.op_type == "TopK" for n in _region_back_to_gate(t.inputs[0])}
+    return out
+
+
+def _selection_nodes(graph: ir.Graph, router: set[int]) -> set[int]:
+    """Every TopK outside the MoE routers (`router`: _router_nodes) with its scores back to the projections that
+    feed them (_region_back_to_gate): a second discrete choice, made on fp32 scores as expert choice is. In
+    DeepSeek-V3.2 this is the lightning indexer (models/indexer.py): wq_b, wk, the k_norm LayerNorm, RoPE,
+    weights_proj, the weighted ReLU scores over the whole key cache (its past rows cast from the fp16 cache) and
+    the TopK of the index_topk keys each query attends to."""
+    out: set[int] = set()
+    for t in graph:
+        if t.op_type == "TopK" and id(t) not in router:
+            out |= {id(n) for n in _region_back_to_gate(t.inputs[0])}
     return out
 
 
@@ -398,6 +418,8 @@ def to_fp16(model: ir.Model, cache_fp16: bool = True, fixed_shape: bool = False)
                "rmsnorm": _rms_nodes(g), "moe-router": _router_nodes(g, from_topk=True) if fixed_shape else _router_nodes(g)}
     if fixed_shape:
         islands["moe-router"] |= _routing_weight_nodes(nodes, islands["moe-router"], act)
+    else:  # the fixed-shape form's TopKs are all in "moe-router" already (from_topk)
+        islands["topk-selection"] = _selection_nodes(g, islands["moe-router"])
     report = Fp16Report()
     want: dict[int, ir.DataType] = {}
     for n in nodes:
@@ -506,9 +528,14 @@ class RouterPrecisionError(MlamoeError):
     pass
 
 
+class SelectionPrecisionError(RouterPrecisionError):
+    """A TopK outside the MoE routers (the lightning indexer's) scored in fp16."""
+
+
 def check_router_fp32(graph: ir.Graph, fixed_shape: bool = False) -> None:
     """to_fp16's postcondition: every MoE op's router (_router_region: the choice scores, group and expert top-k,
-    routing weights, back to the gate projection) computes in fp32, cast to fp16 only where the MoE op reads it.
+    routing weights, back to the gate projection) computes in fp32, cast to fp16 only where the MoE op reads it;
+    so does every other TopK's scoring back to its projections (_selection_nodes: the lightning indexer).
     Checked on the graph itself, since ORT CPU cannot show a router lost to fp16 numerically: its
     InsertCastTransformer runs chains of fp16 ops that lack CPU fp16 kernels in fp32 without rounding between them
     (measured: docs/ort-cuda.md)."""
@@ -530,6 +557,18 @@ def check_router_fp32(graph: ir.Graph, fixed_shape: bool = False) -> None:
                     raise RouterPrecisionError(
                         f"ort-cuda fp16 conversion (fixed-shape form): TopK {t.name!r}'s scores are computed in fp16 "
                         f"at {p.op_type} {p.name!r}; expert choice must be made on fp32 scores")
+        return
+    router = _router_nodes(graph)
+    for t in graph:  # every other TopK (the lightning indexer's): its scores back to the projections
+        if t.op_type != "TopK" or id(t) in router:
+            continue
+        for p in _region_back_to_gate(t.inputs[0]):
+            if p.op_type not in ("Cast", "Shape", "Size") and any(o.dtype == F16 for o in p.outputs):
+                raise SelectionPrecisionError(
+                    f"ort-cuda fp16 conversion: TopK {t.name!r} (a selection outside the MoE routers: DeepSeek-V3.2's "
+                    f"lightning indexer picks the keys each query attends to) has its scores computed in fp16 at "
+                    f"{p.op_type} {p.name!r} (output {p.outputs[0].name!r}); the selection must be made on fp32 scores "
+                    "from fp32 projections (the topk-selection island of targets/ort_cuda/graphs.py to_fp16)")
 
 
 def convert_graph_files(src: Path, dst: Path, cache_fp16: bool = True) -> Fp16Report:
