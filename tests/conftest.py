@@ -50,16 +50,17 @@ def hf_checkpoints(tmp_path_factory):
     return out
 
 
-def tiny_fused_graphs(moe_pass) -> tuple:
-    """(tiny, {graph: serialized proto}) after export, latent-kv fusion and the MoE pass `moe_pass()`
-    (the ort-cpu form with MoEGroupRouter, or the ort-cuda form with the router as plain ops)."""
+def tiny_fused_graphs(moe_pass, model_name: str = "tiny", simplify: bool = False) -> tuple:
+    """(the preset `model_name`, {graph: serialized proto}) after export, latent-kv fusion and the MoE pass
+    `moe_pass()` (the ort-cpu form with MoEGroupRouter, or the ort-cuda form with the router as plain ops), and
+    ort-simplify when `simplify` (the ort-cpu flow)."""
     import onnx_ir as ir
 
     import models
     from passes import PASSES, graphs_for
     from passes.cleanup import cleanup
     from pipeline.export import export_graphs
-    model = models.load("tiny", seed=0)
+    model = models.load(model_name, seed=0)
     graphs = export_graphs(model, "latent")
     for g in graphs_for("latent-kv-fusion"):
         PASSES["latent-kv-fusion"]()(graphs[g])
@@ -67,6 +68,9 @@ def tiny_fused_graphs(moe_pass) -> tuple:
     for g in ("prefill", "decode"):
         moe_pass()(graphs[g])
         cleanup(graphs[g])
+        if simplify:
+            PASSES["ort-simplify"]()(graphs[g])
+            cleanup(graphs[g])
     return model, {g: ir.to_proto(m).SerializeToString() for g, m in graphs.items()}
 
 

@@ -20,23 +20,9 @@ F16, F32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
 
 
 def _fused(moe_pass, simplify: bool):
-    """tiny-v32's fp32 graphs as a target's flow has them before quantization: export, latent-kv fusion, the MoE
-    pass (and ort-simplify for ort-cpu)."""
-    from passes import PASSES, graphs_for
-    from passes.cleanup import cleanup
-    from pipeline.export import export_graphs
-    model = models.load("tiny-v32", seed=0)
-    graphs = export_graphs(model, "latent")
-    for g in graphs_for("latent-kv-fusion"):
-        PASSES["latent-kv-fusion"]()(graphs[g])
-        cleanup(graphs[g])
-    for g in ("prefill", "decode"):
-        moe_pass()(graphs[g])
-        cleanup(graphs[g])
-        if simplify:
-            PASSES["ort-simplify"]()(graphs[g])
-            cleanup(graphs[g])
-    return model, {g: ir.to_proto(m).SerializeToString() for g, m in graphs.items()}
+    """tiny-v32's fp32 graphs as a target's flow has them before quantization (conftest.tiny_fused_graphs)."""
+    from conftest import tiny_fused_graphs
+    return tiny_fused_graphs(moe_pass, "tiny-v32", simplify)
 
 
 @pytest.fixture(scope="module")
@@ -213,12 +199,13 @@ def cpu_fp32():
 
 def _routed_prefill_cases(tmp_path, quantized: ir.Model, fp32: bytes, model):
     from pipeline.build import moe_routers, routed_reports
+    from pipeline.export import save_graph
     from pipeline.golden import Golden, make_golden
     golden = make_golden(model)
     cases = [c for c in golden.cases if c.graph == "prefill"]
     paths, refs = {"prefill": tmp_path / "q.onnx"}, {"prefill": tmp_path / "r.onnx"}
-    ir.save(quantized, paths["prefill"])
-    ir.save(_load(fp32), refs["prefill"])
+    save_graph(quantized, paths["prefill"], check=False)  # ORT contrib ops; reads in weights the package keeps in its onnx/weights.data
+    save_graph(_load(fp32), refs["prefill"], check=False)
     return routed_reports("quantize-int8", paths, refs, Golden(cases, golden.prompt, golden.tokens,
                                                                 golden.step_logits), moe_routers(model))
 
