@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx_ir as ir
 import onnx
 import pytest
 import torch
@@ -129,3 +130,72 @@ def test_tiny_v32_ascend_package_keeps_the_indexer_fp32_and_verifies(tmp_path):
     with torch.no_grad():
         want, _ = greedy_generate(model, torch.from_numpy(prompt), 16)
     assert (tokens == want.numpy()).all(), (tokens, want)
+
+
+def _tiny_v32_static_graphs(model, folder, mutate=None):
+    """{name: (spec, path)} of tiny-v32's fixed-shape graphs (cache M, one bucket), `mutate(ir.Model)` applied first."""
+    out = {}
+    for n, (spec, g) in export_static_graphs(model, batch=1, max_cache=M, buckets=(BUCKET,)).items():
+        if mutate is not None:
+            mutate(g)
+        out[n] = (spec, save_static_graph(g, folder / f"{n}.onnx"))
+    return out
+
+
+def _negate_weights_proj(layer):
+    def mutate(g):
+        (node,) = [n for n in g.graph if f"layers.{layer}.self_attn.indexer.weights_proj" in (n.name or "")
+                   and n.op_type in ("MatMul", "Gemm")]
+        w = node.inputs[1]
+        w.const_value = ir.tensor(-w.const_value.numpy(), name=w.name)
+    return mutate
+
+
+def test_the_lossy_graph_attends_to_the_references_keys_and_a_broken_indexer_fails(tmp_path):
+    """The routing-aware static comparison (ascend's quantize and fp16-emulation stages) teacher-forces the indexer:
+    a lossy graph whose layer-1 indexer scores are negated (weights_proj x -1: it would pick the least relevant keys)
+    still gives the reference's logits, because its TopK reads the reference's scores, and the stage fails on the
+    indexer's own scores (`selection.1.scores`, cosine) and on its share of selection flips; the same comparison of the
+    unbroken graphs passes with no selection flip and judges every query of every layer."""
+    from targets.ascend import emulation
+    model = models.load("tiny-v32")
+    for d in ("ref", "bad"):
+        (tmp_path / d).mkdir()
+    ref = _tiny_v32_static_graphs(model, tmp_path / "ref")
+    bad = _tiny_v32_static_graphs(model, tmp_path / "bad", _negate_weights_proj(1))
+    stage = "quantize-w8a8/ascend-static"
+    good = emulation.quant_parity(model, ref, ref, stage, decode_steps=2, gen_tokens=4)
+    assert all(r.passed for r in good), [r.failure_reasons() for r in good]
+    sel = good[0].extra["routing"]["selection"]
+    assert sel["n_flips"] == 0 and sel["n_decisions"] == model.config.num_hidden_layers * 12  # 12 prompt queries
+    broken = emulation.quant_parity(model, ref, bad, stage, decode_steps=2, gen_tokens=4)
+    pre = broken[0]
+    logits = {o.name: o for o in pre.outputs}["logits"]
+    assert logits.passed and logits.cosine > 0.9999, logits  # forced: the reference's keys, whatever its scores
+    assert not pre.passed
+    reasons = pre.failure_reasons()
+    assert any("selection.1.scores" in r and "cosine" in r for r in reasons), reasons
+    # its flips: a score error this large excuses every margin (which is why the scores are judged as outputs), but
+    # not the share of flipped decisions
+    assert any(r.startswith("routing: selection: selection flipped at") for r in reasons), reasons
+    with pytest.raises(emulation.ParityError, match="selection.1.scores"):
+        pre.raise_if_failed()
+
+
+def test_tiny_v32_ascend_w8a8_package_judges_the_indexer_teacher_forced_and_verifies(tmp_path):
+    """tiny-v32 -> ascend --quant w8a8 (indexer kept fp32): the quantize and fp16-emulation stages run with the
+    reference's indexer selection forced, every report records its selection judgement (queries x layers judged,
+    flips all near ties) and the indexer's scores as outputs; the package's golden data re-run."""
+    from pipeline.compile import compile_package
+    from pipeline.verify import verify_full
+    pkg = compile_package("tiny-v32", "ascend", tmp_path / "tiny-v32-w8a8", quant="w8a8", progress=lambda m: None)
+    reports = json.loads((pkg / "reports" / "parity.json").read_text())["stages"]
+    assert all(r["passed"] for r in reports)
+    routed = [r for r in reports if r["stage"].startswith(("ascend-fp16-emulation", "quantize-w8a8"))]
+    assert len(routed) >= 12
+    for r in routed:
+        sel = r["extra"]["routing"]["selection"]
+        assert sel["n_decisions"] > 0 and not sel["reasons"], (r["stage"], sel)
+        assert {o["name"] for o in r["outputs"]} >= {"selection.0.scores", "selection.2.scores"}, r["stage"]
+    ok, lines = verify_full(pkg)
+    assert ok, lines

@@ -59,9 +59,11 @@ import torch
 
 from passes.ir_external import copy_model
 from pipeline.export import save_graph
-from pipeline.parity import BUDGETS, FLIP_MARGIN_FACTOR, ParityError, ParityReport, budget_for, compare
+from pipeline import routing as probes
+from pipeline.parity import (BUDGETS, FLIP_MARGIN_FACTOR, ParityError, ParityReport, _judge_selections,
+                             _selection_flip_text, budget_for, compare, selection_outputs)
 
-from .static_export import INDEX_DTYPE, StaticGraphSpec, StaticRunner, ort_sessions, static_cache_spec
+from .static_export import MASK_VALUE, INDEX_DTYPE, StaticGraphSpec, StaticRunner, ort_sessions, static_cache_spec
 
 STAGE = "ascend-fp16-emulation"
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
@@ -221,13 +223,16 @@ def expose_routing(model: ir.Model, scores: bool = True) -> list[RoutingDecision
 
 @dataclasses.dataclass
 class RoutingCall:
-    """One graph run's routing: indices [B, S, k] (and ranked scores [B, S, n]) per TopK node."""
+    """One graph run's routing: indices [B, S, k] (and ranked scores [B, S, n]) per TopK node; with forced
+    selections (SelectionForcedRunner), per selection j the reference's scores and ids, the lossy graph's own
+    scores and the ids its TopK picked from the forced scores ([B, S, M] / [B, S, k]; masked keys -inf)."""
 
     graph: str
     position: np.ndarray  # [B], position of the first row
     seq: int
     indices: dict[str, np.ndarray]
     scores: dict[str, np.ndarray]
+    selections: dict[str, list[np.ndarray]] | None = None
 
 
 def _rows(x: np.ndarray, axis: int, B: int, S: int, node: str) -> np.ndarray:
@@ -247,10 +252,14 @@ class RoutingRunner(StaticRunner):
         self.decisions = decisions
         self.calls: list[RoutingCall] = []
 
-    def _run(self, name: str, ids: np.ndarray, position: np.ndarray, cache: dict) -> tuple[np.ndarray, dict]:
+    def _outputs(self, name: str, ids: np.ndarray, position: np.ndarray, cache: dict,
+                 extra: dict | None = None) -> dict[str, np.ndarray]:
         sess = self.sessions[name]
-        feeds = {"input_ids": ids.astype(INDEX_DTYPE), "position": position.astype(INDEX_DTYPE), **cache}
-        res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+        feeds = {"input_ids": ids.astype(INDEX_DTYPE), "position": position.astype(INDEX_DTYPE), **cache,
+                 **(extra or {})}
+        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+    def _record(self, name: str, ids: np.ndarray, position: np.ndarray, res: dict) -> RoutingCall:
         B, S = ids.shape
         call = RoutingCall(name, position.astype(np.int64).copy(), S, {}, {})
         for d in self.decisions.get(name, []):
@@ -258,8 +267,65 @@ class RoutingRunner(StaticRunner):
             if d.scores in res:
                 call.scores[d.node] = _rows(res[d.scores], d.axis, B, S, d.node)
         self.calls.append(call)
-        present = {k.replace("present.", "past.", 1): v for k, v in res.items() if k.startswith("present.")}
-        return res["logits"], present
+        return call
+
+    def _run(self, name: str, ids: np.ndarray, position: np.ndarray, cache: dict) -> tuple[np.ndarray, dict]:
+        res = self._outputs(name, ids, position, cache)
+        self._record(name, ids, position, res)
+        return res["logits"], _present(res)
+
+
+def _present(res: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    return {prefix + k.replace("present.", "past.", 1): v for k, v in res.items() if k.startswith("present.")}
+
+
+_REFERENCE = "reference|"  # cache keys of the reference's own trajectory inside a SelectionForcedRunner's cache
+
+
+def selection_nodes(model: ir.Model) -> list[ir.Node]:
+    """The lightning indexer's TopK nodes (DeepSeek-V3.2, models/v32_static.py `index_select_{i}`), graph order."""
+    return [n for n in model.graph if n.op_type == "TopK" and _INDEXER_SCOPE.search(n.name or "")]
+
+
+def _masked(scores: np.ndarray) -> np.ndarray:
+    """The static graphs mask invisible keys with MASK_VALUE (a finite fp16 floor); -inf for the selection judge."""
+    return np.where(scores <= MASK_VALUE, -np.inf, scores.astype(np.float64))
+
+
+class SelectionForcedRunner(RoutingRunner):
+    """A RoutingRunner over lossy graphs whose indexer TopKs read the reference's scores (teacher-forced selection,
+    pipeline/routing.py force_selections): every run first runs the reference graph (`reference`'s sessions, the
+    fp32 graphs with their selections exposed) on the same tokens with the reference's own cache, kept under
+    `reference|` keys of this runner's cache, then the lossy graph with `selection.{j}.scores.forced` fed from it.
+    The lossy graph then attends to the reference's keys at every query, so the stage's numeric error is judged
+    everywhere, and the keys its own scores would have picked are judged apart (RoutingCall.selections)."""
+
+    def __init__(self, sessions: dict, specs: dict[str, StaticGraphSpec], cfg,
+                 decisions: dict[str, list[RoutingDecision]], reference: RoutingRunner, n_selections: dict[str, int]):
+        super().__init__(sessions, specs, cfg, decisions)
+        self.reference, self.n_selections = reference, n_selections
+
+    def empty_cache(self) -> dict[str, np.ndarray]:
+        cache = super().empty_cache()
+        return {**cache, **{_REFERENCE + k: v.copy() for k, v in cache.items()}}
+
+    def _run(self, name: str, ids: np.ndarray, position: np.ndarray, cache: dict) -> tuple[np.ndarray, dict]:
+        own = {k: v for k, v in cache.items() if not k.startswith(_REFERENCE)}
+        theirs = {k[len(_REFERENCE):]: v for k, v in cache.items() if k.startswith(_REFERENCE)}
+        if len(theirs) != len(own):
+            raise ValueError("SelectionForcedRunner: the cache lacks the reference's rows (start from its empty_cache())")
+        ref = self.reference._outputs(name, ids, position, theirs)
+        n = self.n_selections.get(name, 0)
+        res = self._outputs(name, ids, position, own,
+                            {probes.selection_forced_name(j): ref[probes.selection_name(j)] for j in range(n)})
+        call = self._record(name, ids, position, res)
+        call.selections = {
+            "reference_scores": [_masked(ref[probes.selection_name(j)]) for j in range(n)],
+            "reference_ids": [ref[probes.selection_ids_name(j)] for j in range(n)],
+            "actual_scores": [np.where(_masked(ref[probes.selection_name(j)]) == -np.inf, -np.inf,
+                                       res[probes.selection_name(j)].astype(np.float64)) for j in range(n)],
+            "forced_ids": [res[probes.selection_ids_name(j)] for j in range(n)]}
+        return res["logits"], {**_present(res), **_present(ref, _REFERENCE)}
 
 
 def _margins(scores: np.ndarray, k: int) -> np.ndarray:
@@ -288,12 +354,27 @@ class _RoutingTrace:
         self.positions: dict[tuple[int, int], list[dict]] = {}
         self.new: list[tuple[int, int]] = []  # positions the last add() found flipped
         self.reset: set[tuple[int, int]] = set()  # positions whose diverged cache rows were reset (repair)
+        self.selections: list[dict[str, list[np.ndarray]]] = []  # forced calls' selection rows not yet judged
+
+    def add_selections(self, ac: RoutingCall, n_valid: int) -> None:
+        """Keep a forced call's selection rows (rows >= n_valid: padding, dropped) for the next judgement."""
+        if ac.selections:
+            self.selections.append({k: [np.asarray(a)[:, :n_valid] for a in v] for k, v in ac.selections.items()})
+
+    def take_selections(self) -> dict[str, list[np.ndarray]] | None:
+        """The selection rows kept since the last call, each selection's as [queries, ...] (_judge_selections)."""
+        calls, self.selections = self.selections, []
+        if not calls:
+            return None
+        return {k: [np.concatenate([c[k][j].reshape(-1, c[k][j].shape[-1]) for c in calls])
+                    for j in range(len(calls[0][k]))] for k in calls[0]}
 
     def add(self, rc: RoutingCall, ac: RoutingCall, n_valid: int) -> None:
         """Compare two runs of the same graph on the same inputs; rows >= n_valid (padding) are skipped."""
         if rc.graph != ac.graph or rc.seq != ac.seq or not np.array_equal(rc.position, ac.position):
             raise ValueError(f"routing calls differ: {rc.graph} at {rc.position.tolist()} vs "
                              f"{ac.graph} at {ac.position.tolist()}")
+        self.add_selections(ac, n_valid)
         layers: dict = {}
         for dr, da in _pair_decisions(self.ref.decisions.get(rc.graph, []), self.act.decisions.get(ac.graph, []),
                                       rc.graph):
@@ -316,8 +397,9 @@ class _RoutingTrace:
                 margins = _margins(rc.scores[dr.node], dr.k) if dr.node in rc.scores else None
                 allowed = MAX_FLIP_MARGIN
                 if dr.node in rc.scores and da.node in ac.scores:  # both ranked inputs seen: the stage's own movement
-                    moved = np.abs(rc.scores[dr.node][:, :n_valid].astype(np.float64)
-                                   - ac.scores[da.node][:, :n_valid].astype(np.float64))
+                    with np.errstate(invalid="ignore"):  # -inf - -inf at the masked groups, dropped below
+                        moved = np.abs(rc.scores[dr.node][:, :n_valid].astype(np.float64)
+                                       - ac.scores[da.node][:, :n_valid].astype(np.float64))
                     moved = float(np.max(moved[np.isfinite(moved)], initial=0.0))
                     allowed = max(MAX_FLIP_MARGIN, FLIP_MARGIN_FACTOR * 2 * moved)
                 for b, s in zip(*np.nonzero(differ)):
@@ -411,6 +493,11 @@ class EmulationReport(ParityReport):
             lines.append(f"- cache rows of position {c['position']}" + (f" (row {c['batch']})" if c["batch"] else "")
                          + f", layers {c['layers'][0]}-{c['layers'][-1]}, reset to the reference's before the "
                          "next decode step")
+        sel = rt.get("selection")
+        if sel:
+            lines.append(f"- indexer selection (teacher-forced: the graph attends to the reference's keys): "
+                         f"{sel['summary']}")
+            lines += [f"- selection flip: {_selection_flip_text(f)}" for f in sel["flips"]]
         lines += [f"- routing: {r}" for r in rt.get("reasons", [])]
         return text + "\n".join(lines) + "\n"
 
@@ -422,6 +509,11 @@ def _flip_text(f: dict) -> str:
              if f.get("follows") else "")
     return (f"{where}position {f['position']} layer {f['layer']}: experts {f['experts_reference']} -> "
             f"{f['experts_actual']} ({f['decided_by']} TopK, fp32 margin {m}{after})")
+
+
+def selection_budget(stage: str):
+    """The stage's budget for the indexer's scores: its cosine, rel euclid and KL recorded but not judged."""
+    return dataclasses.replace(budget_for(stage), max_rel_euclid=None, max_kl=None)
 
 
 def _max_flipped_fraction(stage: str) -> float:
@@ -496,7 +588,19 @@ def _judge(stage: str, ref: dict, act: dict, logits_outputs: list[str], trace: _
     if unmasked is not None:
         record["unmasked"] = {o.name: {"cosine": o.cosine, "rel_euclid": o.rel_euclid, "kl": o.kl,
                                        "passed": o.passed, "reasons": list(o.reasons)} for o in unmasked.outputs}
-    out = EmulationReport(stage=rep.stage, budget=rep.budget, outputs=rep.outputs, extra=dict(rep.extra))
+    outputs = list(rep.outputs)
+    selections = trace.take_selections()
+    if selections is not None:
+        # the indexer's own scores are judged as outputs too: under forcing they no longer reach the logits, and a
+        # stage that broke them would otherwise only widen its own allowed flip margin. By direction (cosine), not by
+        # msit's rel euclid: their one consumer is the TopK, whose flips the margin rule judges (docs/v32.md)
+        sel_ref, sel_act = selection_outputs(selections)
+        outputs += compare(stage, sel_ref, sel_act, budget=selection_budget(stage)).outputs
+        sel = _judge_selections(selections, max_share)
+        record["selection"] = sel
+        record["reasons"] = reasons + [f"selection: {r}" for r in sel["reasons"]]
+        record["summary"] += f"; indexer selection teacher-forced: {sel['summary']}"
+    out = EmulationReport(stage=rep.stage, budget=rep.budget, outputs=outputs, extra=dict(rep.extra))
     out.extra["routing"] = record
     return out
 
@@ -534,14 +638,24 @@ def _routing_runners(cfg, specs: dict, pairs, folder: Path, tag: str, act_scores
     triples, taken one at a time (a lazy iterable keeps one pair in memory): comparison-only copies with every
     routing TopK exposed (the fp32 ones with their ranked scores, the lossy ones too when act_scores), saved in
     folder."""
-    pa, pr, da, dr = {}, {}, {}, {}
+    pa, pr, da, dr, ns = {}, {}, {}, {}, {}
     for name, m32, mact in pairs:
+        sel32, sel = selection_nodes(m32), selection_nodes(mact)
+        if len(sel32) != len(sel):
+            raise ValueError(f"{name}: the fp32 graph has {len(sel32)} indexer TopK nodes, the {tag} graph {len(sel)}")
+        if sel:  # DeepSeek-V3.2: the lossy graph's indexer TopKs read the reference's scores
+            probes.expose_selections(m32, sel32)
+            probes.force_selections(mact, sel)
+            ns[name] = len(sel)
         da[name] = expose_routing(mact, scores=act_scores)
         dr[name] = expose_routing(m32, scores=True)
         pa[name], pr[name] = folder / f"{name}.{tag}.onnx", folder / f"{name}.fp32.routing.onnx"
         save_graph(mact, pa[name], check=False)  # its own copy of the weights: folder is not the package's onnx/
         save_graph(m32, pr[name], check=False)
-    return (RoutingRunner(ort_sessions(pa), specs, cfg, da), RoutingRunner(ort_sessions(pr), specs, cfg, dr))
+    ref = RoutingRunner(ort_sessions(pr), specs, cfg, dr)
+    if ns:
+        return SelectionForcedRunner(ort_sessions(pa), specs, cfg, da, ref, ns), ref
+    return RoutingRunner(ort_sessions(pa), specs, cfg, da), ref
 
 
 def quant_parity(model, fp32_graphs: dict[str, tuple[StaticGraphSpec, Path]],
@@ -646,6 +760,9 @@ def compare_runs(model, runner: StaticRunner, stage: str, prompt_len: int | None
         for i, (rc, ac) in enumerate(zip(routing_ref.calls[mark32:], runner.calls[mark:])):
             if i <= agree32:
                 gtrace.add(rc, ac, L if i == 0 else 1)
+        for i, ac in enumerate(runner.calls[mark:]):  # forced selections: each call's reference ran its tokens
+            if i > agree32:
+                gtrace.add_selections(ac, L if i == 0 else 1)
     # the runner's own greedy logits are compared up to the first token mismatch (after it the
     # two trajectories see different tokens and are no longer comparable)
     agree = int((ref_tokens.numpy() == tokens).all(0).cumprod().sum())
