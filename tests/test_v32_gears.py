@@ -200,3 +200,15 @@ def test_gear_check_catches_a_shifted_selection(pkg, model, tmp_path):
     bad = check_gear_decode(bad_path, g, case, ref16, names, "t/bad", session_config(), **kw)
     assert not bad.passed
     assert any(r.startswith("output 'logits'") for r in bad.failure_reasons()), bad.failure_reasons()
+
+
+def test_verify_runs_the_v32_gears_on_the_cpu(pkg):
+    """The package runtime's golden re-run on the CPU EP (runtime/cuda_runtime.py verify_golden device cpu: the golden
+    cases, greedy through the dynamic graphs and through the gears), and `mlamoe verify` (pipeline/verify.py
+    verify_full: hashes and archive; without a CUDA EP it re-runs no golden data for ort-cuda)."""
+    from pipeline.verify import verify_full
+    from runtime import cuda_runtime
+    failures, _ = cuda_runtime.verify_golden(pkg, device="cpu")
+    assert failures == [], failures
+    ok, lines = verify_full(pkg)
+    assert ok, lines

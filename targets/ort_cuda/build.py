@@ -392,8 +392,10 @@ def build_cuda_package(ctx: BuildContext) -> None:
         if gear_info is not None:
             gi = io["decode_gears"]
             verified.append(f"decode gears {gi['gears']} (fixed-shape fp16 graphs, onnx/decode_g*.onnx) on ORT CPU: the "
-                            f"golden decode case through every gear against eager fp32 within {profile.parity_stage} "
-                            "(the whole gear buffer: rows after the written one must stay zero), and greedy generation "
+                            f"golden decode case through every gear (its fp16 rounding twin) against eager fp32 within "
+                            f"{profile.parity_stage} (the whole gear buffer: rows after the written one must stay zero; "
+                            "routing-aware: the fp32 traced step's gate logits and any indexer selection scores forced, "
+                            "flips judged apart), and greedy generation "
                             "through runtime/cuda_runtime.py GearDecoder (dynamic prefill, pad into the gear, in-place "
                             f"row writes, gear switches at {gi['greedy_check'].get('gears_used')}): "
                             + ("equal to the dynamic runtime's tokens" if gi["greedy_check"].get("equal_to_dynamic")
@@ -479,9 +481,10 @@ def check_gear_decode(path: Path, gear: int, case, ref16: dict, names: list[str]
 def _gear_stage(runner: StageRunner, model, load: StageRecord, golden: Golden, work: Path, gear_list, stage: str,
                 session: dict, layout: str, dynamic_tokens) -> dict:
     """The decode gears (targets/ort_cuda/gears.py) as stage target/ort-cuda-gears: export + fp16 + in-place
-    row write per gear, one shared weights file, a pad graph per gear; checked on ORT CPU: the golden decode case
-    through every gear (each batch row at its position, the cache padded with zeros to the gear) against eager
-    fp32 with the fp16 judgement (compare_fp16 relative to PyTorch fp16, as the dynamic graphs), and greedy
+    row write per gear, one shared weights file, a pad graph per gear (and the fp32 traced step per gear in fp32/,
+    not packaged); checked on ORT CPU: the golden decode case through every gear (each batch row at its position,
+    the cache padded with zeros to the gear) against eager fp32 with the fp16 judgement, routing- and
+    selection-aware as the dynamic graphs (check_gear_decode), and greedy
     generation through runtime/cuda_runtime.py GearDecoder (dynamic prefill, then the gears, switching gear where
     the position reaches one) against eager fp32's tokens. -> what the package records."""
     from models.static_lm import static_cache_spec
