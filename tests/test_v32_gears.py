@@ -212,3 +212,56 @@ def test_verify_runs_the_v32_gears_on_the_cpu(pkg):
     assert failures == [], failures
     ok, lines = verify_full(pkg)
     assert ok, lines
+
+
+def test_static_routers_are_the_eager_gates(model):
+    """pipeline/routing.py static_routers on the fp32 traced gear: one per MoE layer, in layer order, each gate
+    logits value the output of the MatMul / Gemm by that layer's eager gate weight, its expert TopK of k num_experts_per_tok;
+    selection_topks finds one indexer TopK per layer, k index_topk."""
+    from pipeline.routing import selection_topks, static_routers
+    from targets.ort_cuda import gears
+    m = gears.trace_gear(model, GEARS[0])
+    routers = static_routers(m)
+    moe_layers = [layer for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+    assert len(routers) == len(moe_layers)
+    for (gate, topk), layer in zip(routers, moe_layers):
+        w = layer.mlp.gate.weight.detach().numpy()
+        b = gate.producer().inputs[1].const_value.numpy()  # MatMul [in, out] or Gemm transB [out, in]
+        assert any(b.shape == x.shape and np.allclose(b, x, atol=1e-6) for x in (w, w.T))
+        assert int(topk.inputs[1].const_value.numpy().ravel()[0]) == model.config.num_experts_per_tok
+    sel = selection_topks(m)
+    assert len(sel) == model.config.num_hidden_layers
+    assert all(int(t.inputs[1].const_value.numpy().ravel()[0]) == model.config.index_topk for t in sel)
+
+
+def test_gear_check_catches_a_router_without_its_bias(pkg, model, tmp_path):
+    """With routing forced, a gear whose router lost e_score_correction_bias does not reproduce the reference's
+    expert choice: the routed gear check fails on routing, naming it."""
+    from models.static_lm import static_cache_spec
+    from pipeline import fp16_reference
+    from pipeline.export import save_graph
+    from pipeline.routing import static_routers
+    from targets.ort_cuda import gears, session_config
+    from targets.ort_cuda.build import check_gear_decode
+    g = GEARS[0]
+    m = ir.load(pkg / "onnx" / f"decode_g{g}.onnx")
+    zeroed = 0
+    for gate, _ in static_routers(m):
+        for sig, _ in gate.uses():
+            for add, _ in (sig.outputs[0].uses() if sig.op_type == "Sigmoid" else ()):
+                for v in add.inputs:
+                    if add.op_type == "Add" and v is not None and v.const_value is not None:
+                        v.const_value = ir.tensor(np.zeros(v.const_value.shape, np.float32), name=v.name)
+                        zeroed += 1
+    assert zeroed == len(static_routers(m))
+    bad_path = tmp_path / "bad" / f"decode_g{g}.onnx"
+    save_graph(m, bad_path)
+    reference = tmp_path / "ref" / f"decode_g{g}.onnx"
+    save_graph(gears.trace_gear(model, g), reference)
+    case = _golden_case(pkg, "decode")
+    bad = check_gear_decode(bad_path, g, case, fp16_reference.case_outputs(model, case.inputs, "latent"),
+                            static_cache_spec(model.config).input_names(), "t/bias", session_config(), model=model,
+                            reference=reference)
+    assert not bad.passed
+    assert any(r.startswith("routing:") and "checkpoint's routing" in r for r in bad.failure_reasons()), \
+        bad.failure_reasons()
