@@ -14,6 +14,10 @@ top-k, or the exported TopK subgraph). Two edits on a copy of a graph, found by 
   still seen; the MoE op's router input is exposed as ``routing.{i}.router_probs`` (what it selects experts
   from, given the forced logits: an fp32 router reproduces the reference's choice exactly).
 
+The fixed-shape form (models/static_lm.py StaticRouter, the ort-cuda decode gears) has no MoE node: its routers are
+found as TopKs over a Sigmoid/Softmax-scored gate projection (:func:`static_routers`), and the expert TopK's scores
+(the choice scores, dropped groups at -inf) are its ``routing.{i}.router_probs``.
+
 The same for the other top-k choices a graph makes (DeepSeek-V3.2's lightning indexer, which picks the keys each query
 attends to): :func:`selection_topks` finds the TopKs outside the routers, :func:`expose_selections` /
 :func:`force_selections` expose their scores and feed the TopK from graph input ``selection.{j}.scores.forced``.
@@ -61,13 +65,51 @@ def _gate_of(moe: ir.Node) -> ir.Value:
     raise MlamoeError(f"routing probe: no gate projection (MatMul/Gemm) found upstream of {moe.name!r}'s router input")
 
 
-def gate_logits(model: ir.Model) -> list[ir.Value]:
-    """Each MoE layer's gate logits value, in graph order of the MoE nodes."""
+def static_routers(model: ir.Model) -> list[tuple[ir.Value, ir.Node]]:
+    """The fixed-shape form's routers (models/static_lm.py StaticRouter: no MoE node, the group and expert choices are
+    TopKs over the gate's scores), in graph order: (gate logits, expert TopK) per MoE layer. The gate logits are a
+    projection's output read by Sigmoid/Softmax that a TopK's scores reach (walking back, stopping at projections);
+    of the TopKs reaching one gate, the last in graph order is the expert choice (the group choices feed it)."""
+    from passes.graph_utils import is_projection
+    order = {id(n): i for i, n in enumerate(model.graph)}
+    by_gate: dict[int, tuple[ir.Value, list[ir.Node]]] = {}
+    for t in model.graph:
+        if t.op_type != "TopK" or t.domain not in ("", "ai.onnx"):
+            continue
+        seen, stack = set(), [t.inputs[0]]
+        while stack:
+            v = stack.pop()
+            if v is None or id(v) in seen:
+                continue
+            seen.add(id(v))
+            p = v.producer()
+            if p is None or p.op_type in ("Shape", "Size"):
+                continue
+            if is_projection(p):
+                if any(u.op_type in ("Sigmoid", "Softmax") for u, _ in v.uses()):
+                    by_gate.setdefault(id(v), (v, []))[1].append(t)
+                continue
+            stack.extend(i for i in p.inputs if i is not None and i.const_value is None and not i.is_initializer())
+    out = [(v, max(ts, key=lambda n: order[id(n)])) for v, ts in by_gate.values()]
+    return sorted(out, key=lambda r: order[id(r[1])])
+
+
+def _routers(model: ir.Model) -> list[tuple[ir.Value, ir.Node | None]]:
+    """(gate logits, expert TopK or None) per MoE layer: the MoE nodes' gates (ort-fused form; None: the MoE op
+    routes itself), else the fixed-shape form's routers (static_routers)."""
     moes = [n for n in model.graph if (n.domain, n.op_type) in MOE_OPS]
-    if not moes:
-        raise MlamoeError("routing probe: the graph has no com.microsoft.MoE/QMoE node "
-                          "(routing-aware checks need the ort-fused MoE form)")
-    return [_gate_of(n) for n in moes]
+    if moes:
+        return [(_gate_of(n), None) for n in moes]
+    found = static_routers(model)
+    if not found:
+        raise MlamoeError("routing probe: the graph has no com.microsoft.MoE/QMoE node and no fixed-shape router "
+                          "(a TopK over a Sigmoid/Softmax-scored gate projection): routing-aware checks need one")
+    return found
+
+
+def gate_logits(model: ir.Model) -> list[ir.Value]:
+    """Each MoE layer's gate logits value, in graph order of the MoE nodes (or of the fixed-shape routers)."""
+    return [v for v, _ in _routers(model)]
 
 
 def expose_gate_logits(model: ir.Model) -> int:
@@ -83,14 +125,20 @@ def expose_gate_logits(model: ir.Model) -> int:
 def force_gate_logits(model: ir.Model) -> int:
     """Expose the gate logits and feed every reader of them from graph input ``routing.{i}.gate_logits.forced``;
     expose each MoE op's router input as ``routing.{i}.router_probs``."""
-    values = gate_logits(model)
+    routers = _routers(model)
     moes = [n for n in model.graph if (n.domain, n.op_type) in MOE_OPS]
-    for i, v in enumerate(values):
+    for i, (v, _) in enumerate(routers):
         v.name = gate_name(i)
         forced = ir.Value(name=forced_name(i), type=v.type, shape=v.shape)
         model.graph.inputs.append(forced)
         ir.convenience.replace_all_uses_with(v, forced)
         model.graph.outputs.append(v)
+    for i, (_, topk) in enumerate(routers):  # the fixed-shape form: the expert TopK's scores are its router_probs
+        if topk is not None:
+            probs = topk.inputs[0]
+            probs.name = router_probs_name(i)
+            if not probs.is_graph_output():
+                model.graph.outputs.append(probs)
     for i, moe in enumerate(moes):
         probs = moe.inputs[1]
         if probs.is_graph_input():  # the MoE op reads the forced logits themselves: route them through an Identity
@@ -102,7 +150,7 @@ def force_gate_logits(model: ir.Model) -> int:
         probs.name = router_probs_name(i)
         if not probs.is_graph_output():
             model.graph.outputs.append(probs)
-    return len(values)
+    return len(routers)
 
 
 # ---- selections: TopKs outside the MoE routers (DeepSeek-V3.2's lightning indexer) -------------------------------
@@ -130,7 +178,7 @@ def selection_topks(model: ir.Model) -> list[ir.Node]:
     a TopK reaching a gate logits value is a router's (the ort-cuda subgraph router), any other a selection."""
     from passes.graph_utils import is_projection
     moes = [n for n in model.graph if (n.domain, n.op_type) in MOE_OPS]
-    gates = {id(v) for v in (gate_logits(model) if moes else [])}
+    gates = {id(v) for v in (gate_logits(model) if moes else [v for v, _ in static_routers(model)])}
     out = []
     for t in model.graph:
         if t.op_type != "TopK" or t.domain not in ("", "ai.onnx"):

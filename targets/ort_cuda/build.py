@@ -392,8 +392,10 @@ def build_cuda_package(ctx: BuildContext) -> None:
         if gear_info is not None:
             gi = io["decode_gears"]
             verified.append(f"decode gears {gi['gears']} (fixed-shape fp16 graphs, onnx/decode_g*.onnx) on ORT CPU: the "
-                            f"golden decode case through every gear against eager fp32 within {profile.parity_stage} "
-                            "(the whole gear buffer: rows after the written one must stay zero), and greedy generation "
+                            f"golden decode case through every gear (its fp16 rounding twin) against eager fp32 within "
+                            f"{profile.parity_stage} (the whole gear buffer: rows after the written one must stay zero; "
+                            "routing-aware: the fp32 traced step's gate logits and any indexer selection scores forced, "
+                            "flips judged apart), and greedy generation "
                             "through runtime/cuda_runtime.py GearDecoder (dynamic prefill, pad into the gear, in-place "
                             f"row writes, gear switches at {gi['greedy_check'].get('gears_used')}): "
                             + ("equal to the dynamic runtime's tokens" if gi["greedy_check"].get("equal_to_dynamic")
@@ -408,41 +410,81 @@ def build_cuda_package(ctx: BuildContext) -> None:
         runner.progress(f"[package] {out} ({time.time() - started:.1f} s in all)")
 
 
-def check_gear_decode(path: Path, gear: int, case, ref16: dict, names: list[str], stage: str, session: dict):
+REFERENCE_DIR = "fp32"  # the gear stage's fp32 traced steps (check_gear_decode's routing reference)
+
+
+class _GearCase:
+    """One batch row of the golden decode case as a gear's feeds (RoutingProbe.run's case)."""
+
+    def __init__(self, inputs: dict):
+        self.graph, self.inputs = "gear", inputs
+
+
+def check_gear_decode(path: Path, gear: int, case, ref16: dict, names: list[str], stage: str, session: dict,
+                      model=None, reference: Path | None = None):
     """The golden decode case through one gear graph on ORT CPU, each batch row alone (the gears are batch 1) at its
     position P, its cache padded with zero rows to the gear: logits and the whole present buffer (rows 0..P against
-    eager fp32's present, rows after P must stay zero) judged by compare_fp16 relative to PyTorch fp16. -> report."""
+    eager fp32's present, rows after P must stay zero) judged by compare_fp16 relative to PyTorch fp16. What runs is
+    the gear's rounding twin (passes/fp16_rounding.py: every fp16 tensor rounded, which ORT CPU's cast elision would
+    otherwise skip), as for the dynamic graphs. With `model` (a MoE model) and `reference` (the gear's fp32 traced
+    step, gears.trace_gear) the judgement is routing-aware as the dynamic graphs' (compare_fp16_routed over
+    pipeline/build.py RoutingProbe): the reference's gate logits and indexer scores forced into the gear, the gear's
+    own routing and selection flips judged apart; the unforced outputs are recorded. -> report."""
+    from models.static_lm import MASK_VALUE
     P = int(case.inputs[names[0]].shape[1])
     outs = [n.replace("past.", "present.", 1) for n in names]
-    sess = ort.InferenceSession(str(path), cuda_runtime.session_options(session), providers=["CPUExecutionProvider"])
-    onames = [o.name for o in sess.get_outputs()]
+    so = cuda_runtime.session_options(session)
+    routers = moe_routers(model) if model is not None and reference is not None else []
     rows = []
-    for b in range(case.inputs["input_ids"].shape[0]):
-        feeds = {"input_ids": case.inputs["input_ids"][b:b + 1].astype(np.int32), "position": np.array([P], np.int32)}
-        for n in names:
-            a = np.zeros((1, gear, case.inputs[n].shape[2]), np.float16)
-            a[:, :P] = case.inputs[n][b:b + 1]
-            feeds[n] = a
-        rows.append(dict(zip(onames, sess.run(None, feeds))))
+    with tempfile.TemporaryDirectory(prefix="mlamoe-gear-twin-") as tmp:
+        twin = Path(tmp) / path.name
+        save_graph(rounding_twin(ir.load(path)), twin)
+        probe = RoutingProbe(stage, {"gear": twin}, {"gear": reference}, len(routers), so) if routers else None
+        sess = None if probe else ort.InferenceSession(str(twin), so, providers=["CPUExecutionProvider"])
+        for b in range(case.inputs["input_ids"].shape[0]):
+            feeds = {"input_ids": case.inputs["input_ids"][b:b + 1].astype(np.int32),
+                     "position": np.array([P], np.int32)}
+            for n in names:
+                a = np.zeros((1, gear, case.inputs[n].shape[2]), np.float32)
+                a[:, :P] = case.inputs[n][b:b + 1]
+                feeds[n] = a
+            rows.append(probe.run(_GearCase(feeds)) if probe else {"unforced": run_cast(sess, feeds)})
+        del probe, sess
 
     def padded(a):
         z = np.zeros(a.shape[:1] + (gear,) + a.shape[2:], np.float32)
         z[:, :a.shape[1]] = a
         return z
-    got = {"logits": np.concatenate([r["logits"] for r in rows]).astype(np.float32)}
-    got.update({o: np.concatenate([r[o] for r in rows]).astype(np.float32) for o in outs})
+
+    def cat(run: str) -> dict:
+        return {o: np.concatenate([r[run][o] for r in rows]).astype(np.float32) for o in ["logits", *outs]}
     expected = {"logits": case.outputs["logits"], **{o: padded(case.outputs[o]) for o in outs}}
-    ref = {"logits": ref16["logits"], **{o: padded(ref16[o]) for o in outs}}
-    return compare_fp16(stage, expected, got, ref, logits_outputs=["logits"], budget=BUDGETS[PROFILE_STAGE],
-                        reference_note=fp16_reference.NOTE)
+    ref = {"logits": ref16["logits"], **{o: padded(ref16[o]) for o in outs},
+           **{k: v for k, v in ref16.items() if k.startswith("routing.")}}
+    kw = dict(logits_outputs=["logits"], budget=BUDGETS[PROFILE_STAGE], reference_note=fp16_reference.NOTE)
+    if not routers:
+        return compare_fp16(stage, expected, cat("unforced"), ref, **kw)
+    per_layer = {k: [np.concatenate([r[k][i] for r in rows]) for i in range(len(routers))]
+                 for k in ("reference_gates", "actual_gates", "router_probs")}
+    selections = None
+    if rows[0]["selections"] is not None:
+        selections = {k: [np.concatenate([r["selections"][k][j] for r in rows])
+                          for j in range(len(rows[0]["selections"][k]))] for k in rows[0]["selections"]}
+        # the fixed-shape step masks the keys after the position with MASK_VALUE (finite, exact in both graphs),
+        # the dynamic graphs with -inf: masked keys are left out of the selection's judgement as there
+        selections["reference_scores"] = [np.where(s == MASK_VALUE, -np.inf, s) for s in selections["reference_scores"]]
+    return compare_fp16_routed(stage, expected, cat("forced"), per_layer["reference_gates"], per_layer["actual_gates"],
+                               routers, ref, unforced=cat("unforced"), forced_router_probs=per_layer["router_probs"],
+                               selections=selections, **kw)
 
 
 def _gear_stage(runner: StageRunner, model, load: StageRecord, golden: Golden, work: Path, gear_list, stage: str,
                 session: dict, layout: str, dynamic_tokens) -> dict:
     """The decode gears (targets/ort_cuda/gears.py) as stage target/ort-cuda-gears: export + fp16 + in-place
-    row write per gear, one shared weights file, a pad graph per gear; checked on ORT CPU: the golden decode case
-    through every gear (each batch row at its position, the cache padded with zeros to the gear) against eager
-    fp32 with the fp16 judgement (compare_fp16 relative to PyTorch fp16, as the dynamic graphs), and greedy
+    row write per gear, one shared weights file, a pad graph per gear (and the fp32 traced step per gear in fp32/,
+    not packaged); checked on ORT CPU: the golden decode case through every gear (each batch row at its position,
+    the cache padded with zeros to the gear) against eager fp32 with the fp16 judgement, routing- and
+    selection-aware as the dynamic graphs (check_gear_decode), and greedy
     generation through runtime/cuda_runtime.py GearDecoder (dynamic prefill, then the gears, switching gear where
     the position reaches one) against eager fp32's tokens. -> what the package records."""
     from models.static_lm import static_cache_spec
@@ -460,7 +502,10 @@ def _gear_stage(runner: StageRunner, model, load: StageRecord, golden: Golden, w
         graphs = {}
         for g in gear_list:
             runner.live.update(f"tracing decode gear {g}")
-            m, rep = gears_mod.export_gear(model, g)
+            m = gears_mod.trace_gear(model, g)
+            # the fp32 step as traced: the routing / selection reference of the check (not packaged)
+            save_graph(ir.from_proto(ir.to_proto(m)), d / REFERENCE_DIR / f"{gears_mod.gear_name(g)}.onnx")
+            m, rep = gears_mod.convert_gear(m, g)
             graphs[gears_mod.gear_name(g)] = m
             rec.notes.append(f"gear {g}: {rep.cache_writes} cache writes as in-place row ScatterND; fp16 "
                              + json.dumps(rep.fp16, sort_keys=True))
@@ -480,7 +525,8 @@ def _gear_stage(runner: StageRunner, model, load: StageRecord, golden: Golden, w
                 rec.notes.append(f"gear {g}: the golden decode case's position {P} does not fit; case not run")
                 continue
             rep = check_gear_decode(d / f"{gears_mod.gear_name(g)}.onnx", g, case, ref16, names,
-                                    f"{stage}/gear{g}-decode", session)
+                                    f"{stage}/gear{g}-decode", session, model=model,
+                                    reference=d / REFERENCE_DIR / f"{gears_mod.gear_name(g)}.onnx")
             runner.add_report(rec, rep)
         manifest = {"io": {"vocab_size": cfg.vocab_size,
                            "graphs": {g: {"file": f"target/{g}.onnx"} for g in GRAPHS},
@@ -504,7 +550,9 @@ def _gear_stage(runner: StageRunner, model, load: StageRecord, golden: Golden, w
         reports["greedy"] = {"gears_used": switched, "equal_to_dynamic": same}
 
     rec = runner.run("target/ort-cuda-gears", {"gears": list(gear_list), "batch": gears_mod.GEAR_BATCH,
-                                               "form": "static-gather MoE, in-place ScatterND row write, fp16"},
+                                               "form": "static-gather MoE, in-place ScatterND row write, fp16",
+                                               "check": "rounding twin, routing and selection forced from the fp32 "
+                                                        f"traced step ({REFERENCE_DIR}/)"},
                      dict(load.inputs), work / "gears", do_gears, check)
     return {"gears": list(gear_list), "record": rec, "spec": spec, "names": names, **reports}
 

@@ -15,8 +15,10 @@ synchronisation inside the step.
 
 The graph is then:
 - converted to fp16 by to_fp16(fixed_shape=True): fp32 islands as for the dynamic graphs (softmax, RMSNorm
-  statistics, TopK), the router's gate projection -> TopK path kept fp32 (structural: the walk back from each TopK's
-  scores to the gate MatMul), and the gathered expert tables stored and moved in fp16 (bit-identical);
+  statistics, TopK, DeepSeek-V3.2's indexer selection: the `topk-selection` island), the router's gate projection ->
+  TopK path kept fp32 (structural: the walk back from each router TopK's scores to the Sigmoid/Softmax-scored gate
+  MatMul), and the gathered expert tables stored and moved in fp16 (bit-identical); check_router_fp32 (router:
+  RouterPrecisionError, indexer: SelectionPrecisionError) is run on the finished gear graph;
 - passed through passes/matmul_broadcast.py: MatMuls whose right operand is broadcast over the batch (the
   attention against the [1, 1, G, r] cache for H heads, the gathered experts against the token) get a 2-D right
   operand, so ORT's CUDA MatMul runs one strided-batched GEMM instead of cublasGemmBatched over pointer arrays it
@@ -94,14 +96,26 @@ class GearReport:
         return dataclasses.asdict(self)
 
 
+def trace_gear(model, gear: int, batch: int = GEAR_BATCH) -> ir.Model:
+    """The fp32 fixed-shape decode step of one gear, as traced (before convert_gear): the routing and selection
+    reference of the gear check (targets/ort_cuda/build.py check_gear_decode)."""
+    from pipeline.static_export import StaticGraphSpec, export_static_graph
+    return export_static_graph(model, StaticGraphSpec(gear_name(gear), batch, 1, gear, "gather"))
+
+
 def export_gear(model, gear: int, batch: int = GEAR_BATCH) -> tuple[ir.Model, GearReport]:
     """The fp16 decode graph of one gear (module doc)."""
+    return convert_gear(trace_gear(model, gear, batch), gear, batch)
+
+
+def convert_gear(m: ir.Model, gear: int, batch: int = GEAR_BATCH) -> tuple[ir.Model, GearReport]:
+    """trace_gear's graph -> the gear's fp16 graph, in place (module doc): fp16 with the router and selection fp32
+    islands, the in-place row write, 2-D right operands; check_router_fp32 on the result (the passes after the
+    conversion must not move a router or indexer node into fp16)."""
     from passes.matmul_broadcast import MatMulBroadcastPass
     from passes.static_cache_write import StaticCacheWritePass
-    from pipeline.static_export import StaticGraphSpec, export_static_graph
 
-    from .graphs import to_fp16
-    m = export_static_graph(model, StaticGraphSpec(gear_name(gear), batch, 1, gear, "gather"))
+    from .graphs import check_router_fp32, to_fp16
     fp16 = to_fp16(m, fixed_shape=True)
     write = StaticCacheWritePass()
     write(m)
@@ -110,6 +124,7 @@ def export_gear(model, gear: int, batch: int = GEAR_BATCH) -> tuple[ir.Model, Ge
                         f"({write.rewritten} rewritten, skipped: {write.skipped})")
     bcast = MatMulBroadcastPass()
     bcast(m)
+    check_router_fp32(m.graph, fixed_shape=True)
     m.doc_string = (f"mlamoe ort-cuda decode gear {gear}: batch {batch}, cache {gear} rows preallocated, "
                     "row written in place (ScatterND), static-gather MoE, fp16")
     return m, GearReport(gear, fp16.to_dict(), write.rewritten, write.skipped, bcast.rewritten)

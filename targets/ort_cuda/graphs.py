@@ -92,6 +92,7 @@ F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 CACHE_PREFIXES = ("past.", "present.")
 _RMS_OPS = {"Pow", "ReduceMean", "Sqrt", "Reciprocal"}
 _ALWAYS_FP32 = {"Softmax", "LogSoftmax", "TopK", "MoEGroupRouter"}
+_GATE_SCORERS = {"Sigmoid", "Softmax"}  # what scores a MoE gate projection's logits (models/moe.py Router)
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
@@ -291,13 +292,28 @@ def _region_back_to_gate(start: ir.Value | None) -> list[ir.Node]:
     return out
 
 
+def _static_router_topks(graph: ir.Graph) -> list[ir.Node]:
+    """The fixed-shape form's router TopKs (models/static_lm.py StaticRouter has no MoE node: its group and expert
+    choices are TopKs over the gate's scores): every TopK whose scores reach, walking back (_region_back_to_gate),
+    a gate projection, i.e. a projection whose output is scored by Sigmoid / Softmax (the DeepSeekMoE gate,
+    models/moe.py). Other TopKs (the lightning indexer's, whose projections feed LayerNorm / Reshape / Mul) are
+    selections (_selection_nodes)."""
+    out = []
+    for t in graph:
+        if t.op_type == "TopK" and any(is_projection(p) and any(u.op_type in _GATE_SCORERS
+                                                                for u, _ in p.outputs[0].uses())
+                                       for p in _region_back_to_gate(t.inputs[0])):
+            out.append(t)
+    return out
+
+
 def _router_nodes(graph: ir.Graph, from_topk: bool = False) -> set[int]:
-    """Nodes of every MoE op's router (_router_region); with from_topk, also every TopK's scores back to the gate
-    projection (the fixed-shape form's router has no MoE node: its expert and group choices are TopKs over the
-    gate's scores, models/static_lm.py StaticRouter)."""
+    """Nodes of every MoE op's router (_router_region); with from_topk (the fixed-shape form), also every router
+    TopK (_static_router_topks) with its scores back to the gate projection."""
     out = {id(n) for moe in graph if moe.op_type in ("MoE", "QMoE") for n in _router_region(moe)}
     if from_topk:
-        out |= {id(n) for t in graph if t.op_type == "TopK" for n in _region_back_to_gate(t.inputs[0])}
+        for t in _static_router_topks(graph):
+            out |= {id(t)} | {id(n) for n in _region_back_to_gate(t.inputs[0])}
     return out
 
 
@@ -405,9 +421,10 @@ def to_fp16(model: ir.Model, cache_fp16: bool = True, fixed_shape: bool = False)
     """Rewrite `model` in place to compute in fp16 with fp32 islands (module doc). -> report.
 
     fixed_shape: the graph is the family's fixed-shape form (models/static_lm.py; targets/ort_cuda/gears.py):
-    its router (gate projection -> TopK, no MoE node) and routing weights stay fp32 (_router_nodes(from_topk),
-    _routing_weight_nodes; checked by check_router_fp32(fixed_shape)), and the static-gather MoE's expert tables
-    are gathered in fp16 (_gather_for_fp16). Off, nothing changes for the dynamic graphs."""
+    its router (gate projection -> TopK, no MoE node: _static_router_topks) and routing weights stay fp32
+    (_router_nodes(from_topk), _routing_weight_nodes; checked by check_router_fp32(fixed_shape)), its other TopKs
+    (V3.2's indexer selection) get the topk-selection island as in the dynamic graphs, and the static-gather MoE's
+    expert tables are gathered in fp16 (_gather_for_fp16). Off, nothing changes for the dynamic graphs."""
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     infer_dtypes(model)
     g = model.graph
@@ -418,8 +435,7 @@ def to_fp16(model: ir.Model, cache_fp16: bool = True, fixed_shape: bool = False)
                "rmsnorm": _rms_nodes(g), "moe-router": _router_nodes(g, from_topk=True) if fixed_shape else _router_nodes(g)}
     if fixed_shape:
         islands["moe-router"] |= _routing_weight_nodes(nodes, islands["moe-router"], act)
-    else:  # the fixed-shape form's TopKs are all in "moe-router" already (from_topk)
-        islands["topk-selection"] = _selection_nodes(g, islands["moe-router"])
+    islands["topk-selection"] = _selection_nodes(g, islands["moe-router"])
     report = Fp16Report()
     want: dict[int, ir.DataType] = {}
     for n in nodes:
@@ -548,17 +564,14 @@ def check_router_fp32(graph: ir.Graph, fixed_shape: bool = False) -> None:
                     f"ort-cuda fp16 conversion: {moe.op_type} node {moe.name!r}'s router computes in fp16 at "
                     f"{p.op_type} {p.name!r} (output {p.outputs[0].name!r}); expert choice must be made on fp32 scores "
                     "(the router island of targets/ort_cuda/graphs.py to_fp16)")
-    if fixed_shape:  # the fixed-shape form's router: each TopK's scores back to the gate projection
-        for t in graph:
-            if t.op_type != "TopK":
-                continue
+    if fixed_shape:  # the fixed-shape form's router: each router TopK's scores back to the gate projection
+        for t in _static_router_topks(graph):
             for p in _region_back_to_gate(t.inputs[0]):
                 if p.op_type not in ("Cast", "Shape", "Size") and any(o.dtype == F16 for o in p.outputs):
                     raise RouterPrecisionError(
                         f"ort-cuda fp16 conversion (fixed-shape form): TopK {t.name!r}'s scores are computed in fp16 "
                         f"at {p.op_type} {p.name!r}; expert choice must be made on fp32 scores")
-        return
-    router = _router_nodes(graph)
+    router = _router_nodes(graph, from_topk=fixed_shape)
     for t in graph:  # every other TopK (the lightning indexer's): its scores back to the projections
         if t.op_type != "TopK" or id(t) in router:
             continue
