@@ -56,6 +56,7 @@ def main():
     \b
     Typical use:
       mlamoe compile --model small --target ort-cpu --out dist/small-ort-cpu
+      mlamoe compile --model small --target ascend --batch 8 --max-cache 131072
       mlamoe verify dist/small-ort-cpu.tar.gz
       mlamoe generate dist/small-ort-cpu --prompt-ids 1,2,3 --max-new-tokens 8 --json
       mlamoe clean                      # what killed compiles left in dist/

@@ -70,6 +70,8 @@ def test_hbm_caps_the_default_max_cache():
     ({"max_cache": 1024, "gears": "256,512"}, r"--cache-gears 256,512: the largest gear must equal --max-cache 1024"),
     ({"max_cache": 512, "gears": "128,512"}, r"--cache-gears 128,512: the smallest gear 128 is below the largest "
                                              r"prefill bucket 256"),
+    ({"gears": "512,2048"}, r"--cache-gears 512,2048: over the model's max_position_embeddings 1024.*gears of at "
+                            r"most 1024"),
     ({"gears": "64,x"}, r"--cache-gears '64,x': expected comma-separated integers"),
     ({"buckets": "8,8"}, r"--prefill-buckets '8,8': duplicate values"),
 ])
@@ -82,6 +84,12 @@ def test_over_hbm_names_the_option_and_the_fix():
     with pytest.raises(AscendShapeError, match=r"--max-cache 163840 at --batch 64: gear 163840 needs .* GB on the NPU .*"
                                                r"over the usable 57.60 GB .*lower --max-cache or --batch"):
         resolve_shapes(models.load_config("small"), "Ascend910B3", "mixed_float16", batch=64, max_cache=163840)
+
+
+def test_no_room_for_one_bucket_names_the_batch():
+    with pytest.raises(AscendShapeError, match=r"--batch 100000: the HBM estimate leaves room for \d+ cache tokens .*"
+                                               r"less than one prefill bucket \(256\): lower --batch"):
+        resolve_shapes(models.load_config("small"), "Ascend910B3", "mixed_float16", batch=100000)
 
 
 @pytest.mark.parametrize("args, match", [

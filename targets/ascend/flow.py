@@ -102,10 +102,11 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
         quant_reports: dict = {}
         reference = model  # what the fp16 emulation and the device golden data are judged against
         fp32_base = {n: g for n, g in graphs.items() if n in base}
-        chunked = chunked_prefill_parity(model, fp32_base, seed)
+        chunked: list[ParityReport] = []
         if quant == "w8a8":
             t = time.perf_counter()
             reports += emulation.static_parity(model, fp32_base, gen_tokens=gen_tokens, seed=seed)
+            chunked = chunked_prefill_parity(model, fp32_base, seed)
             reports += chunked
             for r in reports:
                 r.raise_if_failed()
@@ -127,6 +128,7 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
             reference = emulation.static_reference(base_graphs, model.config)
         else:
             reports += emulation.static_parity(model, base_graphs, gen_tokens=gen_tokens, seed=seed)
+            chunked = chunked_prefill_parity(model, base_graphs, seed)
             reports += chunked
         reports += emulation.emulate(reference, base_graphs, keep, gen_tokens=gen_tokens, seed=seed)
         for r in reports:

@@ -156,9 +156,6 @@ def resolve_shapes(cfg, soc_version: str, precision_mode: str, batch=None, max_c
     given_gears = parse_ints(gears, "--cache-gears")
     if max_cache is not None and (not isinstance(max_cache, int) or max_cache < 2):
         raise AscendShapeError(f"--max-cache {max_cache}: must be an integer >= 2 (cache rows, i.e. tokens)")
-    if max_cache is not None and max_cache > P:
-        raise AscendShapeError(f"--max-cache {max_cache}: over the model's max_position_embeddings {P} (its RoPE "
-                               f"covers no more positions); use --max-cache {P} or less")
     W = weight_bytes(cfg, precision_mode)
     per_token = 2 * cache_bytes(cfg, 1, 1)  # past + present
     hbm = hbm_bytes(soc_version)
@@ -180,8 +177,18 @@ def resolve_shapes(cfg, soc_version: str, precision_mode: str, batch=None, max_c
                 M, why = cap, (f"capped by the HBM estimate: {soc_version} {_gb(hbm)} x {HBM_USABLE} usable = "
                                f"{_gb(usable)} >= 2 graphs x {_gb(W)} weights + {per_token:,} B/token x batch {B} x "
                                f"{cap} tokens (max_position_embeddings {P})")
+        if usable is not None and M < bk[-1] < P:
+            raise AscendShapeError(
+                f"--batch {B}: the HBM estimate leaves room for {M} cache tokens ({soc_version} {_gb(usable)} usable, "
+                f"2 graphs x {_gb(W)} weights, {per_token:,} B/token x batch {B}), less than one prefill bucket "
+                f"({bk[-1]}): lower --batch")
         if given_buckets is None and M < bk[-1]:
             bk = tuple(b for b in bk if b <= M) or (M,)
+    if M > P:
+        src, fix = ((f"--max-cache {M}", f"--max-cache {P} or less") if max_cache is not None else
+                    (f"--cache-gears {','.join(map(str, given_gears))}", f"gears of at most {P}"))
+        raise AscendShapeError(f"{src}: over the model's max_position_embeddings {P} (its RoPE covers no more "
+                               f"positions); use {fix}")
     if given_gears is not None and given_gears[-1] != M:
         raise AscendShapeError(f"--cache-gears {','.join(map(str, given_gears))}: the largest gear must equal "
                                f"--max-cache {M} (the longest cache the package serves); add {M} or drop --max-cache")
