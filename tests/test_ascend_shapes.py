@@ -226,3 +226,22 @@ def test_prefill_past_the_largest_gear_is_refused(pkg, tiny):
                           tiny.config)
     with pytest.raises(StaticExportError, match="no prefill graph holds it"):
         runner.prefill(np.zeros((B, 70), np.int64))
+
+
+@torch.no_grad()
+def test_shipped_serve_loop_matches_eager_across_gears(pkg, tiny):
+    """ascend/kit/serve.py as shipped (a subprocess, --backend ort): a 45-token prompt in chunks (the last in gear
+    64) and greedy decoding, against eager greedy generation."""
+    import subprocess
+    import sys
+    from models.generation import greedy_generate
+    out, man = pkg
+    assert man["ascend"]["kit"]["serve"] == "ascend/kit/serve.py"
+    ids = torch.randint(0, tiny.config.vocab_size, (45,), generator=torch.Generator().manual_seed(5))
+    res = subprocess.run([sys.executable, str(out / "ascend/kit/serve.py"), "--prompt-ids", ",".join(map(str, ids.tolist())),
+                          "--max-new-tokens", "6", "--json"], capture_output=True, text=True, cwd=out)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    ref_tokens, ref_steps = greedy_generate(tiny, ids.repeat(B, 1), 6)
+    assert got["tokens"] == ref_tokens[0].tolist()
+    assert np.abs(np.array(got["step_logits"]) - ref_steps[0].numpy()).max() < 1e-4

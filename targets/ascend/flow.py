@@ -150,6 +150,7 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
     cases = kit.write_golden(model, base_specs, package_dir, seed,
                              graphs={n: p for n, (_, p) in graphs.items() if n in base} if quant == "w8a8" else None)
     kit_path = kit.install_kit(package_dir)
+    serve_path = kit.install_kit(package_dir, kit.SERVE_FILE)
     atc_config = json.loads((package_dir / atc_mod.CONFIG).read_text())
     g0 = shapes.gears[0]
     bigger = [n for n in graphs if n not in base]
@@ -184,6 +185,9 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
                      if result.status != atc_mod.STATUS_BUILT else "",
                      "the .om's numerics on the NPU (run `python3 ascend/kit/verify_on_device.py`)",
                      "performance on the NPU",
+                     "ascend/kit/serve.py with --backend ais_bench (the .om files on the NPU); its gear and chunk "
+                     "logic with --backend ort is tested against eager PyTorch in mlamoe's tests (tiny preset), not "
+                     "run by this build",
                      "the HBM table: an estimate from the weights and cache sizes (activations and workspace not "
                      "counted), not a measurement on the NPU"]
     if quant == "w8a8":
@@ -215,7 +219,7 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
         "build": build_section,
         "weights": weights_info,
         "om": {"status": result.status, "files": result.om_files, "log": result.log},
-        "kit": {"verify": kit_path, "golden": f"{kit.GOLDEN_DIR}/cases.json"},
+        "kit": {"verify": kit_path, "serve": serve_path, "golden": f"{kit.GOLDEN_DIR}/cases.json"},
         "verification": {"verified_here": verified_here, "not_verified": not_verified},
     }
     if quant == "w8a8":
@@ -312,6 +316,8 @@ Every graph is fixed-shape (ATC `--input_shape`, no `--dynamic_dims`); all of th
 tokens). When a step needs a larger gear, copy each cache tensor into that gear's buffer (rows beyond the old
 gear zero) and continue there; rows past `position` are never read (the mask comes from `position`), so padding
 written by a padded chunk is overwritten by the tokens that follow. Feed `present.*` back as the next `past.*`.
+`ascend/kit/serve.py` is that loop (numpy; `--backend ort` runs the ONNX graphs on CPU, `--backend ais_bench` the
+.om files on the NPU, the latter not run here): `python3 ascend/kit/serve.py --prompt-ids 1,2,3 --max-new-tokens 8`.
 
 **Memory per gear on the NPU** (estimate, {hbm}): one copy of the weights per loaded .om (ATC embeds the weights
 in each .om: the shared `onnx/weights.data` saves disk, not device memory) and the past and present cache buffers
