@@ -56,6 +56,7 @@ def main():
     \b
     Typical use:
       mlamoe compile --model small --target ort-cpu --out dist/small-ort-cpu
+      mlamoe compile --model small --target ascend --batch 8 --max-cache 131072
       mlamoe verify dist/small-ort-cpu.tar.gz
       mlamoe generate dist/small-ort-cpu --prompt-ids 1,2,3 --max-new-tokens 8 --json
       mlamoe clean                      # what killed compiles left in dist/
@@ -105,6 +106,18 @@ def _targets_help() -> str:
 @click.option("--soc", default=None, help="Ascend soc_version, e.g. Ascend910B3 (ascend target only; default Ascend910B3)")
 @click.option("--precision", default=None, help="Ascend precision mode (default mixed_float16; e.g. force_fp16)")
 @click.option("--require-om", is_flag=True, help="ascend: fail if atc is not installed (default: package without .om)")
+@click.option("--batch", type=int, default=None,
+              help="ascend: sequences every graph runs at once (default 1)")
+@click.option("--max-cache", type=int, default=None,
+              help="ascend: the longest cache (tokens) the package serves; default the model's "
+                   "max_position_embeddings, capped by the soc's HBM estimate (printed; docs/ascend.md)")
+@click.option("--cache-gears", default=None,
+              help="ascend: decode (and chunk-prefill) graphs at these cache lengths, e.g. 4096,32768,131072, the "
+                   "last = --max-cache; default 4096/32768/131072 below --max-cache plus --max-cache; one shared "
+                   "weights file; verified here at the smallest gear")
+@click.option("--prefill-buckets", default=None,
+              help="ascend: prefill graph lengths, e.g. 16,64,256 (the default); longer prompts run in chunks of "
+                   "the largest")
 @click.option("--ranks", type=int, default=None,
               help="ort-cpu: also write expert-parallel graphs for N ranks (expert_parallel/, run with torchrun)")
 @click.option("--redundant", type=int, default=0, show_default=True, help="with --ranks: extra replicas of hot experts")
@@ -116,13 +129,14 @@ def _targets_help() -> str:
               help="ort-cuda (fp16): also build fixed-shape decode gears at these cache lengths, e.g. 1024,8192,32768: "
                    "one graph per gear over a preallocated cache written in place, static-gather MoE, bound once "
                    "through IOBinding and captured as a CUDA graph (docs/ort-cuda.md); one shared weights file")
-def compile(model_spec, target, out, force, quant, int8_accuracy_level, seed, no_cache, soc, precision, require_om, ranks,
-            redundant, genai, decode_gears):
+def compile(model_spec, target, out, force, quant, int8_accuracy_level, seed, no_cache, soc, precision, require_om,
+            batch, max_cache, cache_gears, prefill_buckets, ranks, redundant, genai, decode_gears):
     """Build a verified package: load, export, passes, quantize, target, package."""
     import targets
     from .compile import compile_package
     given = {"soc": soc, "precision": precision, "require_om": require_om, "ranks": ranks, "redundant": redundant,
-             "int8_accuracy_level": int8_accuracy_level, "genai": genai, "decode_gears": decode_gears}
+             "int8_accuracy_level": int8_accuracy_level, "genai": genai, "decode_gears": decode_gears,
+             "batch": batch, "max_cache": max_cache, "cache_gears": cache_gears, "prefill_buckets": prefill_buckets}
     # options the target does not take at all (the --quant-dependent ones: compile_package, once --quant is known)
     for problem in targets.option_problems(target, quant, given) if target in targets.TARGETS else ():
         if not problem.needs_quant:

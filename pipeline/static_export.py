@@ -157,16 +157,51 @@ def save_static_graph(model_ir: ir.Model, path: Path) -> Path:
 # ------------------------------------------------------------------------------------ running
 class StaticRunner:
     """Runs the static graphs on ORT (CPU) like a device would: prefill a (right-padded) prompt in
-    the smallest bucket that holds it, then decode one token at a time, caches kept as [B, M, .]."""
+    the smallest bucket that holds it, then decode one token at a time, caches kept as [B, G, .].
+
+    With cache-length gears (decode graphs at several cache lengths G, targets/ascend/shapes.py) every step runs
+    the smallest gear whose cache holds it (decode: G >= position + 1; prefill: G >= position + bucket), the cache
+    moved into that gear's buffers (zero rows appended) when it outgrows its own. A prompt longer than the
+    largest bucket C runs as C-token chunks, each at position = its start (the mask and RoPE rows come from
+    `position` inside the graph), the last one right-padded to the smallest bucket that holds it."""
 
     def __init__(self, sessions: dict, specs: dict[str, StaticGraphSpec], cfg, float_dtype=np.float32):
         self.sessions, self.specs, self.cfg, self.float_dtype = sessions, specs, cfg, float_dtype
-        self.decode_spec = specs["decode"]
-        self.buckets = sorted((s for s in specs.values() if s.kind == "prefill"), key=lambda s: s.seq)
+        decodes = sorted((s for s in specs.values() if s.kind == "decode"), key=lambda s: s.max_cache)
+        if not decodes:
+            raise StaticExportError("StaticRunner: no decode graph among the specs")
+        self.decode_by_gear = {s.max_cache: s for s in decodes}
+        self.gears = sorted(self.decode_by_gear)
+        self.decode_spec = specs.get("decode", decodes[0])
+        self.buckets = sorted((s for s in specs.values() if s.kind == "prefill" and s.max_cache == self.gears[0]),
+                              key=lambda s: s.seq)
+        self.prefills = sorted((s for s in specs.values() if s.kind == "prefill"), key=lambda s: (s.max_cache, s.seq))
+        self.chunk = max((s.seq for s in self.prefills), default=0)
+        self._cache_spec = static_cache_spec(cfg)
 
     def empty_cache(self) -> dict[str, np.ndarray]:
         feeds = zero_inputs(self.cfg, self.decode_spec)
         return {k: v.astype(self.float_dtype) for k, v in feeds.items() if k.startswith("past.")}
+
+    def cache_rows(self, cache: dict) -> int:
+        t = self._cache_spec.tensors[0]
+        return cache[f"past.0.{t.name}"].shape[t.grows]
+
+    def to_gear(self, cache: dict, gear: int) -> dict:
+        """The cache in gear `gear`'s buffers: rows 0..G_old-1 kept, zero rows appended (never shrunk)."""
+        rows = self.cache_rows(cache)
+        if rows == gear:
+            return cache
+        if rows > gear:
+            raise StaticExportError(f"cache of {rows} rows cannot move down to gear {gear}")
+        out = {}
+        by_name = {t.name: t for t in self._cache_spec.tensors}
+        for k, v in cache.items():
+            t = by_name[k.split(".", 2)[2]]
+            pad = [(0, 0)] * v.ndim
+            pad[t.grows] = (0, gear - rows)
+            out[k] = np.pad(v, pad)
+        return out
 
     def _run(self, name: str, ids: np.ndarray, position: np.ndarray, cache: dict) -> tuple[np.ndarray, dict]:
         sess = self.sessions[name]
@@ -177,28 +212,43 @@ class StaticRunner:
         present = {k.replace("present.", "past.", 1): v for k, v in res.items() if k.startswith("present.")}
         return res["logits"], present
 
+    def _prefill_graph(self, n: int, start: int, rows: int) -> StaticGraphSpec:
+        """The smallest gear >= the cache's rows (then the smallest bucket) holding n tokens written at start."""
+        for s in self.prefills:
+            if s.max_cache >= rows and s.seq >= n and start + s.seq <= s.max_cache:
+                return s
+        raise StaticExportError(f"prefill of {n} tokens at position {start}: no prefill graph holds it (buckets "
+                                f"{sorted({s.seq for s in self.prefills})} at gears {self.gears}; a chunk needs "
+                                "position + bucket <= gear)")
+
     def prefill(self, prompt: np.ndarray, cache: dict | None = None, start: int = 0):
-        """prompt [B, L] -> logits [B, L, V] (padding dropped), cache with rows start..start+L-1."""
+        """prompt [B, L] -> logits [B, L, V] (padding dropped), cache with rows start..start+L-1 (in the gear that
+        holds the last chunk); L > the largest bucket runs in chunks (class doc)."""
         B, L = prompt.shape
-        fitting = [s for s in self.buckets if s.seq >= L]
-        if not fitting:
-            raise StaticExportError(f"prompt length {L} exceeds the largest prefill bucket "
-                                    f"({self.buckets[-1].seq if self.buckets else 0})")
-        spec = fitting[0]
-        if start + spec.seq > spec.max_cache:
-            raise StaticExportError(f"prefill at position {start} with bucket {spec.seq} passes the cache "
-                                    f"length {spec.max_cache}")
-        ids = np.zeros((B, spec.seq), INDEX_DTYPE)
-        ids[:, :L] = prompt
+        if not self.prefills:
+            raise StaticExportError("no prefill graph")
         cache = self.empty_cache() if cache is None else cache
-        logits, cache = self._run(spec.name, ids, np.full((B,), start, INDEX_DTYPE), cache)
-        return logits[:, :L], cache
+        logits = []
+        done = 0
+        while done < L:
+            n = min(self.chunk, L - done)
+            spec = self._prefill_graph(n, start + done, self.cache_rows(cache))
+            cache = self.to_gear(cache, spec.max_cache)
+            ids = np.zeros((B, spec.seq), INDEX_DTYPE)
+            ids[:, :n] = prompt[:, done:done + n]
+            out, cache = self._run(spec.name, ids, np.full((B,), start + done, INDEX_DTYPE), cache)
+            logits.append(out[:, :n])
+            done += n
+        return (logits[0] if len(logits) == 1 else np.concatenate(logits, 1)), cache
 
     def decode(self, token: np.ndarray, position: int, cache: dict):
         B = token.shape[0]
-        if position >= self.decode_spec.max_cache:
-            raise StaticExportError(f"decode position {position} is past the cache length {self.decode_spec.max_cache}")
-        return self._run("decode", token.reshape(B, 1), np.full((B,), position, INDEX_DTYPE), cache)
+        fitting = [g for g in self.gears if g >= max(position + 1, self.cache_rows(cache))]
+        if not fitting:
+            raise StaticExportError(f"decode position {position} is past the cache length {self.gears[-1]}")
+        spec = self.decode_by_gear[fitting[0]]
+        cache = self.to_gear(cache, spec.max_cache)
+        return self._run(spec.name, token.reshape(B, 1), np.full((B,), position, INDEX_DTYPE), cache)
 
     def generate(self, prompt: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
         """Greedy: -> tokens [B, n] int64, step_logits [B, n, V] fp32 (as models.greedy_generate)."""

@@ -49,8 +49,9 @@ def tiny():
 @pytest.fixture(scope="module")
 def pkg(tmp_path_factory):
     out = tmp_path_factory.mktemp("ascend_w8a8") / "tiny-ascend-w8a8"
+    # the shapes of export_static_graphs' defaults, which test_quant_parity_is_routing_aware... re-exports
     r = CliRunner().invoke(main, ["compile", "--model", "tiny", "--target", "ascend", "--quant", "w8a8",
-                                  "--out", str(out)])
+                                  "--max-cache", "256", "--prefill-buckets", "16,64", "--out", str(out)])
     assert r.exit_code == 0, r.output
     return out
 

@@ -23,11 +23,17 @@ def build_ascend_package(ctx: BuildContext) -> None:
     soc = ctx.options["soc"] or DEFAULT_SOC
     precision = ctx.options["precision"] or DEFAULT_PRECISION
     require_om = ctx.options["require_om"]
+    shape_opts = {k: ctx.options.get(k) for k in ("batch", "max_cache", "cache_gears", "prefill_buckets")}
     rec = StageRecord(f"target/{profile.name}", {"soc_version": soc, "precision": precision,
-                                                 "require_om": require_om, "quant": quant}, dict(load.inputs))
+                                                 "require_om": require_om, "quant": quant, **shape_opts},
+                      dict(load.inputs))
     t = time.perf_counter()
     build = build_ascend(model, pkg, soc_version=soc, precision_mode=precision, require_om=require_om,
-                         seed=seed, progress=runner.progress, quant=quant)
+                         seed=seed, progress=runner.progress, quant=quant, batch=shape_opts["batch"],
+                         max_cache=shape_opts["max_cache"], gears=shape_opts["cache_gears"],
+                         buckets=shape_opts["prefill_buckets"])
+    rec.params["shapes"] = {"batch": build.shapes.batch, "max_cache": build.shapes.max_cache,
+                            "gears": list(build.shapes.gears), "prefill_buckets": list(build.shapes.buckets)}
     for r in build.reports:
         runner.add_report(rec, r)
     rec.timings = dict(build.seconds)

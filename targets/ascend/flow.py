@@ -2,9 +2,12 @@
 between its `load` stage and `package`; every step can also be called on its own):
 
     1. profile      make_profile(soc, precision)               unknown soc / mode -> AscendProfileError
-    2. export       static_export.export_static_graph per spec -> onnx/<graph>.onnx (opset 18, static)
+       shapes       shapes.resolve_shapes (batch, max cache,   bad value / over HBM -> AscendShapeError
+                    gears, buckets; HBM estimate printed)
+    2. export       static_export.export_static_graph per spec -> onnx/<graph>.onnx (opset 18, static), every gear
     3. check        checker.check_or_raise per graph           -> AscendCheckError listing violations
-    4. parity fp32  emulation.static_parity                    budget "export" (1e-4, greedy binding)
+    4. parity fp32  emulation.static_parity + chunked prefill  budget "export" (1e-4, greedy binding); steps 4-5
+                    (chunked_prefill_parity)                   and the golden data at the smallest gear only
     5. emulation    emulation.emulate (fp16, keep_dtype islands) budget "ascend-fp16-emulation" (msit),
                     routing-aware: positions whose expert choice flipped on an fp32 near-tie are
                     excluded from the thresholds and reported (emulation.compare_runs)
@@ -37,13 +40,11 @@ from pipeline.weights_file import WeightsFile, weights_section
 
 from . import atc as atc_mod
 from . import checker, emulation, kit
+from . import shapes as shapes_mod
 from .profile import DEFAULT_PRECISION, DEFAULT_SOC, AscendProfile, make_profile
-from .static_export import (TARGET_OPSET, StaticGraphSpec, export_static_graph, fp32_island_nodes,
-                            graph_specs, save_static_graph, static_cache_spec)
-
-DEFAULT_BATCH = 1
-DEFAULT_MAX_CACHE = 256
-DEFAULT_BUCKETS = (16, 64)
+from .shapes import ServingShapes, resolve_shapes
+from .static_export import (TARGET_OPSET, StaticGraphSpec, StaticRunner, export_static_graph, fp32_island_nodes,
+                            ort_sessions, static_cache_spec)
 
 
 @dataclasses.dataclass
@@ -57,6 +58,7 @@ class AscendBuild:
     seconds: dict
     quant: str = "none"
     quant_reports: dict = dataclasses.field(default_factory=dict)  # graph -> QuantReport.to_dict()
+    shapes: ServingShapes | None = None
 
     @property
     def judged(self) -> str:
@@ -64,21 +66,20 @@ class AscendBuild:
         return emulation.describe(self.reports)
 
 
-def default_shapes(cfg) -> tuple[int, int, tuple[int, ...]]:
-    """(batch, max_cache, buckets) fitting the model: M = min(256, max_position_embeddings)."""
-    M = min(DEFAULT_MAX_CACHE, cfg.max_position_embeddings)
-    buckets = tuple(b for b in DEFAULT_BUCKETS if b <= M) or (M,)
-    return DEFAULT_BATCH, M, buckets
-
-
 def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, precision_mode: str = DEFAULT_PRECISION,
                  batch: int | None = None, max_cache: int | None = None, buckets: tuple[int, ...] | None = None,
-                 require_om: bool = False, atc: str | None = None, external_weight: int = 0,
-                 gen_tokens: int = 16, seed: int = 0, progress=print, quant: str = "none") -> AscendBuild:
+                 gears: tuple[int, ...] | None = None, require_om: bool = False, atc: str | None = None,
+                 external_weight: int = 0, gen_tokens: int = 16, seed: int = 0, progress=print,
+                 quant: str = "none") -> AscendBuild:
+    """None for batch / max_cache / buckets / gears: targets/ascend/shapes.py's defaults (max cache from the model's
+    max_position_embeddings, capped by the soc's HBM)."""
     package_dir = Path(package_dir)
     profile = make_profile(soc_version, precision_mode, quant)  # fails first on a bad soc / mode / scheme
-    db, dm, dbk = default_shapes(model.config)
-    specs = graph_specs(batch or db, max_cache or dm, tuple(buckets or dbk))
+    shapes = resolve_shapes(model.config, soc_version, precision_mode, batch, max_cache, gears, buckets)
+    for line in shapes_mod.describe(shapes):
+        progress(line)
+    specs = shapes.specs()
+    base = {s.name for s in shapes.base_specs()}  # the smallest gear: run and verified here
     seconds = {}
     with tempfile.TemporaryDirectory(prefix="mlamoe-ascend-") as work:
         fp32_dir = package_dir / "onnx" if quant == "none" else Path(work) / "fp32"
@@ -100,9 +101,13 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
         reports: list[ParityReport] = []
         quant_reports: dict = {}
         reference = model  # what the fp16 emulation and the device golden data are judged against
+        fp32_base = {n: g for n, g in graphs.items() if n in base}
+        chunked: list[ParityReport] = []
         if quant == "w8a8":
             t = time.perf_counter()
-            reports += emulation.static_parity(model, graphs, gen_tokens=gen_tokens, seed=seed)
+            reports += emulation.static_parity(model, fp32_base, gen_tokens=gen_tokens, seed=seed)
+            chunked = chunked_prefill_parity(model, fp32_base, seed)
+            reports += chunked
             for r in reports:
                 r.raise_if_failed()
             fp32_graphs = graphs
@@ -116,17 +121,20 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
         progress(f"[ascend] profile check passed ({profile.describe()})")
 
         t = time.perf_counter()
+        base_graphs = {n: g for n, g in graphs.items() if n in base}
         if quant == "w8a8":
-            reports += emulation.quant_parity(model, fp32_graphs, graphs, "quantize-w8a8/ascend-static",
+            reports += emulation.quant_parity(model, fp32_graphs, base_graphs, "quantize-w8a8/ascend-static",
                                               gen_tokens=gen_tokens, seed=seed)
-            reference = emulation.static_reference(graphs, model.config)
+            reference = emulation.static_reference(base_graphs, model.config)
         else:
-            reports += emulation.static_parity(model, graphs, gen_tokens=gen_tokens, seed=seed)
-        reports += emulation.emulate(reference, graphs, keep, gen_tokens=gen_tokens, seed=seed)
+            reports += emulation.static_parity(model, base_graphs, gen_tokens=gen_tokens, seed=seed)
+            chunked = chunked_prefill_parity(model, base_graphs, seed)
+            reports += chunked
+        reports += emulation.emulate(reference, base_graphs, keep, gen_tokens=gen_tokens, seed=seed)
         for r in reports:
             r.raise_if_failed()
         seconds["parity"] = round(time.perf_counter() - t, 3)
-        progress(f"[ascend] parity: {len(reports)} reports passed (fp32 static graphs, "
+        progress(f"[ascend] parity at gear {shapes.gears[0]}: {len(reports)} reports passed (fp32 static graphs, "
                  + ("W8A8 QDQ graphs vs eager, fp16 emulation of them)" if quant == "w8a8" else "fp16 emulation)"))
         if quant == "w8a8":
             _write_quant_reports(package_dir, quant_reports, graphs, fp32_dir, model.config)
@@ -138,15 +146,24 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
     seconds["atc"] = round(time.perf_counter() - t, 3)
     progress(f"[ascend] {result.status}")
 
-    cases = kit.write_golden(model, specs, package_dir, seed,
-                             graphs={n: p for n, (_, p) in graphs.items()} if quant == "w8a8" else None)
+    base_specs = shapes.base_specs()
+    cases = kit.write_golden(model, base_specs, package_dir, seed,
+                             graphs={n: p for n, (_, p) in graphs.items() if n in base} if quant == "w8a8" else None)
     kit_path = kit.install_kit(package_dir)
+    serve_path = kit.install_kit(package_dir, kit.SERVE_FILE)
     atc_config = json.loads((package_dir / atc_mod.CONFIG).read_text())
+    g0 = shapes.gears[0]
+    bigger = [n for n in graphs if n not in base]
     verified_here = [
-        f"every graph passes the ascend profile checker ({profile.describe()})",
-        "the fp32 static graphs on ONNX Runtime CPU match eager PyTorch (atol 1e-4) on a bucketed prefill, "
+        f"every graph ({len(graphs)}, all gears) passes the ascend profile checker ({profile.describe()})",
+        f"at the smallest gear ({g0} cache rows, batch {shapes.batch}: graphs {', '.join(sorted(base))}): the fp32 "
+        "static graphs on ONNX Runtime CPU match eager PyTorch (atol 1e-4) on a bucketed prefill, "
         f"decode steps and {gen_tokens}-token greedy generation" + (" (before quantization)" if quant == "w8a8" else ""),
     ]
+    if chunked:
+        verified_here.append(f"chunked prefill at the smallest gear: {_chunk_text(chunked[0])} vs eager PyTorch's "
+                             "one-pass prefill of the same prompt, atol 1e-4" + (" (fp32, before quantization)"
+                                                                                 if quant == "w8a8" else ""))
     if quant == "w8a8":
         q = _parity_summary(reports, "quantize-w8a8/")
         verified_here.append("the W8A8 QDQ graphs (fp32 on ONNX Runtime CPU) vs eager fp32 within the quantize-w8a8 "
@@ -158,10 +175,21 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
     else:
         verified_here.append("fp16 emulation (softmax/RMSNorm/router kept fp32 as in keep_dtype) "
                              f"{emulation.describe(reports)}")
-    not_verified = ["that ATC accepts the graphs and builds the .om (run `bash ascend/build_om.sh`)"
-                    if result.status != atc_mod.STATUS_BUILT else "",
-                    "the .om's numerics on the NPU (run `python3 ascend/kit/verify_on_device.py`)",
-                    "performance on the NPU"]
+    not_verified = ([f"the larger gears' graphs ({', '.join(bigger)}) were exported from the same module and "
+                     "checked against the profile, but not run here: at batch "
+                     f"{shapes.batch} their caches ({', '.join(f'{m.gear}: {m.cache_bytes / 1e9:.2f} GB' for m in shapes.memory()[1:])} "
+                     "per past buffer, fp32) are beyond this CPU's parity runs; they differ from the smallest gear's "
+                     "graphs only in the cache length (the RoPE and row-index tables, the mask width)"]
+                    if bigger else [])
+    not_verified += ["that ATC accepts the graphs and builds the .om (run `bash ascend/build_om.sh`)"
+                     if result.status != atc_mod.STATUS_BUILT else "",
+                     "the .om's numerics on the NPU (run `python3 ascend/kit/verify_on_device.py`)",
+                     "performance on the NPU",
+                     "ascend/kit/serve.py with --backend ais_bench (the .om files on the NPU); its gear and chunk "
+                     "logic with --backend ort is tested against eager PyTorch in mlamoe's tests (tiny preset), not "
+                     "run by this build",
+                     "the HBM table: an estimate from the weights and cache sizes (activations and workspace not "
+                     "counted), not a measurement on the NPU"]
     if quant == "w8a8":
         from .quant import VERIFICATION
         not_verified = VERIFICATION + not_verified
@@ -169,19 +197,29 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
                             "(trained-small held-out perplexity for w8a8 is in the repository README)")
     not_verified = [x for x in not_verified if x]
     readme = kit.kit_readme(atc_config, cases, result.status, verified_here, not_verified)
+    readme = _gears_readme(shapes) + "\n" + readme
     manifest = {
         "soc_version": profile.soc_version,
         "precision": f"{profile.precision_flag}={profile.precision_mode}",
         "opset": TARGET_OPSET,
         "graphs": {s.name: {"file": f"onnx/{s.name}.onnx", "kind": s.kind, "batch": s.batch, "seq": s.seq,
-                            "max_cache": s.max_cache, "moe_form": s.moe_form,
+                            "max_cache": s.max_cache, "gear": s.max_cache, "moe_form": s.moe_form,
+                            "verified_here": s.name in base,
                             "checker": checker.summary(graphs[s.name][1])} for s in specs},
+        "shapes": {**shapes.to_manifest(),
+                   "runtime": {"decode": "the smallest gear G with G >= position + 1",
+                               "prefill": f"chunks of at most {shapes.chunk} tokens, each at position = its start, "
+                                          "in the smallest gear G >= position + bucket (then the smallest bucket "
+                                          "holding the chunk, right-padded)",
+                               "gear switch": "copy each past.* tensor into the larger gear's buffer, rows beyond "
+                                              "the old gear zero"},
+                   "verified_gear": g0},
         "io": {"input_ids": "int32 [B, S]", "position": "int32 [B]",
                "cache": _cache_io(static_cache_spec(model.config))},
         "build": build_section,
         "weights": weights_info,
         "om": {"status": result.status, "files": result.om_files, "log": result.log},
-        "kit": {"verify": kit_path, "golden": f"{kit.GOLDEN_DIR}/cases.json"},
+        "kit": {"verify": kit_path, "serve": serve_path, "golden": f"{kit.GOLDEN_DIR}/cases.json"},
         "verification": {"verified_here": verified_here, "not_verified": not_verified},
     }
     if quant == "w8a8":
@@ -204,7 +242,89 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
                               for g, r in quant_reports.items()},
         }
         readme = _quant_readme(manifest["quantization"], quant_reports) + "\n" + readme
-    return AscendBuild(profile, specs, reports, result, manifest, readme, seconds, quant, quant_reports)
+    return AscendBuild(profile, specs, reports, result, manifest, readme, seconds, quant, quant_reports, shapes)
+
+
+CHUNK_STAGE = "export/ascend-static/chunked-prefill"
+
+
+def chunked_prompt_length(runner: StaticRunner) -> int | None:
+    """A prompt longer than the largest bucket C (C + C/2 + 1: two full-or-partial chunks, the last one padded),
+    within the smallest gear; None when the gear cannot hold one."""
+    C, G = runner.chunk, runner.gears[0]
+    L = C + C // 2 + 1
+    return L if L <= G and runner.chunk > 1 else None
+
+
+def chunked_prefill_parity(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], seed: int = 0) -> list[ParityReport]:
+    """A prompt longer than the largest bucket, prefilled in chunks by StaticRunner over the smallest gear's fp32
+    graphs, vs eager PyTorch's one-pass prefill (logits of every position and the cache rows), budget "export"."""
+    import numpy as np
+    import torch
+    from pipeline.parity import budget_for, compare
+    specs = {n: s for n, (s, _) in graphs.items()}
+    runner = StaticRunner(ort_sessions({n: p for n, (_, p) in graphs.items()}), specs, model.config)
+    L = chunked_prompt_length(runner)
+    if L is None:
+        return []
+    prompt = emulation.make_prompt(model.config, runner.decode_spec.batch, L, seed + 17)
+    cache_spec = static_cache_spec(model.config)
+    with torch.no_grad():
+        ref_logits, ref_cache = model.step(prompt, model.empty_cache(prompt.shape[0], cache_spec.layout),
+                                           cache_spec.layout)
+    logits, cache = runner.prefill(prompt.numpy())
+    ref, act = {"logits": ref_logits.numpy()}, {"logits": logits}
+    for i, layer in enumerate(ref_cache):
+        for t, a in zip(cache_spec.tensors, layer):
+            ref[f"present.{i}.{t.name}"] = a.numpy()
+            act[f"present.{i}.{t.name}"] = np.ascontiguousarray(cache[f"past.{i}.{t.name}"][t.rows(0, L)])
+    rep = compare(CHUNK_STAGE, ref, act, logits_outputs=["logits"], budget=budget_for("export"))
+    chunks = [min(runner.chunk, L - s) for s in range(0, L, runner.chunk)]
+    rep.extra["chunks"] = {"prompt_length": L, "chunk": runner.chunk, "chunk_lengths": chunks,
+                           "gear": runner.gears[0], "batch": runner.decode_spec.batch}
+    return [rep]
+
+
+def _chunk_text(rep: ParityReport) -> str:
+    c = rep.extra["chunks"]
+    worst = max(o.max_abs for o in rep.outputs)
+    return (f"a {c['prompt_length']}-token prompt (largest bucket {c['chunk']}) run as chunks of "
+            f"{' + '.join(map(str, c['chunk_lengths']))} tokens, logits and cache rows max abs {worst:.2e}")
+
+
+def _gears_readme(shapes: ServingShapes) -> str:
+    g0 = shapes.gears[0]
+    names = "\n".join(f"| {g:,} | {', '.join(f'`{s.name}`' for s in shapes.gear_specs(g))} | "
+                      f"{'yes (parity, golden data)' if g == g0 else 'checker only'} |" for g in shapes.gears)
+    hbm = ("no sourced HBM figure for this soc_version: the bound was not checked" if shapes.hbm_bytes is None else
+           f"{shapes.soc_version}: {shapes.hbm_bytes / 1e9:.0f} GB HBM ({shapes_mod.HBM_SOURCE}); the build refuses a "
+           f"gear whose estimate passes {shapes_mod.HBM_USABLE} of it")
+    return f"""## Shapes and gears (batch {shapes.batch}, max cache {shapes.max_cache:,})
+
+Max cache: {shapes.why}. Prefill buckets {', '.join(map(str, shapes.buckets))}; chunk length {shapes.chunk}.
+
+| gear (cache rows M) | graphs | run here |
+|---|---|---|
+{names}
+
+Every graph is fixed-shape (ATC `--input_shape`, no `--dynamic_dims`); all of them share `onnx/weights.data`.
+
+**Runtime contract for a serving loop.** Keep each cache tensor `past.{{i}}.*` in the buffers of the current gear
+`[B, G, .]`. Decode at `position` runs the smallest gear with `G >= position + 1`. A prompt runs in chunks of at most
+{shapes.chunk} tokens, each at `position` = its first token's index, in the smallest gear with
+`G >= position + bucket` and the smallest bucket holding the chunk (right-padded; read the logits of its real
+tokens). When a step needs a larger gear, copy each cache tensor into that gear's buffer (rows beyond the old
+gear zero) and continue there; rows past `position` are never read (the mask comes from `position`), so padding
+written by a padded chunk is overwritten by the tokens that follow. Feed `present.*` back as the next `past.*`.
+`ascend/kit/serve.py` is that loop (numpy; `--backend ort` runs the ONNX graphs on CPU, `--backend ais_bench` the
+.om files on the NPU, the latter not run here): `python3 ascend/kit/serve.py --prompt-ids 1,2,3 --max-new-tokens 8`.
+
+**Memory per gear on the NPU** (estimate, {hbm}): one copy of the weights per loaded .om (ATC embeds the weights
+in each .om: the shared `onnx/weights.data` saves disk, not device memory) and the past and present cache buffers
+(fp32 graph inputs and outputs) at batch {shapes.batch}; activations and workspace not counted.
+
+{shapes_mod.memory_table(shapes)}
+"""
 
 
 def _cache_io(cache) -> str:

@@ -117,6 +117,21 @@ FORBIDDEN_VALUE_DTYPES = frozenset(
     if d is not None)
 
 
+HBM_GB: dict[str, int] = {s: 64 for s in ("Ascend910B1", "Ascend910B2", "Ascend910B3")}
+"""Device memory (HBM) of one NPU, GB (10**9 bytes), for the socs whose figure is sourced: Huawei's Atlas 800I A2 /
+800T A2 server specifications (8 x Ascend 910B, 64 GB HBM per NPU). Other socs (910B4, whose servers ship 32 GB
+variants, 910C, 310P, 950) have no figure here: the shape check then skips the HBM bound and says so
+(targets/ascend/shapes.py)."""
+HBM_SOURCE = "Huawei Atlas 800I A2 inference server specifications: 8 x Ascend 910B NPU, 64 GB HBM each"
+
+
+def hbm_bytes(soc_version: str) -> int | None:
+    """One NPU's HBM in bytes, or None where no sourced figure is held (HBM_GB)."""
+    validate_soc(soc_version)
+    gb = HBM_GB.get(soc_version)
+    return None if gb is None else gb * 10**9
+
+
 def validate_soc(soc_version: str) -> str:
     """The soc_version itself, or an error listing every valid value by family."""
     if soc_version in ALL_SOCS:

@@ -2,6 +2,7 @@
 
     write_golden(model, specs, package_dir)  -> golden/ascend/*.npy + golden/ascend/cases.json
     install_kit(package_dir)                 -> ascend/kit/verify_on_device.py (standalone, numpy only)
+    install_kit(package_dir, SERVE_FILE)     -> ascend/kit/serve.py (the reference serving loop: gears, chunks)
     kit_readme(config, cases, verified_here, not_verified) -> Markdown for the package README
 
 Golden cases are defined entirely by the eager fp32 model (never by an emulation): for each prefill
@@ -21,6 +22,7 @@ import torch
 from ..static_export import INDEX_DTYPE, StaticGraphSpec, input_names, output_names, static_cache_spec
 
 KIT_FILE = Path(__file__).resolve().parent / "verify_on_device.py"
+SERVE_FILE = Path(__file__).resolve().parent / "serve.py"  # the reference serving loop (gears, chunked prefill)
 GOLDEN_DIR = "golden/ascend"
 
 
@@ -103,10 +105,10 @@ def write_golden(model, specs: list[StaticGraphSpec], package_dir: Path, seed: i
     return doc
 
 
-def install_kit(package_dir: Path) -> str:
-    dst = Path(package_dir) / "ascend" / "kit" / "verify_on_device.py"
+def install_kit(package_dir: Path, src: Path = KIT_FILE) -> str:
+    dst = Path(package_dir) / "ascend" / "kit" / src.name
     dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(KIT_FILE, dst)
+    shutil.copyfile(src, dst)
     dst.chmod(0o755)
     return dst.relative_to(package_dir).as_posix()
 
