@@ -29,7 +29,7 @@ from .weights_file import WeightsFile, weights_section
 from .golden import Golden, GoldenCase, save_golden
 from .io_spec import cache_spec, graph_io
 from .parity import Router, budget_for, compare, compare_routed
-from .routing import (expose_gate_logits, expose_selections, force_gate_logits, force_selections, forced_name,
+from passes.routing_probes import (expose_gate_logits, expose_selections, force_gate_logits, force_selections, forced_name,
                       gate_name, router_probs_name, selection_forced_name, selection_ids_name, selection_name,
                       selection_topks)
 from .stages import StageRecord, StageRunner
@@ -131,7 +131,7 @@ def moe_routers(model) -> list[Router]:
 
 
 class RoutingProbe:
-    """Teacher-forced runs of lossy graphs (pipeline/routing.py): the reference graphs (fp32, `reference_paths`)
+    """Teacher-forced runs of lossy graphs (passes/routing_probes.py): the reference graphs (fp32, `reference_paths`)
     give each MoE layer's gate logits; the lossy graphs at `paths` run once as they are (`unforced`) and once
     with those gate logits forced, exposing their own gate logits and their MoE ops' router input. Feeds are
     cast to each graph's input dtypes (fp16 graphs take fp16 caches)."""

@@ -19,7 +19,7 @@ from models.family import family_of
 from models.indexer import LightningIndexer
 from models.moe import Router
 
-from .routing import gate_name
+from passes.routing_probes import gate_name
 
 NOTE = ("PyTorch autocast fp16 of the same model on the same inputs (router gate and lightning indexer fp32, as in "
         "the graphs), vs eager fp32")

@@ -1285,7 +1285,7 @@ def compare_routed(stage: str, reference: Mapping[str, Any], forced: Mapping[str
     """Routing-aware comparison of a lossy stage.
 
     reference: the reference's outputs; forced: the lossy graph's outputs with the reference's gate logits
-    forced (pipeline/routing.py force_gate_logits); reference_gates / actual_gates: per MoE layer, the
+    forced (passes/routing_probes.py force_gate_logits); reference_gates / actual_gates: per MoE layer, the
     reference's gate logits and the lossy graph's own (from the forced run: every earlier layer routed as the
     reference did, so each flip is the stage's own decision at that layer) [..., E]; routers: per layer.
     Outputs are judged as :func:`compare` judges them (on ``forced``); ``unforced`` outputs (the lossy graph

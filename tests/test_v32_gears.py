@@ -160,7 +160,7 @@ def test_gear_greedy_equals_eager(pkg, model):
 def _selection_ids_plus_one(src, dst):
     """The gear graph with every indexer TopK's indices + 1 before the row Gather (the fault)."""
     from pipeline.export import save_graph
-    from pipeline.routing import selection_topks
+    from passes.routing_probes import selection_topks
     m = ir.load(src)
     topks = selection_topks(m)
     assert topks
@@ -215,10 +215,10 @@ def test_verify_runs_the_v32_gears_on_the_cpu(pkg):
 
 
 def test_static_routers_are_the_eager_gates(model):
-    """pipeline/routing.py static_routers on the fp32 traced gear: one per MoE layer, in layer order, each gate
+    """passes/routing_probes.py static_routers on the fp32 traced gear: one per MoE layer, in layer order, each gate
     logits value the output of the MatMul / Gemm by that layer's eager gate weight, its expert TopK of k num_experts_per_tok;
     selection_topks finds one indexer TopK per layer, k index_topk."""
-    from pipeline.routing import selection_topks, static_routers
+    from passes.routing_probes import selection_topks, static_routers
     from targets.ort_cuda import gears
     m = gears.trace_gear(model, GEARS[0])
     routers = static_routers(m)
@@ -240,7 +240,7 @@ def test_gear_check_catches_a_router_without_its_bias(pkg, model, tmp_path):
     from models.static_lm import static_cache_spec
     from pipeline import fp16_reference
     from pipeline.export import save_graph
-    from pipeline.routing import static_routers
+    from passes.routing_probes import static_routers
     from targets.ort_cuda import gears, session_config
     from targets.ort_cuda.build import check_gear_decode
     g = GEARS[0]

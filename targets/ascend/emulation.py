@@ -59,7 +59,7 @@ import torch
 
 from passes.ir_external import copy_model
 from pipeline.export import save_graph
-from pipeline import routing as probes
+from passes import routing_probes as probes
 from pipeline.parity import (BUDGETS, FLIP_MARGIN_FACTOR, ParityError, ParityReport, _judge_selections,
                              _selection_flip_text, budget_for, compare, selection_outputs)
 
@@ -294,7 +294,7 @@ def _masked(scores: np.ndarray) -> np.ndarray:
 
 class SelectionForcedRunner(RoutingRunner):
     """A RoutingRunner over lossy graphs whose indexer TopKs read the reference's scores (teacher-forced selection,
-    pipeline/routing.py force_selections): every run first runs the reference graph (`reference`'s sessions, the
+    passes/routing_probes.py force_selections): every run first runs the reference graph (`reference`'s sessions, the
     fp32 graphs with their selections exposed) on the same tokens with the reference's own cache, kept under
     `reference|` keys of this runner's cache, then the lossy graph with `selection.{j}.scores.forced` fed from it.
     The lossy graph then attends to the reference's keys at every query, so the stage's numeric error is judged
