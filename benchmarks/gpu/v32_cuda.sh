@@ -6,6 +6,10 @@
 #   bash benchmarks/gpu/v32_cuda.sh prepare   # HERE: dist/gpu/tiny-v32-ort-cuda-*.tar.gz (and the parts, if missing)
 #   bash benchmarks/gpu/cuda_graph.sh stage   # THERE, calls 1-3: each carries one of dist/whl/...part00..02
 #   bash benchmarks/gpu/v32_cuda.sh run       # THERE, call 4: carries part03, dist/whl/SHA256SUMS, dist/gpu
+#   bash benchmarks/gpu/v32_cuda.sh diff      # THERE, call 4 or 5, carrying .gpudiff too (made HERE by
+#                                             # `python -m benchmarks.gpu.ep_diff feeds PKG --feeds .gpudiff/feeds_SCHEME`):
+#                                             # every value of the golden cases and of the first greedy step whose top-1
+#                                             # differs on the CUDA EP, for `ep_diff compare` HERE (benchmarks/gpu/ep_diff.py)
 #
 # Writes under $OUT: v32_verify.txt (each package's verify output and exit status), env.txt.
 set -uo pipefail
@@ -50,8 +54,29 @@ run() {
   cat "$OUT/v32_verify.txt"
 }
 
+diff() {  # THERE, after run (or in its place, call 4): where the CUDA EP parts from ORT CPU (benchmarks/gpu/ep_diff.py)
+  bash benchmarks/gpu/cuda_graph.sh stage > /dev/null
+  OUT=${OUT:-/tmp/v32_out}
+  mkdir -p "$OUT" /tmp/v32_pkgs
+  if [ ! -f /tmp/site/onnxruntime/__init__.py ]; then
+    cat "$STAGE"/ortgpu-site.tar.xz.part* > /tmp/ortgpu-site.tar.xz
+    (cd /tmp && sha256sum -c "$STAGE/SHA256SUMS") || { echo "parts incomplete: run stage with each part first"; exit 1; }
+    mkdir -p /tmp/site && tar xJf /tmp/ortgpu-site.tar.xz -C /tmp/site
+  fi
+  export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+  for s in ${DIFF_SCHEMES:-fp16 fp8 int8}; do
+    tar xzf "$STAGE/gpu/tiny-v32-ort-cuda-$s.tar.gz" -C /tmp/v32_pkgs
+    mkdir -p "$OUT/$s"
+    timeout 200 python3 -m benchmarks.gpu.ep_diff cuda /tmp/v32_pkgs/tiny-v32-ort-cuda-$s --feeds .gpudiff/feeds_$s \
+      --dump "$OUT/$s" > /dev/null 2> "$OUT/$s/err.txt"
+    echo "$s exit $?"
+  done
+  ls -la "$OUT"
+}
+
 case "$cmd" in
   prepare) prepare ;;
   run) run ;;
-  *) echo "usage: $0 prepare|run"; exit 2 ;;
+  diff) diff ;;
+  *) echo "usage: $0 prepare|run|diff"; exit 2 ;;
 esac
