@@ -99,3 +99,25 @@ def test_exported_selection_runs_on_ort_cpu_and_equals_eager(tmp_path):
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"scores": scores})[0]
     np.testing.assert_array_equal(got, _sets(top_ids(torch.from_numpy(scores), k).numpy()))
+
+
+def test_forced_selection_reads_the_forced_scores_everywhere(tmp_path):
+    """passes/routing_probes.py: one selection per exported selection (the k-th-value TopK is not one), its scores the
+    indexer's scores, and forcing makes both TopKs and the compares read the forced scores: fed garbage as its own
+    scores, the forced graph picks eager's keys of the forced scores."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from passes.routing_probes import force_selections, selection_forced_name, selection_scores, selection_topks
+    k, T = 16, 120
+    model = ir.from_proto(_export(Select(k), T, tmp_path, "new"))
+    sel = selection_topks(model)
+    assert len(sel) == 1 and sel[0].outputs[1].is_graph_output()
+    assert selection_scores(sel[0]) is model.graph.inputs[0]
+    assert force_selections(model) == 1
+    assert not model.graph.inputs[0].uses()
+    sess = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    forced = tied_scores(np.random.default_rng(2), 2, 3, T)
+    own = np.random.default_rng(3).standard_normal(forced.shape).astype(np.float32)
+    out = dict(zip([o.name for o in sess.get_outputs()],
+                   sess.run(None, {"scores": own, selection_forced_name(0): forced})))
+    np.testing.assert_array_equal(out["selection.0.ids"], _sets(top_ids(torch.from_numpy(forced), k).numpy()))
