@@ -119,5 +119,5 @@ def test_forced_selection_reads_the_forced_scores_everywhere(tmp_path):
     forced = tied_scores(np.random.default_rng(2), 2, 3, T)
     own = np.random.default_rng(3).standard_normal(forced.shape).astype(np.float32)
     out = dict(zip([o.name for o in sess.get_outputs()],
-                   sess.run(None, {"scores": own, selection_forced_name(0): forced})))
+                   sess.run(None, {"selection.0.scores": own, selection_forced_name(0): forced})))  # the input, renamed
     np.testing.assert_array_equal(out["selection.0.ids"], _sets(top_ids(torch.from_numpy(forced), k).numpy()))
