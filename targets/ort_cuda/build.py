@@ -41,7 +41,7 @@ from pipeline.build import (GRAPHS, BuildContext, RoutingProbe, assemble_package
                             moe_routers, run_cast, run_graph_stages, skipped_passes, write_tokenizer)
 from pipeline.error_profile import write_error_profile
 from pipeline.export import save_graph
-from pipeline.golden import Golden, GoldenCase, make_golden, save_golden
+from pipeline.golden import Golden, GoldenCase, choice_margins, make_golden, save_choice_margins, save_golden
 from pipeline.io_spec import cache_spec
 from pipeline.package import work_dir, write_manifest
 from pipeline.parity import (BUDGETS, FP16_RULE, QUANT_FP16_RULE, compare_fp16, compare_fp16_greedy,
@@ -150,6 +150,26 @@ def _fp16_tolerance(reports, stage: str) -> dict:
         else:
             cases[name] = lims
     return {"rule": FP16_RULE, "cases": cases, "greedy": greedy}
+
+
+def _choice_limits(reports, stage: str) -> dict:
+    """The golden tolerance's "choices": per kind of discrete choice (routing, selection), the largest margin the
+    build's routing-aware judgements let a flip have (parity's FLIP_MARGIN_FACTOR x 2 x the most the stage moved those
+    scores, the records' allowed_margin), summed over the quantize stage and the fp16 judgement `stage` for a quantized
+    package (eager fp32 -> quantized graph -> fp16 on the GPU). verify_golden on the GPU compares the golden greedy
+    trajectory's fp32 margins (golden.choice_margins) with these."""
+    per_stage: dict[str, dict[str, float]] = {}
+    for r in reports:
+        top = r.stage.split("/", 1)[0]
+        record = r.extra.get("routing") if isinstance(r.extra, dict) else None
+        if not record or not (top == stage or top.startswith("quantize-")):
+            continue
+        lim = per_stage.setdefault(top, {"routing": 0.0, "selection": 0.0})
+        for layer in record.get("layers", []):
+            lim["routing"] = max(lim["routing"], float(layer.get("allowed_margin") or 0.0))
+        for sel in (record.get("selection") or {}).get("selections", []):
+            lim["selection"] = max(lim["selection"], float(sel.get("allowed_margin") or 0.0))
+    return {k: sum(v[k] for v in per_stage.values()) for k in ("routing", "selection")}
 
 
 def cuda_cache_spec(cfg, layout: str) -> dict:
@@ -283,6 +303,10 @@ def build_cuda_package(ctx: BuildContext) -> None:
                                               profile, cfg.vocab_size, cuda_cache_spec(cfg, layout),
                                               extra_graphs=gear_graphs)
         golden_section["tolerance"].update(_fp16_tolerance(runner.reports, stage))
+        margins = choice_margins(model, expected.prompt, expected.tokens)
+        if any(a.size for a in margins.values()):
+            golden_section["tolerance"]["choices"] = _choice_limits(runner.reports, stage)
+            golden_section["greedy"]["choice_margins"] = save_choice_margins(margins, pkg / "golden", pkg)
         if gear_info is not None:
             io["decode_gears"] = _package_gears(pkg, work / "gears", gear_info, io["weights"])
         if quantized:
