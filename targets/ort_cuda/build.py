@@ -374,10 +374,10 @@ def build_cuda_package(ctx: BuildContext) -> None:
         elif quant == "int4":
             verified = ["export and passes against eager fp32 PyTorch on ORT CPU (fp32 budgets)",
                         "the int4 graphs with fp32 activations (the same 4-bit codes, zero points and fp16-exact scales; "
-                        "attention linears 8-bit) against eager fp32 within quantize-int4 (cosine/KL/rel euclid; "
+                        "attention and dense-layer MLP linears 8-bit) against eager fp32 within quantize-int4 (cosine/KL/rel euclid; "
                         "elementwise not judged)",
                         f"the fp16 int4 graphs (MatMulNBits bits 4 block {ort_cuda.INT4_OPTIONS['block_size']} with "
-                        "uint8 zero points and bits 8 for attention, QMoE 4-bit where present, fp16 activations and "
+                        "uint8 zero points and bits 8 for attention and the dense-layer MLP, QMoE 4-bit where present, fp16 activations and "
                         f"scales) on ORT CPU {ort.__version__} against eager fp32 within {stage} (quantize-int4 budget "
                         "plus the fp16 limits from PyTorch fp16 on the same inputs; README: int4 judgement)",
                         f"greedy generation of {golden.tokens.shape[1]} tokens through runtime/cuda_runtime.py "
@@ -678,7 +678,8 @@ def _readme(manifest: dict, fp16_lines: list[str]) -> str:
                      "scales rounded before quantizing)"),
             "int4": ("linear layers except lm_head and the router gate are `com.microsoft.MatMulNBits` (bits 4, RTN, "
                      "blocks along K with uint8 zero points, fp16 scales rounded before quantizing; the attention "
-                     "linears bits 8, symmetric, blocks of 128); fp16 activations (weight-only: CUDA's MatMulNBits "
+                     "linears and the MLP of the dense layers before the first MoE layer bits 8, symmetric, blocks of "
+                     "128); fp16 activations (weight-only: CUDA's MatMulNBits "
                      "dequantizes in the kernel)"),
             "fp8": ("linear layers except lm_head and the router gate hold float8e4m3fn weights with fp32 128x128 "
                     "block scales (DeepSeek-V3's format; an FP8 checkpoint's own bytes), dequantized on every run by "
