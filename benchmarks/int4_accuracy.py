@@ -34,6 +34,8 @@ FORMS = {  # name -> (scheme, options)
     "int4_b32_attn8": ("int4", {"block_size": 32, "attention_bits": 8}),
     "int4_b32_acc4_attn8": ("int4", {"block_size": 32, "accuracy_level": 4, "attention_bits": 8}),
     "int4_b128_acc4_attn8": ("int4", {"block_size": 128, "accuracy_level": 4, "attention_bits": 8}),
+    "int4_b32_acc4_attn8_dense8": ("int4", {"block_size": 32, "accuracy_level": 4, "attention_bits": 8,
+                                            "dense_mlp_bits": 8}),
 }
 KEYS = ("heldout_tokens", "ppl_fp32", "ppl_quant", "ppl_increase", "top1_agreement", "kl", "linear_ratio",
         "weights_bytes_before", "weights_bytes_after", "n_quantized", "notes")
@@ -49,7 +51,8 @@ def int4_accuracy(model_dir: str | Path, n_windows: int = 16, forms=None) -> dic
     return {"model": str(model_dir), "graph": "ort-cpu", "n_windows": n_windows, "seq": 128, "forms": out}
 
 
-ROUTING_FORMS = ("int8", "int4_b32", "int4_b32_acc4", "int4_b128_acc4", "int4_b32_symmetric", "int4_b32_acc4_attn8")
+ROUTING_FORMS = ("int8", "int4_b32", "int4_b32_acc4", "int4_b128_acc4", "int4_b32_symmetric", "int4_b32_acc4_attn8",
+                 "int4_b32_acc4_attn8_dense8")
 
 
 def _routing_models():

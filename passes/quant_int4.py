@@ -42,6 +42,12 @@ passes/quant_weights.py) as quant_int8 does (MatMulNBits bits=8, symmetric, bloc
 for the MLP / shared / routed experts, where a DeepSeek model's bytes are. On trained-small it is what brings
 top-1 agreement past 95% (measured: benchmarks/cpu_trained_small_int4_accuracy.json).
 
+dense_mlp_bits (option, 4 by default): 8 writes the MLP linears of the dense layers that precede the first MoE
+layer (DeepSeek's first_k_dense_replace layers: the MLP sites upstream of every router, `leading_dense_mlp`) as
+the attention linears at attention_bits 8: every later layer reads their error, and in full-size DeepSeek models
+they are a small share of the bytes (docs/quantization.md#int4-mixed-precision: where the int4 error of the
+randomized x3 checkpoints comes from, and what the rule costs on trained-small).
+
 Routed experts in `com.microsoft.MoE` (the ort-cpu target's moe-ort-fused pass) become
 `com.microsoft.QMoE` with expert_weight_bits=4 (passes/quant_qmoe.py), per block of the largest power
 of two <= block_size dividing hidden and moe_intermediate, with the same numbers (asymmetric with zero
@@ -56,8 +62,8 @@ import numpy as np
 import onnx_ir as ir
 
 from .quant_weights import (DEFAULT_EXCLUDE, QuantizationError, QuantReport, add_initializer,
-                            const_bytes, initializer_bytes, int4_codes, pack_nibbles, record, remove_if_unused,
-                            round_scale_signed, select_sites, set_opset)
+                            const_bytes, find_linear_sites, initializer_bytes, int4_codes, pack_nibbles, record,
+                            remove_if_unused, round_scale_signed, select_sites, set_opset)
 
 EXPERT_MODES = ("auto", "block", "channel", "int8", "none")
 
@@ -112,12 +118,32 @@ def dequantize_int4(b: np.ndarray, scales: np.ndarray, k: int, zero_points: np.n
     return w.reshape(n, nb * 2 * half)[:, :k].astype(np.float32)
 
 
+def leading_dense_mlp(graph: ir.Graph, logits_outputs=("logits",)) -> set[int]:
+    """id(node) of each `mlp` linear site upstream of every MoE router (the router-role sites): the MLPs of the
+    dense layers before the first MoE layer. Empty for a graph without routers."""
+    sites = find_linear_sites(graph, logits_outputs)
+    routers = [s for s in sites if s.role == "router"]
+    if not routers:
+        return set()
+    common = None
+    for r in routers:
+        seen, stack = set(), [r.activation]
+        while stack:
+            p = stack.pop().producer()
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            stack.extend(i for i in p.inputs if i is not None and i.const_value is None)
+        common = seen if common is None else common & seen
+    return {id(s.node) for s in sites if s.role == "mlp" and id(s.node) in common}
+
+
 class Int4WeightOnlyPass(ir.passes.InPlacePass):
     """Linear layers -> MatMulNBits(bits=4), routed experts -> QMoE 4-bit. See the module docstring."""
 
     def __init__(self, block_size: int = 32, symmetric: bool = False, exclude: Iterable[str] = DEFAULT_EXCLUDE,
                  logits_outputs=("logits",), accuracy_level: int | None = None, experts: str = "auto",
-                 attention_bits: int = 4, scale_dtype: str = "float32"):
+                 attention_bits: int = 4, scale_dtype: str = "float32", dense_mlp_bits: int = 4):
         super().__init__()
         check_block_size(block_size)
         round_scale_signed(np.zeros(1, np.float32), scale_dtype)  # validates
@@ -125,6 +151,9 @@ class Int4WeightOnlyPass(ir.passes.InPlacePass):
         if attention_bits not in (4, 8):
             raise QuantizationError(f"int4 attention_bits {attention_bits!r}: 4 or 8 (MatMulNBits as --quant int8)")
         self.attention_bits = attention_bits
+        if dense_mlp_bits not in (4, 8):
+            raise QuantizationError(f"int4 dense_mlp_bits {dense_mlp_bits!r}: 4 or 8 (MatMulNBits as --quant int8)")
+        self.dense_mlp_bits = dense_mlp_bits
         if accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise QuantizationError(f"int4 accuracy_level {accuracy_level!r}: MatMulNBits takes 0..4 "
                                     "(0: fp32 activations, 4: int8 activations per block)")
@@ -144,11 +173,17 @@ class Int4WeightOnlyPass(ir.passes.InPlacePass):
         groups = select_sites(graph, self.exclude, self.logits_outputs, rep)
         if groups:
             set_opset(model, "com.microsoft", 1)
+        dense = leading_dense_mlp(graph, self.logits_outputs) if self.dense_mlp_bits == 8 else set()
         for group in groups:
             w = group[0].weight
             n, k = group[0].out_features, group[0].in_features
             base = w.name or "weight"
-            bits = 8 if group[0].role == "attention" and self.attention_bits == 8 else 4
+            why = None
+            if group[0].role == "attention" and self.attention_bits == 8:
+                why = "attention linear (attention_bits 8)"
+            elif any(id(s.node) in dense for s in group):
+                why = "dense MLP before the first MoE layer (dense_mlp_bits 8)"
+            bits = 8 if why else 4
             if bits == 8:
                 from .quant_int8 import quantize_int8_blocks
                 b, scale, _, bs = quantize_int8_blocks(group[0].weight_oi, 128, scale_dtype=self.scale_dtype)
@@ -174,7 +209,7 @@ class Int4WeightOnlyPass(ir.passes.InPlacePass):
                 remove_if_unused(graph, site.transpose.outputs[0] if site.transpose else None)
             remove_if_unused(graph, w)
             rep.add_site(base, group, (n, k), const_bytes(new_inits), block_size=bs, bits=bits,
-                         zero_points=bits == 4 and not self.symmetric)
+                         zero_points=bits == 4 and not self.symmetric, **({"why_8bit": why} if why else {}))
         moe = False
         if self.experts != "none":
             from .quant_qmoe import QMoEPass
@@ -185,10 +220,13 @@ class Int4WeightOnlyPass(ir.passes.InPlacePass):
                 qp = QMoEPass(self.experts, self.block_size, self.accuracy_level, self.exclude, rep, bits=4,
                               symmetric=self.symmetric, scale_dtype=self.scale_dtype)
             moe = qp(model).modified
+        kept = [q["weight"] for q in rep.quantized if "dense MLP" in q.get("why_8bit", "")]
         rep.notes.append(f"int4 RTN, block {self.block_size}, " + ("symmetric (zero point 8)" if self.symmetric
                                                                    else "asymmetric (zero points)")
                          + ("; attention linears int8 (MatMulNBits bits=8, symmetric, blocks of 128)"
-                            if self.attention_bits == 8 else ""))
+                            if self.attention_bits == 8 else "")
+                         + (f"; {len(kept)} dense-layer MLP linears before the first MoE layer int8 (dense_mlp_bits 8"
+                            f"{': ' + ', '.join(kept) if kept else ''})" if self.dense_mlp_bits == 8 else ""))
         if self.scale_dtype != "float32":
             rep.notes.append(f"scales rounded to {self.scale_dtype} before quantizing (stored exactly in that type)")
         if self.accuracy_level is not None:

@@ -87,13 +87,13 @@ def _targets_help() -> str:
 @click.option("--quant", default=None,
               help="quantization scheme (default none; an FP8 checkpoint: fp8 where the target has it): ort-cpu "
                    "none|int8|int4|w8a8|fp8, recommended int4 (MatMulNBits 4-bit block 32 with int8 activations "
-                   "in the kernels, attention linears 8-bit, QMoE 4-bit experts: 0.19x the fp32 weights, 2.1-2.6x "
-                   "fp32's decode speed measured on small/medium, trained-small perplexity +0.3%; int8 is weight-only "
+                   "in the kernels, attention and dense-layer MLP linears 8-bit, QMoE 4-bit experts: 0.20x the fp32 weights, 2.1-2.6x "
+                   "fp32's decode speed measured on small/medium, trained-small perplexity +0.26-0.37%; int8 is weight-only "
                    "and slower than fp32 unless --int8-accuracy-level 4); ort-cuda none (fp16)|int8 (MatMulNBits 8-bit, QMoE int8 experts where CUDA "
                    "takes them, fp16 compute; recommended there: trained-small perplexity -0.003%, top-1 99.5%, "
                    "0.62x fp16's graph bytes, decode as fast as fp16 on an H200)|int4 (MatMulNBits 4-bit block 32 "
-                   "with zero points, attention linears 8-bit, QMoE 4-bit experts where CUDA takes them, fp16 "
-                   "compute: 0.49x fp16's graph bytes, trained-small perplexity +0.24%, top-1 95.6% on ORT CPU; on an "
+                   "with zero points, attention and dense-layer MLP linears 8-bit, QMoE 4-bit experts where CUDA takes them, fp16 "
+                   "compute: trained-small perplexity +0.18%, top-1 95.9% on ORT CPU; on an "
                    "H200 it verifies but decodes no faster than fp16 at this size: benchmarks/h200_ort_cuda_int4.json)|fp8 (E4M3 128x128-block weights "
                    "dequantized to fp16 on every run: saves weight memory, not time; experts stay fp16 MoE); ascend none|w8a8 (int8 QDQ graphs; "
                    "AMCT/ATC acceptance unverified here)")

@@ -19,7 +19,7 @@ def _weight_error(w_oi: np.ndarray, scheme: str, options: dict) -> float:
         q, s, z, _ = quantize_int8_blocks(w_oi, options.get("block_size", 128), options.get("symmetric", True),
                                           options.get("scale_dtype", "float32"))
         d = ((q.astype(np.float32) - z[..., None]) * s[..., None]).reshape(w_oi.shape[0], -1)[:, :w_oi.shape[1]]
-    elif scheme == "int4":  # attention_bits 8 sites are int8: their error is smaller than this bound
+    elif scheme == "int4":  # attention_bits / dense_mlp_bits 8 sites are int8: their error is smaller than this bound
         from passes.quant_int4 import dequantize_int4, quantize_int4_blocks
         b, s, zp, _ = quantize_int4_blocks(w_oi, options.get("block_size", 32), options.get("symmetric", False),
                                            options.get("scale_dtype", "float32"))

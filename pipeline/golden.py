@@ -74,6 +74,67 @@ def make_golden(model, layout: str | None = None, batch: int = 2, prompt_len: in
     return Golden(cases, gen_prompt.numpy(), tokens.numpy(), step_logits.numpy())
 
 
+@torch.no_grad()
+def choice_margins(model, prompt: np.ndarray, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """How near each greedy step's discrete choices were to going the other way, in the eager fp32 model on the
+    trajectory prompt [1, L] + tokens [1, N]: {"routing": [N, MoE layers], "selection": [N, indexer layers]}, each
+    the smallest margin (pipeline.parity.route's for a router: k-th minus (k+1)-th choice score, groups included; for
+    DeepSeek-V3.2's lightning indexer: the k-th minus (k+1)-th index score among the visible keys) at the position whose
+    logits choose that step's token, L-1+i (the prompt's earlier positions reach it only through the cache, as earlier
+    steps do). One causal forward over the whole sequence
+    makes each position's choices as cached decoding makes them (per token for routers; per query over the keys up to
+    it for the indexer). A family with neither (V4's routers and indexer are other modules) gets empty arrays.
+    `mlamoe verify` on the GPU calls a greedy divergence that follows such a near tie a note, not a failure
+    (runtime/cuda_runtime.py verify_golden)."""
+    from models.indexer import LightningIndexer
+    from models.moe import Router as GateModule
+    from .parity import Router, route
+
+    seq = torch.as_tensor(np.concatenate([prompt, tokens[:, :-1]], 1) if tokens.shape[1] else prompt)
+    L, N = prompt.shape[1], tokens.shape[1]
+    gates = [m for m in model.modules() if isinstance(m, GateModule)]
+    indexers = [m for m in model.modules() if isinstance(m, LightningIndexer)]
+    seen: dict[str, list[np.ndarray]] = {"routing": [], "selection": []}
+
+    def on_gate(mod, args, _out):
+        bias = None if mod.e_score_correction_bias is None else mod.e_score_correction_bias.double().numpy()
+        logits = torch.nn.functional.linear(args[0].float(), mod.weight.float()).double().numpy()
+        seen["routing"].append(route(Router.of(mod.cfg, bias), logits)[1])  # per token, in sequence order
+
+    def scores_of(ix):
+        plain = ix.scores
+
+        def wrapped(*a, **kw):
+            sc = plain(*a, **kw)  # [B, S, T], causal -inf included
+            k = min(ix.topk, sc.shape[-1])
+            srt = -np.sort(-sc[0].double().numpy(), -1)
+            with np.errstate(invalid="ignore"):  # -inf - -inf where fewer than k + 1 keys are visible
+                m = srt[:, k - 1] - srt[:, k] if sc.shape[-1] > k else np.full(sc.shape[1], np.inf)
+            seen["selection"].append(np.where(np.isfinite(m), m, np.inf))
+            return sc
+        return wrapped
+
+    hooks = [g.register_forward_hook(on_gate) for g in gates]
+    for ix in indexers:
+        ix.scores = scores_of(ix)
+    try:
+        layout = family_of(model).cache_layouts[0]
+        model.step(seq, model.empty_cache(1, layout), layout)
+    finally:
+        for h in hooks:
+            h.remove()
+        for ix in indexers:
+            del ix.scores
+    out = {}
+    for kind, per_layer in seen.items():
+        if not per_layer:
+            out[kind] = np.zeros((N, 0))
+            continue
+        m = np.stack([np.asarray(x, np.float64).reshape(-1)[:L + N - 1] for x in per_layer], 1)  # [positions, layers]
+        out[kind] = m[L - 1:L - 1 + N]
+    return out
+
+
 def save_golden(golden: Golden, folder: Path, root: Path) -> dict:
     """Write .npy files under folder; return the manifest's "golden" section (paths relative to root)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,3 +152,13 @@ def save_golden(golden: Golden, folder: Path, root: Path) -> dict:
     return {"cases": cases,
             "greedy": {"prompt": put("greedy.prompt", golden.prompt), "tokens": put("greedy.tokens", golden.tokens),
                        "step_logits": put("greedy.step_logits", golden.step_logits), "must_match": True}}
+
+
+def save_choice_margins(margins: dict[str, np.ndarray], folder: Path, root: Path) -> dict[str, str]:
+    """Write choice_margins' arrays as folder/greedy.choice_margins.{kind}.npy; -> {kind: path relative to root}."""
+    out = {}
+    for kind, a in margins.items():
+        path = folder / f"greedy.choice_margins.{kind}.npy"
+        np.save(path, np.ascontiguousarray(a, np.float64), allow_pickle=False)
+        out[kind] = path.relative_to(root).as_posix()
+    return out

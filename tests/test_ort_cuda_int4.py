@@ -299,7 +299,7 @@ def _judge_prefill(graph: ir.Model, model, golden) -> object:
 
 def test_one_layers_scales_doubled_fails_the_fp16_int4_judgement(tiny_int4_package):
     """The package's own fp16 prefill graph passes; with the scales of one layer's 4-bit MatMulNBits (layer 1's
-    shared-expert MLP) x2 it fails, and so it does with layer 0's attention (8-bit) scales x2."""
+    shared-expert MLP) x2 it fails, and so it does with layer 0's attention or dense-MLP (8-bit) scales x2."""
     import models
     from pipeline.golden import make_golden
     model = models.load("tiny", seed=0)
@@ -307,16 +307,17 @@ def test_one_layers_scales_doubled_fails_the_fp16_int4_judgement(tiny_int4_packa
     path = tiny_int4_package / "onnx" / "prefill.onnx"
     assert _judge_prefill(ir.load(path), model, golden).passed
 
-    def doubled(layer: int, bits: int) -> ir.Model:
+    def doubled(layer: int, part: str, bits: int) -> ir.Model:
         m = ir.load(path)
         mnb = [n for n in m.graph if n.op_type == "MatMulNBits"]  # graph order: 5 attention, then 3 MLP, per layer
-        hit = [n for n in mnb[8 * layer: 8 * layer + 8] if n.attributes["bits"].value == bits]
-        assert len(hit) == {4: 3, 8: 5}[bits]
+        hit = mnb[8 * layer: 8 * layer + 5] if part == "attention" else mnb[8 * layer + 5: 8 * layer + 8]
+        assert [n.attributes["bits"].value for n in hit] == [bits] * len(hit)
         for n in hit:
             v = n.inputs[2]
             v.const_value = ir.tensor(v.const_value.numpy() * np.float16(2), name=v.name)
         return m
 
-    for layer, bits in ((1, 4), (0, 8)):  # layer 1's shared-expert MLP (4-bit), layer 0's attention (8-bit)
-        rep = _judge_prefill(doubled(layer, bits), model, golden)
+    # layer 1's shared-expert MLP (4-bit), layer 0's attention (8-bit), layer 0's dense MLP (8-bit: dense_mlp_bits)
+    for layer, part, bits in ((1, "mlp", 4), (0, "attention", 8), (0, "mlp", 8)):
+        rep = _judge_prefill(doubled(layer, part, bits), model, golden)
         assert not rep.passed, [(o.name, o.cosine) for o in rep.outputs]

@@ -451,8 +451,9 @@ def _tiny_reports(tiny_ort_cpu, out, fault=None, **options):
 
 
 @pytest.mark.parametrize("options", [{}, {"accuracy_level": 4}, {"block_size": 128, "accuracy_level": 4},
-                                     {"accuracy_level": 4, "attention_bits": 8}],
-                         ids=["b32", "b32-acc4", "b128-acc4", "b32-acc4-attn8"])
+                                     {"accuracy_level": 4, "attention_bits": 8},
+                                     {"accuracy_level": 4, "attention_bits": 8, "dense_mlp_bits": 8}],
+                         ids=["b32", "b32-acc4", "b128-acc4", "b32-acc4-attn8", "b32-acc4-attn8-dense8"])
 def test_tiny_int4_is_within_the_quantize_int4_budget(tiny_ort_cpu, tmp_path, options):
     """tiny (random weights) through the ort-cpu passes, int4, judged routing-aware (pipeline.parity's
     quantize-int4 budget: numeric error with the reference's routing forced, flips on their own)."""
@@ -461,6 +462,39 @@ def test_tiny_int4_is_within_the_quantize_int4_budget(tiny_ort_cpu, tmp_path, op
         print(f"tiny int4 {options} {r.stage}: forced cosine {o.cosine:.5f} KL {o.kl:.4f} rel euclid "
               f"{o.rel_euclid:.3f}; {rt['summary']}; unforced cosine {rt['unforced']['logits']['cosine']:.4f}")
         r.raise_if_failed()
+
+
+def test_dense_mlp_bits_8_writes_the_first_dense_layers_mlp_as_int8(tiny_ort_cpu):
+    """dense_mlp_bits=8: exactly the MLP linears of tiny's dense layer 0 (first_k_dense_replace 1; found here by
+    value from the eager model, not by the pass's graph walk) become MatMulNBits 8-bit with the int8 reference's
+    codes; shared experts and every other MLP linear stay 4-bit; the report says why each stayed 8-bit."""
+    from test_quant_schemes import ref_int8
+    model, _, folder = tiny_ort_cpu
+    assert model.config.first_k_dense_replace == 1
+    dense = {name: getattr(model.model.layers[0].mlp, name).weight.detach().numpy() for name in
+             ("gate_proj", "up_proj", "down_proj")}
+    m = ir.load(folder / "prefill.onnx")
+    fp32 = {v.name: v.const_value.numpy().copy() for v in m.graph.initializers.values() if v.const_value is not None}
+    rep = quantize(m, "int4", attention_bits=8, dense_mlp_bits=8)
+    mlp = [q for q in rep.quantized if q["role"] == "mlp"]
+
+    def dense_name(w):
+        return next((n for n, d in dense.items() if d.shape in (w.shape, w.T.shape)
+                     and (np.array_equal(d, w) or np.array_equal(d, w.T))), None)
+    found = {q["weight"]: dense_name(fp32[q["weight"]]) for q in mlp}
+    assert sorted(n for n in found.values() if n) == sorted(dense)
+    for q in mlp:
+        assert q["bits"] == (8 if found[q["weight"]] else 4), q
+        assert ("dense MLP before the first MoE layer" in q.get("why_8bit", "")) == bool(found[q["weight"]])
+        if found[q["weight"]]:
+            node = next(n for n in m.graph if n.op_type == "MatMulNBits" and n.inputs[1].name == f"{q['weight']}.q8")
+            want, scales, _ = ref_int8(dense[found[q["weight"]]], node.attributes["block_size"].value)
+            np.testing.assert_array_equal(node.inputs[1].const_value.numpy(), want)
+            np.testing.assert_array_equal(node.inputs[2].const_value.numpy(), scales.reshape(-1))
+    assert any("shared_experts" in q["weight"] and q["bits"] == 4 for q in mlp)
+    assert any("3 dense-layer MLP linears" in n for n in rep.notes)
+    with pytest.raises(QuantizationError, match="dense_mlp_bits"):
+        quantize(ir.load(folder / "prefill.onnx"), "int4", dense_mlp_bits=6)
 
 
 def _nibbles_swapped_everywhere(m: ir.Model) -> None:
@@ -492,8 +526,9 @@ def test_tiny_int4_budget_catches_a_wrong_quantizer(tiny_ort_cpu, tmp_path, faul
 
 
 def test_tiny_int4_ort_cpu_package_builds_verifies_and_records_its_form(tmp_path, stage_cache):
-    """--quant int4 on ort-cpu: the target's recommended form (block 32, accuracy_level 4, attention 8-bit) is
-    what the quantize stage ran and what the manifest records; the package verifies (hashes and golden data)."""
+    """--quant int4 on ort-cpu: the target's recommended form (block 32, accuracy_level 4, attention and dense-layer
+    MLP 8-bit) is what the quantize stage ran and what the manifest records; the package verifies (hashes and
+    golden data)."""
     import json
     from pipeline.compile import compile_package
     from pipeline.verify import verify_full

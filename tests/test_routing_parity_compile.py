@@ -24,10 +24,6 @@ CASES = ([("ort-cpu", q) for q in ort_cpu.PROFILE.quant_schemes]
 
 # Measured 2026-12-03 (issue 15 open): these fail their stage, strict so that a fix shows.
 KNOWN_FAILURES = {
-    ("v3-s0", "ort-cpu", "int4"): "quantize-int4/prefill under forced routing: cosine 0.81, KL 0.39 (budget 0.94 / 0.1)",
-    ("v2-s1", "ort-cpu", "int4"): "quantize-int4/prefill under forced routing: KL 0.17 > 0.1",
-    ("v3-s0", "ort-cuda", "int4"): "quantize-int4/prefill, as for ort-cpu",
-    ("v2-s1", "ort-cuda", "int4"): "quantize-int4/prefill, as for ort-cpu",
     ("v3-s0", "ascend", "none"): "export/ascend-static/prefill (fp32): logits max abs 1.12e-4 > atol 1e-4 at 1 of 1536",
     ("v3-s0", "ascend", "w8a8"): "export/ascend-static/prefill (fp32), as for ascend none",
     ("v2-s1", "ascend", "w8a8"): "quantize-w8a8/ascend-static/decode-2: KL 0.152 > 0.1 with the routing flip at position 5 "

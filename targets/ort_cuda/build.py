@@ -41,7 +41,7 @@ from pipeline.build import (GRAPHS, BuildContext, RoutingProbe, assemble_package
                             moe_routers, run_cast, run_graph_stages, skipped_passes, write_tokenizer)
 from pipeline.error_profile import write_error_profile
 from pipeline.export import save_graph
-from pipeline.golden import Golden, GoldenCase, make_golden, save_golden
+from pipeline.golden import Golden, GoldenCase, choice_margins, make_golden, save_choice_margins, save_golden
 from pipeline.io_spec import cache_spec
 from pipeline.package import work_dir, write_manifest
 from pipeline.parity import (BUDGETS, FP16_RULE, QUANT_FP16_RULE, compare_fp16, compare_fp16_greedy,
@@ -150,6 +150,26 @@ def _fp16_tolerance(reports, stage: str) -> dict:
         else:
             cases[name] = lims
     return {"rule": FP16_RULE, "cases": cases, "greedy": greedy}
+
+
+def _choice_limits(reports, stage: str) -> dict:
+    """The golden tolerance's "choices": per kind of discrete choice (routing, selection), the largest margin the
+    build's routing-aware judgements let a flip have (parity's FLIP_MARGIN_FACTOR x 2 x the most the stage moved those
+    scores, the records' allowed_margin), summed over the quantize stage and the fp16 judgement `stage` for a quantized
+    package (eager fp32 -> quantized graph -> fp16 on the GPU). verify_golden on the GPU compares the golden greedy
+    trajectory's fp32 margins (golden.choice_margins) with these."""
+    per_stage: dict[str, dict[str, float]] = {}
+    for r in reports:
+        top = r.stage.split("/", 1)[0]
+        record = r.extra.get("routing") if isinstance(r.extra, dict) else None
+        if not record or not (top == stage or top.startswith("quantize-")):
+            continue
+        lim = per_stage.setdefault(top, {"routing": 0.0, "selection": 0.0})
+        for layer in record.get("layers", []):
+            lim["routing"] = max(lim["routing"], float(layer.get("allowed_margin") or 0.0))
+        for sel in (record.get("selection") or {}).get("selections", []):
+            lim["selection"] = max(lim["selection"], float(sel.get("allowed_margin") or 0.0))
+    return {k: sum(v[k] for v in per_stage.values()) for k in ("routing", "selection")}
 
 
 def cuda_cache_spec(cfg, layout: str) -> dict:
@@ -283,6 +303,10 @@ def build_cuda_package(ctx: BuildContext) -> None:
                                               profile, cfg.vocab_size, cuda_cache_spec(cfg, layout),
                                               extra_graphs=gear_graphs)
         golden_section["tolerance"].update(_fp16_tolerance(runner.reports, stage))
+        margins = choice_margins(model, expected.prompt, expected.tokens)
+        if any(a.size for a in margins.values()):
+            golden_section["tolerance"]["choices"] = _choice_limits(runner.reports, stage)
+            golden_section["greedy"]["choice_margins"] = save_choice_margins(margins, pkg / "golden", pkg)
         if gear_info is not None:
             io["decode_gears"] = _package_gears(pkg, work / "gears", gear_info, io["weights"])
         if quantized:
@@ -350,10 +374,10 @@ def build_cuda_package(ctx: BuildContext) -> None:
         elif quant == "int4":
             verified = ["export and passes against eager fp32 PyTorch on ORT CPU (fp32 budgets)",
                         "the int4 graphs with fp32 activations (the same 4-bit codes, zero points and fp16-exact scales; "
-                        "attention linears 8-bit) against eager fp32 within quantize-int4 (cosine/KL/rel euclid; "
+                        "attention and dense-layer MLP linears 8-bit) against eager fp32 within quantize-int4 (cosine/KL/rel euclid; "
                         "elementwise not judged)",
                         f"the fp16 int4 graphs (MatMulNBits bits 4 block {ort_cuda.INT4_OPTIONS['block_size']} with "
-                        "uint8 zero points and bits 8 for attention, QMoE 4-bit where present, fp16 activations and "
+                        "uint8 zero points and bits 8 for attention and the dense-layer MLP, QMoE 4-bit where present, fp16 activations and "
                         f"scales) on ORT CPU {ort.__version__} against eager fp32 within {stage} (quantize-int4 budget "
                         "plus the fp16 limits from PyTorch fp16 on the same inputs; README: int4 judgement)",
                         f"greedy generation of {golden.tokens.shape[1]} tokens through runtime/cuda_runtime.py "
@@ -654,7 +678,8 @@ def _readme(manifest: dict, fp16_lines: list[str]) -> str:
                      "scales rounded before quantizing)"),
             "int4": ("linear layers except lm_head and the router gate are `com.microsoft.MatMulNBits` (bits 4, RTN, "
                      "blocks along K with uint8 zero points, fp16 scales rounded before quantizing; the attention "
-                     "linears bits 8, symmetric, blocks of 128); fp16 activations (weight-only: CUDA's MatMulNBits "
+                     "linears and the MLP of the dense layers before the first MoE layer bits 8, symmetric, blocks of "
+                     "128); fp16 activations (weight-only: CUDA's MatMulNBits "
                      "dequantizes in the kernel)"),
             "fp8": ("linear layers except lm_head and the router gate hold float8e4m3fn weights with fp32 128x128 "
                     "block scales (DeepSeek-V3's format; an FP8 checkpoint's own bytes), dequantized on every run by "

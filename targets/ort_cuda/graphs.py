@@ -108,7 +108,7 @@ INT8_OPTIONS = {"block_size": 128, "symmetric": True, "experts": "channel", "sca
 # (asymmetric, the CPU default), the attention linears 8-bit (what brought trained-small's top-1 past 95% on
 # ort-cpu), no accuracy_level: the CUDA kernels keep fp16 activations (weight-only), and the fp16 graphs' ORT CPU
 # check then computes the same weight-only numbers. experts "block": QMoE 4-bit per block, where CUDA takes it.
-INT4_OPTIONS = {"block_size": 32, "symmetric": False, "attention_bits": 8, "experts": "block",
+INT4_OPTIONS = {"block_size": 32, "symmetric": False, "attention_bits": 8, "dense_mlp_bits": 8, "experts": "block",
                 "scale_dtype": "float16"}
 INT4_BLOCK_SIZES = (32, 128)
 # onnxruntime-gpu 1.31.1's CUDA QMoE (strings of libonnxruntime_providers_cuda.so): "QMoE asymmetric zero_points
