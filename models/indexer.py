@@ -38,10 +38,27 @@ def weighted_relu_scores(q: torch.Tensor, keys: torch.Tensor, weights: torch.Ten
 
 
 def top_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The top k ids per row of scores [..., T] (int64); equal scores go to the lower id (LightningIndexer.select)."""
+    """The top k ids per row of scores [..., T] (int64); equal scores go to the lower id (LightningIndexer.select).
+    Exported: tie_exact_top_ids (ascending key order); eager: a stable sort (descending score order)."""
     if torch.compiler.is_exporting():
-        return scores.topk(k, dim=-1).indices
+        return tie_exact_top_ids(scores, k)
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def tie_exact_top_ids(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The set top_ids picks (top k by score, equal scores -> the lower id), built from TopK whatever order a TopK
+    kernel returns equal values in (ORT's CUDA EP does not keep ONNX's lower-index-first rule; docs/v32.md), as
+    ids [..., k] int64 in ascending key order. Only the k-th largest VALUE comes from a tie-ordered TopK; the keys
+    tied at it are ranked by key id with a CumSum; the last TopK ranks k distinct values T - t (no ties; fp16
+    rounding of them may merge neighbours, but chosen keys stay >= 1 > 0, so the set is still exact)."""
+    T = scores.shape[-1]
+    v_k = scores.topk(k, dim=-1).values.amin(dim=-1, keepdim=True)
+    above, tied = scores > v_k, scores == v_k  # -inf == -inf: masked keys tie like any others
+    need = k - above.to(torch.int32).sum(dim=-1, keepdim=True, dtype=torch.int32)
+    rank = tied.to(torch.int32).cumsum(dim=-1, dtype=torch.int32)  # 1-based among the tied keys, by key id
+    chosen = above | (tied & (rank <= need))
+    key_order = (T - torch.arange(T, device=scores.device, dtype=torch.int32)).to(torch.float32)
+    return torch.where(chosen, key_order, torch.zeros((), dtype=torch.float32, device=scores.device)).topk(k, dim=-1).indices
 
 
 class LightningIndexer(nn.Module):
@@ -81,9 +98,10 @@ class LightningIndexer(nn.Module):
         Ties are common: a key that every head's ReLU zeroes scores exactly 0 (with 2 indexer heads a
         quarter of the keys do). torch.topk breaks ties arbitrarily, and differently for a prefill row
         over T keys and a decode row over the same keys, so cached decode would disagree with a full
-        forward; a stable sort keeps the lower id, and prefill and decode select alike. ONNX TopK has that
-        rule too (equal values: the lower index first), so an exported graph uses TopK (a stable sort does
-        not export)."""
+        forward; a stable sort keeps the lower id, and prefill and decode select alike. A stable sort does not
+        export, and ONNX TopK's own rule (equal values: the lower index first) is not kept by every kernel
+        (ORT's CUDA EP breaks it), so an exported graph selects with tie_exact_top_ids: the same set, by TopK
+        whatever its tie order."""
         return top_ids(scores, min(self.topk, scores.shape[-1]))
 
     @staticmethod

@@ -7,10 +7,11 @@ past (c_kv [B, M, r], k_pe [B, M, rope], index_key [B, M, D]).
 
     index_key = write_rows(past, rope_half(k_norm(wk(x))))            the indexer key cache, written in place
     score     = sum_h w[h] relu(q[h] . index_key^T / sqrt(D)), masked  [B, S, M]   (indexer.py)
-    ids, vals = TopK(score, k)                                         [B, S, k]   ties: the lower id (ONNX TopK)
+    ids       = tie_exact_top_ids(score, k)                            [B, S, k]   ties: the lower id, whatever
+                                                                                   order TopK gives equal values
     rows      = Gather(c_kv / k_pe flattened [B*M, .], b*M + ids)      [B, S, k, .] int32 indices, plain Gather
     attention = absorbed MLA over those k rows; a selected row the causal mask hides (fewer than k visible
-                keys) is recognised by its masked score (vals == MASK_VALUE) and gets zero weight
+                keys) is recognised by its masked score (score[ids] == MASK_VALUE) and gets zero weight
 
 The same math as the eager model's additive top-k mask over all T keys (v32.py): softmax over the k chosen keys
 equals softmax over all keys with -inf outside them. The gather uses Gather with int32 indices rather than
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .indexer import weighted_relu_scores
+from .indexer import tie_exact_top_ids, weighted_relu_scores
 from .mla_static import LAYOUT, constants, write_rows  # noqa: F401  (LAYOUT, constants: the family's StaticStep)
 from .rope import apply_rope_half_split
 from .static_lm import MASK_VALUE
@@ -54,8 +55,8 @@ class IndexSelect(nn.Module):
         keys = write_rows(past_keys, self._rope(k_new.float(), cos, sin).to(past_keys.dtype), write, covered)
         scores = weighted_relu_scores(q, keys, w.float() * self.n_heads ** -0.5, self.softmax_scale)  # [B, S, M]
         scores = torch.where(mask, scores, MASK_VALUE)
-        vals, ids = scores.topk(min(self.topk, scores.shape[-1]), dim=-1)
-        return ids.to(torch.int32), vals > MASK_VALUE, keys
+        ids = tie_exact_top_ids(scores, min(self.topk, scores.shape[-1]))
+        return ids.to(torch.int32), scores.gather(-1, ids) > MASK_VALUE, keys
 
 
 def modules(attn: SparseMLA) -> dict[str, nn.Module]:

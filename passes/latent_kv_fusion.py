@@ -55,7 +55,8 @@ TopK). Checked in ORT 1.32's registered schemas and kernels: com.microsoft.Spars
 policies are "qsa" (mean-pooled blocks of compress_ratio tokens, RMSNorm keys) and "csa" (V4's compressed
 entries), not V3.2's per-token LayerNorm keys weighted by weights_proj; it and DynamicSparseAttention (attention
 by selected_indices) have no CPU kernel in 1.32 (get_all_opkernel_def lists only SparseAttention, the block-sparse
-Phi-3 op, for CPU). ONNX TopK breaks ties by the lower index, as models/indexer.py does.
+Phi-3 op, for CPU). The ids TopK is models/indexer.py tie_exact_top_ids's last one (distinct values, ids in
+ascending key order, the set independent of TopK's tie order); the gathered form attends over the set: order-free.
 "matmul" is the fastest decode form on ORT CPU and the default; prefill of a fresh prompt (past = 0)
 is faster left naive, see PREFILL_FUSION; graph_forms() / fuse_graphs() give that choice per graph
 (figures: docs/benchmarks.md, benchmarks/cpu_small_latent-kv.json). Postcondition (`ensures`): no

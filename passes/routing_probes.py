@@ -19,8 +19,9 @@ found as TopKs over a Sigmoid/Softmax-scored gate projection (:func:`static_rout
 (the choice scores, dropped groups at -inf) are its ``routing.{i}.router_probs``.
 
 The same for the other top-k choices a graph makes (DeepSeek-V3.2's lightning indexer, which picks the keys each query
-attends to): :func:`selection_topks` finds the TopKs outside the routers, :func:`expose_selections` /
-:func:`force_selections` expose their scores and feed the TopK from graph input ``selection.{j}.scores.forced``.
+attends to): :func:`selection_topks` finds the ids TopKs outside the routers, :func:`expose_selections` /
+:func:`force_selections` expose their scores (:func:`selection_scores`) and feed every reader of them from graph
+input ``selection.{j}.scores.forced``.
 """
 from __future__ import annotations
 
@@ -154,11 +155,13 @@ def force_gate_logits(model: ir.Model) -> int:
 
 
 # ---- selections: TopKs outside the MoE routers (DeepSeek-V3.2's lightning indexer) -------------------------------
-# A second discrete choice, probed like routing: the TopK's scores input (the indexer's scores [B, S, T], causal
-# -inf included) is exposed as ``selection.{j}.scores`` (j = the TopK's index among the selections, graph order) and,
-# in the forced copy, the TopK reads graph input ``selection.{j}.scores.forced`` instead (fed with the reference's
-# scores: the lossy graph attends to the reference's keys), its own scores still an output, and the TopK's indices
-# exposed as ``selection.{j}.ids`` (what it picked given the forced scores).
+# A second discrete choice, probed like routing: the indexer's scores [B, S, T] (causal -inf included) are exposed as
+# ``selection.{j}.scores`` (j = the selection's index, graph order of its ids TopK) and, in the forced copy, every
+# reader of them reads graph input ``selection.{j}.scores.forced`` instead (fed with the reference's scores: the lossy
+# graph attends to the reference's keys), its own scores still an output, and the selected ids exposed as
+# ``selection.{j}.ids`` (what it picked given the forced scores).
+# The exported selection (models/indexer.py tie_exact_top_ids) is two TopKs: one for the k-th largest score (its
+# indices unused: not a selection) and the ids TopK over the chosen keys; the scores are the first one's input.
 
 def selection_name(j: int) -> str:
     return f"selection.{j}.scores"
@@ -181,7 +184,7 @@ def selection_topks(model: ir.Model) -> list[ir.Node]:
     gates = {id(v) for v in (gate_logits(model) if moes else [v for v, _ in static_routers(model)])}
     out = []
     for t in model.graph:
-        if t.op_type != "TopK" or t.domain not in ("", "ai.onnx"):
+        if t.op_type != "TopK" or t.domain not in ("", "ai.onnx") or not _indices_used(t):
             continue
         seen, stack, router = set(), [t.inputs[0]], False
         while stack and not router:
@@ -201,12 +204,38 @@ def selection_topks(model: ir.Model) -> list[ir.Node]:
     return out
 
 
+def _indices_used(t: ir.Node) -> bool:
+    ids = t.outputs[1] if len(t.outputs) > 1 else None
+    return ids is not None and (bool(ids.uses()) or ids.is_graph_output())
+
+
+def selection_scores(t: ir.Node) -> ir.Value:
+    """The scores a selection's ids TopK `t` ranks: the input of the nearest TopK upstream of `t` whose indices are
+    unused (tie_exact_top_ids's k-th-value TopK; breadth-first, stopping at projections), else `t`'s own input."""
+    from passes.graph_utils import is_projection
+    seen, frontier = set(), [t.inputs[0]]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            if v is None or id(v) in seen:
+                continue
+            seen.add(id(v))
+            p = v.producer()
+            if p is None or p.op_type in ("Shape", "Size") or is_projection(p):
+                continue
+            if p.op_type == "TopK" and p.domain in ("", "ai.onnx") and p is not t and not _indices_used(p):
+                return p.inputs[0]
+            nxt += [i for i in p.inputs if i is not None and i.const_value is None and not i.is_initializer()]
+        frontier = nxt
+    return t.inputs[0]
+
+
 def expose_selections(model: ir.Model, topks: list[ir.Node] | None = None) -> int:
     """Add each selection's scores (and its TopK's indices) as outputs ``selection.{j}.scores`` / ``.ids`` (in
     place); -> number of selections. topks: selection_topks(model), computed before any other probe edit."""
     topks = selection_topks(model) if topks is None else topks
     for j, t in enumerate(topks):
-        v, ids = t.inputs[0], t.outputs[1]
+        v, ids = selection_scores(t), t.outputs[1]
         v.name, ids.name = selection_name(j), selection_ids_name(j)
         for w in (v, ids):
             if not w.is_graph_output():
@@ -215,13 +244,14 @@ def expose_selections(model: ir.Model, topks: list[ir.Node] | None = None) -> in
 
 
 def force_selections(model: ir.Model, topks: list[ir.Node] | None = None) -> int:
-    """Expose each selection's scores and TopK indices, and make the TopK read graph input
-    ``selection.{j}.scores.forced`` instead of its own scores (in place); -> number of selections."""
+    """Expose each selection's scores and ids, and make every reader of the scores (both TopKs and the compares of
+    tie_exact_top_ids) read graph input ``selection.{j}.scores.forced`` instead (in place); -> number of selections."""
     topks = selection_topks(model) if topks is None else topks
+    scores = [selection_scores(t) for t in topks]
     expose_selections(model, topks)
-    for j, t in enumerate(topks):
-        v = t.inputs[0]
+    for j, v in enumerate(scores):
         forced = ir.Value(name=selection_forced_name(j), type=v.type, shape=v.shape)
         model.graph.inputs.append(forced)
-        t.replace_input_with(0, forced)
+        for node, idx in list(v.uses()):
+            node.replace_input_with(idx, forced)
     return len(topks)

@@ -85,7 +85,7 @@ def test_decode_attends_over_k_gathered_rows_not_the_whole_cache(hf_case, hf_sta
     assert len(softmax) == ours.config.num_hidden_layers
     assert all(n.outputs[0].shape[-1] == INDEX_TOPK for n in softmax), [n.outputs[0].shape for n in softmax]
     topk = [n for n in decode.graph if n.op_type == "TopK" and "index_select_" in (n.name or "")]
-    assert len(topk) == ours.config.num_hidden_layers
+    assert len(topk) == 2 * ours.config.num_hidden_layers  # tie_exact_top_ids: k-th value, then the ids
     assert all(n.inputs[0].shape[-1] == M for n in topk)
     assert not [n for n in decode.graph if n.op_type == "Cast" and n.attributes.get_int("to") == onnx.TensorProto.INT64]
 

@@ -283,8 +283,10 @@ _REFERENCE = "reference|"  # cache keys of the reference's own trajectory inside
 
 
 def selection_nodes(model: ir.Model) -> list[ir.Node]:
-    """The lightning indexer's TopK nodes (DeepSeek-V3.2, models/v32_static.py `index_select_{i}`), graph order."""
-    return [n for n in model.graph if n.op_type == "TopK" and _INDEXER_SCOPE.search(n.name or "")]
+    """The lightning indexer's ids TopK nodes (DeepSeek-V3.2, models/v32_static.py `index_select_{i}`), graph order:
+    the TopKs whose indices are used (models/indexer.py tie_exact_top_ids's k-th-value TopK is not a selection)."""
+    return [n for n in model.graph if n.op_type == "TopK" and _INDEXER_SCOPE.search(n.name or "")
+            and len(n.outputs) > 1 and (n.outputs[1].uses() or n.outputs[1].is_graph_output())]
 
 
 def _masked(scores: np.ndarray) -> np.ndarray:
