@@ -163,9 +163,9 @@ def check_decode_parity(model, graphs, form: str = DEFAULT_FORM):
     return fused
 
 
-# `small` takes ~45 s to export (~85 s with the 2 CI cores shared); the issue asks for it in the
-# fast suite, and the whole suite stays well under its 15-minute budget.
-@pytest.mark.parametrize("name", ["tiny", "tiny-v2", "small"])
+# `small` takes ~45 s to export (78 s with the 2 cores shared): slow since the fast suite reached 895 s in CI
+# (limit 900); tiny and tiny-v2 keep the same checks in the fast suite, `make test-slow` runs small.
+@pytest.mark.parametrize("name", ["tiny", "tiny-v2", pytest.param("small", marks=pytest.mark.slow)])
 def test_decode_parity_and_no_cache_expansion(exported, name):
     model, graphs = exported(name)
     cfg = model.config

@@ -173,10 +173,16 @@ def levels(root: Path, cases: list[str]) -> dict:
     manifest = json.loads((root / "manifest.json").read_text())
     tol = manifest["golden"]["tolerance"]
     report = {}
-    for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"):
+    runs = [(lv, "") for lv in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")]
+    runs += [("ORT_ENABLE_ALL", v) for v in ("repeat", "no-mem-reuse", "deterministic")]  # buffer reuse / atomics suspects
+    for level, variant in runs:
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
         so.log_severity_level = 3
+        if variant == "no-mem-reuse":
+            so.enable_mem_reuse = so.enable_mem_pattern = False
+        if variant == "deterministic":
+            so.use_deterministic_compute = True
         for c in cases:
             case = next(x for x in manifest["golden"]["cases"] if x["name"] == c)
             path, feeds = golden_case(root, c)
@@ -193,7 +199,7 @@ def levels(root: Path, cases: list[str]) -> dict:
                 bad = int(((d > lim["atol"]) & (d > lim["rtol"] * np.abs(ref))).sum())
                 if bad or n == "logits":
                     rec[n] = {"max_abs": float(d.max()), "outside": bad}
-            report[f"{level} {c}"] = rec
+            report[f"{level}{' ' + variant if variant else ''} {c}"] = rec
     return report
 
 

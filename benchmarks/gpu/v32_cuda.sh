@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu/v32_cuda.sh prepare   # HERE: dist/gpu/tiny-v32-ort-cuda-*.tar.gz (and the parts, if missing)
 #   bash benchmarks/gpu/cuda_graph.sh stage   # THERE, calls 1-3: each carries one of dist/whl/...part00..02
 #   bash benchmarks/gpu/v32_cuda.sh run       # THERE, call 4: carries part03, dist/whl/SHA256SUMS, dist/gpu
+#   bash benchmarks/gpu/v32_cuda.sh levels    # THERE, after run: fp8's golden cases per optimization level, buffer reuse
+#                                             # off, deterministic compute, a repeat (ep_diff.py levels)
 #   bash benchmarks/gpu/v32_cuda.sh diff      # THERE, call 4 or 5, carrying .gpudiff too (made HERE by
 #                                             # `python -m benchmarks.gpu.ep_diff feeds PKG --feeds .gpudiff/feeds_SCHEME`):
 #                                             # every value of the golden cases and of the first greedy step whose top-1
@@ -74,9 +76,23 @@ diff() {  # THERE, after run (or in its place, call 4): where the CUDA EP parts 
   ls -la "$OUT"
 }
 
+levels() {  # THERE, after run (stage done): the fp8 golden cases at each optimization level and with buffer reuse
+  bash benchmarks/gpu/cuda_graph.sh stage > /dev/null  # off / deterministic compute / a repeat (ep_diff.py levels)
+  OUT=${OUT:-/tmp/v32_out}
+  mkdir -p "$OUT" /tmp/v32_pkgs
+  export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+  for s in ${LEVEL_SCHEMES:-fp8}; do
+    tar xzf "$STAGE/gpu/tiny-v32-ort-cuda-$s.tar.gz" -C /tmp/v32_pkgs
+    timeout 200 python3 -m benchmarks.gpu.ep_diff levels /tmp/v32_pkgs/tiny-v32-ort-cuda-$s --json "$OUT/levels_$s.json" \
+      > /dev/null 2> "$OUT/levels_$s.err.txt"
+    echo "$s exit $?"; cat "$OUT/levels_$s.json"
+  done
+}
+
 case "$cmd" in
   prepare) prepare ;;
+  levels) levels ;;
   run) run ;;
   diff) diff ;;
-  *) echo "usage: $0 prepare|run|diff"; exit 2 ;;
+  *) echo "usage: $0 prepare|run|diff|levels"; exit 2 ;;
 esac
