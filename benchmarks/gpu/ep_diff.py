@@ -14,6 +14,9 @@ on fp16 inputs (measured 2026-12-04 on the H200, tiny-v32's fp16 package), so it
                                                                     # differs from CPU's dumped whole
     python -m benchmarks.gpu.ep_diff compare PKG --feeds F --dump D # HERE: the same on ORT CPU, value by value
     python -m benchmarks.gpu.ep_diff levels PKG                     # THERE: the golden cases at each optimization level
+    python -m benchmarks.gpu.ep_diff choices PKG --dump D --provider cuda|cpu   # THERE and HERE: the golden cases
+        through the package graph with only its choices exposed (routers' gate logits, the indexer's scores and ids:
+        passes/routing_probes.py), D/choices_{case}_{provider}.npz; `choices-compare PKG --dump D` HERE
 Prints a report; --json PATH writes it too.
 """
 from __future__ import annotations
@@ -203,6 +206,69 @@ def levels(root: Path, cases: list[str]) -> dict:
     return report
 
 
+def choices(root: Path, cases: list[str], out: Path, provider: str) -> dict:
+    """The golden cases through the package graph with only its discrete choices added as outputs (expose_gate_logits,
+    expose_selections): the least change to the graph that still shows which choice a device makes differently."""
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from passes.routing_probes import expose_gate_logits, expose_selections, selection_topks
+    from runtime.cuda_runtime import cuda_provider_options
+    out.mkdir(parents=True, exist_ok=True)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    prov = [("CUDAExecutionProvider", cuda_provider_options()), "CPUExecutionProvider"] if provider == "cuda" \
+        else ["CPUExecutionProvider"]
+    report = {}
+    for c in cases:
+        path, feeds = golden_case(root, c)
+        model = ir.from_proto(onnx.load(str(path), load_external_data=False))
+        topks = selection_topks(model)
+        n_gates = expose_gate_logits(model)
+        n_sel = expose_selections(model, topks)
+        probed = path.with_name(path.stem + ".choices.onnx")
+        onnx.save(ir.to_proto(model), str(probed))
+        sess = ort.InferenceSession(str(probed), so, providers=prov)
+        types = {i.name: i.type for i in sess.get_inputs()}
+        cast = {n: (a.astype(np.float16) if types.get(n) == "tensor(float16)" else a) for n, a in feeds.items()}
+        got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, cast)))
+        np.savez_compressed(out / f"choices_{c}_{provider}.npz", **got)
+        report[c] = {"gates": n_gates, "selections": n_sel, "outputs": len(got)}
+    return report
+
+
+def choices_compare(root: Path, cases: list[str], dump: Path) -> dict:
+    """HERE: CUDA's exposed choices against ORT CPU's (both from `choices`), and each against the golden outputs."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    report = {}
+    for c in cases:
+        cpu, gpu = (dict(np.load(dump / f"choices_{c}_{p}.npz")) for p in ("cpu", "cuda"))
+        case = next(x for x in manifest["golden"]["cases"] if x["name"] == c)
+        rec = {"golden": {}}
+        for n, f in case["outputs"].items():
+            ref = np.load(root / f).astype(np.float64)
+            rec["golden"][n] = {p: float(np.abs(v[n].astype(np.float64) - ref).max()) for p, v in (("cpu", cpu), ("cuda", gpu))}
+        for n in sorted(cpu):
+            if not (n.startswith("routing.") or n.startswith("selection.")):
+                continue
+            a, b = cpu[n].astype(np.float64), gpu[n].astype(np.float64)
+            if n.endswith(".ids"):
+                sa, sb = np.sort(a, -1), np.sort(b, -1)
+                rows = np.argwhere((sa != sb).any(-1)).tolist()
+                rec[n] = {"rows_with_other_ids": rows[:20], "n": len(rows)}
+            else:
+                fin = np.isfinite(a) & np.isfinite(b)
+                d = np.where(fin, np.abs(a - b), 0.0)
+                top = np.sort(np.where(np.isfinite(a), a, -np.inf), -1)[..., ::-1]
+                k = min(2, top.shape[-1] - 1)
+                rec[n] = {"max_abs": float(d.max()), "shape": list(a.shape),
+                          "inf_mismatch": int((np.isfinite(a) != np.isfinite(b)).sum()),
+                          "argmax_rows_differ": int((a.argmax(-1) != b.argmax(-1)).sum()),
+                          "min_top2_gap_cpu": float(np.nanmin(top[..., 0] - top[..., k])) if k > 0 else None}
+        report[c] = rec
+    return report
+
+
 def compare_dump(root: Path, feeds_dir: Path | None, cuda: Path, tol: float) -> dict:
     """HERE (ORT CPU): the same graphs on the same feeds, every value against the CUDA dump."""
     report = {}
@@ -223,7 +289,8 @@ def compare_dump(root: Path, feeds_dir: Path | None, cuda: Path, tol: float) -> 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", choices=["feeds", "cuda", "compare", "levels"])
+    ap.add_argument("mode", choices=["feeds", "cuda", "compare", "levels", "choices", "choices-compare"])
+    ap.add_argument("--provider", choices=["cuda", "cpu"], default="cuda")
     ap.add_argument("package")
     ap.add_argument("--feeds", help="folder of greedy step feeds (mode feeds writes it)")
     ap.add_argument("--cases", default="prefill-chunk,decode")
@@ -236,8 +303,13 @@ def main(argv=None) -> int:
     if a.mode == "feeds":
         greedy_feeds(root, feeds)
         return 0
+    cases = [c for c in a.cases.split(",") if c]
     if a.mode == "levels":
-        report = levels(root, [c for c in a.cases.split(",") if c])
+        report = levels(root, cases)
+    elif a.mode == "choices":
+        report = choices(root, cases, Path(a.dump), a.provider)
+    elif a.mode == "choices-compare":
+        report = choices_compare(root, cases, Path(a.dump))
     elif a.mode == "cuda":
         report = cuda_dump(root, feeds, [c for c in a.cases.split(",") if c], Path(a.dump))
     else:
