@@ -41,6 +41,7 @@ from pipeline.build import (GRAPHS, BuildContext, RoutingProbe, assemble_package
                             moe_routers, run_cast, run_graph_stages, skipped_passes, write_tokenizer)
 from pipeline.error_profile import write_error_profile
 from pipeline.export import save_graph
+from pipeline.choice_forcing import record_case_choices
 from pipeline.golden import Golden, GoldenCase, choice_margins, make_golden, save_choice_margins, save_golden
 from pipeline.io_spec import cache_spec
 from pipeline.package import work_dir, write_manifest
@@ -307,6 +308,7 @@ def build_cuda_package(ctx: BuildContext) -> None:
         if any(a.size for a in margins.values()):
             golden_section["tolerance"]["choices"] = _choice_limits(runner.reports, stage)
             golden_section["greedy"]["choice_margins"] = save_choice_margins(margins, pkg / "golden", pkg)
+            record_case_choices(pkg, golden_section, {g: spec["file"] for g, spec in io["graphs"].items()})
         if gear_info is not None:
             io["decode_gears"] = _package_gears(pkg, work / "gears", gear_info, io["weights"])
         if quantized:
