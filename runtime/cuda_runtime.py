@@ -352,14 +352,16 @@ class GearDecoder:
         return self.load(cache, length)
 
 
-def verify_golden(package_dir, device: str | None = None) -> tuple[list[str], dict]:
+def verify_golden(package_dir, device: str | None = None, explain=None) -> tuple[list[str], dict]:
     """Re-run the golden inputs; -> (failures, record). [] = all outputs within the recorded tolerances
     (|a-r| <= atol or <= rtol*|r|; per output from golden.tolerance.cases where the compiler recorded
     them: its fp16 limits) and the greedy tokens equal, or differing first at a near tie (the golden
     fp32 top-1/top-2 margin at most what the greedy limits let two logits move, or a router / indexer choice of
     that step within the build's flip margin). A failing case whose recorded choices, forced, reproduce it and
-    whose choice scores moved only by rounding is a near tie too (pipeline/choice_forcing.py). Near ties are
-    record["notes"], not failures. `record` says where it ran."""
+    whose choice scores moved only by rounding is a near tie too: explain(rt, root, case, feeds, tol, judge) ->
+    (a near tie, why) does that re-run (`mlamoe verify` passes targets/ort_cuda/choice_forcing.py's; this file, shipped
+    in the package, does not import the passes it needs). Near ties are record["notes"], not failures. `record` says
+    where it ran."""
     import onnxruntime as ort
     root = Path(package_dir)
     rt = CudaPackageRuntime(root, device=device)
@@ -369,12 +371,16 @@ def verify_golden(package_dir, device: str | None = None) -> tuple[list[str], di
     for case in golden["cases"]:
         feeds = {n: np.load(root / f) for n, f in case["inputs"].items()}
         bad = _case_failures(root, case, rt.run_numpy(case["graph"], feeds), tol, worst)
-        if bad and case.get("choices"):  # a near tie the GPU's rounding turned, or a fault (pipeline/choice_forcing.py)
-            tie, why = _explain_by_forcing(rt, root, case, feeds, tol)
-            if tie:
-                notes.append(f"{case['name']}: {'; '.join(bad)}; {why}")
-                continue
-            bad = [*bad, f"{case['name']}: {why}"]
+        if bad and case.get("choices"):  # a near tie the GPU's rounding turned, or a fault
+            if explain is None:
+                bad.append(f"{case['name']}: its recorded choices were not forced (`mlamoe verify` re-runs the case "
+                           f"with them and calls a near tie that the GPU's rounding turned a note)")
+            else:
+                tie, why = explain(rt, root, case, feeds, tol, lambda got, c=case: _case_failures(root, c, got, tol))
+                if tie:
+                    notes.append(f"{case['name']}: {'; '.join(bad)}; {why}")
+                    continue
+                bad.append(f"{case['name']}: {why}")
         failures += bad
     gen = golden.get("greedy")
     if gen:
@@ -436,19 +442,6 @@ def _case_failures(root: Path, case: dict, got: dict, tol: dict, worst: dict | N
             failures.append(f"{case['name']}/{n}: {int(bad.sum())} of {ref.size} elements outside atol "
                             f"{lim['atol']:.3g} / rtol {lim['rtol']:.3g} (max abs {diff.max():.3g})")
     return failures
-
-
-def _explain_by_forcing(rt: "CudaPackageRuntime", root: Path, case: dict, feeds: dict, tol: dict) -> tuple[bool, str]:
-    """A failing golden case re-run with the choices the package graph made on ORT CPU at build forced
-    (pipeline/choice_forcing.py: needs the mlamoe project, as `mlamoe verify` has it). -> (a near tie, why)."""
-    try:
-        from pipeline.choice_forcing import explain_case
-    except ImportError as e:
-        return False, f"the choice-forced re-run needs the mlamoe project's passes ({e}): not re-run"
-    scoring = (rt.manifest.get("model", {}).get("config") or {}).get("scoring_func", "softmax")
-    return explain_case(root, case, root / rt.graph_files[case["graph"]], feeds, rt.provider_request,
-                        session_options(dict(rt.manifest["target"].get("session", {}))),
-                        lambda got: _case_failures(root, case, got, tol), tol.get("choices"), scoring)
 
 
 def _choice_near_tie(root: Path, gen: dict, limits: dict | None, step: int) -> str | None:

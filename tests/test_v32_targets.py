@@ -249,6 +249,7 @@ def _a_golden_case_mismatch_is_excused_only_where_forcing_the_recorded_choices_r
     margin) is a note naming the selection; the same with a decisive margin, or with a fault left after forcing
     (one logit +1), fails. Checked on ORT CPU against golden data of a reference that turned the choice."""
     from runtime import cuda_runtime
+    from targets.ort_cuda.choice_forcing import explain
     limit = man["golden"]["tolerance"]["choices"]["selection"]
     case = next(c for c in man["golden"]["cases"] if c["name"] == "prefill-chunk")
     assert {f"selection.{j}.{w}" for j in range(3) for w in ("scores", "ids")} <= set(case["choices"])
@@ -262,8 +263,11 @@ def _a_golden_case_mismatch_is_excused_only_where_forcing_the_recorded_choices_r
     for name, row, fault, excused in (("near", near, 0.0, True), ("decisive", far, 0.0, False),
                                       ("fault", near, 1.0, False)):
         copy, m = _turned_selection_package(pkg, man, tmp_path / f"turned-{name}", 1, row, fault)
-        failures, record = cuda_runtime.verify_golden(copy, device="cpu")
+        failures, record = cuda_runtime.verify_golden(copy, device="cpu", explain=explain)
         said = failures + record["notes"]
+        if excused:  # the package's own runtime, without the passes to force choices, does not excuse it
+            plain, _ = cuda_runtime.verify_golden(copy, device="cpu")
+            assert any("recorded choices were not forced" in f for f in plain), plain
         assert any("prefill-chunk/logits" in x for x in said), said  # the unforced run differs from the reference
         if excused:
             assert failures == [] and f"selection 1 at index [{row[0]}, {row[1]}]" in record["notes"][0], said

@@ -41,7 +41,6 @@ from pipeline.build import (GRAPHS, BuildContext, RoutingProbe, assemble_package
                             moe_routers, run_cast, run_graph_stages, skipped_passes, write_tokenizer)
 from pipeline.error_profile import write_error_profile
 from pipeline.export import save_graph
-from pipeline.choice_forcing import record_case_choices
 from pipeline.golden import Golden, GoldenCase, choice_margins, make_golden, save_choice_margins, save_golden
 from pipeline.io_spec import cache_spec
 from pipeline.package import work_dir, write_manifest
@@ -51,6 +50,7 @@ from pipeline.stages import StageRecord, StageRunner
 from runtime import cuda_runtime
 
 from . import gears as gears_mod
+from .choice_forcing import record_case_choices
 from . import graphs as ort_cuda
 
 

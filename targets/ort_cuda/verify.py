@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .choice_forcing import explain
 from .graphs import has_cuda_provider
 
 
@@ -14,7 +15,7 @@ def verify_on_gpu(root: Path, lines: list[str]) -> tuple[bool, list[str]]:
         lines.append(f"skip golden re-run: {reason} (hashes only; run `mlamoe verify` on a GPU machine)")
         return True, lines
     from runtime.cuda_runtime import record_verification, verify_golden
-    failures, record = verify_golden(root)
+    failures, record = verify_golden(root, explain=explain)
     lines += [f"FAIL {f}" for f in failures] or ["ok   golden data on CUDAExecutionProvider"]
     lines += [f"note {n}" for n in record["notes"]]  # near ties the GPU's rounding turned (verify_golden)
     record_verification(root, record)

@@ -164,3 +164,12 @@ def explain_case(root: Path, case: dict, graph_file: Path, feeds: dict[str, np.n
                                                    "the MoE op: not identified here)")
     return True, (f"with the reference's choices forced it is within tolerance and {', '.join(said)}: {what}: "
                   f"a near tie turned by the target's rounding")
+
+
+def explain(rt, root: Path, case: dict, feeds: dict[str, np.ndarray], tol: dict, judge) -> tuple[bool, str]:
+    """runtime/cuda_runtime.py verify_golden's `explain`: explain_case on the runtime's providers and session."""
+    from runtime.cuda_runtime import session_options
+    scoring = (rt.manifest.get("model", {}).get("config") or {}).get("scoring_func", "softmax")
+    return explain_case(root, case, root / rt.graph_files[case["graph"]], feeds, rt.provider_request,
+                        session_options(dict(rt.manifest["target"].get("session", {}))), judge, tol.get("choices"),
+                        scoring)
