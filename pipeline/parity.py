@@ -1192,9 +1192,19 @@ def selection_outputs(selections: Mapping[str, Any] | None) -> tuple[dict, dict]
     return ref, act
 
 
-def _top_ids(scores: np.ndarray, k: int) -> np.ndarray:
-    """Sorted top-k ids per row [N, k] (equal scores: the lower id, as ONNX TopK and models/indexer.py pick)."""
+def top_ids(scores: np.ndarray, k: int) -> np.ndarray:
+    """Sorted top-k ids per row [N, k] of scores [N, T] (equal scores: the lower id, as ONNX TopK and
+    models/indexer.py pick)."""
     return np.sort(np.argsort(-scores, -1, kind="stable")[:, :k], -1)
+
+
+def selection_margin(scores: np.ndarray, k: int) -> np.ndarray:
+    """Per row of scores [N, T]: the k-th minus the (k+1)-th largest score (inf where fewer than k + 1 keys are
+    visible): how far a top-k selection is from changing."""
+    srt = -np.sort(-scores, -1)
+    with np.errstate(invalid="ignore"):
+        margin = srt[:, k - 1] - srt[:, k] if scores.shape[-1] > k else np.full(scores.shape[0], np.inf)
+    return np.where(np.isfinite(margin), margin, np.inf)
 
 
 def _judge_selections(selections: Mapping[str, Any] | None, max_share: float) -> dict[str, Any] | None:
@@ -1210,12 +1220,9 @@ def _judge_selections(selections: Mapping[str, Any] | None, max_share: float) ->
             raise ValueError(f"selection {j}: scores {list(acs.shape)} vs reference {list(rs.shape)}")
         lead, T, k = rs.shape[:-1], rs.shape[-1], int(np.shape(rids)[-1])
         r2, a2 = rs.reshape(-1, T), acs.reshape(-1, T)
-        ids_r, ids_a = _top_ids(r2, k), _top_ids(a2, k)
+        ids_r, ids_a = top_ids(r2, k), top_ids(a2, k)
         ref_ids = np.sort(np.asarray(rids).reshape(-1, k), -1)
-        srt = -np.sort(-r2, -1)
-        with np.errstate(invalid="ignore"):
-            margin = srt[:, k - 1] - srt[:, k] if T > k else np.full(r2.shape[0], np.inf)
-        margin = np.where(np.isfinite(margin), margin, np.inf)
+        margin = selection_margin(r2, k)
         fin = np.isfinite(r2)
         with np.errstate(invalid="ignore"):  # -inf - -inf at the masked keys, dropped by `fin`
             moved = float(np.max(np.abs(a2 - r2)[fin])) if fin.any() else 0.0

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.parity import Router, selection_margin, top_ids
+
 CHOICE_PREFIXES = ("routing.", "selection.")
 
 
@@ -57,62 +59,40 @@ def probed_graph(graph_file: Path, force: bool):
         Path(name).unlink(missing_ok=True)
 
 
-def _run(path: Path, feeds: dict[str, np.ndarray], providers, session_options=None) -> dict[str, np.ndarray]:
+def _session(path: Path, providers, session_options=None):
     import onnxruntime as ort
-    sess = ort.InferenceSession(str(path), session_options, providers=providers)
-    types = {i.name: i.type for i in sess.get_inputs()}
-    cast = {n: np.asarray(a).astype(np.float16 if types[n] == "tensor(float16)" else
-                                    np.float32 if types[n] == "tensor(float)" else np.asarray(a).dtype, copy=False)
-            for n, a in feeds.items() if n in types}
-    missing = sorted(set(types) - set(cast))
+    return ort.InferenceSession(str(path), session_options, providers=providers)
+
+
+def _run(sess, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from runtime.cuda_runtime import _ORT_TYPES
+    types = {i.name: _ORT_TYPES[i.type] for i in sess.get_inputs()}
+    missing = sorted(set(types) - set(feeds))
     if missing:
-        raise ValueError(f"{path.name}: no value for graph inputs {missing}")
+        raise ValueError(f"no value for graph inputs {missing}")
+    cast = {n: np.asarray(feeds[n]).astype(t, copy=False) for n, t in types.items()}
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, cast)))
 
 
-def record_case_choices(pkg: Path, golden_section: dict, graphs: dict[str, str]) -> int:
-    """At build: run each golden case through its graph with the choices exposed on ORT CPU and save them as
-    golden/{case}.choice.{output}.npy, listed in the case's "choices" (in place); graphs: {graph: file relative to
-    pkg}. -> number of cases recorded (0 for a model that makes no choice)."""
-    done = 0
-    for case in golden_section["cases"]:
-        feeds = {n: np.load(pkg / f) for n, f in case["inputs"].items()}
-        with probed_graph(pkg / graphs[case["graph"]], force=False) as path:
+def record_case_choices(pkg: Path, golden_section: dict, graphs: dict[str, str]) -> None:
+    """At build: run each golden case through its graph with the choices exposed on ORT CPU (one session per graph)
+    and save them as golden/{case}.choice.{output}.npy, listed in the case's "choices" (in place); graphs: {graph:
+    file relative to pkg}. A case whose graph makes no choice gets none."""
+    for graph in dict.fromkeys(c["graph"] for c in golden_section["cases"]):
+        with probed_graph(pkg / graphs[graph], force=False) as path:
             if path is None:
                 continue
-            got = _run(path, feeds, ["CPUExecutionProvider"])
-        files = {}
-        for n, a in got.items():
-            if n.startswith(CHOICE_PREFIXES):
-                f = pkg / "golden" / f"{case['name']}.choice.{n}.npy"
-                np.save(f, np.ascontiguousarray(a), allow_pickle=False)
-                files[n] = f.relative_to(pkg).as_posix()
-        case["choices"] = files
-        done += 1
-    return done
-
-
-def _choice_scores(gate_logits: np.ndarray, scoring_func: str) -> np.ndarray:
-    x = gate_logits.astype(np.float64)
-    if scoring_func == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-x))
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def _top_sets(scores: np.ndarray, k: int) -> np.ndarray:
-    """The top-k ids per row, as sorted sets; equal scores go to the lower id (models/indexer.py's rule)."""
-    s = np.where(np.isfinite(scores), scores, -np.inf)
-    return np.sort(np.argsort(-s, -1, kind="stable")[..., :k], -1)
-
-
-def _kth_margin(scores: np.ndarray, k: int) -> np.ndarray:
-    srt = -np.sort(-np.where(np.isnan(scores), -np.inf, scores), -1)
-    if srt.shape[-1] <= k:
-        return np.full(srt.shape[:-1], np.inf)
-    with np.errstate(invalid="ignore"):
-        m = srt[..., k - 1] - srt[..., k]
-    return np.where(np.isfinite(m), m, np.inf)
+            sess = _session(path, ["CPUExecutionProvider"])
+            for case in (c for c in golden_section["cases"] if c["graph"] == graph):
+                got = _run(sess, {n: np.load(pkg / f) for n, f in case["inputs"].items()})
+                files = {}
+                for n, a in got.items():
+                    if n.startswith(CHOICE_PREFIXES):
+                        f = pkg / "golden" / f"{case['name']}.choice.{n}.npy"
+                        np.save(f, np.ascontiguousarray(a), allow_pickle=False)
+                        files[n] = f.relative_to(pkg).as_posix()
+                case["choices"] = files
+            del sess
 
 
 def explain_case(root: Path, case: dict, graph_file: Path, feeds: dict[str, np.ndarray], providers,
@@ -120,13 +100,12 @@ def explain_case(root: Path, case: dict, graph_file: Path, feeds: dict[str, np.n
     """On the target: re-run the failing golden case `case` with its recorded choices forced and apply the module
     docstring's two conditions. judge(outputs) -> the case's failure messages against its golden outputs.
     -> (a near tie, the sentence saying what was measured)."""
-    files = case.get("choices") or {}
-    if not files or not limits:
-        return False, "no recorded choices to force (a package built before they were recorded, or no choices)"
-    ref = {n: np.load(root / f) for n, f in files.items()}
+    if not limits:
+        return False, "the package records no choice limits (golden tolerance \"choices\"): not re-run"
+    ref = {n: np.load(root / f) for n, f in case["choices"].items()}
     forced = {f"{n}.forced": a for n, a in ref.items() if not n.endswith(".ids")}
     with probed_graph(graph_file, force=True) as path:
-        got = _run(path, {**feeds, **forced}, providers, session_options)
+        got = _run(_session(path, providers, session_options), {**feeds, **forced})
     still = judge(got)
     if still:
         return False, f"with the reference's choices forced it still fails ({still[0]}): not a choice that turned"
@@ -137,8 +116,9 @@ def explain_case(root: Path, case: dict, graph_file: Path, feeds: dict[str, np.n
             continue
         own = got[n].astype(np.float64)
         r = r.astype(np.float64)
-        if n.startswith("routing."):
-            d = np.abs(_choice_scores(own, scoring_func) - _choice_scores(r, scoring_func))
+        if n.startswith("routing."):  # in choice-score units (the correction bias, unknown here, cancels)
+            plain = Router(k=1, scoring_func=scoring_func)
+            d = np.abs(plain.choice_scores(own) - plain.choice_scores(r))
             moved["routing"] = max(moved["routing"], float(d.max()) if d.size else 0.0)
             continue
         fin = np.isfinite(own) & np.isfinite(r)
@@ -148,11 +128,13 @@ def explain_case(root: Path, case: dict, graph_file: Path, feeds: dict[str, np.n
         ids = ref.get(n.replace(".scores", ".ids"))
         if ids is None:
             continue
-        k = ids.shape[-1]
-        differ = (_top_sets(own, k) != _top_sets(r, k)).any(-1)
-        margin = _kth_margin(r, k)
-        for where in np.argwhere(differ)[:8]:
-            flips.append((n.split(".")[1], tuple(int(x) for x in where), float(margin[tuple(where)])))
+        k, T = ids.shape[-1], r.shape[-1]
+        r2 = np.where(np.isfinite(r), r, -np.inf).reshape(-1, T)
+        own2 = np.where(np.isfinite(own), own, -np.inf).reshape(-1, T)
+        margin = selection_margin(r2, k)
+        for i in np.flatnonzero((top_ids(own2, k) != top_ids(r2, k)).any(-1))[:8]:
+            flips.append((n.split(".")[1], tuple(int(x) for x in np.unravel_index(int(i), r.shape[:-1])),
+                          float(margin[i])))
     for kind, m in moved.items():
         allowed = float(limits.get(kind) or 0.0) / 2
         if m > allowed:
