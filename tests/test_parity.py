@@ -52,6 +52,30 @@ def test_polygraphy_rule_needs_both_atol_and_rtol_exceeded():
     assert "index (3,)" in reason
 
 
+def test_fp32_atol_scales_with_the_outputs_rms_above_one():
+    """The fp32 budgets' atol is per unit of the output's RMS (> 1): rounding of large terms lands on a near-zero
+    element of a large-scale output (the measured case: 1.09e-4 at a logit of 0.106, logits rms 3.1) without
+    failing, while the same absolute error on a unit-scale output, or 10x it on the large one, still fails."""
+    fp32 = BUDGETS["export"]
+    assert fp32.atol_per_rms and "x max(1, output rms)" in fp32.describe()
+    rng = np.random.default_rng(0)
+    big = rng.normal(0, 3.1, (12, 128))
+    big[7, 13] = 0.106443
+    rms = float(np.sqrt(np.mean(big ** 2)))
+    act = big.copy()
+    act[7, 13] += 1.09e-4
+    assert one(compare("export", {"y": big}, {"y": act})).passed
+    act[7, 13] = 0.106443 + 10 * 1.09e-4  # a real error at that scale
+    s = one(compare("export", {"y": big}, {"y": act}))
+    assert not s.passed and f"x rms {rms:.3g}" in s.reasons[0]
+    unit = rng.normal(0, 0.5, (12, 128))  # rms < 1: atol stays 1e-4
+    unit[7, 13] = 0.05
+    act = unit.copy()
+    act[7, 13] += 1.09e-4
+    s = one(compare("export", {"y": unit}, {"y": act}))
+    assert not s.passed and "x rms" not in s.reasons[0]
+
+
 def test_abs_and_rel_statistics_by_hand():
     ref = np.array([[2.0, -4.0], [0.0, 1.0]])
     act = np.array([[2.5, -4.0], [0.001, 0.5]])
