@@ -1,6 +1,7 @@
-"""Routing-aware fp16 emulation (targets/ascend/emulation.py): a routing decision that fp16 flips on
-an fp32 near-tie is excluded from msit's thresholds and reported, and never hides a real precision
-error elsewhere; a flip that is not a near-tie, or too many flips, fail the report."""
+"""Teacher-forced fp16 emulation (targets/ascend/emulation.py): the fp16 graphs read the fp32 static graphs' gate
+logits, so msit's thresholds judge every row, while a decision their own gate logits flip on an fp32 near tie is
+reported apart (parity's routing judgement) and never hides a precision error; a flip at a margin the stage's error
+cannot explain, too many flips, or a router that does not reproduce the forced choice fail the report."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -11,15 +12,15 @@ import onnxruntime as ort
 import pytest
 
 import models
-from pipeline.parity import ParityError
+from pipeline.parity import MAX_FLIPPED_FRACTION, ParityError, Router
 from targets.ascend import emulation
-from targets.ascend.emulation import (MAX_FLIP_MARGIN, MAX_FLIPPED_FRACTION, RoutingCall, RoutingDecision,
-                                      _judge, _RoutingTrace, emulate, make_prompt, to_fp16)
+from targets.ascend.emulation import ForcedCall, _judge, emulate, make_prompt, to_fp16
 from targets.ascend.static_export import (INDEX_DTYPE, export_static_graph, fp32_island_nodes, graph_specs,
                                           save_static_graph, zero_inputs)
 
 BUCKET, M, L = 16, 32, 12  # one flipped position of 12 stays under MAX_FLIPPED_FRACTION
 POS, LAYER, ETA = L - 1, 2, 5e-5  # the last prompt token, tiny's last (MoE) layer, fp32 margin 5e-5
+MOE_INDEX = 1  # LAYER among tiny's MoE layers (1 and 2): the index routing records use
 
 
 def _router_input(m: ir.Model, layer: int, feeds: dict) -> np.ndarray:
@@ -95,40 +96,39 @@ def _emulate(c):
     return emulate(c.model, c.graphs, c.keep, prompt_len=L, decode_steps=2, gen_tokens=4)
 
 
-def test_near_tie_flip_is_excluded_and_reported(crafted):
+def test_near_tie_flip_is_reported_and_every_row_judged(crafted):
     reports = _emulate(crafted)
     assert [r.stage.rsplit("/", 1)[-1] for r in reports] == ["prefill", "decode-0", "decode-1", "greedy"]
     assert all(r.passed for r in reports), [r.failure_reasons() for r in reports]
     pre = reports[0].extra["routing"]
-    assert pre["flipped_positions"] == [POS] and pre["excluded_positions"] == [POS]
-    assert pre["n_positions"] == L and pre["n_rows"] == L and pre["n_rows_judged"] == L - 1
-    assert pre["n_decisions"] == L * 2  # tiny: 2 MoE layers
-    (root,) = [f for f in pre["flips"] if not f["follows"]]
-    assert root["position"] == POS and root["layer"] == LAYER and root["decided_by"] == "experts"
-    assert 0 < root["margin"] < 1e-4 and pre["min_margin_of_flips"] == root["margin"]
-    assert crafted.a in root["experts_reference"] and crafted.b not in root["experts_reference"]
-    assert crafted.b in root["experts_actual"] and crafted.a not in root["experts_actual"]
-    assert pre["n_flipped_decisions"] == 1 and pre["reasons"] == []
-    assert pre["cache_rows_reset"] == []  # the last layer flipped: no cache row depends on it
-    logits = next(o for o in reports[0].outputs if o.name == "logits")
-    assert logits.shape == (L - 1, 256)  # judged over the 11 agreeing positions
-    assert pre["unmasked"]["logits"]["rel_euclid"] > logits.rel_euclid
-    for r in reports[1:3]:  # decode steps: their own tokens agreed, judged in full
-        assert r.extra["routing"]["excluded_positions"] == [] and r.extra["routing"]["flipped_positions"] == [POS]
-    greedy = reports[-1].extra["routing"]
-    assert greedy["excluded_positions"] == [POS]  # greedy step 0 is the logits at position 11
-    div = greedy["first_token_divergence"]
-    assert div is None or (div["routing_flip_before"] and div["flipped_positions_before"] == [POS])
+    assert pre["forced_routing_checked"] and pre["n_decisions"] == L * 2  # tiny: 2 MoE layers
+    (flip,) = pre["flips"]
+    assert flip["position"] == [0, POS] and flip["layer"] == MOE_INDEX
+    assert 0 < flip["margin"] < 1e-4 and flip["margin"] <= flip["allowed"]
+    assert crafted.a in flip["experts_reference"] and crafted.b not in flip["experts_reference"]
+    assert crafted.b in flip["experts_actual"] and crafted.a not in flip["experts_actual"]
+    assert pre["reasons"] == []
+    outputs = {o.name: o for o in reports[0].outputs}
+    assert outputs["logits"].shape == (1, L, 256)  # forced: the flipped position is judged too
+    assert {"routing.0.gate_logits", "routing.1.gate_logits"} <= set(outputs)
+    for r in reports[1:3]:  # decode steps: their own token's routing agreed
+        assert r.extra["routing"]["flips"] == [] and r.extra["routing"]["n_decisions"] == 2
+    greedy = reports[-1]
+    assert [f["position"] for f in greedy.extra["routing"]["flips"]] == [[0, POS]]  # step 0 = the prompt's last
+    unforced = greedy.extra["unforced_greedy"]
+    assert [(f["position"], f["layer"]) for f in unforced["flips_before"]] == [(POS, MOE_INDEX)]
     text = emulation.describe(reports)
-    assert f"on {L - 1} of {L} prefill positions" in text and f"1 position excluded ({POS})" in text
-    assert f"layer {LAYER} expert choice, fp32 margin" in text
+    assert f"on all {L} prefill positions, 2 of 2 decode steps" in text
+    assert f"1 of {L * 2 + 2 * 2} (position, MoE layer) decisions flipped, each a near tie (position {POS} layer " \
+           f"{MOE_INDEX}: fp32 margin" in text
     md = reports[0].to_markdown()
-    assert "Routing vs the fp32 graphs" in md and f"position {POS} layer {LAYER}" in md
+    assert "Routing (numeric error judged with the reference's routing forced" in md
+    assert f"layer {MOE_INDEX} position [0, {POS}]" in md
 
 
 def test_flip_does_not_hide_a_precision_error(crafted, monkeypatch):
-    """The same flip, plus the fp16 lm_head scaled by 1.1: the agreeing positions break msit's
-    thresholds and the report fails, with the flip still excluded and reported."""
+    """The same flip, plus the fp16 lm_head scaled by 1.1: msit's thresholds fail, the flip is still reported and is
+    not what fails."""
     plain = emulation.to_fp16
 
     def corrupted(model, keep):
@@ -143,85 +143,74 @@ def test_flip_does_not_hide_a_precision_error(crafted, monkeypatch):
     reports = _emulate(crafted)
     pre = reports[0]
     assert not pre.passed
-    assert pre.extra["routing"]["excluded_positions"] == [POS] and pre.extra["routing"]["reasons"] == []
+    assert [f["position"] for f in pre.extra["routing"]["flips"]] == [[0, POS]] and pre.extra["routing"]["reasons"] == []
     assert any("'logits'" in r and "rel_euclid" in r for r in pre.failure_reasons())
     with pytest.raises(ParityError, match="rel_euclid"):
         pre.raise_if_failed()
 
 
 # ---------------------------------------------------------------------------- the rules, synthetic
-S, K, E = 20, 2, 4
+S, K, E = 20, 2, 8
+ROUTER = Router(K, "sigmoid", "greedy")
 
 
-def _trace(margins: dict[int, float], later: dict[int, float] | None = None):
-    """fp32 vs 'fp16' routing over S positions, 1 or 2 layers: position p flips (k-th and (k+1)-th
-    swapped) where margins has it, with that fp32 margin; `later` flips layer 2 likewise."""
+def _call(flips: dict[int, float], noise: float = 1e-3, forced_ok: bool = True) -> ForcedCall:
+    """One prefill call over S positions, one MoE layer: the reference's gate logits with a clear gap below the
+    k-th expert (0.3 in sigmoid score) except at `flips` (position: the fp32 margin there); the lossy graph's own
+    gate logits = the reference's + `noise`, with the k-th and (k+1)-th swapped at the flipped positions; its forced
+    router scores = the reference's choice scores (forced_ok) or with the k-th and (k+1)-th swapped at position 0."""
     rng = np.random.default_rng(0)
-    layers = [1] + ([2] if later is not None else [])
-    dec = {"g": [RoutingDecision(f"routers.{i}/topk", i, "experts", f"i{i}", f"s{i}", -1, K) for i in layers]}
-    ref, act = SimpleNamespace(decisions=dec), SimpleNamespace(decisions=dec)
-    rc = RoutingCall("g", np.array([0]), S, {}, {})
-    ac = RoutingCall("g", np.array([0]), S, {}, {})
-    for i, flips in zip(layers, [margins, later or {}]):
-        scores = np.sort(rng.uniform(0, 1, (1, S, E)), axis=-1)[..., ::-1].copy()
-        scores[..., K:] -= 0.05  # a clear margin everywhere ...
-        for p, m in flips.items():  # ... except at the flipped positions
-            scores[0, p, K] = scores[0, p, K - 1] - m
-        order = np.argsort(-scores, axis=-1)
-        rc.scores[dec["g"][i - 1].node] = scores
-        rc.indices[dec["g"][i - 1].node] = order[..., :K]
-        swapped = order.copy()
-        for p in flips:
-            swapped[0, p, [K - 1, K]] = swapped[0, p, [K, K - 1]]
-        ac.indices[dec["g"][i - 1].node] = swapped[..., :K]
-    t = _RoutingTrace(ref, act)
-    t.add(rc, ac, S)
-    return t
+    score = np.sort(rng.uniform(0.55, 0.95, (S, E)), axis=-1)[:, ::-1].copy()
+    score[:, K:] -= 0.3
+    for p, m in flips.items():
+        score[p, K] = score[p, K - 1] - m
+    ref = np.log(score / (1 - score))
+    act = ref + rng.uniform(-noise, noise, ref.shape)
+    for p in flips:
+        act[p, [K - 1, K]] = ref[p, [K, K - 1]]
+    probs = ROUTER.choice_scores(ref)
+    if not forced_ok:
+        probs[0, [K - 1, K]] = probs[0, [K, K - 1]]
+    return ForcedCall("prefill_s20", np.array([0]), S, [ref[None]], [act[None]], [probs[None]])
 
 
-def _logits(flipped: list[int]):
+def _judged(call: ForcedCall, fault: float = 0.0):
     rng = np.random.default_rng(1)
     r = rng.normal(0, 1, (1, S, 32))
-    a = r + rng.normal(0, 1e-3, r.shape)
-    for p in flipped:
-        a[0, p] = rng.normal(0, 1, 32)  # a flipped token diverges
-    return {"logits": r}, {"logits": a}
+    a = r + rng.normal(0, 1e-3, r.shape) + fault
+    return _judge("ascend-fp16-emulation/prefill", {"logits": r}, {"logits": a}, ["logits"], [(call, S)], [ROUTER])
 
 
-def _judged(trace, flipped):
-    ref, act = _logits(flipped)
-    return _judge("ascend-fp16-emulation/prefill", ref, act, ["logits"], trace, np.arange(S)[None])
-
-
-def test_rules_near_tie_passes_and_masks():
-    rep = _judged(_trace({5: 3e-4}), [5])
+def test_rules_near_tie_flip_passes_and_is_listed():
+    rep = _judged(_call({5: 1e-4}))
     rt = rep.extra["routing"]
-    assert rep.passed and rt["excluded_positions"] == [5] and rt["n_rows_judged"] == S - 1
-    assert rt["min_margin_of_flips"] == pytest.approx(3e-4) and not rt["unmasked"]["logits"]["passed"]
+    assert rep.passed, rep.failure_reasons()
+    assert [f["position"] for f in rt["flips"]] == [[0, 5]] and rt["flips"][0]["margin"] == pytest.approx(1e-4, rel=1e-3)
 
 
 def test_rules_flip_with_a_clear_margin_fails():
-    rep = _judged(_trace({5: 5 * MAX_FLIP_MARGIN}), [5])
-    assert rep.outputs[0].passed and not rep.passed  # masked numbers fine: the flip itself fails
-    assert any("not a near-tie" in r for r in rep.failure_reasons())
-    with pytest.raises(ParityError, match="not a near-tie"):
+    """A flip at margin 0.05 where the stage moves router scores by ~2.5e-4 elsewhere: its own row moved ~0.05 (it had
+    to, to flip), which the rule does not count as the stage's error."""
+    rep = _judged(_call({5: 0.05}))
+    assert rep.outputs[0].passed and not rep.passed
+    assert any("not a near tie" in r and "position [0, 5]" in r for r in rep.failure_reasons()), rep.failure_reasons()
+    with pytest.raises(ParityError, match="not a near tie"):
         rep.raise_if_failed()
-
-
-def test_rules_a_flip_following_an_earlier_one_is_a_consequence():
-    # layer 1 flips on a near-tie at 5; layer 2 then flips at 5 and at 7 (which attends to 5) with
-    # clear margins: consequences, recorded but not judged as near-ties
-    rep = _judged(_trace({5: 1e-4}, later={5: 0.2, 7: 0.2}), [5, 7])
-    rt = rep.extra["routing"]
-    assert rep.passed, rep.failure_reasons()
-    assert rt["excluded_positions"] == [5, 7] and rt["n_root_flips"] == 1 and rt["n_flipped_decisions"] == 3
-    assert {(f["position"], f["layer"]): f["follows"] for f in rt["flips"]} == {
-        (5, 1): None, (5, 2): {"position": 5, "layer": 1}, (7, 2): {"position": 5, "layer": 1}}
 
 
 def test_rules_too_many_flips_fail():
     n = int(MAX_FLIPPED_FRACTION * S) + 1
-    flips = {p: 1e-4 for p in range(0, 2 * n, 2)}
-    rep = _judged(_trace(flips), list(flips))
+    rep = _judged(_call({p: 1e-4 for p in range(0, 2 * n, 2)}, noise=1e-3))
     assert rep.outputs[0].passed and not rep.passed
-    assert any(f"flipped at {n} of {S} token positions" in r for r in rep.failure_reasons())
+    assert any(f"routing flipped at {n} of {S} (position, layer) decisions" in r for r in rep.failure_reasons())
+
+
+def test_rules_a_router_that_does_not_reproduce_the_forced_choice_fails():
+    rep = _judged(_call({}, forced_ok=False))
+    assert not rep.passed
+    assert any("the router does not compute the checkpoint's routing" in r for r in rep.failure_reasons())
+
+
+def test_rules_forcing_does_not_excuse_a_numeric_fault():
+    rep = _judged(_call({5: 1e-4}), fault=0.5)
+    assert not rep.passed and any("'logits'" in r for r in rep.failure_reasons())

@@ -102,18 +102,21 @@ def test_parity_reports_pass(built):
             if o.kl is not None:
                 assert o.kl < 0.005
     assert emul[-1].extra["tokens"]["greedy"]["n_steps_reference"] == 16
-    # routing-aware, and nothing to exclude on tiny: every expert choice matches the fp32 graphs'
+    # teacher-forced, every row judged; tiny's own fp16 routing matches the fp32 graphs' at every decision
     for r in emul:
         rt = r.extra["routing"]
-        assert rt["flips"] == [] and rt["excluded_positions"] == [] and rt["reasons"] == []
-        assert rt["n_rows_judged"] == rt["n_rows"] and rt["n_decisions"] == rt["n_positions"] * 2
-        assert "unmasked" not in rt
-    assert emul[0].extra["routing"]["n_rows"] == BATCH * 6  # prompt = 3/4 of the bucket of 8, 2 rows
-    assert emul[-1].extra["routing"]["first_token_divergence"] is None
+        assert rt["flips"] == [] and rt["reasons"] == [] and rt["forced_routing_checked"]
+        assert {f"routing.{i}.gate_logits" for i in range(2)} <= {o.name for o in r.outputs}
+    assert emul[0].extra["routing"]["n_decisions"] == BATCH * 6 * 2  # prompt = 3/4 of the bucket of 8, 2 MoE layers
+    assert {o.name: o for o in emul[0].outputs}["logits"].shape[:2] == (BATCH, 6)
+    assert all(r.extra["routing"]["n_decisions"] == BATCH * 2 for r in emul if "/decode-" in r.stage)
+    unforced = emul[-1].extra["unforced_greedy"]
+    assert unforced["n_equal_steps"] == unforced["n_steps"] == 16 and unforced["flips_before"] == []
     assert not any("routing" in r.extra for r in b.reports if r.stage.startswith("export/"))
     verified = b.manifest["verification"]["verified_here"]
-    assert any("on all 12 prefill tokens (2 batch rows) and 4 of 4 decode steps (expert choices identical" in v
-               for v in verified)
+    assert any("on all 12 prefill tokens (2 batch rows), 4 of 4 decode steps and the greedy steps' logits" in v
+               and "no expert choice differs from the fp32 graphs' in 40 (position, MoE layer) decisions" in v
+               and "as deployed (routing by itself) greedy tokens equal for 16 of 16 steps" in v for v in verified)
 
 
 def test_atc_commands_match_graph_inputs(built):

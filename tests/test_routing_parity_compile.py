@@ -22,12 +22,17 @@ CASES = ([("ort-cpu", q) for q in ort_cpu.PROFILE.quant_schemes]
          + [("ort-cuda", q) for q in ort_cuda.PROFILE.quant_schemes]
          + [("ascend", q) for q in ASCEND_SCHEMES])
 
-# Measured 2026-12-03 (issue 15 open): these fail their stage, strict so that a fix shows.
+# Measured 2026-12-04 (issue 15 open), after the ascend stages became teacher-forced and the fp32 atol per unit of
+# the output's RMS (which fixed v3-s0 ascend none: 1.09e-4 at a logit of 0.106, logits rms 3.1). Strict, so that a
+# fix shows. Both are numeric with every row's routing forced (no flip at the failing steps); calibrating the static
+# activation scales with 1.5x headroom made them worse (not clipping).
 KNOWN_FAILURES = {
-    ("v3-s0", "ascend", "none"): "export/ascend-static/prefill (fp32): logits max abs 1.12e-4 > atol 1e-4 at 1 of 1536",
-    ("v3-s0", "ascend", "w8a8"): "export/ascend-static/prefill (fp32), as for ascend none",
-    ("v2-s1", "ascend", "w8a8"): "quantize-w8a8/ascend-static/decode-2: KL 0.152 > 0.1 with the routing flip at position 5 "
-                                 "excluded and its cache rows reset (emulation.quant_parity): numeric",
+    ("v3-s0", "ascend", "w8a8"): "quantize-w8a8/ascend-static/decode-3: logits cosine 0.9645 < 0.98, KL 0.20 > 0.1 "
+                                 "(teacher-forced, no routing flip at that step); the fp16 emulation of the QDQ graphs "
+                                 "misses msit's thresholds at decode-0..3 too (rel euclid up to 0.20)",
+    ("v2-s1", "ascend", "w8a8"): "quantize-w8a8/ascend-static/decode-2: KL 0.103 > 0.1 (teacher-forced, no routing "
+                                 "flip); the fp16 emulation of the QDQ graphs misses msit's thresholds at decode-1..3 "
+                                 "(rel euclid up to 0.106, KL up to 0.052)",
 }
 
 

@@ -178,7 +178,8 @@ def test_the_lossy_graph_attends_to_the_references_keys_and_a_broken_indexer_fai
     # its flips: a score error this large excuses every margin (which is why the scores are judged as outputs), but
     # not the share of flipped decisions
     assert any(r.startswith("routing: selection: selection flipped at") for r in reasons), reasons
-    with pytest.raises(emulation.ParityError, match="selection.1.scores"):
+    from pipeline.parity import ParityError
+    with pytest.raises(ParityError, match="selection.1.scores"):
         pre.raise_if_failed()
 
 

@@ -61,8 +61,7 @@ def build_ascend_package(ctx: BuildContext) -> None:
     head = (f"# {m['source']} for Huawei Ascend ({soc})\n\nCompiled by mlamoe {version} from a {m['kind']} "
             f"({m['config']['model_type']}, {m['parameters']:,} parameters; weights sha256 "
             f"`{m['weights_sha256'][:16]}…`). ATC status: **{build.atc.status}**.\n\n"
-            f"**Judged:** fp16 emulation on ONNX Runtime CPU against the fp32 static graphs "
-            f"{build.judged}.{random_weights_note(m['kind'])}\n\n")
+            f"**Judged:** fp16 emulation on ONNX Runtime CPU {build.judged}.{random_weights_note(m['kind'])}\n\n")
     write_tokenizer(pkg, tokenizer or {})
     (pkg / "README.md").write_text(head + build.readme)
     write_manifest(pkg, manifest)

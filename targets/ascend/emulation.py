@@ -15,36 +15,28 @@ InsertCastTransformer then runs that op in fp32 between Casts, and between two s
 the casts, so a chain of them computes in fp32 without rounding in between (measured,
 tests/test_fp16_rounding.py). The emulation therefore rounds less than the NPU does (cube units
 accumulate in fp32 and write every tensor as fp16). Its rounding twin (passes/fp16_rounding.py,
-every fp16 tensor rounded explicitly; what the ort-cuda check runs) is not used here yet: with it,
-tiny's w8a8 package exceeds msit's rel euclid at decode step 0 (0.0587 > 0.05) and trained-small's
-w8a8 flips routing at 2 of 15 positions of a decode step, over this module's share rule (measured
-2026-12-03); adopting it wants the teacher-forced routing judgement the quantize and ort-cuda
-stages use (pipeline.parity.compare_routed) for these static graphs first.
+every fp16 tensor rounded explicitly; what the ort-cuda check runs) is not used here yet (see docs/ascend.md
+"What is unverified").
 
 `emulate(...)` compares the fp16 graphs with eager fp32 on a prompt prefilled in a bucket, several
 decode steps (each fed the emulated cache) and greedy generation, under
 BUDGETS["ascend-fp16-emulation"] (cosine >= 0.99, KL <= 0.005, rel euclid <= 0.05); greedy token
 agreement is recorded (informational under this budget, as msit has no top-1 rule).
 
-Routing-aware judging. MoE routing is a discrete choice (TopK over router scores): where two
-candidates' fp32 scores nearly tie, fp16 rounding of the hidden state can pick the other expert set
-for that token, after which the token's state legitimately diverges (a different expert computed
-it). msit's thresholds are for numeric error, so such a flip must not be judged as one, nor hidden.
-`emulate` therefore adds every routing TopK's indices (group TopK, expert TopK) as extra outputs of
-comparison-only copies of the fp32 static graphs and their fp16 twins, runs both on the same
-trajectory and compares the chosen sets per (token position, layer). In every report
-(extra["routing"]):
-- rows (prefill positions, the decode step's token, greedy steps) whose routing differed in any
-  layer are excluded from the thresholds; the unmasked numbers are kept for information;
-- a flip that follows an earlier one (a later layer at the same position, or any position attending
-  to an earlier flipped one from a later layer) is a consequence and is recorded as such;
-- the report still FAILS when more than MAX_FLIPPED_FRACTION of the positions its outputs depend on
-  flipped, or when a flip that follows none had an fp32 margin (k-th minus (k+1)-th score of the
-  TopK that flipped) above MAX_FLIP_MARGIN: that is a precision error, not a near-tie;
-- before the next decode step, the cache rows a flipped token wrote after its first flipped layer
-  are reset to the reference's, so later steps measure fp16 error, not the flip's consequence
-  (recorded as cache_rows_reset); positions of the same prefill after a flip stay judged as they are;
-- greedy: the first token divergence and whether a routing flip preceded it.
+Routing-aware judging, teacher-forced (pipeline/parity.py ROUTED_RULE, as for every lossy stage). MoE routing is a
+discrete choice (TopK over router scores): where two candidates' fp32 scores nearly tie, fp16 rounding of the hidden
+state can pick the other expert set for that token, after which the token's state legitimately diverges. msit's
+thresholds are for numeric error, so such a flip must be neither judged as one nor hidden. So the fp16 graphs run as
+comparison-only copies whose every MoE layer's gate logits (and DeepSeek-V3.2's indexer scores) are graph inputs, fed
+at each run from the fp32 static graphs run on the same tokens with their own cache (ForcedRunner): the fp16 graph
+computes with the reference's expert choices everywhere, and msit's thresholds judge every row (prefill positions,
+decode steps, greedy steps). Each report also judges the fp16 graphs' own routing on those rows (their gate logits,
+still outputs, through the checkpoint's router; parity._judge_routing): flips within the budget's share of
+(position, MoE layer) decisions, each at an fp32 margin within 2 x 2 x the layer's router-score error where its choice
+agreed, and, given the reference's gate logits, the graph's router picks the reference's experts. The gate logits are
+judged as outputs too. Greedy generation as deployed (the graphs routing by themselves) is recorded beside it
+(extra["unforced_greedy"]: tokens equal to the reference's, the flips before the first divergence).
+`quant_parity` judges the W8A8 QDQ graphs against eager the same way.
 """
 from __future__ import annotations
 
@@ -58,10 +50,11 @@ import onnx_ir as ir
 import torch
 
 from passes.ir_external import copy_model
+from pipeline.build import run_cast
 from pipeline.export import save_graph
 from passes import routing_probes as probes
-from pipeline.parity import (BUDGETS, FLIP_MARGIN_FACTOR, ParityError, ParityReport, _judge_selections,
-                             _selection_flip_text, budget_for, compare, selection_outputs)
+from pipeline.parity import (MAX_FLIPPED_FRACTION, ParityReport, RoutedReport, Router, _judge_routing,
+                             _judge_selections, _with_selection, budget_for, compare, selection_outputs)
 
 from .static_export import MASK_VALUE, INDEX_DTYPE, StaticGraphSpec, StaticRunner, ort_sessions, static_cache_spec
 
@@ -149,137 +142,14 @@ def emulation_graphs(graphs: dict[str, tuple[StaticGraphSpec, Path]], keep_fp32:
 
 
 # ------------------------------------------------------------------------------------ routing
-MAX_FLIPPED_FRACTION = BUDGETS[STAGE].max_flipped_fraction
-"""A report fails when more than this fraction of the token positions its outputs depend on had a
-routing flip: rare near-ties are expected under fp16, a router that drifts on many tokens is not
-(the budget table's max_flipped_fraction of the stage)."""
-
-MAX_FLIP_MARGIN = 1e-2
-"""A flip is a near-tie only when the fp32 margin of the decision that flipped (the k-th minus the
-(k+1)-th score ranked by that TopK in the fp32 graph) is at most this; fp16 rounding moves router
-scores by ~1e-4..1e-3, so a larger margin overturned is a precision error and fails the report.
-Where the lossy graph's ranked scores are seen too (quant_parity), the limit is the larger of this and
-parity.FLIP_MARGIN_FACTOR x 2 x the most the stage moved that TopK's scores in that run (parity's rule)."""
-
-_ROUTER_SCOPE = re.compile(r"(?:^|/)routers\.(\d+)/")
+# Teacher-forced routing (pipeline/parity.py ROUTED_RULE, the rule of every lossy stage): the lossy graphs are
+# comparison-only copies whose MoE gate logits (passes/routing_probes.py force_gate_logits: the fixed-shape form's
+# routers) and indexer scores (force_selections) are graph inputs, fed at every run from the fp32 static graphs run
+# on the same tokens with their own cache. The lossy graph then routes and selects as the reference does at every
+# position, so its numeric error is judged on every row; its own gate logits (still outputs) say which decisions it
+# would have flipped, judged apart by parity's routing judgement.
 _INDEXER_SCOPE = re.compile(r"(?:^|/)index_select_\d+[./]")
-
-
-@dataclasses.dataclass(frozen=True)
-class RoutingDecision:
-    """A TopK whose indices the graph uses: the router's group TopK or its expert TopK."""
-
-    node: str  # TopK node name (the same in a graph and its fp16 twin)
-    layer: int | str  # decoder layer, from the node's `routers.{i}/` scope (else the node name)
-    kind: str  # "experts" (the last decision of its layer) or "groups"
-    indices: str  # value name of the indices output
-    scores: str  # value name of the ranked input (choice scores)
-    axis: int
-    k: int
-
-
-def _decision_nodes(model: ir.Model) -> list[tuple[ir.Node, int | str, int, int]]:
-    found = []
-    for node in model.graph:
-        if node.op_type != "TopK" or len(node.outputs) < 2:
-            continue
-        if _INDEXER_SCOPE.search(node.name or ""):
-            continue  # DeepSeek-V3.2's indexer top-k, not a router's: judged by the numbers it leads to
-        idx = node.outputs[1]
-        if not idx.uses() and not idx.is_graph_output():
-            continue  # e.g. the per-group top-2, whose values alone make the group score
-        axis = node.attributes.get_int("axis", -1)
-        dim = idx.shape[axis] if idx.shape is not None else None
-        if not isinstance(dim, int):
-            kv = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] is not None else None
-            if kv is None:
-                raise ValueError(f"TopK {node.name!r}: k is neither static in its output shape nor a constant")
-            dim = int(kv.numpy().reshape(-1)[0])
-        m = _ROUTER_SCOPE.search(node.name or "")
-        found.append((node, int(m.group(1)) if m else (node.name or f"topk{len(found)}"), axis, dim))
-    return found
-
-
-def routing_decisions(model: ir.Model) -> list[RoutingDecision]:
-    """The routing TopK nodes of `model`, in graph order (group TopK before expert TopK per layer)."""
-    found = _decision_nodes(model)
-    last = {layer: node.name for node, layer, _, _ in found}
-    return [RoutingDecision(node.name, layer, "experts" if last[layer] == node.name else "groups",
-                            node.outputs[1].name, node.inputs[0].name, axis, k) for node, layer, axis, k in found]
-
-
-def expose_routing(model: ir.Model, scores: bool = True) -> list[RoutingDecision]:
-    """Add every routing TopK's indices (and, with scores, its ranked input) to `model`'s graph
-    outputs, in place (use it on a copy kept for the comparison); -> the decisions."""
-    g = model.graph
-    present = {id(v) for v in g.outputs}
-    for node, _, _, _ in _decision_nodes(model):
-        for v in (node.outputs[1], node.inputs[0] if scores else None):
-            if v is not None and id(v) not in present and not v.is_initializer():
-                g.outputs.append(v)
-                present.add(id(v))
-    return routing_decisions(model)
-
-
-@dataclasses.dataclass
-class RoutingCall:
-    """One graph run's routing: indices [B, S, k] (and ranked scores [B, S, n]) per TopK node; with forced
-    selections (SelectionForcedRunner), per selection j the reference's scores and ids, the lossy graph's own
-    scores and the ids its TopK picked from the forced scores ([B, S, M] / [B, S, k]; masked keys -inf)."""
-
-    graph: str
-    position: np.ndarray  # [B], position of the first row
-    seq: int
-    indices: dict[str, np.ndarray]
-    scores: dict[str, np.ndarray]
-    selections: dict[str, list[np.ndarray]] | None = None
-
-
-def _rows(x: np.ndarray, axis: int, B: int, S: int, node: str) -> np.ndarray:
-    x = np.moveaxis(np.asarray(x), axis, -1)
-    if x.ndim != 2 or x.shape[0] != B * S:
-        raise ValueError(f"routing TopK {node!r}: output {list(x.shape)} is not [batch*seq = {B * S}, k]")
-    return x.reshape(B, S, -1)
-
-
-class RoutingRunner(StaticRunner):
-    """A StaticRunner over graphs with routing outputs (expose_routing): every run appends a
-    RoutingCall to `calls`; prefill / decode / generate return what StaticRunner's do."""
-
-    def __init__(self, sessions: dict, specs: dict[str, StaticGraphSpec], cfg,
-                 decisions: dict[str, list[RoutingDecision]]):
-        super().__init__(sessions, specs, cfg)
-        self.decisions = decisions
-        self.calls: list[RoutingCall] = []
-
-    def _outputs(self, name: str, ids: np.ndarray, position: np.ndarray, cache: dict,
-                 extra: dict | None = None) -> dict[str, np.ndarray]:
-        sess = self.sessions[name]
-        feeds = {"input_ids": ids.astype(INDEX_DTYPE), "position": position.astype(INDEX_DTYPE), **cache,
-                 **(extra or {})}
-        return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
-
-    def _record(self, name: str, ids: np.ndarray, position: np.ndarray, res: dict) -> RoutingCall:
-        B, S = ids.shape
-        call = RoutingCall(name, position.astype(np.int64).copy(), S, {}, {})
-        for d in self.decisions.get(name, []):
-            call.indices[d.node] = _rows(res[d.indices], d.axis, B, S, d.node)
-            if d.scores in res:
-                call.scores[d.node] = _rows(res[d.scores], d.axis, B, S, d.node)
-        self.calls.append(call)
-        return call
-
-    def _run(self, name: str, ids: np.ndarray, position: np.ndarray, cache: dict) -> tuple[np.ndarray, dict]:
-        res = self._outputs(name, ids, position, cache)
-        self._record(name, ids, position, res)
-        return res["logits"], _present(res)
-
-
-def _present(res: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    return {prefix + k.replace("present.", "past.", 1): v for k, v in res.items() if k.startswith("present.")}
-
-
-_REFERENCE = "reference|"  # cache keys of the reference's own trajectory inside a SelectionForcedRunner's cache
+_REFERENCE = "reference|"  # cache keys of the reference's own trajectory inside a ForcedRunner's cache
 
 
 def selection_nodes(model: ir.Model) -> list[ir.Node]:
@@ -294,18 +164,43 @@ def _masked(scores: np.ndarray) -> np.ndarray:
     return np.where(scores <= MASK_VALUE, -np.inf, scores.astype(np.float64))
 
 
-class SelectionForcedRunner(RoutingRunner):
-    """A RoutingRunner over lossy graphs whose indexer TopKs read the reference's scores (teacher-forced selection,
-    passes/routing_probes.py force_selections): every run first runs the reference graph (`reference`'s sessions, the
-    fp32 graphs with their selections exposed) on the same tokens with the reference's own cache, kept under
-    `reference|` keys of this runner's cache, then the lossy graph with `selection.{j}.scores.forced` fed from it.
-    The lossy graph then attends to the reference's keys at every query, so the stage's numeric error is judged
-    everywhere, and the keys its own scores would have picked are judged apart (RoutingCall.selections)."""
+def _present(res: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    return {prefix + k.replace("present.", "past.", 1): v for k, v in res.items() if k.startswith("present.")}
 
-    def __init__(self, sessions: dict, specs: dict[str, StaticGraphSpec], cfg,
-                 decisions: dict[str, list[RoutingDecision]], reference: RoutingRunner, n_selections: dict[str, int]):
-        super().__init__(sessions, specs, cfg, decisions)
-        self.reference, self.n_selections = reference, n_selections
+
+@dataclasses.dataclass
+class ForcedCall:
+    """One run of a lossy graph beside the reference: per MoE layer the reference's gate logits, the lossy graph's
+    own and the router scores its expert TopK read ([B, S, E], padding rows included); per selection the
+    reference's scores and ids, the lossy graph's own scores and the ids its TopK picked (None without an
+    indexer)."""
+
+    graph: str
+    position: np.ndarray  # [B], position of the first row
+    seq: int
+    reference_gates: list[np.ndarray]
+    actual_gates: list[np.ndarray]
+    router_probs: list[np.ndarray]
+    selections: dict[str, list[np.ndarray]] | None = None
+
+    def rows(self, n_valid: int) -> list[list[int]]:
+        """[batch row, absolute position] of the first n_valid rows of each batch row, in gate-row order."""
+        return [[b, int(self.position[b]) + s] for b in range(self.position.shape[0]) for s in range(n_valid)]
+
+
+class ForcedRunner(StaticRunner):
+    """A StaticRunner over lossy graphs prepared by :func:`forced_graphs` whose every run first runs the reference
+    graphs (fp32, gate logits and selections exposed) on the same tokens with the reference's own cache (kept under
+    `reference|` keys of this runner's cache), then the lossy graph with the reference's gate logits and indexer
+    scores fed in (``force``; without it the lossy graph routes and selects by itself, its gate logits still
+    compared). Every run appends a ForcedCall to `calls`; prefill / decode / generate return what StaticRunner's
+    do."""
+
+    def __init__(self, sessions: dict, specs: dict[str, StaticGraphSpec], cfg, reference: dict,
+                 n_routers: dict[str, int], n_selections: dict[str, int], force: bool = True):
+        super().__init__(sessions, specs, cfg)
+        self.reference, self.n_routers, self.n_selections, self.force = reference, n_routers, n_selections, force
+        self.calls: list[ForcedCall] = []
 
     def empty_cache(self) -> dict[str, np.ndarray]:
         cache = super().empty_cache()
@@ -315,202 +210,67 @@ class SelectionForcedRunner(RoutingRunner):
         own = {k: v for k, v in cache.items() if not k.startswith(_REFERENCE)}
         theirs = {k[len(_REFERENCE):]: v for k, v in cache.items() if k.startswith(_REFERENCE)}
         if len(theirs) != len(own):
-            raise ValueError("SelectionForcedRunner: the cache lacks the reference's rows (start from its empty_cache())")
-        ref = self.reference._outputs(name, ids, position, theirs)
-        n = self.n_selections.get(name, 0)
-        res = self._outputs(name, ids, position, own,
-                            {probes.selection_forced_name(j): ref[probes.selection_name(j)] for j in range(n)})
-        call = self._record(name, ids, position, res)
-        call.selections = {
-            "reference_scores": [_masked(ref[probes.selection_name(j)]) for j in range(n)],
-            "reference_ids": [ref[probes.selection_ids_name(j)] for j in range(n)],
-            "actual_scores": [np.where(_masked(ref[probes.selection_name(j)]) == -np.inf, -np.inf,
-                                       res[probes.selection_name(j)].astype(np.float64)) for j in range(n)],
-            "forced_ids": [res[probes.selection_ids_name(j)] for j in range(n)]}
-        return res["logits"], {**_present(res), **_present(ref, _REFERENCE)}
+            raise ValueError("ForcedRunner: the cache lacks the reference's rows (start from its empty_cache())")
+        feeds = {"input_ids": ids.astype(INDEX_DTYPE), "position": position.astype(INDEX_DTYPE)}
+        ref = run_cast(self.reference[name], {**feeds, **theirs})
+        n, m = self.n_routers.get(name, 0), self.n_selections.get(name, 0)
+        forced = {} if not self.force else {
+            **{probes.forced_name(i): ref[probes.gate_name(i)] for i in range(n)},
+            **{probes.selection_forced_name(j): ref[probes.selection_name(j)] for j in range(m)}}
+        res = run_cast(self.sessions[name], {**feeds, **own, **forced})
+        B, S = ids.shape
+
+        def rows(x):
+            return np.asarray(x, np.float64).reshape(B, S, -1)
+        call = ForcedCall(name, position.astype(np.int64).copy(), S,
+                          [rows(ref[probes.gate_name(i)]) for i in range(n)],
+                          [rows(res[probes.gate_name(i)]) for i in range(n)],
+                          [rows(res[probes.router_probs_name(i)]) for i in range(n)] if self.force else [])
+        if m:
+            call.selections = {
+                "reference_scores": [_masked(ref[probes.selection_name(j)]) for j in range(m)],
+                "reference_ids": [ref[probes.selection_ids_name(j)] for j in range(m)],
+                "actual_scores": [np.where(_masked(ref[probes.selection_name(j)]) == -np.inf, -np.inf,
+                                           res[probes.selection_name(j)].astype(np.float64)) for j in range(m)],
+                "forced_ids": [res[probes.selection_ids_name(j)] for j in range(m)] if self.force else None}
+        self.calls.append(call)
+        return np.asarray(res["logits"], np.float32), {**_present(res), **_present(ref, _REFERENCE)}
 
 
-def _margins(scores: np.ndarray, k: int) -> np.ndarray:
-    """k-th minus (k+1)-th largest along the last axis (inf when nothing ranks below the k-th)."""
-    s = -np.sort(-scores.astype(np.float64), axis=-1)
-    if s.shape[-1] <= k:
-        return np.full(s.shape[:-1], np.inf)
-    with np.errstate(invalid="ignore"):
-        m = s[..., k - 1] - s[..., k]
-    return np.nan_to_num(m, nan=0.0, posinf=np.inf)
+def forced_graphs(pairs, folder: Path, tag: str):
+    """From (name, fp32 ir.Model, lossy ir.Model) triples, taken one at a time (a lazy iterable keeps one pair in
+    memory), comparison-only copies saved in folder: the reference (gate logits and selections exposed), the lossy
+    graph forced (its gate logits and indexer scores read from graph inputs) and unforced (the same only exposed).
+    -> (forced paths, unforced paths, reference paths, MoE routers per graph, selections per graph)."""
+    pf, pu, pr, nr, ns = {}, {}, {}, {}, {}
+    for name, m32, mact in pairs:
+        sel32 = probes.selection_topks(m32)  # before the gate edits (they cut the routers)
+        nr[name] = probes.expose_gate_logits(m32)
+        ns[name] = probes.expose_selections(m32, sel32)
+        for force, paths in ((False, pu), (True, pf)):
+            m = copy_model(mact) if not force else mact
+            sel = probes.selection_topks(m)
+            if len(sel) != ns[name]:
+                raise ValueError(f"{name}: the fp32 graph has {ns[name]} indexer TopK nodes, the {tag} graph {len(sel)}")
+            n_act = probes.force_gate_logits(m) if force else probes.expose_gate_logits(m)
+            (probes.force_selections if force else probes.expose_selections)(m, sel)
+            if n_act != nr[name]:
+                raise ValueError(f"{name}: the fp32 graph has {nr[name]} MoE routers, the {tag} graph {n_act}")
+            paths[name] = folder / f"{name}.{tag}.{'forced' if force else 'unforced'}.onnx"
+            save_graph(m, paths[name], check=False)  # its own copy of the weights: folder is not the package's onnx/
+        pr[name] = folder / f"{name}.fp32.routing.onnx"
+        save_graph(m32, pr[name], check=False)
+    return pf, pu, pr, nr, ns
 
 
-def _pair_decisions(ref: list[RoutingDecision], act: list[RoutingDecision], graph: str):
-    if [d.node for d in ref] == [d.node for d in act] or len(ref) == len(act):
-        return list(zip(ref, act))  # by name, else by order (both come from the same export)
-    raise ValueError(f"{graph}: the fp32 graph has {len(ref)} routing TopK nodes, its fp16 twin {len(act)}")
-
-
-class _RoutingTrace:
-    """Per (batch row, absolute position) of one trajectory: the routing flips (one per router
-    layer whose decision differs, fp32 static graph vs fp16; empty when every layer agreed)."""
-
-    def __init__(self, ref: RoutingRunner, act: RoutingRunner):
-        self.ref, self.act = ref, act
-        self.layers = 0
-        self.positions: dict[tuple[int, int], list[dict]] = {}
-        self.new: list[tuple[int, int]] = []  # positions the last add() found flipped
-        self.reset: set[tuple[int, int]] = set()  # positions whose diverged cache rows were reset (repair)
-        self.selections: list[dict[str, list[np.ndarray]]] = []  # forced calls' selection rows not yet judged
-
-    def add_selections(self, ac: RoutingCall, n_valid: int) -> None:
-        """Keep a forced call's selection rows (rows >= n_valid: padding, dropped) for the next judgement."""
-        if ac.selections:
-            self.selections.append({k: [np.asarray(a)[:, :n_valid] for a in v] for k, v in ac.selections.items()})
-
-    def take_selections(self) -> dict[str, list[np.ndarray]] | None:
-        """The selection rows kept since the last call, each selection's as [queries, ...] (_judge_selections)."""
-        calls, self.selections = self.selections, []
-        if not calls:
-            return None
-        return {k: [np.concatenate([c[k][j].reshape(-1, c[k][j].shape[-1]) for c in calls])
-                    for j in range(len(calls[0][k]))] for k in calls[0]}
-
-    def add(self, rc: RoutingCall, ac: RoutingCall, n_valid: int) -> None:
-        """Compare two runs of the same graph on the same inputs; rows >= n_valid (padding) are skipped."""
-        if rc.graph != ac.graph or rc.seq != ac.seq or not np.array_equal(rc.position, ac.position):
-            raise ValueError(f"routing calls differ: {rc.graph} at {rc.position.tolist()} vs "
-                             f"{ac.graph} at {ac.position.tolist()}")
-        self.add_selections(ac, n_valid)
-        layers: dict = {}
-        for dr, da in _pair_decisions(self.ref.decisions.get(rc.graph, []), self.act.decisions.get(ac.graph, []),
-                                      rc.graph):
-            layers.setdefault(dr.layer, []).append((dr, da))
-        self.layers = max(self.layers, len(layers))
-        B = rc.position.shape[0]
-        for b in range(B):
-            for s in range(n_valid):
-                self.positions[(b, int(rc.position[b]) + s)] = []
-        for layer, pairs in layers.items():
-            er, ea = pairs[-1]  # the expert TopK: the sets the flip record shows
-            done = np.zeros((B, rc.seq), bool)
-            for dr, da in pairs:
-                r, a = rc.indices[dr.node], ac.indices[da.node]
-                differ = (np.sort(r, axis=-1) != np.sort(a, axis=-1)).any(axis=-1) & ~done
-                done |= differ
-                differ[:, n_valid:] = False
-                if not differ.any():
-                    continue
-                margins = _margins(rc.scores[dr.node], dr.k) if dr.node in rc.scores else None
-                allowed = MAX_FLIP_MARGIN
-                if dr.node in rc.scores and da.node in ac.scores:  # both ranked inputs seen: the stage's own movement
-                    with np.errstate(invalid="ignore"):  # -inf - -inf at the masked groups, dropped below
-                        moved = np.abs(rc.scores[dr.node][:, :n_valid].astype(np.float64)
-                                       - ac.scores[da.node][:, :n_valid].astype(np.float64))
-                    moved = float(np.max(moved[np.isfinite(moved)], initial=0.0))
-                    allowed = max(MAX_FLIP_MARGIN, FLIP_MARGIN_FACTOR * 2 * moved)
-                for b, s in zip(*np.nonzero(differ)):
-                    self.positions[(int(b), int(rc.position[b]) + int(s))].append({
-                        "batch": int(b), "position": int(rc.position[b]) + int(s), "layer": layer,
-                        "decided_by": dr.kind, "topk": dr.node,
-                        "margin": None if margins is None else float(margins[b, s]), "allowed": allowed,
-                        "experts_reference": sorted(int(i) for i in rc.indices[er.node][b, s]),
-                        "experts_actual": sorted(int(i) for i in ac.indices[ea.node][b, s])})
-
-        # a flip is a consequence, not a near-tie of its own, when this token's state had already
-        # diverged: an earlier layer flipped at this position, or at an earlier position whose
-        # cache rows this token attends to from the next layer on (unless those rows were reset)
-        self.new = sorted({(f["batch"], f["position"]) for bp, fl in self.positions.items() for f in fl
-                           if bp[1] >= int(rc.position[bp[0]]) and bp[1] < int(rc.position[bp[0]]) + n_valid})
-        for b, p in self.new:
-            for f in self.positions[(b, p)]:
-                causes = [g for (gb, gp), gl in self.positions.items()
-                          if gb == b and (gp == p or (gp < p and (gb, gp) not in self.reset)) for g in gl
-                          if isinstance(g["layer"], int) and isinstance(f["layer"], int) and g["layer"] < f["layer"]]
-                first = min(causes, key=lambda g: (g["layer"], g["position"]), default=None)
-                f["follows"] = None if first is None else {"position": first["position"], "layer": first["layer"]}
-
-    def flipped(self, b: int, p: int) -> bool:
-        return bool(self.positions.get((b, p)))
-
-    def first_layer(self, b: int, p: int):
-        """The first router layer that flipped at (b, p) (None: none, or layers without an order)."""
-        layers = [f["layer"] for f in self.positions.get((b, p), [])]
-        return min(layers) if layers and all(isinstance(x, int) for x in layers) else None
-
-    def repair(self, cache16: dict, reference_cache, spec) -> list[dict]:
-        """Reset the cache rows that the last call's flipped tokens wrote after their first flip
-        (layers > the first flipped router layer; every layer when layers have no order) to the
-        reference's rows, in place; -> what was replaced. Later decode steps then measure fp16
-        error, not the consequence of a discrete decision that went the other way."""
-        done = []
-        for b, p in self.new:
-            first = self.first_layer(b, p)
-            layers = [i for i in range(spec.num_layers) if first is None or i > first]
-            for i in layers:
-                for j, t in enumerate(spec.tensors):
-                    key = f"past.{i}.{t.name}"
-                    if not cache16[key].flags.writeable:
-                        cache16[key] = cache16[key].copy()
-                    row = (b,) + t.rows(p, p + 1)[1:]
-                    cache16[key][row] = reference_cache[i][j][row].numpy()
-            if layers:
-                done.append({"batch": b, "position": p, "layers": layers})
-            self.reset.add((b, p))
-        return done
-
-
-@dataclasses.dataclass
-class EmulationReport(ParityReport):
-    """A ParityReport whose outputs are judged over the positions whose routing agreed with the
-    fp32 graphs; it also fails on extra["routing"]["reasons"] (too many flips, a flip that was
-    not a near-tie)."""
-
-    def _routing_reasons(self) -> list[str]:
-        return list(self.extra.get("routing", {}).get("reasons", []))
-
-    @property
-    def passed(self) -> bool:
-        return super().passed and not self._routing_reasons()
-
-    def failure_reasons(self) -> list[str]:
-        return super().failure_reasons() + [f"routing: {r}" for r in self._routing_reasons()]
-
-    def raise_if_failed(self) -> ParityReport:
-        if self.passed:
-            return self
-        try:
-            ParityReport.raise_if_failed(self)
-        except ParityError as e:
-            raise ParityError("\n".join([str(e)] + [f"  routing: {r}" for r in self._routing_reasons()]),
-                              report=self) from None
-        return self
-
-    def to_markdown(self) -> str:
-        text = super().to_markdown()
-        rt = self.extra.get("routing")
-        if not rt:
-            return text
-        lines = ["", f"Routing vs the fp32 graphs: {rt['summary']}"]
-        for name, u in (rt.get("unmasked") or {}).items():
-            lines.append(f"- unmasked `{name}` (informational, flipped rows included): cosine {u['cosine']:.6g}, "
-                         f"rel euclid {u['rel_euclid']:.3g}" + ("" if u["kl"] is None else f", KL {u['kl']:.3g}")
-                         + ("" if u["passed"] else " (over the thresholds)"))
-        for c in rt.get("cache_rows_reset") or []:
-            lines.append(f"- cache rows of position {c['position']}" + (f" (row {c['batch']})" if c["batch"] else "")
-                         + f", layers {c['layers'][0]}-{c['layers'][-1]}, reset to the reference's before the "
-                         "next decode step")
-        sel = rt.get("selection")
-        if sel:
-            lines.append(f"- indexer selection (teacher-forced: the graph attends to the reference's keys): "
-                         f"{sel['summary']}")
-            lines += [f"- selection flip: {_selection_flip_text(f)}" for f in sel["flips"]]
-        lines += [f"- routing: {r}" for r in rt.get("reasons", [])]
-        return text + "\n".join(lines) + "\n"
-
-
-def _flip_text(f: dict) -> str:
-    m = "?" if f["margin"] is None else f"{f['margin']:.2g}"
-    where = f"row {f['batch']} " if f["batch"] else ""
-    after = (f", after the flip at position {f['follows']['position']} layer {f['follows']['layer']}"
-             if f.get("follows") else "")
-    return (f"{where}position {f['position']} layer {f['layer']}: experts {f['experts_reference']} -> "
-            f"{f['experts_actual']} ({f['decided_by']} TopK, fp32 margin {m}{after})")
+def forced_runners(cfg, specs: dict, pairs, folder: Path, tag: str) -> tuple[ForcedRunner, ForcedRunner]:
+    """(forced runner, unforced runner) over the lossy graphs of `pairs` (forced_graphs), sharing the reference
+    sessions; the unforced one runs the lossy graph as shipped, its gate logits and selections exposed (greedy
+    generation as deployed, its flips recorded)."""
+    pf, pu, pr, nr, ns = forced_graphs(pairs, folder, tag)
+    ref = ort_sessions(pr)
+    return (ForcedRunner(ort_sessions(pf), specs, cfg, ref, nr, ns),
+            ForcedRunner(ort_sessions(pu), specs, cfg, ref, nr, ns, force=False))
 
 
 def selection_budget(stage: str):
@@ -518,106 +278,97 @@ def selection_budget(stage: str):
     return dataclasses.replace(budget_for(stage), max_rel_euclid=None, max_kl=None)
 
 
-def _max_flipped_fraction(stage: str) -> float:
-    """The stage's share of flipped positions from the budget table (this module's default where it has none)."""
-    b = budget_for(stage).max_flipped_fraction
-    return MAX_FLIPPED_FRACTION if b is None else b
+def _stack(calls: list[tuple[ForcedCall, int]]):
+    """Per MoE layer, the calls' valid gate rows stacked [N, E] (reference, actual, forced router scores) and the
+    rows' [batch row, absolute position] labels."""
+    n = len(calls[0][0].reference_gates)
+    out = []
+    for field in ("reference_gates", "actual_gates", "router_probs"):
+        per = [np.concatenate([getattr(c, field)[i][:, :v].reshape(-1, getattr(c, field)[i].shape[-1])
+                               for c, v in calls]) for i in range(n)] if getattr(calls[0][0], field) else None
+        out.append(per)
+    labels = [r for c, v in calls for r in c.rows(v)]
+    return out[0], out[1], out[2], labels
 
 
-def _judge(stage: str, ref: dict, act: dict, logits_outputs: list[str], trace: _RoutingTrace | None,
-           rows: np.ndarray) -> ParityReport:
-    """compare() over the rows (leading [B, T] axes of every array; rows[b, t] = absolute position)
-    whose routing agreed in every layer; flipped rows are excluded (the judged arrays are then the
-    kept rows, [n_kept, ...]) and recorded, the unmasked numbers kept as information. Without a
-    trace: plain compare()."""
-    if trace is None:
+def _selections(calls: list[tuple[ForcedCall, int]]) -> dict[str, list[np.ndarray]] | None:
+    """The calls' valid selection rows, each selection's as [queries, ...] (parity._judge_selections)."""
+    sel = [(c.selections, v) for c, v in calls if c.selections]
+    if not sel:
+        return None
+    out = {}
+    for k in sel[0][0]:
+        if sel[0][0][k] is None:
+            out[k] = None
+            continue
+        out[k] = [np.concatenate([np.asarray(s[k][j])[:, :v].reshape(-1, np.shape(s[k][j])[-1]) for s, v in sel])
+                  for j in range(len(sel[0][0][k]))]
+    return out
+
+
+def _judge(stage: str, ref: dict, act: dict, logits_outputs: list[str], calls: list[tuple[ForcedCall, int]] | None,
+           routers: list[Router] | None) -> ParityReport:
+    """compare() of every row (the lossy run teacher-forced), plus the routing judgement of the calls' gate logits
+    (parity's _judge_routing: flips of the lossy graph's own routing, each a near tie; the forced router
+    reproduces the reference's choice) and, with an indexer, of its selections. Without calls: plain compare()."""
+    if not calls:
         return compare(stage, ref, act, logits_outputs=logits_outputs)
-    B = rows.shape[0]
-    keep = np.array([[not trace.flipped(b, int(p)) for p in rows[b]] for b in range(B)], bool).reshape(rows.shape)
-    last = rows.max(axis=1)
-    context = [(b, p) for (b, p) in trace.positions if p <= last[b]]
-    flips = [dict(f) for bp in sorted(context) for f in trace.positions[bp]]
-    flipped = sorted({(f["batch"], f["position"]) for f in flips})
-    excluded = [(b, int(p)) for b in range(B) for p, k in zip(rows[b], keep[b]) if not k]
-    n_ctx = len(context)
-    if keep.all():
-        rep = compare(stage, ref, act, logits_outputs=logits_outputs)
-        unmasked = None
-    elif keep.any():
-        rep = compare(stage, {k: np.asarray(v)[keep] for k, v in ref.items()},
-                      {k: np.asarray(v)[keep] for k, v in act.items()}, logits_outputs=logits_outputs)
-        unmasked = compare(stage, ref, act, logits_outputs=logits_outputs)
-    else:  # every row of this report flipped: nothing left to judge
-        rep = compare(stage, {}, {})
-        unmasked = compare(stage, ref, act, logits_outputs=logits_outputs)
-    reasons = []
-    max_share = _max_flipped_fraction(stage)
-    if n_ctx and len(flipped) / n_ctx > max_share:
-        reasons.append(f"expert choice flipped at {len(flipped)} of {n_ctx} token positions "
-                       f"({100 * len(flipped) / n_ctx:.1f}% > {100 * max_share:g}%): more than "
-                       "occasional near-ties")
-    for f in flips:  # a flip that follows an earlier one is a consequence: its margin is not judged
-        allowed = f.get("allowed", MAX_FLIP_MARGIN)
-        if not f.get("follows") and f["margin"] is not None and not f["margin"] <= allowed:
-            reasons.append(f"{_flip_text(f)}: margin > {allowed:.3g}, not a near-tie")
-    roots = [f for f in flips if not f.get("follows")]
-    margins = [f["margin"] for f in roots if f["margin"] is not None]
-    n_rows = int(rows.size)
-    summary = (f"{n_rows - len(excluded)} of {n_rows} rows judged; " +
-               ("no routing flip" if not flips else
-                f"{len(flipped)} of {n_ctx} positions flipped ({'; '.join(_flip_text(f) for f in flips)})") +
-               (f"; excluded from the thresholds: positions {[p for _, p in excluded]}" if excluded else ""))
-    record = {
-        "reference": "fp32 static graphs on ORT CPU (same inputs)",
-        "batch": B,
-        "n_positions": n_ctx,  # (batch row, position) pairs the outputs depend on, routing compared
-        "n_decisions": n_ctx * trace.layers,
-        "n_flipped_decisions": len(flips),
-        "n_root_flips": len(roots),
-        "flipped_positions": sorted({p for _, p in flipped}),
-        "excluded_positions": [p for _, p in excluded],
-        "excluded_rows": [[b, p] for b, p in excluded],
-        "n_rows": n_rows,
-        "n_rows_judged": n_rows - len(excluded),
-        "min_margin_of_flips": min(margins) if margins else None,
-        "max_margin_of_flips": max(margins) if margins else None,
-        "max_flipped_fraction": max_share,
-        "max_flip_margin": MAX_FLIP_MARGIN,
-        "flips": flips,
-        "reasons": reasons,
-        "summary": summary,
-    }
-    if unmasked is not None:
-        record["unmasked"] = {o.name: {"cosine": o.cosine, "rel_euclid": o.rel_euclid, "kl": o.kl,
-                                       "passed": o.passed, "reasons": list(o.reasons)} for o in unmasked.outputs}
-    outputs = list(rep.outputs)
-    selections = trace.take_selections()
+    base = compare(stage, ref, act, logits_outputs=logits_outputs)
+    outputs = list(base.outputs)
+    record = None
+    if calls[0][0].reference_gates:
+        if routers is None or len(routers) != len(calls[0][0].reference_gates):
+            raise ValueError(f"{stage}: {len(calls[0][0].reference_gates)} MoE routers in the graphs, "
+                             f"{'no' if routers is None else len(routers)} routers given")
+        rg, ag, probs, labels = _stack(calls)
+        gates, record = _judge_routing(base.budget, rg, ag, routers, probs, labels=labels)
+        outputs += gates
+    selections = _selections(calls)
     if selections is not None:
         # the indexer's own scores are judged as outputs too: under forcing they no longer reach the logits, and a
         # stage that broke them would otherwise only widen its own allowed flip margin. By direction (cosine), not by
         # msit's rel euclid: their one consumer is the TopK, whose flips the margin rule judges (docs/v32.md)
         sel_ref, sel_act = selection_outputs(selections)
         outputs += compare(stage, sel_ref, sel_act, budget=selection_budget(stage)).outputs
-        sel = _judge_selections(selections, max_share)
-        record["selection"] = sel
-        record["reasons"] = reasons + [f"selection: {r}" for r in sel["reasons"]]
-        record["summary"] += f"; indexer selection teacher-forced: {sel['summary']}"
-    out = EmulationReport(stage=rep.stage, budget=rep.budget, outputs=outputs, extra=dict(rep.extra))
-    out.extra["routing"] = record
+        share = base.budget.max_flipped_fraction
+        sel = _judge_selections(selections, MAX_FLIPPED_FRACTION if share is None else share)
+        record = _with_selection(record or {"rule": "no MoE router", "summary": "no MoE router", "flips": [],
+                                            "reasons": [], "n_decisions": 0, "n_flips": 0}, sel)
+    if record is None:
+        return base
+    return RoutedReport(stage=base.stage, budget=base.budget, outputs=outputs, extra={**base.extra, "routing": record})
+
+
+def _unforced_greedy(calls: list[ForcedCall], L: int, tokens: np.ndarray, ref_tokens: np.ndarray,
+                     routers: list[Router] | None) -> dict:
+    """Information on greedy generation as deployed (the lossy graph routing by itself): its tokens against the
+    reference's, and its routing flips (own gate logits vs the fp32 graphs' on the same tokens) before the first
+    token divergence."""
+    agree = int((ref_tokens == tokens).all(0).cumprod().sum())
+    out = {"n_equal_steps": agree, "n_steps": int(ref_tokens.shape[1]),
+           "first_divergence": None if agree == ref_tokens.shape[1] else agree, "flips_before": []}
+    if routers and calls and calls[0].reference_gates:
+        upto = [(c, L if i == 0 else 1) for i, c in enumerate(calls) if i <= agree]
+        rg, ag, _, labels = _stack(upto)
+        _, rec = _judge_routing(None, rg, ag, routers, labels=labels)
+        out["flips_before"] = [{"layer": f["layer"], "position": f["position"][1], "batch": f["position"][0],
+                                "margin": f["margin"]} for f in rec["flips"]]
+        out["n_decisions"] = rec["n_decisions"]
     return out
 
 
 # ------------------------------------------------------------------------------------ runs
 def emulate(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], keep_fp32: dict[str, list[str]],
             prompt_len: int | None = None, decode_steps: int = 4, gen_tokens: int = 16, seed: int = 0,
-            work: Path | None = None, stage: str = STAGE, routing_aware: bool = True) -> list[ParityReport]:
-    """fp16 emulation vs eager fp32: reports for the prefill (logits + cache rows), each decode step
-    and greedy generation (tokens recorded), under BUDGETS[stage].
+            work: Path | None = None, stage: str = STAGE, routing_aware: bool = True,
+            routers: list[Router] | None = None) -> list[ParityReport]:
+    """fp16 emulation vs `model` (eager fp32, or a StaticGraphReference): reports for the prefill (logits + cache
+    rows), each decode step and greedy generation (tokens recorded), under BUDGETS[stage].
 
-    routing_aware: every routing TopK's indices (and, in the fp32 graphs, its scores) become extra
-    outputs of comparison-only copies of the fp32 static graphs and their fp16 twins; both run on
-    the same inputs, and token positions whose expert choice differs in any layer are excluded from
-    the thresholds and recorded (extra["routing"]); see compare_runs."""
+    routing_aware: the fp16 twins run teacher-forced (forced_runners: the fp32 static graphs' gate logits and
+    indexer scores fed in), so msit's thresholds judge every row; the fp16 graphs' own routing is judged apart
+    (compare_runs). `routers`: each MoE layer's router (pipeline.build.moe_routers of the checkpoint; taken from
+    `model` when it is the eager model)."""
     specs = {n: s for n, (s, _) in graphs.items()}
     with tempfile.TemporaryDirectory(prefix="mlamoe-emul-") as tmp:
         folder = Path(work) if work else Path(tmp)
@@ -625,53 +376,31 @@ def emulate(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], keep_fp32: d
         if routing_aware:
             pairs = ((name, m32, to_fp16(m32, keep_fp32.get(name, [])))
                      for name, (_, path) in graphs.items() for m32 in [ir.load(path)])
-            runner, ref = _routing_runners(model.config, specs, pairs, folder, "fp16", act_scores=False)
+            runner, unforced = forced_runners(model.config, specs, pairs, folder, "fp16")
         else:
             p16 = {}
             for name, (_, path) in graphs.items():
                 p16[name] = folder / f"{name}.fp16.onnx"
                 save_graph(to_fp16(ir.load(path), keep_fp32.get(name, [])), p16[name], check=False)
-            runner, ref = StaticRunner(ort_sessions(p16), specs, model.config), None
-        return compare_runs(model, runner, stage, prompt_len, decode_steps, gen_tokens, seed, routing_ref=ref)
-
-
-def _routing_runners(cfg, specs: dict, pairs, folder: Path, tag: str, act_scores: bool):
-    """(runner over the lossy graphs, reference runner over the fp32 ones) from (name, fp32 ir.Model, lossy ir.Model)
-    triples, taken one at a time (a lazy iterable keeps one pair in memory): comparison-only copies with every
-    routing TopK exposed (the fp32 ones with their ranked scores, the lossy ones too when act_scores), saved in
-    folder."""
-    pa, pr, da, dr, ns = {}, {}, {}, {}, {}
-    for name, m32, mact in pairs:
-        sel32, sel = selection_nodes(m32), selection_nodes(mact)
-        if len(sel32) != len(sel):
-            raise ValueError(f"{name}: the fp32 graph has {len(sel32)} indexer TopK nodes, the {tag} graph {len(sel)}")
-        if sel:  # DeepSeek-V3.2: the lossy graph's indexer TopKs read the reference's scores
-            probes.expose_selections(m32, sel32)
-            probes.force_selections(mact, sel)
-            ns[name] = len(sel)
-        da[name] = expose_routing(mact, scores=act_scores)
-        dr[name] = expose_routing(m32, scores=True)
-        pa[name], pr[name] = folder / f"{name}.{tag}.onnx", folder / f"{name}.fp32.routing.onnx"
-        save_graph(mact, pa[name], check=False)  # its own copy of the weights: folder is not the package's onnx/
-        save_graph(m32, pr[name], check=False)
-    ref = RoutingRunner(ort_sessions(pr), specs, cfg, dr)
-    if ns:
-        return SelectionForcedRunner(ort_sessions(pa), specs, cfg, da, ref, ns), ref
-    return RoutingRunner(ort_sessions(pa), specs, cfg, da), ref
+            runner, unforced = StaticRunner(ort_sessions(p16), specs, model.config), None
+        return compare_runs(model, runner, stage, prompt_len, decode_steps, gen_tokens, seed, unforced=unforced,
+                            routers=routers)
 
 
 def quant_parity(model, fp32_graphs: dict[str, tuple[StaticGraphSpec, Path]],
                  graphs: dict[str, tuple[StaticGraphSpec, Path]], stage: str, prompt_len: int | None = None,
-                 decode_steps: int = 4, gen_tokens: int = 16, seed: int = 0) -> list[ParityReport]:
-    """The quantized static graphs on ORT CPU vs eager, routing-aware as the fp16 emulation is: comparison-only
-    copies of the quantized graphs and of the fp32 static graphs they came from expose every routing TopK, both run
-    the same trajectory, and rows whose expert choice the quantization flipped are excluded from the stage's
-    budget and reported (compare_runs with routing_ref; share of flips from the stage's budget)."""
+                 decode_steps: int = 4, gen_tokens: int = 16, seed: int = 0,
+                 routers: list[Router] | None = None) -> list[ParityReport]:
+    """The quantized static graphs on ORT CPU vs eager, teacher-forced as the fp16 emulation is: comparison-only
+    copies of the quantized graphs read the gate logits and indexer scores of the fp32 static graphs they came
+    from, run on the same trajectory, so the stage's budget judges every row; the quantized graphs' own routing is
+    judged apart (compare_runs)."""
     specs = {n: s for n, (s, _) in graphs.items()}
     with tempfile.TemporaryDirectory(prefix="mlamoe-quant-routing-") as tmp:
         pairs = ((name, ir.load(fp32_graphs[name][1]), ir.load(path)) for name, (_, path) in graphs.items())
-        runner, ref = _routing_runners(model.config, specs, pairs, Path(tmp), "quant.routing", act_scores=True)
-        return compare_runs(model, runner, stage, prompt_len, decode_steps, gen_tokens, seed, routing_ref=ref)
+        runner, unforced = forced_runners(model.config, specs, pairs, Path(tmp), "quant")
+        return compare_runs(model, runner, stage, prompt_len, decode_steps, gen_tokens, seed, unforced=unforced,
+                            routers=routers)
 
 
 def static_parity(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], stage: str = "export/ascend-static",
@@ -689,20 +418,31 @@ def make_prompt(cfg, batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, cfg.vocab_size, (batch, length), generator=g)
 
 
+def _valid_calls(runner: ForcedRunner, mark: int, L: int) -> list[tuple[ForcedCall, int]]:
+    """The runner's calls since `mark`, each with its number of valid rows (prefill chunks of an L-token prompt
+    from position 0: the rows before L; decode: 1)."""
+    out = []
+    for c in runner.calls[mark:]:
+        kind = runner.specs[c.graph].kind
+        out.append((c, 1 if kind == "decode" else min(c.seq, L - int(c.position.min()))))
+    return out
+
+
 @torch.no_grad()
 def compare_runs(model, runner: StaticRunner, stage: str, prompt_len: int | None = None, decode_steps: int = 4,
-                 gen_tokens: int = 16, seed: int = 0, routing_ref: RoutingRunner | None = None) -> list[ParityReport]:
-    """Eager vs `runner` on one prompt: prefill in the smallest bucket (prompt = 3/4 of it by
-    default, so padding is exercised), `decode_steps` steps each fed the runner's own cache, then
-    greedy generation of `gen_tokens` tokens.
+                 gen_tokens: int = 16, seed: int = 0, unforced: ForcedRunner | None = None,
+                 routers: list[Router] | None = None) -> list[ParityReport]:
+    """`model` vs `runner` on one prompt: prefill in the smallest bucket (prompt = 3/4 of it by default, so padding
+    is exercised), `decode_steps` steps each fed the runner's own cache, then greedy generation of `gen_tokens`
+    tokens.
 
-    With routing_ref (the fp32 static graphs as a RoutingRunner; `runner` a RoutingRunner too), the
-    reference graphs run the same trajectory (same tokens, their own cache) and every router
-    decision is compared: a row (prefill position, decode step, greedy step) whose expert choice
-    differs in any layer is excluded from the thresholds (a discrete flip on a near-tie, after which
-    that token legitimately diverges), the rest is judged as usual. A report still fails when more
-    than MAX_FLIPPED_FRACTION of the positions its outputs depend on flipped, or when a flip's fp32
-    margin exceeds MAX_FLIP_MARGIN. Rows after a flipped position that attend to it stay judged."""
+    With a ForcedRunner (teacher-forced: every run routes and selects as the fp32 static graphs do on the same
+    tokens), every row is judged under the stage's budget and each report also judges the lossy graph's own
+    routing on those rows (parity's rule: flips within the stage's share of (position, MoE layer) decisions, each
+    at a reference margin the stage's router-score error can overturn; given the reference's gate logits the
+    router picks the reference's experts), and its indexer selections alike. `unforced` (the same graphs routing
+    by themselves): greedy generation as deployed, recorded in the greedy report (extra["unforced_greedy"]: tokens
+    equal to the reference's, flips before the first divergence), not judged."""
     specs = runner.specs
     cfg = model.config
     dec = specs["decode"]
@@ -710,16 +450,26 @@ def compare_runs(model, runner: StaticRunner, stage: str, prompt_len: int | None
     L = prompt_len or max(1, (3 * buckets[0]) // 4)
     prompt = make_prompt(cfg, dec.batch, L, seed)
     B = dec.batch
-    if routing_ref is not None and not isinstance(runner, RoutingRunner):
-        raise TypeError("compare_runs: routing_ref needs a RoutingRunner as runner")
-    trace = _RoutingTrace(routing_ref, runner) if routing_ref is not None else None
+    forced = isinstance(runner, ForcedRunner)
+    if forced and routers is None and hasattr(model, "model"):
+        from pipeline.build import moe_routers
+        routers = moe_routers(model)
+    reference = ("the fp32 W8A8 QDQ graphs on ORT CPU" if isinstance(model, StaticGraphReference)
+                 else "eager PyTorch fp32")
+
+    def calls_since(mark: int):
+        return _valid_calls(runner, mark, L) if forced else None
+
+    def judged(name: str, ref: dict, act: dict, outputs: list[str], calls) -> ParityReport:
+        rep = _judge(f"{stage}/{name}", ref, act, outputs, calls, routers)
+        rep.extra["reference"] = reference
+        return rep
+
     reports = []
     cache_spec = static_cache_spec(cfg)
     ref_logits, cache = model.step(prompt, model.empty_cache(B, cache_spec.layout), cache_spec.layout)
+    mark = len(runner.calls) if forced else 0
     logits, c16 = runner.prefill(prompt.numpy())
-    if trace is not None:
-        _, c32 = routing_ref.prefill(prompt.numpy())
-        trace.add(routing_ref.calls[-1], runner.calls[-1], L)
     ref = {"logits": ref_logits.numpy()}
     act = {"logits": logits}
     # cache rows 0..L-1 are the ones this prefill wrote (rows L.. hold the bucket's padding)
@@ -727,110 +477,86 @@ def compare_runs(model, runner: StaticRunner, stage: str, prompt_len: int | None
         for t, a in zip(cache_spec.tensors, layer):
             ref[f"present.{i}.{t.name}"] = a.numpy()
             act[f"present.{i}.{t.name}"] = c16[f"past.{i}.{t.name}"][t.rows(0, L)]
-    reports.append(_judge(f"{stage}/prefill", ref, act, ["logits"], trace, np.tile(np.arange(L), (B, 1))))
-    if trace is not None:
-        reports[-1].extra["routing"]["cache_rows_reset"] = trace.repair(c16, cache, cache_spec)
+    reports.append(judged("prefill", ref, act, ["logits"], calls_since(mark)))
     tok = ref_logits[:, -1].argmax(-1, keepdim=True)
     pos = L
     for step in range(decode_steps):
         if pos >= dec.max_cache:
             break
         ref_logits, cache = model.step(tok, cache, cache_spec.layout)
+        mark = len(runner.calls) if forced else 0
         logits, c16 = runner.decode(tok.numpy(), pos, c16)
-        if trace is not None:
-            _, c32 = routing_ref.decode(tok.numpy(), pos, c32)
-            trace.add(routing_ref.calls[-1], runner.calls[-1], 1)
-        reports.append(_judge(f"{stage}/decode-{step}", {"logits": ref_logits.numpy()}, {"logits": logits},
-                              ["logits"], trace, np.full((B, 1), pos)))
-        if trace is not None:
-            reports[-1].extra["routing"]["cache_rows_reset"] = trace.repair(c16, cache, cache_spec)
+        reports.append(judged(f"decode-{step}", {"logits": ref_logits.numpy()}, {"logits": logits}, ["logits"],
+                              calls_since(mark)))
         tok = ref_logits[:, -1].argmax(-1, keepdim=True)
         pos += 1
     from models.generation import greedy_generate
     n = min(gen_tokens, dec.max_cache - L)
     ref_tokens, ref_steps = greedy_generate(model, prompt, n, cache_spec.layout)
-    mark = len(runner.calls) if trace is not None else 0
+    mark = len(runner.calls) if forced else 0
     tokens, steps = runner.generate(prompt.numpy(), n)
-    gtrace, agree32 = None, 0
-    if trace is not None:
-        mark32 = len(routing_ref.calls)
-        tokens32, _ = routing_ref.generate(prompt.numpy(), n)
-        # call 0 is the prefill, call i >= 1 decodes token i-1: comparable while both runs were
-        # fed the same tokens (fp32 static vs fp16 greedy)
-        agree32 = int((tokens32 == tokens).all(0).cumprod().sum())
-        gtrace = _RoutingTrace(routing_ref, runner)
-        for i, (rc, ac) in enumerate(zip(routing_ref.calls[mark32:], runner.calls[mark:])):
-            if i <= agree32:
-                gtrace.add(rc, ac, L if i == 0 else 1)
-        for i, ac in enumerate(runner.calls[mark:]):  # forced selections: each call's reference ran its tokens
-            if i > agree32:
-                gtrace.add_selections(ac, L if i == 0 else 1)
     # the runner's own greedy logits are compared up to the first token mismatch (after it the
-    # two trajectories see different tokens and are no longer comparable)
+    # two trajectories see different tokens and are no longer comparable); step i's logits come from call i
     agree = int((ref_tokens.numpy() == tokens).all(0).cumprod().sum())
     upto = max(agree, 1)
-    rep = _judge(f"{stage}/greedy", {"step_logits": ref_steps.numpy()[:, :upto]}, {"step_logits": steps[:, :upto]},
-                 ["step_logits"], gtrace, np.tile(L - 1 + np.arange(upto), (B, 1)))
-    record = rep.add_tokens("greedy", ref_tokens.numpy(), tokens)
-    if gtrace is not None:
-        d = record["first_mismatch"]
-        div = None
-        if d is not None:  # step d's logits come from positions 0 .. L-1+d
-            at = L - 1 + d
-            before = sorted({p for (b, p), f in gtrace.positions.items() if f and p <= at})
-            div = {"step": d, "position": at, "routing_compared": d <= agree32,
-                   "routing_flip_before": bool(before), "flipped_positions_before": before}
-        rep.extra["routing"]["first_token_divergence"] = div
+    gcalls = calls_since(mark)
+    rep = judged("greedy", {"step_logits": ref_steps.numpy()[:, :upto]}, {"step_logits": steps[:, :upto]},
+                 ["step_logits"], None if gcalls is None else gcalls[:upto])
+    rep.add_tokens("greedy", ref_tokens.numpy(), tokens)
+    if unforced is not None:
+        mark = len(unforced.calls)
+        own, _ = unforced.generate(prompt.numpy(), n)
+        rep.extra["unforced_greedy"] = _unforced_greedy(unforced.calls[mark:], L, own, ref_tokens.numpy(), routers)
     reports.append(rep)
     return reports
 
 
-def describe(reports: list[ParityReport]) -> str:
-    """The README's account of the routing-aware emulation reports: what met msit's thresholds, which
-    positions were excluded and why (e.g. "meets msit's thresholds on 11 of 12 prefill positions
-    and 4 of 4 decode steps; 1 position excluded (11): ...")."""
-    emul = {r.stage.rsplit("/", 1)[-1]: r for r in reports if "routing" in r.extra}
+def _routing_flips_text(flips: list[dict]) -> str:
+    if len(flips) <= 3:
+        return "; ".join(f"position {f['position'][1]}" + (f" (row {f['position'][0]})" if f["position"][0] else "")
+                         + f" layer {f['layer']}: fp32 margin {f['margin']:.2g} <= {f['allowed']:.2g}" for f in flips)
+    return (f"fp32 margins <= {max(f['margin'] for f in flips):.2g}, each within what the stage's router-score error "
+            "moves")
+
+
+def describe(reports: list[ParityReport], stage: str = STAGE) -> str:
+    """The README's account of the teacher-forced `stage` reports (the fp16 emulation by default), e.g. "against
+    eager PyTorch fp32, with the fp32 graphs' expert choices forced: meets msit's thresholds on all 12 prefill
+    positions, 4 of 4 decode steps and 16 greedy steps; its own routing: ...; greedy tokens ..."."""
+    emul = {r.stage.rsplit("/", 1)[-1]: r for r in reports if r.stage.startswith(stage + "/")}
     pre = emul.get("prefill")
-    if pre is None:
+    if pre is None or "routing" not in pre.extra:
         return "meets msit's thresholds"
     decodes = [r for k, r in emul.items() if k.startswith("decode-")]
-    rt = pre.extra["routing"]
-    n, judged = rt["n_rows"], rt["n_rows_judged"]
-    d_judged = sum(1 for r in decodes if r.extra["routing"]["n_rows_judged"])
-    unit = "positions" if rt["batch"] == 1 else f"tokens ({rt['batch']} batch rows)"
-    text = (f"meets msit's thresholds on {'all ' if judged == n else ''}{judged}{'' if judged == n else f' of {n}'} "
-            f"prefill {unit} and {d_judged} of {len(decodes)} decode steps")
-    flips = {(f["batch"], f["position"], f["layer"]): f for r in emul.values() for f in r.extra["routing"]["flips"]}
-    roots = sorted((f for f in flips.values() if not f.get("follows")), key=lambda f: (f["position"], f["batch"]))
-    excluded = sorted({p for r in emul.values() for p in r.extra["routing"]["excluded_positions"]})
-    if not flips:
-        text += " (expert choices identical to the fp32 graphs' at every position and layer)"
-    else:
-        def kind(f):
-            return "group" if f["decided_by"] == "groups" else "expert"
-        if len(roots) <= 3:
-            why = "; ".join(f"position {f['position']} layer {f['layer']} {kind(f)} choice, fp32 margin "
-                            + ("?" if f["margin"] is None else f"{f['margin']:.2g}") for f in roots)
-        else:
-            ms = [f["margin"] for f in roots if f["margin"] is not None]
-            why = f"{len(roots)} near-ties" + (f", fp32 margins <= {max(ms):.2g}" if ms else "")
-        n_after = len(flips) - len(roots)
-        text += (f"; {len(excluded)} position{'s' * (len(excluded) != 1)} excluded "
-                 f"({', '.join(map(str, excluded))}): the expert choice flipped on a near-tie with the fp32 "
-                 f"routing ({why})"
-                 + (f", and {n_after} later router decision{'s' * (n_after != 1)} of the diverged token"
-                    f"{'s' * (len(excluded) != 1)} followed" if n_after else ""))
-        if any(r.extra["routing"].get("cache_rows_reset") for r in emul.values()):
-            text += "; the decode steps ran on a cache whose rows written after a flip were reset to the reference's"
     greedy = emul.get("greedy")
+    batch = pre.outputs[0].shape[0] if pre.outputs and pre.outputs[0].shape else 1
+    n_pre = pre.outputs[0].shape[1] if pre.outputs and len(pre.outputs[0].shape) > 1 else 0
+    unit = "positions" if batch == 1 else f"tokens ({batch} batch rows)"
+    forced = "expert choices" + (" and indexer selections" if "selection" in pre.extra["routing"] else "")
+    text = (f"against {pre.extra.get('reference', 'the reference')}, with the fp32 graphs' {forced} forced "
+            f"(teacher-forced: every row judged): {'meets' if pre.passed else 'FAILS'} msit's thresholds on all "
+            f"{n_pre * batch} prefill {unit}, {sum(r.passed for r in decodes)} of {len(decodes)} decode steps")
     if greedy is not None:
         t = greedy.extra.get("tokens", {}).get("greedy", {})
-        text += f"; greedy tokens equal for {t.get('n_equal_steps', '?')} of {t.get('n_steps_reference', '?')} steps"
-        div = greedy.extra["routing"].get("first_token_divergence")
-        if div:
-            text += (f" (first divergence at step {div['step']}, "
-                     + (f"following the routing flip at position {div['flipped_positions_before'][-1]})"
-                        if div["routing_flip_before"] else "with no routing flip before it)"))
+        text += (f" and {'the' if greedy.passed else 'NOT the'} greedy steps' logits; greedy tokens equal for "
+                 f"{t.get('n_equal_steps', '?')} of {t.get('n_steps_reference', '?')} steps")
+    judged = [r for r in [pre, *decodes] if "n_decisions" in r.extra["routing"]]
+    flips = [f for r in judged for f in r.extra["routing"]["flips"]]
+    n = sum(r.extra["routing"]["n_decisions"] for r in judged)
+    text += ("; its own routing (the fp16 graphs' gate logits on the same inputs): " if stage == STAGE
+             else "; its own routing: ")
+    text += (f"no expert choice differs from the fp32 graphs' in {n} (position, MoE layer) decisions" if not flips
+             else f"{len(flips)} of {n} (position, MoE layer) decisions flipped, each a near tie "
+                  f"({_routing_flips_text(flips)})")
+    u = greedy.extra.get("unforced_greedy") if greedy is not None else None
+    if u is not None:
+        text += f"; as deployed (routing by itself) greedy tokens equal for {u['n_equal_steps']} of {u['n_steps']} steps"
+        if u["first_divergence"] is not None:
+            before = sorted({f["position"] for f in u["flips_before"]})
+            text += (f" (first divergence at step {u['first_divergence']}, after the routing flip"
+                     f"{'s' * (len(before) > 1)} at position{'s' * (len(before) > 1)} {', '.join(map(str, before))})"
+                     if before else f" (first divergence at step {u['first_divergence']}, with no routing flip "
+                                    "before it)")
     return text
 
 
