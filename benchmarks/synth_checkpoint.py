@@ -92,6 +92,8 @@ def resolve_config(spec, layers: int | None = None):
                              f"({cfg.num_hidden_layers})")
         cfg = dataclasses.replace(cfg, num_hidden_layers=layers,
                                   first_k_dense_replace=min(cfg.first_k_dense_replace, layers))
+    if getattr(cfg, "quantization_config", None) is not None:  # an FP8 checkpoint's config: the tensors written are not
+        cfg = dataclasses.replace(cfg, quantization_config=None)
     try:
         cfg.validate(f"--config {spec}")
     except MlamoeError as e:

@@ -194,3 +194,14 @@ def test_a_failed_write_leaves_nothing_at_out(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         synth.synth_checkpoint("tiny-v2", tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_config_from_a_checkpoint_folder_fp8_config_dropped(tmp_path):
+    """--config FOLDER reads its config.json; an FP8 checkpoint's quantization_config is left out (the tensors
+    written are --dtype, not FP8 blocks), so the result loads."""
+    src = models.save(models.load("tiny"), tmp_path / "fp8", fp8=True)
+    assert models.load_config(src).fp8
+    synth.synth_checkpoint(src, tmp_path / "out", layers=2)
+    cfg = models.load_config(tmp_path / "out")
+    assert not cfg.fp8 and cfg.num_hidden_layers == 2 and cfg.hidden_size == 64
+    models.load(tmp_path / "out")
