@@ -122,3 +122,10 @@ def test_available_memory_reads_meminfo_and_a_smaller_cgroup_limit(monkeypatch, 
     proc.write_text("")
     assert memory_check.available_memory()[0] is None
     assert "available memory unknown" in memory_check.check("tiny", models.load_config("tiny"))
+
+
+def test_a_path_that_is_no_folder_keeps_the_loaders_message(tmp_path):
+    """The preflight reads configs as models.load does: a missing path is "not a checkpoint folder", not an
+    unknown preset."""
+    r = compile_("--model", str(tmp_path / "nowhere" / "ckpt"), tmp_path=tmp_path)
+    assert r.exit_code == 2 and "not a checkpoint folder" in r.output and "Traceback" not in r.output, r.output
