@@ -205,3 +205,13 @@ def test_config_from_a_checkpoint_folder_fp8_config_dropped(tmp_path):
     cfg = models.load_config(tmp_path / "out")
     assert not cfg.fp8 and cfg.num_hidden_layers == 2 and cfg.hidden_size == 64
     models.load(tmp_path / "out")
+
+
+def test_too_little_disk_is_refused_before_writing(tmp_path, monkeypatch, capsys):
+    import collections
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(synth.shutil, "disk_usage", lambda p: usage(10 ** 12, 10 ** 12 - 10 ** 9, 10 ** 9))
+    assert synth.main(["--out", str(tmp_path / "v2lite")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "needs 31.42 GB" in err and "1.00 GB free" in err
+    assert list(tmp_path.iterdir()) == []
