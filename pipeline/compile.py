@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from models.errors import MlamoeError
 from models.tokenizer import package_tokenizer
 from targets.base import TargetProfile
 
+from . import memory_check
 from .build import BuildContext, tokenizer_section
 from .package import package_lock, staging, write_failure
 from .stages import StageRecord, StageRunner, write_build_log
@@ -45,8 +47,11 @@ def _fp32_weight_bytes(model_spec: str) -> int | None:
 
 def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bool = False, quant: str | None = None,
                      seed: int = 0, cache_dir: Path | None = None, use_cache: bool = True,
-                     layout: str | None = None, gen_tokens: int = 32, progress=None, **target_options) -> Path:
-    """target_options: the target-only options (targets.base.TargetOption: soc, precision, require_om for
+                     layout: str | None = None, gen_tokens: int = 32, progress=None, ignore_memory_check: bool = False,
+                     **target_options) -> Path:
+    """ignore_memory_check: load even when the memory preflight (pipeline/memory_check.py: the peak estimated
+    from the config against the available memory) says the compile will not fit.
+    target_options: the target-only options (targets.base.TargetOption: soc, precision, require_om for
     ascend; ranks, redundant, calibrate, int8_accuracy_level for ort-cpu...); one given to a target that does
     not take it is an error naming the targets that do."""
     model_spec = models.resolve(model_spec)
@@ -66,6 +71,7 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
         raise CompileError(f"{out}: exists; pass --force to replace it (or choose another --out)")
     runner = StageRunner(cache_dir, use_cache, progress)
     started = time.time()
+    _memory_preflight(model_spec, ignore_memory_check, runner)
 
     # ---- load ---------------------------------------------------------------------------------
     t = time.perf_counter()
@@ -119,6 +125,21 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
                                    tokenizer=tokenizer, layout=layout, gen_tokens=gen_tokens, options=options))
     write_build_log(out, runner, started)
     return out
+
+
+def _memory_preflight(model_spec, ignore: bool, runner: StageRunner) -> None:
+    """Before any weight is read: refuse a model whose compile cannot fit in this machine's memory (one
+    MemoryCheckError saying the estimate, the available memory and what to do), unless told to ignore it."""
+    p = Path(model_spec)
+    if not p.is_dir() and (os.sep in str(model_spec) or p.exists()):  # as models.load: a path, not a preset name
+        models.checkpoint_family(p)  # raises what loading it would ("not a checkpoint folder ...")
+    cfg = models.load_config(model_spec)  # config.json or the preset: no weights
+    if ignore:
+        est, (avail, source) = memory_check.estimate(cfg), memory_check.available_memory()
+        have = f"{avail / 2 ** 30:.1f} GiB available ({source})" if avail is not None else source
+        runner.progress(f"[preflight] --ignore-memory-check: estimated peak {est.peak_bytes / 2 ** 30:.1f} GiB, {have}")
+        return
+    runner.progress(f"[preflight] {memory_check.check(model_spec, cfg)}")
 
 
 def _default_quant(requested: str | None, quant: str, fp8_checkpoint: bool, profile: TargetProfile
