@@ -45,6 +45,8 @@ from typing import Callable
 
 import torch
 
+from models.checkpoint import publish_folder
+
 GB = 10 ** 9
 CHUNK = 1 << 24  # elements generated (and held in fp32) at a time
 PROGRESS_SECONDS = 5.0
@@ -225,12 +227,7 @@ def synth_checkpoint(config, out: str | os.PathLike, *, layers: int | None = Non
             weight_map = {s.name: fname for fname, shard in zip(names, shards) for s in shard}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -317,6 +317,17 @@ def save_checkpoint(model: DeepseekForCausalLM, path: str | os.PathLike, *, fp8:
     return write_folder(path, tensors, cfg.to_json, max_shard_bytes)
 
 
+def publish_folder(tmp: Path, path: Path) -> None:
+    """Give a checkpoint folder written in `tmp` (a mkdtemp beside `path`) its final name: readable by all (mkdtemp
+    makes 0700; a checkpoint folder is meant to be shared), replacing `path` if it is an empty folder."""
+    os.chmod(tmp, 0o755)
+    for f in tmp.iterdir():
+        os.chmod(f, 0o644)
+    if path.exists():
+        path.rmdir()
+    os.replace(tmp, path)
+
+
 def write_folder(path: Path, tensors: dict[str, torch.Tensor], write_config: Callable[[Path], None],
                  max_shard_bytes: int | None = None) -> Path:
     """Write config.json (by write_config(file)) and the tensors as safetensors (one file, or shards of at most
@@ -345,12 +356,7 @@ def write_folder(path: Path, tensors: dict[str, torch.Tensor], write_config: Cal
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; a checkpoint folder is meant to be shared
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
+        publish_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
