@@ -59,8 +59,8 @@ def load_config(path_or_preset: str | os.PathLike):
     """Config alone (works for the config-only presets and never reads weights)."""
     path_or_preset = resolve(path_or_preset)
     p = Path(path_or_preset)
-    if p.is_dir():
-        if not (p / "config.json").is_file():
+    if p.is_dir() or os.sep in str(path_or_preset) or p.exists():  # a path, as load() tells one from a preset name
+        if p.is_dir() and not (p / "config.json").is_file():
             raise CheckpointError(f"{p}: no config.json; a Hugging Face checkpoint folder needs config.json")
         return checkpoint_family(p).config_from_json(p / "config.json")
     name = str(path_or_preset)

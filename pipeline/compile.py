@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
@@ -130,10 +129,7 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
 def _memory_preflight(model_spec, ignore: bool, runner: StageRunner) -> None:
     """Before any weight is read: refuse a model whose compile cannot fit in this machine's memory (one
     MemoryCheckError saying the estimate, the available memory and what to do), unless told to ignore it."""
-    p = Path(model_spec)
-    if not p.is_dir() and (os.sep in str(model_spec) or p.exists()):  # as models.load: a path, not a preset name
-        models.checkpoint_family(p)  # raises what loading it would ("not a checkpoint folder ...")
-    cfg = models.load_config(model_spec)  # config.json or the preset: no weights
+    cfg = models.load_config(model_spec)  # config.json or the preset: no weights; a bad path fails as load would
     if ignore:
         est, (avail, source) = memory_check.estimate(cfg), memory_check.available_memory()
         have = f"{avail / 2 ** 30:.1f} GiB available ({source})" if avail is not None else source

@@ -129,3 +129,17 @@ def test_a_path_that_is_no_folder_keeps_the_loaders_message(tmp_path):
     unknown preset."""
     r = compile_("--model", str(tmp_path / "nowhere" / "ckpt"), tmp_path=tmp_path)
     assert r.exit_code == 2 and "not a checkpoint folder" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_load_config_tells_a_path_from_a_preset_as_load_does(tmp_path):
+    """models.load_config of a missing path or a file is models.load's "not a checkpoint folder", not "unknown preset";
+    an unknown bare name still is an unknown preset."""
+    import models
+    from models.errors import CheckpointError, ConfigError
+    afile = tmp_path / "weights.safetensors"
+    afile.write_bytes(b"")
+    for bad in (tmp_path / "no-such-folder", afile):
+        with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+            models.load_config(bad)
+    with pytest.raises(ConfigError, match="unknown model preset"):
+        models.load_config("no-such-preset")
