@@ -89,17 +89,21 @@ def run_cases(paths: dict[str, Path], golden: Golden, session_config: dict | Non
     """Run each golden case on ORT CPU; -> {case name: {output name: array}}. progress: a pipeline.progress.Progress
     (the case count on a terminal)."""
     so = ort_runtime.session_options(session_config or {"graph_optimization_level": "basic"})
-    if progress is not None:
-        progress.update("loading the graphs into ONNX Runtime")
-    sessions = {g: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for g, p in paths.items()}
-    results = {}
-    for i, case in enumerate(golden.cases):
-        if progress is not None:
-            progress.update("golden case", i + 1, len(golden.cases))
-        sess = sessions[case.graph]
+    results, done = {}, 0
+    for g in dict.fromkeys(case.graph for case in golden.cases):  # one session at a time: a session holds its
+        if progress is not None:                                  # graph's weights (memory-mapped and prepacked)
+            progress.update(f"loading {g} into ONNX Runtime")
+        sess = ort.InferenceSession(str(paths[g]), so, providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
-        results[case.name] = dict(zip(names, sess.run(None, case.inputs)))
-    return results
+        for case in golden.cases:
+            if case.graph != g:
+                continue
+            done += 1
+            if progress is not None:
+                progress.update("golden case", done, len(golden.cases))
+            results[case.name] = dict(zip(names, sess.run(None, case.inputs)))
+        del sess
+    return {case.name: results[case.name] for case in golden.cases}
 
 
 def check_cases(runner: StageRunner, record: StageRecord, stage: str, paths: dict[str, Path], golden: Golden,

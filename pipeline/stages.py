@@ -9,7 +9,10 @@ source, so an unchanged stage is restored instead of recomputed, and any change 
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -52,6 +55,26 @@ def _source_hash() -> str:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MLAMOE_CACHE", Path.home() / ".cache" / "mlamoe"))
+
+
+_LIBC = None
+
+
+def release_memory() -> None:
+    """Hand the memory a finished step freed back to the OS: a stage's graphs, sessions and the exporter's tensors are
+    garbage once it returns, but glibc keeps freed heap in its arenas, so without malloc_trim the process keeps the
+    high-water mark of every stage (measured on medium: 4.67 GB after export and del, 2.74 GB after malloc_trim).
+    A no-op where the C library has no malloc_trim."""
+    global _LIBC
+    gc.collect()
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
 
 
 @dataclasses.dataclass
@@ -156,9 +179,11 @@ class StageRunner:
             self.progress(f"[{name}] running ...")
             with self.live.stage(name, "building"):
                 build(out_dir, record)
+            release_memory()
         if check is not None:
             with self.live.stage(name, "checking"):
                 check(out_dir, record)
+            release_memory()
         record.outputs = {p.relative_to(out_dir).as_posix(): sha256_file(p)
                           for p in sorted(out_dir.rglob("*")) if p.is_file()}
         record.seconds = round(time.perf_counter() - start, 3)
