@@ -227,14 +227,15 @@ def test_package_holds_one_weights_file_of_about_one_copy(packages, target):
     assert sorted(section["graphs"]) == sorted(f"onnx/{g.name}" for g in graphs)
 
 
-def test_ort_cpu_genai_folder_shares_its_own_file(packages):
+def test_ort_cpu_genai_graphs_share_the_packages_file(packages):
+    """The onnxruntime-genai graphs are in onnx/ over the package's weights file: no second copy anywhere."""
     pkg = Path(packages["ort-cpu"])
-    genai = pkg / "genai"
-    assert sorted(p.name for p in genai.glob("*.data")) == [WEIGHTS_FILE]
-    params = _param_bytes("tiny")
-    assert (genai / WEIGHTS_FILE).stat().st_size <= 1.10 * params
-    for g in genai.glob("*.onnx"):
-        assert list(external_files(g)) == [WEIGHTS_FILE]
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert manifest["genai"]["dir"] == "onnx" and not (pkg / "genai").exists()
+    assert [p.relative_to(pkg).as_posix() for p in pkg.rglob("*.data")] == [f"onnx/{WEIGHTS_FILE}"]
+    for g in manifest["genai"]["graphs"].values():
+        assert list(external_files(pkg / g)) == [WEIGHTS_FILE], g
+        assert g in manifest["io"]["weights"]["graphs"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
