@@ -245,6 +245,40 @@ def test_package_keeps_one_copy_of_the_weights_for_both_runtimes(tiny, tmp_path,
     assert check_golden(pkg, folder) == []
 
 
+def test_single_form_compiles_into_onnx_over_the_same_file(tiny, tmp_path, stage_cache):
+    """--genai single: onnx/genai_model.onnx beside the package graphs, the same weights file."""
+    pkg, _ = tiny
+    single = compile_package("tiny", "ort-cpu", tmp_path / "single", cache_dir=stage_cache, progress=lambda m: None,
+                             genai="single")
+    m = json.loads((single / "manifest.json").read_text())
+    assert m["genai"]["type"] == "decoder" and m["genai"]["graphs"] == {"prefill": "onnx/genai_model.onnx",
+                                                                        "decode": "onnx/genai_model.onnx"}
+    assert m["io"]["weights"]["graphs"] == ["onnx/prefill.onnx", "onnx/decode.onnx", "onnx/genai_model.onnx"]
+    assert (single / "onnx" / WEIGHTS_FILE).read_bytes() == (pkg / "onnx" / WEIGHTS_FILE).read_bytes()
+    assert check_golden(single, single / "onnx") == [] and verify_package(single) == []
+
+
+def test_genai_files_never_overwrite_or_enter_a_package(tiny, tmp_path):
+    from pipeline.weights_file import WeightsFile
+    from targets.genai_folder import build_genai_folder
+    pkg, _ = tiny
+    with pytest.raises(ValueError, match="inside the package"):
+        from_package(pkg, pkg / "genai")
+    with pytest.raises(ValueError, match="inside the package"):
+        from_package(pkg, pkg)
+    # a shared folder that already holds genai files: refused before anything is written
+    copy = tmp_path / "pkg"
+    import shutil
+    shutil.copytree(pkg, copy)
+    before = {p.name: p.read_bytes() for p in (copy / "onnx").iterdir()}
+    manifest = json.loads((copy / "manifest.json").read_text())
+    graphs = {g: ir.load(copy / "onnx" / f"{g}.onnx") for g in ("prefill", "decode")}
+    with WeightsFile.reopen(copy / "onnx", ["prefill.onnx", "decode.onnx"]) as w, \
+            pytest.raises(ValueError, match=r"genai_config.json.*would overwrite"):
+        build_genai_folder(copy / "onnx", graphs, manifest["model"]["config"], {}, weights=w)
+    assert {p.name: p.read_bytes() for p in (copy / "onnx").iterdir()} == before
+
+
 def _odd_graph() -> ir.Model:
     """A stand-in family: per layer states "a" [B, S, 3] and "b" [B, S, 4] (an odd row of 7), each
     appended a slice of x; y = every present state summed over the sequence."""
