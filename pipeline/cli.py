@@ -125,9 +125,9 @@ def _targets_help() -> str:
               help="ort-cpu: also write expert-parallel graphs for N ranks (expert_parallel/, run with torchrun)")
 @click.option("--redundant", type=int, default=0, show_default=True, help="with --ranks: extra replicas of hot experts")
 @click.option("--genai", type=click.Choice(["pipeline", "single", "none"]), default=None,
-              help="ort-cpu: the onnxruntime-genai folder genai/ (docs/genai.md): pipeline (default; prefill.onnx on "
-                   "the prompt, the latent-fused decode.onnx per token: two more copies of the weights), single (one "
-                   "graph: one copy, slower decode) or none")
+              help="ort-cpu: the onnxruntime-genai files, in onnx/ over its one weights file (docs/genai.md; "
+                   "onnxruntime_genai.Model('PACKAGE/onnx')): pipeline (default; the prefill graph on the prompt, the "
+                   "latent-fused decode graph per token), single (one graph: slower decode) or none")
 @click.option("--decode-gears", default=None,
               help="ort-cuda (fp16): also build fixed-shape decode gears at these cache lengths, e.g. 1024,8192,32768: "
                    "one graph per gear over a preallocated cache written in place, static-gather MoE, bound once "

@@ -1,6 +1,8 @@
 """The README.md written into every package, for the team that receives it."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from .parity import ParityReport
 
 
@@ -147,8 +149,9 @@ def _weights_rows(manifest: dict) -> list[str]:
     w = manifest.get("io", {}).get("weights")
     if not isinstance(w, dict) or "file" not in w:
         return []
-    return [f"| `{w['file']}` | the weights of every graph, one copy ({w.get('bytes', 0):,} bytes; the graphs reference "
-            "it by offset, ONNX external data: keep `onnx/` together) |"]
+    return [f"| `{w['file']}` | the weights of every graph ({', '.join(f'`{Path(f).name}`' for f in w.get('graphs', []))}), "
+            f"one copy ({w.get('bytes', 0):,} bytes; the graphs reference it by offset, ONNX external data: keep `onnx/` "
+            "together) |"]
 
 
 def _tokenizer_rows(manifest: dict) -> list[str]:
@@ -163,6 +166,9 @@ def _genai_rows(manifest: dict) -> list[str]:
     g = manifest.get("genai")
     if not g:
         return []
-    return [f"| `{g['dir']}/` | the same graphs for onnxruntime-genai ({g['type']}; {g['config']}; cache as one key/value "
-            f"pair per layer of half the state row): `python -c \"import onnxruntime_genai as og; og.Model('{g['dir']}')\"` "
-            f"with {g['runtime']}; greedy, batch 1 or equal-length prompts |"]
+    own = [f for f in g.get("files", []) if f != g.get("weights")]
+    listed = ", ".join(f"`{f}`" for f in own) if own else f"`{g['dir']}/`"
+    return [f"| {listed} | the same graphs for onnxruntime-genai ({g['type']}; cache as one key/value pair per layer of "
+            f"half the state row), beside the package's graphs and over the same `{g['weights']}` (no second copy of the "
+            f"weights): `python -c \"import onnxruntime_genai as og; og.Model('{g['dir']}')\"` with {g['runtime']}; "
+            "greedy, batch 1 or equal-length prompts |"]

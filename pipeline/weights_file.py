@@ -27,6 +27,11 @@ gears; ascend: decode and one prefill graph per bucket). Saved one by one, each 
 - After save() the model's initializers refer to the shared file: the in-memory model stays usable (and reads
   its weights from the package), and the caller's source files can be deleted.
 - Deterministic: the same graphs saved in the same order give byte-identical files.
+- Appending from a later step: `WeightsFile.reopen(folder, ["prefill.onnx", "decode.onnx"])` continues a closed
+  file: its dedup table is rebuilt by hashing the byte ranges the named graphs (already saved over it) reference,
+  and new tensors are appended after its end, so bytes already there are referenced, never stored again. The
+  result is byte-identical to saving every graph in one session (the same table, the same end offset); nothing
+  already written moves, so the earlier graphs stay valid. (ort-cpu: the genai graphs join onnx/weights.data.)
 """
 from __future__ import annotations
 
@@ -68,7 +73,8 @@ class WeightsFile:
     manager, or call close(); a graph's .onnx is written as soon as save() returns, the weights file is flushed
     before each graph file is written, so every graph saved so far loads at any time."""
 
-    def __init__(self, folder: str | os.PathLike, name: str = WEIGHTS_FILE, inline_bytes: int = INLINE_BYTES):
+    def __init__(self, folder: str | os.PathLike, name: str = WEIGHTS_FILE, inline_bytes: int = INLINE_BYTES,
+                 _append: bool = False):
         if "/" in name or name in ("", ".", ".."):
             raise WeightsFileError(f"{name!r}: the weights file name must be a plain file name")
         self.folder = Path(folder)
@@ -77,9 +83,47 @@ class WeightsFile:
         self.path = self.folder / name
         self.inline_bytes = inline_bytes
         self._stored: dict[tuple[str, int], int] = {}  # (sha256, length) -> offset
-        self._f = open(self.path, "wb")
+        # append: never truncate (graphs loaded from the file may be memory-mapping it)
+        self._f = open(self.path, "r+b" if _append else "wb")
+        self._f.seek(0, os.SEEK_END)
         self.graphs: list[Path] = []
         self.referenced_bytes = 0  # bytes of every external initializer of every graph (what separate copies cost)
+
+    @classmethod
+    def reopen(cls, folder: str | os.PathLike, graphs: list[str], name: str = WEIGHTS_FILE,
+               inline_bytes: int = INLINE_BYTES) -> "WeightsFile":
+        """Continue the closed weights file folder/name, over which `graphs` (file names in folder, in the order
+        they were saved) already are: those graphs are listed first in .graphs, their references counted in
+        referenced_bytes, and every byte range they reference is hashed into the dedup table (module doc)."""
+        import onnx
+        folder = Path(folder)
+        if not (folder / name).is_file():
+            raise WeightsFileError(f"{folder / name}: no weights file to append to")
+        w = cls(folder, name, inline_bytes, _append=True)
+        size = w._f.tell()
+        try:
+            for filename in graphs:
+                path = folder / filename
+                if path.parent != folder or not path.is_file():
+                    raise WeightsFileError(f"{filename!r}: not a graph in {folder}")
+                for t in _external_tensors(onnx.load(str(path), load_external_data=False).graph):
+                    info = {e.key: e.value for e in t.external_data}
+                    if info["location"] != name:
+                        raise WeightsFileError(f"{filename}: initializer {t.name!r} is in {info['location']!r}, "
+                                               f"not {name!r}")
+                    offset, length = int(info.get("offset", 0)), int(info["length"])
+                    if offset + length > size:
+                        raise WeightsFileError(f"{filename}: initializer {t.name!r} at {offset}+{length} is past the "
+                                               f"end of {name} ({size} bytes)")
+                    key = (_hash_range(w._f, offset, length), length)
+                    w._stored[key] = min(offset, w._stored.get(key, offset))
+                    w.referenced_bytes += length
+                w.graphs.append(path)
+        except BaseException:
+            w.close()
+            raise
+        w._f.seek(0, os.SEEK_END)
+        return w
 
     # -------------------------------------------------------------------------------------------- writing
     @property
@@ -176,24 +220,39 @@ def save_graphs(folder: str | os.PathLike, graphs: dict[str, ir.Model | str | os
     return w.files
 
 
+def _external_tensors(g):
+    """Every initializer of graph proto `g` (and its subgraphs) stored as external data."""
+    import onnx
+    for t in g.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            yield t
+    for n in g.node:
+        for a in n.attribute:
+            if a.HasField("g"):
+                yield from _external_tensors(a.g)
+            for sub in a.graphs:
+                yield from _external_tensors(sub)
+
+
+def _hash_range(f, offset: int, length: int, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    f.seek(offset)
+    left = length
+    while left:
+        data = f.read(min(chunk, left))
+        if not data:
+            raise WeightsFileError(f"{f.name}: ends inside the range {offset}+{length}")
+        h.update(data)
+        left -= len(data)
+    return h.hexdigest()
+
+
 def external_files(path: str | os.PathLike) -> dict[str, int]:
     """{external data file (relative to the graph's folder): bytes of it the graph references}, read from the
     graph's protobuf without loading any weights."""
     import onnx
-    m = onnx.load(str(path), load_external_data=False)
     out: dict[str, int] = {}
-
-    def walk(g):
-        for t in g.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                info = {e.key: e.value for e in t.external_data}
-                out[info["location"]] = out.get(info["location"], 0) + int(info.get("length", 0))
-        for n in g.node:
-            for a in n.attribute:
-                if a.g is not None and a.HasField("g"):
-                    walk(a.g)
-                for sub in a.graphs:
-                    walk(sub)
-
-    walk(m.graph)
+    for t in _external_tensors(onnx.load(str(path), load_external_data=False).graph):
+        info = {e.key: e.value for e in t.external_data}
+        out[info["location"]] = out.get(info["location"], 0) + int(info.get("length", 0))
     return out

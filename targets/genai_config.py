@@ -31,7 +31,8 @@ import onnx_ir as ir
 
 from passes.genai_cache_layout import layout_of
 
-DECODER_FILENAME = "model.onnx"
+DECODER_FILENAME = "genai_model.onnx"  # the "decoder" form's one graph
+GENAI_CONFIG = "genai_config.json"
 MODEL_TYPE = "decoder"  # genai's generic decoder-only LLM (src/models/model_type.h ModelType::IsLLM)
 PIPELINE_TYPE = "decoder-pipeline"  # several graphs, each run on the prompt and/or the generated tokens (IsPipe)
 
@@ -127,6 +128,6 @@ def genai_config(model_config: dict, decoder: ir.Model, filename: str = DECODER_
 
 def write_genai_config(folder: str | Path, model_config: dict, decoder: ir.Model, **kw) -> Path:
     """Write genai_config.json into `folder` (sorted keys, newline-terminated: byte-identical rebuilds)."""
-    path = Path(folder) / "genai_config.json"
+    path = Path(folder) / GENAI_CONFIG
     path.write_text(json.dumps(genai_config(model_config, decoder, **kw), indent=2, sort_keys=True) + "\n")
     return path

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime_genai as og
@@ -26,7 +27,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=16)
     args = p.parse_args(argv)
     model = og.Model(args.folder)
-    tokenizer = og.Tokenizer(model)
+    # a package without a tokenizer (random-weight presets other than the vocab-256 ones): --prompt-ids only
+    has_tokenizer = (Path(args.folder) / "tokenizer_config.json").is_file() or args.prompt is not None
+    tokenizer = og.Tokenizer(model) if has_tokenizer else None
     if args.prompt_ids:
         ids = [int(x) for x in args.prompt_ids.split(",")]
     else:
@@ -47,8 +50,8 @@ def main(argv=None) -> int:
         logits.append(np.asarray(gen.get_logits(), dtype=np.float32).reshape(-1).tolist())
         gen.generate_next_token()
         tokens.append(int(gen.get_next_tokens()[0]))
-    print(json.dumps({"prompt_ids": ids, "tokens": tokens, "text": tokenizer.decode(np.asarray(tokens, np.int32)),
-                      "step_logits": logits}))
+    text = tokenizer.decode(np.asarray(tokens, np.int32)) if tokenizer is not None else None
+    print(json.dumps({"prompt_ids": ids, "tokens": tokens, "text": text, "step_logits": logits}))
     return 0
 
 

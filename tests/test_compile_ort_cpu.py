@@ -89,9 +89,22 @@ def test_package_layout_and_manifest(packages):
     for s in m["stages"]:
         if s["name"] not in ("load", "quantize", "package", "genai"):
             assert s["parity"] and all(p["passed"] for p in s["parity"]), s["name"]
-    # genai/ (the onnxruntime-genai folder): its check re-runs the golden data and fails the build on a difference
-    assert m["genai"]["dir"] == "genai" and m["genai"]["type"] == "decoder-pipeline"
-    assert (root / m["genai"]["config"]).is_file()
+    # the onnxruntime-genai files, in onnx/ over its one weights file: their check re-runs the golden data and fails
+    # the build on a difference
+    assert m["genai"]["dir"] == "onnx" and m["genai"]["type"] == "decoder-pipeline"
+    assert m["genai"]["config"] == "onnx/genai_config.json" and (root / m["genai"]["config"]).is_file()
+    assert not (root / "genai").exists()
+    assert m["genai"]["weights"] == m["io"]["weights"]["file"] == "onnx/weights.data"
+    assert set(m["genai"]["graphs"].values()) == {"onnx/genai_prefill.onnx", "onnx/genai_decode.onnx"}
+    assert m["io"]["weights"]["graphs"] == ["onnx/prefill.onnx", "onnx/decode.onnx", "onnx/genai_prefill.onnx",
+                                            "onnx/genai_decode.onnx"]
+    assert {m["io"]["graphs"][g]["file"] for g in ("prefill", "decode")} == {"onnx/prefill.onnx", "onnx/decode.onnx"}
+    assert set(m["genai"]["files"]) <= {f["path"] for f in m["files"]}
+    assert {"onnx/genai_config.json", "onnx/genai_prefill.onnx", "onnx/tokenizer.json"} <= set(m["genai"]["files"])
+    readme = (root / "README.md").read_text()
+    assert "`onnx/genai_config.json`" in readme and "og.Model('onnx')" in readme and "no second copy" in readme
+    from pipeline.inspect import describe
+    assert "genai     onnx/ (decoder-pipeline: onnx/genai_decode.onnx, onnx/genai_prefill.onnx" in describe(m)
     listed = {f["path"] for f in m["files"]}
     on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {"manifest.json"}
     assert listed == on_disk

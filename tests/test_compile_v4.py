@@ -188,7 +188,7 @@ def test_v4_package_verifies_and_records_what_it_skipped(hf_package):
     for name in ("passes/latent-kv-fusion", "passes/moe-ort-fused", "genai"):
         assert stages[name]["params"]["skipped"], name
     assert stages["passes/ort-simplify"]["parity"] and all(p["passed"] for p in stages["passes/ort-simplify"]["parity"])
-    assert "genai" not in m and not (pkg / "genai").exists()
+    assert "genai" not in m and not (pkg / "onnx" / "genai_config.json").exists()
     readme = (pkg / "README.md").read_text()
     assert "Not run: `passes/moe-ort-fused`" in readme and "Not run: `genai`" in readme
     cases = {c["name"] for c in m["golden"]["cases"]}

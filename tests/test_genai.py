@@ -27,6 +27,8 @@ import pytest
 
 from passes.genai_cache_layout import GenaiCacheLayoutError, GenaiCacheLayoutPass, join_state, layout_of, split_state
 from pipeline.compile import compile_package
+from pipeline.package import verify_package
+from pipeline.weights_file import WEIGHTS_FILE, external_files
 from targets.genai_config import genai_config
 from targets.genai_folder import check_golden, from_package, manifest_section
 
@@ -80,7 +82,8 @@ def tiny_single(tiny):
     return tiny[0], tiny[1].parent / "tiny-genai-single"
 
 
-GRAPHS = (("prefill", "prefill.onnx", (2, 5, 4), (1, 0, 7), (1, 9, 1)), ("decode", "decode.onnx", (2, 5, 1), (1, 0, 1)))
+GRAPHS = (("prefill", "genai_prefill.onnx", (2, 5, 4), (1, 0, 7), (1, 9, 1)),
+          ("decode", "genai_decode.onnx", (2, 5, 1), (1, 0, 1)))
 
 
 def _random_state(sess: ort.InferenceSession, batch: int, past: int, seq: int, seed: int = 0) -> dict:
@@ -114,7 +117,7 @@ def test_rewritten_graph_computes_what_the_package_graph_computes(tiny, graph):
 def test_layout_is_one_key_value_pair_per_layer_of_half_the_latent_row(tiny):
     pkg, genai = tiny
     before = {i.name: i for i in onnx.load(pkg / "onnx" / "prefill.onnx", load_external_data=False).graph.input}
-    model = ir.load(genai / "prefill.onnx")
+    model = ir.load(genai / "genai_prefill.onnx")
     layout = layout_of(model)
     inputs = {v.name: v for v in model.graph.inputs}
     assert not any(n.startswith("past.") for n in inputs)  # every state tensor went into the pair
@@ -132,14 +135,14 @@ def test_layout_is_one_key_value_pair_per_layer_of_half_the_latent_row(tiny):
 def test_genai_config_describes_the_rewritten_graphs(tiny, tiny_single):
     pkg, genai = tiny
     cfg = json.loads((genai / "genai_config.json").read_text())
-    model = ir.load(genai / "prefill.onnx")
+    model = ir.load(genai / "genai_prefill.onnx")
     manifest = json.loads((pkg / "manifest.json").read_text())
     dec = cfg["model"]["decoder"]
     assert cfg["model"]["type"] == "decoder-pipeline" and "filename" not in dec
     (prompt,), (token_gen,) = (list(d.values()) for d in dec["pipeline"])
-    assert (prompt["filename"], prompt["run_on_prompt"], prompt["run_on_token_gen"]) == ("prefill.onnx", True, False)
+    assert (prompt["filename"], prompt["run_on_prompt"], prompt["run_on_token_gen"]) == ("genai_prefill.onnx", True, False)
     assert (token_gen["filename"], token_gen["run_on_prompt"], token_gen["run_on_token_gen"]) == (
-        "decode.onnx", False, True)
+        "genai_decode.onnx", False, True)
     for spec in (prompt, token_gen):
         g = onnx.load(genai / spec["filename"], load_external_data=False).graph
         assert spec["inputs"] == [i.name for i in g.input] and spec["outputs"] == [o.name for o in g.output]
@@ -166,8 +169,8 @@ def test_genai_config_describes_the_rewritten_graphs(tiny, tiny_single):
 def test_swapped_halves_break_the_comparison(tiny):
     """Fault: key and value fed the wrong way round (a config naming them swapped) must not pass."""
     pkg, genai = tiny
-    ref, new = _session(pkg / "onnx" / "prefill.onnx"), _session(genai / "prefill.onnx")
-    layout = layout_of(ir.load(genai / "prefill.onnx"))
+    ref, new = _session(pkg / "onnx" / "prefill.onnx"), _session(genai / "genai_prefill.onnx")
+    layout = layout_of(ir.load(genai / "genai_prefill.onnx"))
     feeds = _random_state(ref, 1, 6, 3)
     want = _run(ref, feeds)
     state = split_state(layout, feeds)
@@ -210,9 +213,70 @@ def test_manifest_section_names_the_folder_and_the_graphs(tiny):
     pkg, genai = tiny
     sec = manifest_section(genai.parent, genai)
     assert sec["dir"] == genai.name and sec["type"] == "decoder-pipeline"
-    assert sec["graphs"] == {"prefill": f"{genai.name}/prefill.onnx", "decode": f"{genai.name}/decode.onnx"}
+    assert sec["graphs"] == {"prefill": f"{genai.name}/genai_prefill.onnx", "decode": f"{genai.name}/genai_decode.onnx"}
+    assert sec["files"] == sorted(f"{genai.name}/{f}" for f in ("genai_config.json", "genai_prefill.onnx",
+                                                               "genai_decode.onnx", "weights.data"))
     head = json.loads((genai / "genai_config.json").read_text())["model"]["decoder"]["head_size"]
     assert sec["cache"]["shape"] == ["batch", 1, "seq", head]
+
+
+def test_package_keeps_one_copy_of_the_weights_for_both_runtimes(tiny, tmp_path, stage_cache):
+    """The compile's genai files live in onnx/ over the package's one weights file: it is byte for byte the
+    file of a package without them (--genai none), every genai graph references only it, the archive holds
+    one weights file, and the package verifies."""
+    pkg, _ = tiny
+    folder = pkg / "onnx"
+    none = compile_package("tiny", "ort-cpu", tmp_path / "none", cache_dir=stage_cache, progress=lambda m: None,
+                           genai="none")
+    assert sorted(p.name for p in (none / "onnx").iterdir()) == ["decode.onnx", "prefill.onnx", WEIGHTS_FILE]
+    assert (folder / WEIGHTS_FILE).read_bytes() == (none / "onnx" / WEIGHTS_FILE).read_bytes()
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert manifest["io"]["weights"]["bytes"] == (folder / WEIGHTS_FILE).stat().st_size
+    assert set(manifest["genai"]["files"]) >= {"onnx/genai_config.json", "onnx/genai_prefill.onnx",
+                                               "onnx/genai_decode.onnx", f"onnx/{WEIGHTS_FILE}"}
+    for g in ("prefill", "decode"):
+        refs = external_files(folder / f"genai_{g}.onnx")
+        assert list(refs) == [WEIGHTS_FILE] and refs == external_files(folder / f"{g}.onnx"), g
+    assert [p.name for p in pkg.rglob("*.data")] == [WEIGHTS_FILE]
+    import tarfile
+    with tarfile.open(pkg.parent / f"{pkg.name}.tar.gz") as tar:
+        assert [t.name for t in tar.getmembers() if t.name.endswith(".data")] == [f"{pkg.name}/onnx/{WEIGHTS_FILE}"]
+    assert verify_package(pkg) == []
+    assert check_golden(pkg, folder) == []
+
+
+def test_single_form_compiles_into_onnx_over_the_same_file(tiny, tmp_path, stage_cache):
+    """--genai single: onnx/genai_model.onnx beside the package graphs, the same weights file."""
+    pkg, _ = tiny
+    single = compile_package("tiny", "ort-cpu", tmp_path / "single", cache_dir=stage_cache, progress=lambda m: None,
+                             genai="single")
+    m = json.loads((single / "manifest.json").read_text())
+    assert m["genai"]["type"] == "decoder" and m["genai"]["graphs"] == {"prefill": "onnx/genai_model.onnx",
+                                                                        "decode": "onnx/genai_model.onnx"}
+    assert m["io"]["weights"]["graphs"] == ["onnx/prefill.onnx", "onnx/decode.onnx", "onnx/genai_model.onnx"]
+    assert (single / "onnx" / WEIGHTS_FILE).read_bytes() == (pkg / "onnx" / WEIGHTS_FILE).read_bytes()
+    assert check_golden(single, single / "onnx") == [] and verify_package(single) == []
+
+
+def test_genai_files_never_overwrite_or_enter_a_package(tiny, tmp_path):
+    from pipeline.weights_file import WeightsFile
+    from targets.genai_folder import build_genai_folder
+    pkg, _ = tiny
+    with pytest.raises(ValueError, match="inside the package"):
+        from_package(pkg, pkg / "genai")
+    with pytest.raises(ValueError, match="inside the package"):
+        from_package(pkg, pkg)
+    # a shared folder that already holds genai files: refused before anything is written
+    copy = tmp_path / "pkg"
+    import shutil
+    shutil.copytree(pkg, copy)
+    before = {p.name: p.read_bytes() for p in (copy / "onnx").iterdir()}
+    manifest = json.loads((copy / "manifest.json").read_text())
+    graphs = {g: ir.load(copy / "onnx" / f"{g}.onnx") for g in ("prefill", "decode")}
+    with WeightsFile.reopen(copy / "onnx", ["prefill.onnx", "decode.onnx"]) as w, \
+            pytest.raises(ValueError, match=r"genai_config.json.*would overwrite"):
+        build_genai_folder(copy / "onnx", graphs, manifest["model"]["config"], {}, weights=w)
+    assert {p.name: p.read_bytes() for p in (copy / "onnx").iterdir()} == before
 
 
 def _odd_graph() -> ir.Model:
@@ -329,6 +393,14 @@ def test_genai_generates_the_package_runtimes_tokens_on_tiny(tiny, tiny_single, 
 
 
 @needs_genai
+def test_genai_runs_the_packages_own_onnx_folder(tiny):
+    """onnxruntime_genai.Model("PACKAGE/onnx"): the compile's files, beside the package's own graphs."""
+    pkg, _ = tiny
+    got, want = genai_generate(pkg / "onnx", "def main():", 24), mlamoe_generate(pkg, "def main():", 24)
+    assert_same_generation(got, want, _eos(pkg))
+
+
+@needs_genai
 def test_genai_fault_swapped_cache_names_change_the_logits(tiny, tmp_path):
     """A genai_config.json naming key and value the wrong way round runs, but the check catches it."""
     pkg, genai = tiny
@@ -341,15 +413,15 @@ def test_genai_fault_swapped_cache_names_change_the_logits(tiny, tmp_path):
 
 @needs_genai
 def test_genai_fault_a_wrong_token_gen_graph_changes_the_tokens(tiny, tmp_path):
-    """The pipeline really runs decode.onnx for the generated tokens: with its logits negated the
-    first token (from prefill.onnx) still agrees and the next ones do not."""
+    """The pipeline really runs genai_decode.onnx for the generated tokens: with its logits negated the
+    first token (from genai_prefill.onnx) still agrees and the next ones do not."""
     pkg, genai = tiny
     bad = _copy(genai, tmp_path / "bad")
-    m = onnx.load(bad / "decode.onnx")
+    m = onnx.load(bad / "genai_decode.onnx")
     for node in m.graph.node:
         node.output[:] = ["logits.inner" if o == "logits" else o for o in node.output]
     m.graph.node.append(onnx.helper.make_node("Neg", ["logits.inner"], ["logits"]))
-    onnx.save(m, bad / "decode.onnx")
+    onnx.save(m, bad / "genai_decode.onnx")
     got, want = genai_generate(bad, "def main():", 6), mlamoe_generate(pkg, "def main():", 6)
     assert got["tokens"][0] == want["tokens"][0] and got["tokens"][1:] != want["tokens"][1:]
 
@@ -362,8 +434,8 @@ def test_genai_on_trained_small_equals_mlamoe_generate(tmp_path, stage_cache):
     pkg = compile_package("trained-small", "ort-cpu", tmp_path / "ts", cache_dir=stage_cache, progress=lambda m: None)
     want = mlamoe_generate(pkg, "def main():", 16)
     for form in ("pipeline", "single"):
-        if form == "pipeline":  # the folder compile wrote into the package (hashed there like every file)
-            genai = pkg / "genai"
+        if form == "pipeline":  # the files compile wrote into the package's onnx/ (hashed there like every file)
+            genai = pkg / "onnx"
         else:
             genai = tmp_path / f"ts-genai-{form}"
             from_package(pkg, genai, form=form)

@@ -542,6 +542,6 @@ def test_tiny_int4_ort_cpu_package_builds_verifies_and_records_its_form(tmp_path
     reports = json.loads((pkg / "reports" / "parity.json").read_text())["stages"]
     assert any(r["stage"].startswith("quantize-int4/") for r in reports) and all(
         r["passed"] for r in reports if not r["stage"].startswith("info/"))
-    assert "genai" not in m and not (pkg / "genai").exists()
+    assert "genai" not in m and not (pkg / "onnx" / "genai_config.json").exists()
     ok, lines = verify_full(pkg)
     assert ok, lines

@@ -145,9 +145,11 @@ def test_toy_family_compiles_for_ort_cpu_with_parity(toy_family, tmp_path):
     assert stages["passes/ort-simplify"]["parity"] and "skipped" not in stages["passes/ort-simplify"]["params"]
     for name in ("passes/latent-kv-fusion", "passes/moe-ort-fused"):  # MLA's passes: not run, recorded as skipped
         assert stages[name]["params"]["skipped"] and not stages[name]["parity"], name
-    # a 4-D cache tensor is not a genai key/value pair: no genai/ folder, and the package says why
-    assert "genai" not in manifest and not (pkg / "genai").exists()
-    assert any(v.startswith("no genai/ folder") for v in manifest["verification"]["not_verified"])
+    # a 4-D cache tensor is not a genai key/value pair: no genai files (onnx/ holds the package's graphs only), and
+    # the package says why
+    assert "genai" not in manifest and not (pkg / "onnx" / "genai_config.json").exists()
+    assert sorted(p.name for p in (pkg / "onnx").glob("*.onnx")) == ["decode.onnx", "prefill.onnx"]
+    assert any(v.startswith("no onnxruntime-genai files") for v in manifest["verification"]["not_verified"])
 
     # the package against the eager module, independently of compile's own checks: prefill, then decode
     model = build_toy(PRESET)

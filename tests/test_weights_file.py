@@ -125,6 +125,69 @@ def test_graph_outside_the_folder_is_refused(tmp_path):
         w.save(_graphs()["first.onnx"], "sub/first.onnx")
 
 
+def test_reopen_appends_byte_identically_to_one_session(tmp_path):
+    """A later step continues a closed file: the same bytes as saving every graph in one session."""
+    third = lambda: _graph({"c_again": _weights(3), "wd": _weights(4)}, "third")
+    with WeightsFile(tmp_path / "one") as one:
+        for f, m in _graphs().items():
+            one.save(m, f)
+        one.save(third(), "third.onnx")
+    with WeightsFile(tmp_path / "two") as w:
+        for f, m in _graphs().items():
+            w.save(m, f)
+    before = (tmp_path / "two" / WEIGHTS_FILE).read_bytes()
+    ref = {f: _run(tmp_path / "two" / f) for f in ("first.onnx", "second.onnx")}
+    with WeightsFile.reopen(tmp_path / "two", ["first.onnx", "second.onnx"]) as w2:
+        assert w2.referenced_bytes == w.referenced_bytes == 5 * N * N * 4 and w2.stored_bytes == len(before)
+        w2.save(third(), "third.onnx")
+    assert [p.name for p in w2.files] == ["first.onnx", "second.onnx", "third.onnx", WEIGHTS_FILE]
+    assert w2.referenced_bytes == one.referenced_bytes == 7 * N * N * 4
+    for f in ("first.onnx", "second.onnx", "third.onnx", WEIGHTS_FILE):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
+    data = (tmp_path / "two" / WEIGHTS_FILE).read_bytes()
+    assert data[:len(before)] == before  # nothing written moved: the earlier graphs still compute
+    for f in ref:
+        np.testing.assert_array_equal(_run(tmp_path / "two" / f), ref[f])
+    # c was there: only d was appended
+    assert len(data) - len(before) < N * N * 4 + ALIGN
+
+
+def test_reopen_shares_the_bytes_of_graphs_loaded_from_the_same_file(tmp_path):
+    """The genai case: graphs loaded from the folder (weights memory-mapped from the file being appended to),
+    rewritten and saved beside it under other names: no weight is stored again."""
+    with WeightsFile(tmp_path) as w:
+        for f, m in _graphs().items():
+            w.save(m, f)
+    size = (tmp_path / WEIGHTS_FILE).stat().st_size
+    ref = {f: _run(tmp_path / f) for f in ("first.onnx", "second.onnx")}
+    with WeightsFile.reopen(tmp_path, ["first.onnx", "second.onnx"]) as w2:
+        for f in ref:
+            w2.save(ir.load(tmp_path / f), f"copy_{f}")
+    assert (tmp_path / WEIGHTS_FILE).stat().st_size == size
+    for f in ref:
+        np.testing.assert_array_equal(_run(tmp_path / f"copy_{f}"), ref[f])
+        np.testing.assert_array_equal(_run(tmp_path / f), ref[f])
+        assert external_files(tmp_path / f"copy_{f}") == external_files(tmp_path / f)
+
+
+def test_reopen_refuses_what_it_cannot_continue(tmp_path):
+    from pipeline.weights_file import WeightsFileError
+    with pytest.raises(WeightsFileError, match="no weights file"):
+        WeightsFile.reopen(tmp_path / "none", [])
+    with WeightsFile(tmp_path / "a", name="other.data") as w:
+        w.save(_graphs()["first.onnx"], "first.onnx")
+    (tmp_path / "a" / WEIGHTS_FILE).write_bytes(b"")
+    with pytest.raises(WeightsFileError, match="is in 'other.data'"):
+        WeightsFile.reopen(tmp_path / "a", ["first.onnx"])
+    with WeightsFile(tmp_path / "b") as w:
+        w.save(_graphs()["first.onnx"], "first.onnx")
+    raw = (tmp_path / "b" / WEIGHTS_FILE).read_bytes()
+    (tmp_path / "b" / WEIGHTS_FILE).write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(WeightsFileError, match="past the end"):
+        WeightsFile.reopen(tmp_path / "b", ["first.onnx"])
+    assert (tmp_path / "b" / WEIGHTS_FILE).stat().st_size == len(raw) // 2  # refused: nothing truncated or written
+
+
 # ------------------------------------------------------------------------------------------------- packages
 @pytest.fixture(scope="module")
 def packages(tmp_path_factory, stage_cache):
@@ -164,14 +227,15 @@ def test_package_holds_one_weights_file_of_about_one_copy(packages, target):
     assert sorted(section["graphs"]) == sorted(f"onnx/{g.name}" for g in graphs)
 
 
-def test_ort_cpu_genai_folder_shares_its_own_file(packages):
+def test_ort_cpu_genai_graphs_share_the_packages_file(packages):
+    """The onnxruntime-genai graphs are in onnx/ over the package's weights file: no second copy anywhere."""
     pkg = Path(packages["ort-cpu"])
-    genai = pkg / "genai"
-    assert sorted(p.name for p in genai.glob("*.data")) == [WEIGHTS_FILE]
-    params = _param_bytes("tiny")
-    assert (genai / WEIGHTS_FILE).stat().st_size <= 1.10 * params
-    for g in genai.glob("*.onnx"):
-        assert list(external_files(g)) == [WEIGHTS_FILE]
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert manifest["genai"]["dir"] == "onnx" and not (pkg / "genai").exists()
+    assert [p.relative_to(pkg).as_posix() for p in pkg.rglob("*.data")] == [f"onnx/{WEIGHTS_FILE}"]
+    for g in manifest["genai"]["graphs"].values():
+        assert list(external_files(pkg / g)) == [WEIGHTS_FILE], g
+        assert g in manifest["io"]["weights"]["graphs"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])

@@ -29,7 +29,7 @@ class OrtCpuTarget(Target):
         TargetOption("ranks", "--ranks", None, group="--ranks/--redundant"),
         TargetOption("redundant", "--redundant", 0, group="--ranks/--redundant"),
         TargetOption("calibrate", None, 8),  # with --ranks: routing-statistics prompts for the partition plan
-        TargetOption("genai", "--genai", None),  # the genai/ folder's form (targets/genai_folder.py); None: pipeline
+        TargetOption("genai", "--genai", None),  # the form of onnx/'s genai files (targets/genai_folder.py); None: pipeline
     )
 
     def validate(self, quant: str, options: dict) -> None:
@@ -45,6 +45,14 @@ class OrtCpuTarget(Target):
     def verify(self, root: Path, manifest: dict, lines: list[str]) -> tuple[bool, list[str]]:
         from .verify import verify_golden
         return verify_golden(root, manifest, lines)
+
+    def describe(self, manifest: dict) -> list[str]:
+        g = manifest.get("genai")
+        if not isinstance(g, dict) or "dir" not in g:
+            return []
+        graphs = ", ".join(sorted(set(g.get("graphs", {}).values())))
+        return [f"genai     {g['dir']}/ ({g.get('type')}: {graphs}; {g.get('config')}), over {g.get('weights')}: "
+                f"onnxruntime_genai.Model('PACKAGE/{g['dir']}')"]
 
 
 TARGET = OrtCpuTarget()

@@ -177,38 +177,50 @@ def build_ort_cpu(ctx: BuildContext) -> None:
 
 def _genai_folder(pkg: Path, manifest: dict, runner, target_rec: StageRecord, form: str,
                   tokenizer: dict[str, bytes]) -> None:
-    """genai/: the package's graphs with their cache IO in onnxruntime-genai's layout, genai_config.json and the
-    tokenizer (targets/genai_folder.py); checked by re-running the golden cases and greedy tokens through its
-    graphs on ONNX Runtime under the names genai_config.json gives (onnxruntime-genai itself is not run here)."""
+    """The onnxruntime-genai files, in onnx/ beside the package's graphs (targets/genai_folder.py): the graphs with
+    their cache IO in genai's layout, saved over onnx/weights.data continued (WeightsFile.reopen: their weights are
+    the package graphs' bytes, referenced, not stored again), genai_config.json and the tokenizer; checked by
+    re-running the golden cases and greedy tokens through them on ONNX Runtime under the names genai_config.json
+    gives (onnxruntime-genai itself is not run here). The manifest's io.weights then lists every graph over the
+    file, genai's too."""
     from passes.genai_cache_layout import GenaiCacheLayoutError
-    from targets.genai_folder import GENAI_DIR, build_genai_folder, check_golden, manifest_section
+    from pipeline.weights_file import WeightsFile, weights_section
+    from targets.genai_folder import build_genai_folder, check_golden, manifest_section
     from models.errors import MlamoeError
     t = time.perf_counter()
-    runner.progress(f"[genai] writing {GENAI_DIR}/ ({form}) ...")
+    folder = pkg / "onnx"
+    runner.progress(f"[genai] writing the onnxruntime-genai files into onnx/ ({form}) ...")
     wanted = ("prefill", "decode") if form == "pipeline" else ("prefill",)
     graphs = {g: ir.load(pkg / manifest["io"]["graphs"][g]["file"]) for g in wanted}
-    try:
-        build_genai_folder(pkg / GENAI_DIR, graphs, manifest["model"]["config"], tokenizer, form=form)
-    except GenaiCacheLayoutError as e:  # a cache genai's key/value pairs cannot hold: no folder, said so
-        shutil.rmtree(pkg / GENAI_DIR, ignore_errors=True)
-        manifest["verification"]["not_verified"].append(f"no genai/ folder: onnxruntime-genai cannot take this cache ({e})")
-        runner.records.insert(-1, skipped_stage("genai", target_rec.outputs,
-                                                f"onnxruntime-genai cannot take this cache: {e}", form=form))
-        manifest["stages"] = [r.to_dict() for r in runner.records]
-        runner.progress(f"[genai] not written: {e}")
-        return
-    failures = check_golden(pkg, pkg / GENAI_DIR, manifest=manifest)
+    shared = manifest["io"]["weights"]
+    with WeightsFile.reopen(folder, [Path(g).name for g in shared["graphs"]], name=Path(shared["file"]).name,
+                            inline_bytes=shared["inline_max_bytes"]) as weights:
+        try:
+            files = build_genai_folder(folder, graphs, manifest["model"]["config"], tokenizer, form=form,
+                                       weights=weights)
+        except GenaiCacheLayoutError as e:  # a cache genai's key/value pairs cannot hold: nothing written, said so
+            manifest["verification"]["not_verified"].append(
+                f"no onnxruntime-genai files: onnxruntime-genai cannot take this cache ({e})")
+            runner.records.insert(-1, skipped_stage("genai", target_rec.outputs,
+                                                    f"onnxruntime-genai cannot take this cache: {e}", form=form))
+            manifest["stages"] = [r.to_dict() for r in runner.records]
+            runner.progress(f"[genai] not written: {e}")
+            return
+    manifest["io"]["weights"] = weights_section(weights, "onnx")
+    failures = check_golden(pkg, folder, manifest=manifest)
     if failures:
-        raise MlamoeError(f"genai/: the onnxruntime-genai graphs do not reproduce the package's golden data: "
-                         + "; ".join(failures[:3]))
+        raise MlamoeError(f"onnx/ (genai files): the onnxruntime-genai graphs do not reproduce the package's golden "
+                          "data: " + "; ".join(failures[:3]))
     rec = StageRecord("genai", {"form": form}, dict(target_rec.outputs), seconds=round(time.perf_counter() - t, 3))
-    rec.notes.append("golden cases and greedy tokens re-run through genai/'s graphs on ONNX Runtime under "
+    rec.notes.append("golden cases and greedy tokens re-run through the genai graphs on ONNX Runtime under "
                      "genai_config.json's names: equal within the package's tolerance; onnxruntime-genai itself "
                      "was not run by this compile (tests/test_genai.py runs it)")
+    rec.notes.append(f"genai graphs saved over onnx/{weights.name}: {weights.referenced_bytes:,} bytes referenced by "
+                     f"all its graphs, {weights.stored_bytes:,} stored")
     runner.records.insert(-1, rec)
     manifest["stages"] = [r.to_dict() for r in runner.records]
-    manifest["genai"] = manifest_section(pkg, pkg / GENAI_DIR)
+    manifest["genai"] = manifest_section(pkg, folder, files)
     manifest["verification"]["verified_here"].append(
-        "genai/ (onnxruntime-genai folder): its graphs reproduce the golden data and greedy tokens on ONNX Runtime")
+        "the onnxruntime-genai files in onnx/: their graphs reproduce the golden data and greedy tokens on ONNX Runtime")
     manifest["verification"]["not_verified"].append(
         "onnxruntime-genai was not run by this compile (tests/test_genai.py runs it where it is installed)")
