@@ -66,7 +66,7 @@ def test_tiny_passes_the_check(monkeypatch, tmp_path, no_load):
     fake_available(monkeypatch, 4 * GiB)
     r = compile_("--model", "tiny", tmp_path=tmp_path)
     assert "reached models.load(tiny)" in r.output and "parameters (" not in r.output, r.output
-    assert "[preflight] memory check: estimated peak 1.5 GiB, 4.0 GiB available" in r.output
+    assert "[preflight] memory check: estimated peak 1.2 GiB, 4.0 GiB available" in r.output
 
 
 def test_ignore_memory_check_skips_the_refusal(monkeypatch, tmp_path, no_load):
@@ -89,9 +89,9 @@ def test_the_fit_reproduces_its_measurements():
         assert est.peak_bytes / run["peak_rss_bytes"] > 0.99, run["model"]  # never below what was seen
         if run["model"] in ("small", "medium"):  # the points of the fit
             assert abs(est.peak_bytes / run["peak_rss_bytes"] - 1) < 0.01, run["model"]
-    # medium compiled here (11.1 GB) and must pass on a machine like this one; V2-Lite is far beyond it
+    # medium compiled here (6.98 GB) and must pass on a machine like this one; V2-Lite is far beyond it
     assert memory_check.estimate(models.load_config("medium")).peak_bytes < 20 * GiB
-    assert memory_check.estimate(models.load_config("deepseek-v2-lite")).peak_bytes > 200 * GiB
+    assert memory_check.estimate(models.load_config("deepseek-v2-lite")).peak_bytes > 150 * GiB
 
 
 def test_available_memory_reads_meminfo_and_a_smaller_cgroup_limit(monkeypatch, tmp_path):
