@@ -66,7 +66,7 @@ def test_tiny_passes_the_check(monkeypatch, tmp_path, no_load):
     fake_available(monkeypatch, 4 * GiB)
     r = compile_("--model", "tiny", tmp_path=tmp_path)
     assert "reached models.load(tiny)" in r.output and "parameters (" not in r.output, r.output
-    assert "[preflight] memory check: estimated peak 1.2 GiB, 4.0 GiB available" in r.output
+    assert "[preflight] memory check: estimated peak 1.5 GiB, 4.0 GiB available" in r.output
 
 
 def test_ignore_memory_check_skips_the_refusal(monkeypatch, tmp_path, no_load):
