@@ -41,7 +41,6 @@ judged as outputs too. Greedy generation as deployed (the graphs routing by them
 from __future__ import annotations
 
 import dataclasses
-import re
 import tempfile
 from pathlib import Path
 
@@ -148,15 +147,7 @@ def emulation_graphs(graphs: dict[str, tuple[StaticGraphSpec, Path]], keep_fp32:
 # on the same tokens with their own cache. The lossy graph then routes and selects as the reference does at every
 # position, so its numeric error is judged on every row; its own gate logits (still outputs) say which decisions it
 # would have flipped, judged apart by parity's routing judgement.
-_INDEXER_SCOPE = re.compile(r"(?:^|/)index_select_\d+[./]")
 _REFERENCE = "reference|"  # cache keys of the reference's own trajectory inside a ForcedRunner's cache
-
-
-def selection_nodes(model: ir.Model) -> list[ir.Node]:
-    """The lightning indexer's ids TopK nodes (DeepSeek-V3.2, models/v32_static.py `index_select_{i}`), graph order:
-    the TopKs whose indices are used (models/indexer.py tie_exact_top_ids's k-th-value TopK is not a selection)."""
-    return [n for n in model.graph if n.op_type == "TopK" and _INDEXER_SCOPE.search(n.name or "")
-            and len(n.outputs) > 1 and (n.outputs[1].uses() or n.outputs[1].is_graph_output())]
 
 
 def _masked(scores: np.ndarray) -> np.ndarray:
@@ -227,11 +218,12 @@ class ForcedRunner(StaticRunner):
                           [rows(res[probes.gate_name(i)]) for i in range(n)],
                           [rows(res[probes.router_probs_name(i)]) for i in range(n)] if self.force else [])
         if m:
+            scores = [_masked(ref[probes.selection_name(j)]) for j in range(m)]
             call.selections = {
-                "reference_scores": [_masked(ref[probes.selection_name(j)]) for j in range(m)],
+                "reference_scores": scores,
                 "reference_ids": [ref[probes.selection_ids_name(j)] for j in range(m)],
-                "actual_scores": [np.where(_masked(ref[probes.selection_name(j)]) == -np.inf, -np.inf,
-                                           res[probes.selection_name(j)].astype(np.float64)) for j in range(m)],
+                "actual_scores": [np.where(r == -np.inf, -np.inf, res[probes.selection_name(j)].astype(np.float64))
+                                  for j, r in enumerate(scores)],
                 "forced_ids": [res[probes.selection_ids_name(j)] for j in range(m)] if self.force else None}
         self.calls.append(call)
         return np.asarray(res["logits"], np.float32), {**_present(res), **_present(ref, _REFERENCE)}
@@ -339,17 +331,16 @@ def _judge(stage: str, ref: dict, act: dict, logits_outputs: list[str], calls: l
     return RoutedReport(stage=base.stage, budget=base.budget, outputs=outputs, extra={**base.extra, "routing": record})
 
 
-def _unforced_greedy(calls: list[ForcedCall], L: int, tokens: np.ndarray, ref_tokens: np.ndarray,
+def _unforced_greedy(calls: list[tuple[ForcedCall, int]], tokens: np.ndarray, ref_tokens: np.ndarray,
                      routers: list[Router] | None) -> dict:
-    """Information on greedy generation as deployed (the lossy graph routing by itself): its tokens against the
-    reference's, and its routing flips (own gate logits vs the fp32 graphs' on the same tokens) before the first
-    token divergence."""
+    """Information on greedy generation as deployed (the lossy graph routing by itself; calls: its runs with their
+    valid rows, _valid_calls): its tokens against the reference's, and its routing flips (own gate logits vs the
+    fp32 graphs' on the same tokens) up to the first token divergence (step i's logits come from call i)."""
     agree = int((ref_tokens == tokens).all(0).cumprod().sum())
     out = {"n_equal_steps": agree, "n_steps": int(ref_tokens.shape[1]),
            "first_divergence": None if agree == ref_tokens.shape[1] else agree, "flips_before": []}
-    if routers and calls and calls[0].reference_gates:
-        upto = [(c, L if i == 0 else 1) for i, c in enumerate(calls) if i <= agree]
-        rg, ag, _, labels = _stack(upto)
+    if routers and calls and calls[0][0].reference_gates:
+        rg, ag, _, labels = _stack(calls[:agree + 1])
         _, rec = _judge_routing(None, rg, ag, routers, labels=labels)
         out["flips_before"] = [{"layer": f["layer"], "position": f["position"][1], "batch": f["position"][0],
                                 "margin": f["margin"]} for f in rec["flips"]]
@@ -506,7 +497,8 @@ def compare_runs(model, runner: StaticRunner, stage: str, prompt_len: int | None
     if unforced is not None:
         mark = len(unforced.calls)
         own, _ = unforced.generate(prompt.numpy(), n)
-        rep.extra["unforced_greedy"] = _unforced_greedy(unforced.calls[mark:], L, own, ref_tokens.numpy(), routers)
+        rep.extra["unforced_greedy"] = _unforced_greedy(_valid_calls(unforced, mark, L), own, ref_tokens.numpy(),
+                                                        routers)
     reports.append(rep)
     return reports
 
