@@ -204,18 +204,12 @@ def empty_model(cfg: DeepseekConfig, attention: str = "naive",
     return model
 
 
-def load_checkpoint(path: str | os.PathLike, attention: str = "naive", *,
-                    config_cls: type[DeepseekConfig] = DeepseekConfig,
-                    model_cls: type[DeepseekForCausalLM] = DeepseekForCausalLM) -> DeepseekForCausalLM:
-    """config.json + safetensors -> eval-mode model_cls. config_cls / model_cls: the family's config and module
-    (DeepSeek-V3.2 passes its subclasses; the checkpoint names are the module's state_dict names)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint folder (expected config.json + *.safetensors)")
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint folder needs config.json "
-                              "beside its safetensors files")
-    cfg = config_cls.from_json(path / "config.json")
+def checked_weight_map(path: Path, cfg: DeepseekConfig, expected: dict[str, torch.Tensor]) -> dict[str, str]:
+    """The checkpoint folder's tensor name -> shard file, for the tensors the model uses (`expected`: its
+    state_dict on the meta device: names and shapes only), after checking every shard's header, that no tensor is
+    missing or unexpected and that every shape is what the config implies; nothing is allocated. Tensors of
+    layers >= num_hidden_layers (MTP) and rotary buffers are left out."""
+    expected = dict(expected)
     weight_map = _scan(path)
     _check_file_sizes(path, set(weight_map.values()))
 
@@ -224,8 +218,6 @@ def load_checkpoint(path: str | os.PathLike, attention: str = "naive", *,
         return not (m and int(m.group(1)) >= cfg.num_hidden_layers) and not _IGNORED_RE.search(name)
 
     available = {k: v for k, v in weight_map.items() if kept(k)}
-    with torch.device("meta"):  # names and shapes the config implies, without allocating anything
-        expected = model_cls(cfg, attention).state_dict()
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     scales = {k for k in available if k.endswith(".weight_scale_inv")}
@@ -242,6 +234,24 @@ def load_checkpoint(path: str | os.PathLike, attention: str = "naive", *,
     if orphan:
         raise CheckpointError(f"{path}: weight_scale_inv without its weight: {', '.join(orphan[:3])}")
     _check_shapes(path, available, expected)  # before allocating: a wrong config must not allocate its model
+    return available
+
+
+def load_checkpoint(path: str | os.PathLike, attention: str = "naive", *,
+                    config_cls: type[DeepseekConfig] = DeepseekConfig,
+                    model_cls: type[DeepseekForCausalLM] = DeepseekForCausalLM) -> DeepseekForCausalLM:
+    """config.json + safetensors -> eval-mode model_cls. config_cls / model_cls: the family's config and module
+    (DeepSeek-V3.2 passes its subclasses; the checkpoint names are the module's state_dict names)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder (expected config.json + *.safetensors)")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint folder needs config.json "
+                              "beside its safetensors files")
+    cfg = config_cls.from_json(path / "config.json")
+    with torch.device("meta"):  # names and shapes the config implies, without allocating anything
+        expected = model_cls(cfg, attention).state_dict()
+    available = checked_weight_map(path, cfg, expected)
     model = empty_model(cfg, attention, model_cls)
     expected = model.state_dict()
     if cfg.tie_word_embeddings:
@@ -255,37 +265,45 @@ def load_checkpoint(path: str | os.PathLike, attention: str = "naive", *,
         for fname in sorted(by_file):
             with _open(path / fname) as f:
                 for name in by_file[fname]:
-                    try:
-                        t = f.get_tensor(name)
-                    except (SafetensorError, ValueError, TypeError, RuntimeError) as e:
-                        raise CheckpointError(f"{path / fname}: tensor {name!r} cannot be read ({e}); the file is "
-                                              "corrupt: copy or re-save it") from None
-                    target = expected[name]
-                    where = f"{path / fname}: tensor {name!r}"
-                    if t.dtype not in SUPPORTED_DTYPES:
-                        raise CheckpointError(f"{where} has dtype {t.dtype}; supported: fp32, bf16, fp16, fp8 e4m3")
-                    if tuple(t.shape) != tuple(target.shape):
-                        raise CheckpointError(f"{where} has shape {list(t.shape)}, the config implies "
-                                              f"{list(target.shape)}")
-                    if t.dtype == torch.float8_e4m3fn:
-                        sname = name + "_scale_inv"
-                        if sname not in available:
-                            raise CheckpointError(f"{where} is fp8 but {sname!r} is missing")
-                        with _open(path / available[sname]) as fs:
-                            s = fs.get_tensor(sname)
-                        want = [-(-t.shape[0] // FP8_BLOCK), -(-t.shape[1] // FP8_BLOCK)]
-                        if list(s.shape) != want:
-                            raise CheckpointError(f"{path / available[sname]}: tensor {sname!r} has shape "
-                                                  f"{list(s.shape)}, 128x128 blocks of {list(t.shape)} need {want}")
-                        t = fp8_block_dequantize(t, s)
+                    t, fp8 = read_weight(path, f, fname, name, available, tuple(expected[name].shape))
+                    expected[name].copy_(t.to(expected[name].dtype))
+                    if fp8:
                         fp8_names.append(name)
-                    target.copy_(t.to(target.dtype))
                     del t
     if cfg.fp8 and not fp8_names:
         raise CheckpointError(f"{path / 'config.json'}: quantization_config says fp8 but no tensor is stored as "
                               "float8_e4m3fn")
     model.checkpoint = CheckpointSource(path, dict(available), tuple(sorted(fp8_names)))
     return model.eval()
+
+
+def read_weight(path: Path, f, fname: str, name: str, available: dict[str, str], shape: tuple[int, ...]
+                ) -> tuple[torch.Tensor, bool]:
+    """One tensor of an open safetensors file `f` (path/fname) checked against the `shape` the config implies ->
+    (fp32 / bf16 / fp16 tensor as stored, or an FP8 e4m3 weight dequantized to fp32 with its weight_scale_inv;
+    whether it was FP8). Every failure is a CheckpointError naming the file and tensor."""
+    try:
+        t = f.get_tensor(name)
+    except (SafetensorError, ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{path / fname}: tensor {name!r} cannot be read ({e}); the file is "
+                              "corrupt: copy or re-save it") from None
+    where = f"{path / fname}: tensor {name!r}"
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise CheckpointError(f"{where} has dtype {t.dtype}; supported: fp32, bf16, fp16, fp8 e4m3")
+    if tuple(t.shape) != tuple(shape):
+        raise CheckpointError(f"{where} has shape {list(t.shape)}, the config implies {list(shape)}")
+    if t.dtype != torch.float8_e4m3fn:
+        return t, False
+    sname = name + "_scale_inv"
+    if sname not in available:
+        raise CheckpointError(f"{where} is fp8 but {sname!r} is missing")
+    with _open(path / available[sname]) as fs:
+        s = fs.get_tensor(sname)
+    want = [-(-t.shape[0] // FP8_BLOCK), -(-t.shape[1] // FP8_BLOCK)]
+    if list(s.shape) != want:
+        raise CheckpointError(f"{path / available[sname]}: tensor {sname!r} has shape "
+                              f"{list(s.shape)}, 128x128 blocks of {list(t.shape)} need {want}")
+    return fp8_block_dequantize(t, s), True
 
 
 def save_checkpoint(model: DeepseekForCausalLM, path: str | os.PathLike, *, fp8: bool = False,

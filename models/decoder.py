@@ -20,6 +20,15 @@ ATTENTION_FORMS = ("naive", "absorbed")
 Cache = list  # per layer: a tuple of the cache spec's tensors (mla.cache_spec)
 
 
+def step_rope_mask(S, past_len, rope_inv_freq: torch.Tensor, rope_factor: float):
+    """A step of S tokens after past_len cached ones -> RoPE cos, sin [S, rope / 2] at positions past_len + arange(S)
+    and the causal mask [S, past_len + S] (0 or -inf) every layer reads."""
+    positions = torch.arange(S, device=rope_inv_freq.device) + past_len
+    cos, sin = rope_cos_sin(positions, rope_inv_freq, rope_factor)
+    keys = torch.arange(past_len + S, device=rope_inv_freq.device)
+    return cos, sin, torch.where(keys[None, :] <= positions[:, None], 0.0, float("-inf"))
+
+
 class DecoderLayer(nn.Module):
     attention_cls = MLA  # a family with another attention (DeepSeek-V3.2's sparse MLA) subclasses and sets it
 
@@ -83,12 +92,8 @@ class DeepseekForCausalLM(nn.Module):
 
     def step(self, input_ids: torch.Tensor, past: Cache, layout: str = "latent") -> tuple[torch.Tensor, Cache]:
         """input_ids [B, S] following `past` (T0 cached tokens) -> logits [B, S, vocab], present cache."""
-        S = input_ids.shape[1]
         past_len = self.cache_spec(layout).length(past)
-        positions = torch.arange(S, device=input_ids.device) + past_len
-        cos, sin = rope_cos_sin(positions, self.rope_inv_freq, self.rope_factor)
-        keys = torch.arange(past_len + S, device=input_ids.device)
-        mask = torch.where(keys[None, :] <= positions[:, None], 0.0, float("-inf"))  # [S, past + S]
+        cos, sin, mask = step_rope_mask(input_ids.shape[1], past_len, self.rope_inv_freq, self.rope_factor)
         absorbed = self.attention == "absorbed"
         h = self.model.embed_tokens(input_ids)
         present: Cache = []

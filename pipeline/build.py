@@ -58,13 +58,19 @@ class BuildContext:
 
 def family_passes(model, pass_names) -> tuple[str, ...]:
     """The target's passes that apply to the model's family (models.Family.passes), in the target's order."""
-    family = models.family_of(model)
-    return tuple(p for p in pass_names if family.applies(p))
+    return family_passes_of(models.family_of(model), pass_names)
 
 
 def skipped_passes(model, pass_names) -> dict[str, str]:
     """The target's passes that do not apply to the model's family -> why (models.Family.why_not)."""
-    family = models.family_of(model)
+    return skipped_passes_of(models.family_of(model), pass_names)
+
+
+def family_passes_of(family, pass_names) -> tuple[str, ...]:
+    return tuple(p for p in pass_names if family.applies(p))
+
+
+def skipped_passes_of(family, pass_names) -> dict[str, str]:
     return {p: family.why_not(p) for p in pass_names if not family.applies(p)}
 
 

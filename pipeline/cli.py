@@ -106,6 +106,10 @@ def _targets_help() -> str:
 @click.option("--ignore-memory-check", is_flag=True,
               help="compile even when the memory preflight (the peak estimated from the config: the model is held in "
                    "fp32, several copies during export) exceeds the memory available here; the OOM killer may end it")
+@click.option("--stream", is_flag=True,
+              help="compile a checkpoint folder one decoder layer at a time (only that layer's weights in memory; "
+                   "each layer's graphs judged against the eager layer, end-to-end checks where the package fits in "
+                   "memory): DeepSeek-V2/V3 checkpoints, --target ort-cpu, --quant none or int8 (docs/streaming.md)")
 @click.option("--soc", default=None, help="Ascend soc_version, e.g. Ascend910B3 (ascend target only; default Ascend910B3)")
 @click.option("--precision", default=None, help="Ascend precision mode (default mixed_float16; e.g. force_fp16)")
 @click.option("--require-om", is_flag=True, help="ascend: fail if atc is not installed (default: package without .om)")
@@ -132,7 +136,7 @@ def _targets_help() -> str:
               help="ort-cuda (fp16): also build fixed-shape decode gears at these cache lengths, e.g. 1024,8192,32768: "
                    "one graph per gear over a preallocated cache written in place, static-gather MoE, bound once "
                    "through IOBinding and captured as a CUDA graph (docs/ort-cuda.md); one shared weights file")
-def compile(model_spec, target, out, force, quant, int8_accuracy_level, seed, no_cache, ignore_memory_check, soc,
+def compile(model_spec, target, out, force, quant, int8_accuracy_level, seed, no_cache, ignore_memory_check, stream, soc,
             precision, require_om, batch, max_cache, cache_gears, prefill_buckets, ranks, redundant, genai, decode_gears):
     """Build a verified package: load, export, passes, quantize, target, package."""
     import targets
@@ -146,7 +150,7 @@ def compile(model_spec, target, out, force, quant, int8_accuracy_level, seed, no
             raise click.BadParameter(problem.message, param_hint=problem.flag)
     out = out or Path("dist") / f"{Path(model_spec).name}-{target}"
     path = compile_package(model_spec, target, out, force=force, quant=quant, seed=seed, use_cache=not no_cache,
-                           ignore_memory_check=ignore_memory_check, **given)
+                           ignore_memory_check=ignore_memory_check, stream=stream, **given)
     click.echo(f"package: {path}\narchive: {path.parent / (path.name + '.tar.gz')}")
 
 

@@ -47,8 +47,10 @@ def _fp32_weight_bytes(model_spec: str) -> int | None:
 def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bool = False, quant: str | None = None,
                      seed: int = 0, cache_dir: Path | None = None, use_cache: bool = True,
                      layout: str | None = None, gen_tokens: int = 32, progress=None, ignore_memory_check: bool = False,
-                     **target_options) -> Path:
-    """ignore_memory_check: load even when the memory preflight (pipeline/memory_check.py: the peak estimated
+                     stream: bool = False, **target_options) -> Path:
+    """stream: compile a checkpoint folder one decoder layer at a time (pipeline/streaming.py), never holding the
+    model whole; the memory preflight then estimates that build's peak.
+    ignore_memory_check: load even when the memory preflight (pipeline/memory_check.py: the peak estimated
     from the config against the available memory) says the compile will not fit.
     target_options: the target-only options (targets.base.TargetOption: soc, precision, require_om for
     ascend; ranks, redundant, calibrate, int8_accuracy_level for ort-cpu...); one given to a target that does
@@ -70,13 +72,20 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
         raise CompileError(f"{out}: exists; pass --force to replace it (or choose another --out)")
     runner = StageRunner(cache_dir, use_cache, progress)
     started = time.time()
-    _memory_preflight(model_spec, ignore_memory_check, runner)
+    if stream:
+        _check_streamable(model_spec, target, quant)
+    _memory_preflight(model_spec, ignore_memory_check, runner, stream)
 
     # ---- load ---------------------------------------------------------------------------------
     t = time.perf_counter()
-    model = models.load(model_spec, seed=seed)
+    if stream:  # the checkpoint checked whole, its weights read layer by layer by the build
+        from models.layer_stream import LayerStream
+        family = models.checkpoint_family(Path(model_spec))
+        model = LayerStream(model_spec, config=family.config_from_json, module=family.module)
+    else:
+        model = models.load(model_spec, seed=seed)
+        family = models.family_of(model)
     cfg = model.config
-    family = models.family_of(model)
     if target in family.target_notes:  # a target the family is not ready for (models.Family.target_notes)
         raise CompileError(f"--target {target}: {family.describe()} does not compile for it yet: "
                            f"{family.target_notes[target]}")
@@ -84,9 +93,12 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
     kind = "checkpoint" if Path(model_spec).is_dir() else "preset"
     load = StageRecord("load", {"model": str(model_spec) if kind == "preset" else Path(model_spec).name,
                                 "kind": kind, "seed": seed if kind == "preset" else None,
-                                "attention": model.attention},
-                       {"config": config_sha256(cfg), "weights": weights_sha256(model)})
-    fp8_checkpoint = getattr(model, "checkpoint", None) is not None and bool(model.checkpoint.fp8_names)
+                                "attention": model.attention, **({"stream": True} if stream else {})},
+                       {"config": config_sha256(cfg),
+                        # streaming: hashed tensor by tensor as the layers are read (pipeline/streaming.py)
+                        "weights": "" if stream else weights_sha256(model)})
+    fp8_checkpoint = (model.is_fp8() if stream else
+                      getattr(model, "checkpoint", None) is not None and bool(model.checkpoint.fp8_names))
     if fp8_checkpoint:
         load.notes.append(f"{len(model.checkpoint.fp8_names)} FP8 e4m3 weights dequantized to fp32 for the reference")
     quant, quant_why = _default_quant(requested_quant, quant, fp8_checkpoint, profile)
@@ -118,6 +130,17 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
                                 "why": quant_why or ("--quant " + quant if requested_quant else
                                                      f"the target's default ({quant})")},
     }
+    if stream:
+        from .package import work_dir
+        from .streaming import build_streaming
+        from .build import family_passes_of, skipped_passes_of
+        with staging(out, force) as pkg, work_dir(out) as work:
+            build_streaming(model, profile=profile, out=out, pkg=pkg, work=Path(work), runner=runner, load=load,
+                            base_manifest=base_manifest, quant=quant, seed=seed, tokenizer=tokenizer, layout=layout,
+                            gen_tokens=gen_tokens, pass_names=family_passes_of(family, profile.passes),
+                            skipped=skipped_passes_of(family, profile.passes), started=started)
+        write_build_log(out, runner, started)
+        return out
     with staging(out, force) as pkg:
         builder.build(BuildContext(model=model, profile=profile, out=out, package=pkg, runner=runner, load=load,
                                    base_manifest=base_manifest, quant=quant, seed=seed, started=started,
@@ -126,16 +149,27 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
     return out
 
 
-def _memory_preflight(model_spec, ignore: bool, runner: StageRunner) -> None:
+def _check_streamable(model_spec, target: str, quant: str) -> None:
+    from .streaming import refusal
+    if not Path(model_spec).is_dir():
+        raise CompileError(f"--stream reads a checkpoint folder, and {model_spec!r} is a preset: save it first "
+                           "(models.save, or `python -m benchmarks.synth_checkpoint` for real dimensions), or drop "
+                           "--stream")
+    why = refusal(target, quant, models.checkpoint_family(Path(model_spec)))
+    if why:
+        raise CompileError(why)
+
+
+def _memory_preflight(model_spec, ignore: bool, runner: StageRunner, stream: bool = False) -> None:
     """Before any weight is read: refuse a model whose compile cannot fit in this machine's memory (one
     MemoryCheckError saying the estimate, the available memory and what to do), unless told to ignore it."""
     cfg = models.load_config(model_spec)  # config.json or the preset: no weights; a bad path fails as load would
     if ignore:
-        est, (avail, source) = memory_check.estimate(cfg), memory_check.available_memory()
+        est, (avail, source) = memory_check.estimate(cfg, stream), memory_check.available_memory()
         have = f"{avail / 2 ** 30:.1f} GiB available ({source})" if avail is not None else source
         runner.progress(f"[preflight] --ignore-memory-check: estimated peak {est.peak_bytes / 2 ** 30:.1f} GiB, {have}")
         return
-    runner.progress(f"[preflight] {memory_check.check(model_spec, cfg)}")
+    runner.progress(f"[preflight] {memory_check.check(model_spec, cfg, stream)}")
 
 
 def _default_quant(requested: str | None, quant: str, fp8_checkpoint: bool, profile: TargetProfile

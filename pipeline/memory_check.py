@@ -20,6 +20,10 @@ from models.errors import MlamoeError
 # the slope between the measured peaks of small and medium, the base through small (MEASURED's "fit")
 COMPILE_BASE_BYTES = 1_650_000_000
 COMPILE_FACTOR = 2.62
+# --stream: fixed overhead, then per unit of the largest layer's fp32 bytes and of the embedding + head's
+STREAM_BASE_BYTES = 1_650_000_000
+STREAM_LAYER_FACTOR = 4.0
+STREAM_VOCAB_FACTOR = 3.0
 MEASURED = "benchmarks/cpu_compile_peak_rss.json: /usr/bin/time -v mlamoe compile --target ort-cpu of small and medium"
 _MEMINFO = Path("/proc/meminfo")
 _PROC_CGROUP = Path("/proc/self/cgroup")
@@ -38,10 +42,25 @@ class MemoryEstimate:
     peak_bytes: int
 
 
-def estimate(cfg) -> MemoryEstimate:
-    """The compile's estimated peak for a config (any family's: each has param_count())."""
+def largest_layer_params(cfg) -> tuple[int, int]:
+    """(parameters of the largest decoder layer, of the embedding + head), from shapes alone (a DeepseekConfig)."""
+    import dataclasses as dc
+    vocab = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2) + cfg.hidden_size
+    one = dc.replace(cfg, num_hidden_layers=1, first_k_dense_replace=0 if cfg.num_hidden_layers >
+                     cfg.first_k_dense_replace else 1)
+    return int(one.param_count() - vocab), int(vocab)
+
+
+def estimate(cfg, stream: bool = False) -> MemoryEstimate:
+    """The compile's estimated peak for a config (any family's: each has param_count()); stream: the layer-by-layer
+    compile's (pipeline/streaming.py), STREAM_BASE_BYTES + STREAM_LAYER_FACTOR x the largest layer's fp32 bytes +
+    STREAM_VOCAB_FACTOR x the embedding's and head's."""
     params = int(cfg.param_count())
     fp32 = 4 * params
+    if stream:
+        layer, vocab = largest_layer_params(cfg)
+        return MemoryEstimate(params, fp32, int(STREAM_BASE_BYTES + STREAM_LAYER_FACTOR * 4 * layer
+                                                + STREAM_VOCAB_FACTOR * 4 * vocab))
     return MemoryEstimate(params, fp32, int(COMPILE_BASE_BYTES + COMPILE_FACTOR * fp32))
 
 
@@ -101,19 +120,27 @@ def _gib(n: float) -> str:
     return f"{n / 2 ** 30:.1f} GiB"
 
 
-def check(model_spec, cfg) -> str:
+def check(model_spec, cfg, stream: bool = False) -> str:
     """Raise MemoryCheckError when the estimate exceeds the available memory; otherwise return a line saying
     both figures (for the progress output: it depends on the machine, so it stays out of the manifest)."""
-    est = estimate(cfg)
+    est = estimate(cfg, stream)
     avail, source = available_memory()
     if avail is None:
         return f"memory check: estimated peak {_gib(est.peak_bytes)}; available memory unknown ({source})"
+    if est.peak_bytes > avail and stream:
+        raise MemoryCheckError(
+            f"{model_spec}: --stream holds one decoder layer at a time, and the largest layer needs about "
+            f"{_gib(est.peak_bytes)} at the peak ({_gib(STREAM_BASE_BYTES)} + {STREAM_LAYER_FACTOR}x its fp32 bytes + "
+            f"{STREAM_VOCAB_FACTOR}x the embedding's and head's), but {_gib(avail)} is available ({source}). Nothing "
+            "was loaded. Use a machine with more memory, or pass --ignore-memory-check to try anyway")
     if est.peak_bytes > avail:
+        stream_est = estimate(cfg, stream=True) if hasattr(cfg, "first_k_dense_replace") else None
         raise MemoryCheckError(
             f"{model_spec}: {est.parameters:,} parameters ({_gib(est.fp32_bytes)} of fp32 weights); compile holds the "
             f"model in fp32 and would need about {_gib(est.peak_bytes)} at its peak ({_gib(COMPILE_BASE_BYTES)} + "
             f"{COMPILE_FACTOR}x the fp32 weights, measured in {MEASURED}), but {_gib(avail)} is available "
             f"({source}). Nothing was loaded. Compile it on a machine with at least {_gib(est.peak_bytes)} of free "
-            "memory, or pass --ignore-memory-check to try anyway (the OOM killer may end it); a compile that "
-            "streams the weights in bounded memory is not built yet (issue 16)")
+            "memory, or pass --ignore-memory-check to try anyway (the OOM killer may end it)"
+            + (f"; or compile a checkpoint folder with --stream, one layer at a time (estimated peak "
+               f"{_gib(stream_est.peak_bytes)}; --target ort-cpu, --quant none or int8)" if stream_est else ""))
     return f"memory check: estimated peak {_gib(est.peak_bytes)}, {_gib(avail)} available ({source})"

@@ -29,6 +29,12 @@ def random_weights_note(kind: str) -> str:
 def judged_line(reports: list[ParityReport], kind: str) -> str:
     """The README's summary: what the package's checks judged and what they showed."""
     parts = []
+    layerwise = [r for r in reports if r.stage.startswith(("layer/", "layer-"))]
+    if layerwise:  # --stream: each layer's graphs against the eager layer
+        layers = {r.stage.split("/")[1] for r in layerwise}
+        worst = min((o.cosine for r in layerwise for o in r.outputs if o.cosine is not None), default=float("nan"))
+        parts.append(f"compiled layer by layer: each of the {len(layers)} decoder layers' graphs against the eager "
+                     f"layer on recorded inputs ({len(layerwise)} comparisons, cosine >= {worst:.6f})")
     for r in reports:
         t = r.extra.get("tokens", {}).get("greedy")
         if t is not None and not r.stage.startswith("info/"):
@@ -41,9 +47,11 @@ def judged_line(reports: list[ParityReport], kind: str) -> str:
     if routed:
         flips = sum(r.extra["routing"]["n_flips"] for r in routed)
         n = sum(r.extra["routing"]["n_decisions"] for r in routed)
-        worst = min((o.cosine for r in routed for o in r.outputs if o.name == "logits" and o.cosine is not None),
+        judged = "delta" if layerwise else "logits"  # --stream: a layer's own contribution h_out - h
+        worst = min((o.cosine for r in routed for o in r.outputs if o.name == judged and o.cosine is not None),
                     default=float("nan"))
-        parts.append(f"{routed[0].stage.split('/')[0]}: logits cosine >= {worst:.6f} against eager fp32 with its "
+        what = "each layer's output (h_out - h) cosine" if layerwise else "logits cosine"
+        parts.append(f"{routed[0].stage.split('/')[0]}: {what} >= {worst:.6f} against eager fp32 with its "
                      f"routing forced; " + (f"no routing decision flipped ({n} (position, MoE layer) compared)"
                                            if not flips else f"{flips} of {n} (position, MoE layer) routing "
                                            "decisions flipped, each at a near tie"))

@@ -154,6 +154,13 @@ _FP32 = Budget(atol=1e-4, rtol=1e-3, min_cosine=0.99999, min_top1=1.0, atol_per_
 
 BUDGETS: dict[str, Budget] = {
     "export": _FP32,  # ORT CPU running the exported graphs vs eager PyTorch
+    # --stream (pipeline/streaming.py): one decoder layer's graphs (after the passes) vs the eager layer on recorded
+    # inputs, and the graphs stitched from the layers vs the eager model computed layer by layer
+    "layer": _FP32,
+    "stitched": _FP32,
+    # --stream --quant int8: one quantized layer's own contribution (h_out - h) and cache rows against the eager
+    # layer's, teacher-forced in MoE layers; the same cosine / rel euclid limits as the whole model's logits
+    "layer-int8": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.99, max_rel_euclid=0.15),
     "passes": _FP32,  # after every pass, vs the graph before it (fusions are exact rewrites)
     # Quantized graphs vs eager fp32, inside `compile`. The packages we build in CI have random
     # weights: one near-tie routing decision flipped by quantization moves that token's logits by

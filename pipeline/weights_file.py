@@ -62,10 +62,12 @@ class _Sha256Sink:
         self.n = 0
 
     def write(self, data) -> int:
-        self.h.update(data)
-        n = memoryview(data).nbytes
-        self.n += n
-        return n
+        view = memoryview(data)
+        if view.ndim != 1 or view.format != "B":  # a tensor written as its own buffer (onnx-ir's TorchTensor)
+            view = view.cast("B")
+        self.h.update(view)
+        self.n += view.nbytes
+        return view.nbytes
 
 
 class WeightsFile:
@@ -153,19 +155,20 @@ class WeightsFile:
             self._stored[key] = offset
         return self._stored[key], sink.n
 
-    def save(self, model: ir.Model, filename: str, check: bool = True) -> Path:
-        """Save `model` as folder/filename, its large initializers in the shared file (module doc). check: run
-        ONNX's checker on the saved file (off for ORT-optimized graphs, whose contrib ops only ORT knows)."""
+    def store(self, model: ir.Model) -> None:
+        """Put `model`'s large initializers into the shared file and make them references to it (no graph file is
+        written): a graph built in parts (pipeline/layerwise.py) stores each part as it is made and is saved
+        whole later, its references kept as they are. Tensors already referring to this file stay where they
+        are."""
         if self._f.closed:
-            raise WeightsFileError(f"{self.path}: closed; open a new WeightsFile to save more graphs")
-        path = self.folder / filename
-        if path.parent != self.folder:
-            raise WeightsFileError(f"{filename!r}: a graph of a WeightsFile is saved beside its weights file "
-                                   f"({self.folder})")
+            raise WeightsFileError(f"{self.path}: closed; open a new WeightsFile to store more tensors")
         for graph in model.graphs():
             for value in graph.initializers.values():
                 tensor = value.const_value
                 if tensor is None:
+                    continue
+                if self._holds(tensor):
+                    self.referenced_bytes += tensor.length
                     continue
                 if tensor.nbytes <= self.inline_bytes:
                     if isinstance(tensor, ir.ExternalTensor):  # a small weight still in some other data file
@@ -175,6 +178,22 @@ class WeightsFile:
                 self.referenced_bytes += length
                 value.const_value = ir.ExternalTensor(self.name, offset, length, tensor.dtype, shape=tensor.shape,
                                                       name=tensor.name, base_dir=self.folder)
+        self._f.flush()
+
+    def _holds(self, tensor) -> bool:
+        return (isinstance(tensor, ir.ExternalTensor) and tensor.location == self.name
+                and Path(tensor.base_dir).resolve() == self.folder.resolve())
+
+    def save(self, model: ir.Model, filename: str, check: bool = True) -> Path:
+        """Save `model` as folder/filename, its large initializers in the shared file (module doc). check: run
+        ONNX's checker on the saved file (off for ORT-optimized graphs, whose contrib ops only ORT knows)."""
+        if self._f.closed:
+            raise WeightsFileError(f"{self.path}: closed; open a new WeightsFile to save more graphs")
+        path = self.folder / filename
+        if path.parent != self.folder:
+            raise WeightsFileError(f"{filename!r}: a graph of a WeightsFile is saved beside its weights file "
+                                   f"({self.folder})")
+        self.store(model)
         self._f.flush()
         ir.save(model, path)
         if check:
