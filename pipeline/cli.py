@@ -106,6 +106,9 @@ def _targets_help() -> str:
 @click.option("--ignore-memory-check", is_flag=True,
               help="compile even when the memory preflight (the peak estimated from the config: the model is held in "
                    "fp32, several copies during export) exceeds the memory available here; the OOM killer may end it")
+@click.option("--no-archive", is_flag=True,
+              help="do not write OUT.tar.gz beside the package (the archive stores the weights uncompressed: about the "
+                   "package's size again on disk)")
 @click.option("--stream", is_flag=True,
               help="compile a checkpoint folder one decoder layer at a time (only that layer's weights in memory; "
                    "each layer's graphs judged against the eager layer, end-to-end checks where the package fits in "
@@ -136,7 +139,7 @@ def _targets_help() -> str:
               help="ort-cuda (fp16): also build fixed-shape decode gears at these cache lengths, e.g. 1024,8192,32768: "
                    "one graph per gear over a preallocated cache written in place, static-gather MoE, bound once "
                    "through IOBinding and captured as a CUDA graph (docs/ort-cuda.md); one shared weights file")
-def compile(model_spec, target, out, force, quant, int8_accuracy_level, seed, no_cache, ignore_memory_check, stream, soc,
+def compile(model_spec, target, out, force, quant, int8_accuracy_level, seed, no_cache, ignore_memory_check, no_archive, stream, soc,
             precision, require_om, batch, max_cache, cache_gears, prefill_buckets, ranks, redundant, genai, decode_gears):
     """Build a verified package: load, export, passes, quantize, target, package."""
     import targets
@@ -150,8 +153,9 @@ def compile(model_spec, target, out, force, quant, int8_accuracy_level, seed, no
             raise click.BadParameter(problem.message, param_hint=problem.flag)
     out = out or Path("dist") / f"{Path(model_spec).name}-{target}"
     path = compile_package(model_spec, target, out, force=force, quant=quant, seed=seed, use_cache=not no_cache,
-                           ignore_memory_check=ignore_memory_check, stream=stream, **given)
-    click.echo(f"package: {path}\narchive: {path.parent / (path.name + '.tar.gz')}")
+                           ignore_memory_check=ignore_memory_check, stream=stream, archive=not no_archive, **given)
+    archive = "none (--no-archive)" if no_archive else path.parent / (path.name + ".tar.gz")
+    click.echo(f"package: {path}\narchive: {archive}")
 
 
 @main.command()

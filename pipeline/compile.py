@@ -47,8 +47,9 @@ def _fp32_weight_bytes(model_spec: str) -> int | None:
 def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bool = False, quant: str | None = None,
                      seed: int = 0, cache_dir: Path | None = None, use_cache: bool = True,
                      layout: str | None = None, gen_tokens: int = 32, progress=None, ignore_memory_check: bool = False,
-                     stream: bool = False, **target_options) -> Path:
-    """stream: compile a checkpoint folder one decoder layer at a time (pipeline/streaming.py), never holding the
+                     stream: bool = False, archive: bool = True, **target_options) -> Path:
+    """archive: also write `out`.tar.gz (the hand-off; it takes about the package's size again on disk).
+    stream: compile a checkpoint folder one decoder layer at a time (pipeline/streaming.py), never holding the
     model whole; the memory preflight then estimates that build's peak.
     ignore_memory_check: load even when the memory preflight (pipeline/memory_check.py: the peak estimated
     from the config against the available memory) says the compile will not fit.
@@ -134,14 +135,14 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
         from .package import work_dir
         from .streaming import build_streaming
         from .build import family_passes_of, skipped_passes_of
-        with staging(out, force) as pkg, work_dir(out) as work:
+        with staging(out, force, archive=archive) as pkg, work_dir(out) as work:
             build_streaming(model, profile=profile, out=out, pkg=pkg, work=Path(work), runner=runner, load=load,
                             base_manifest=base_manifest, quant=quant, seed=seed, tokenizer=tokenizer, layout=layout,
                             gen_tokens=gen_tokens, pass_names=family_passes_of(family, profile.passes),
                             skipped=skipped_passes_of(family, profile.passes), started=started)
         write_build_log(out, runner, started)
         return out
-    with staging(out, force) as pkg:
+    with staging(out, force, archive=archive) as pkg:
         builder.build(BuildContext(model=model, profile=profile, out=out, package=pkg, runner=runner, load=load,
                                    base_manifest=base_manifest, quant=quant, seed=seed, started=started,
                                    tokenizer=tokenizer, layout=layout, gen_tokens=gen_tokens, options=options))

@@ -116,20 +116,25 @@ def instantiate(template: ir.Model, layer: torch.nn.Module) -> ir.Model:
     `layer`'s tensor (shared with the module, not copied). Every parameter must be there, shape for shape."""
     params = {PREFIX + n: t for n, t in layer.state_dict().items()}
     graph = template.graph.clone()
-    found = 0
     for name, value in graph.initializers.items():
         if name not in params:
             continue
         t = params[name]
-        if value.const_value is not None and tuple(value.const_value.shape) != tuple(t.shape):
-            raise LayerwiseError(f"initializer {name!r}: the template has shape {list(value.const_value.shape)}, "
-                                 f"the layer {list(t.shape)}; layers of one kind must have one shape")
+        if value.shape is not None and tuple(value.shape) != tuple(t.shape):
+            raise LayerwiseError(f"initializer {name!r}: the template has shape {list(value.shape)}, the layer "
+                                 f"{list(t.shape)}; layers of one kind must have one shape")
         value.const_value = ir.Tensor(t.detach().numpy(), name=name)
-        found += 1
-    if found != len([n for n in params if n in template.graph.initializers]):
-        raise LayerwiseError("instantiate: not every parameter of the template was replaced")
     return ir.Model(graph, ir_version=template.ir_version, producer_name=template.producer_name,
                     functions=list(template.functions.values()))
+
+
+def strip_parameters(template: ir.Model, layer: torch.nn.Module) -> None:
+    """Drop the template's parameter tensors (the traced layer's weights; instantiate puts each layer's in): a template
+    kept for the whole compile must not keep a layer alive. Their values keep name, shape and dtype."""
+    for n in layer.state_dict():
+        value = template.graph.initializers.get(PREFIX + n)
+        if value is not None:
+            value.const_value = None
 
 
 def check_template(template: ir.Model, layer: torch.nn.Module) -> None:

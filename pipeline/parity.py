@@ -155,8 +155,10 @@ _FP32 = Budget(atol=1e-4, rtol=1e-3, min_cosine=0.99999, min_top1=1.0, atol_per_
 BUDGETS: dict[str, Budget] = {
     "export": _FP32,  # ORT CPU running the exported graphs vs eager PyTorch
     # --stream (pipeline/streaming.py): one decoder layer's graphs (after the passes) vs the eager layer on recorded
-    # inputs, and the graphs stitched from the layers vs the eager model computed layer by layer
+    # inputs, and the graphs stitched from the layers vs the eager model computed layer by layer (quantized: vs
+    # their own layers chained, the same graphs)
     "layer": _FP32,
+    "chained": _FP32,  # the golden cases through each layer's graphs in turn (ORT) vs eager, end to end
     "stitched": _FP32,
     # --stream --quant int8: one quantized layer's own contribution (h_out - h) and cache rows against the eager
     # layer's, teacher-forced in MoE layers; the same cosine / rel euclid limits as the whole model's logits

@@ -35,6 +35,27 @@ def compile_(*args, tmp_path):
     return CliRunner().invoke(main, ["compile", "--target", "ort-cpu", "--out", str(tmp_path / "o"), *args])
 
 
+def test_stream_estimate_is_the_largest_layers_and_refuses_past_it(monkeypatch, tmp_path, no_load):
+    """--stream's estimate (pipeline/memory_check.py estimate(stream=True)) grows with the largest layer, not the layer
+    count; past the available memory it refuses with its own message, before reading a weight."""
+    import json
+    import dataclasses
+    cfg = models.load_config("deepseek-v2-lite")
+    deeper = dataclasses.replace(cfg, num_hidden_layers=2 * cfg.num_hidden_layers)
+    assert memory_check.estimate(deeper, stream=True).peak_bytes == memory_check.estimate(cfg, stream=True).peak_bytes
+    assert memory_check.estimate(cfg, stream=True).peak_bytes < memory_check.estimate(cfg).peak_bytes / 3
+    folder = tmp_path / "v2-lite-config-only"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    fake_available(monkeypatch, 8 * GiB)
+    r = compile_("--model", str(folder), "--stream", "--quant", "int8", tmp_path=tmp_path)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    est = memory_check.estimate(cfg, stream=True)
+    assert "--stream holds one decoder layer at a time" in r.output and f"{est.peak_bytes / GiB:.1f} GiB" in r.output, \
+        r.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_config_only_v2_lite_is_refused_before_loading(monkeypatch, tmp_path, no_load):
     fake_available(monkeypatch, 22 * GiB)
     r = compile_("--model", "deepseek-v2-lite", tmp_path=tmp_path)
@@ -46,7 +67,7 @@ def test_config_only_v2_lite_is_refused_before_loading(monkeypatch, tmp_path, no
     for words in ("deepseek-v2-lite", "15,706,484,224 parameters", "58.5 GiB of fp32 weights",
                   f"about {est.peak_bytes / GiB:.1f} GiB at its peak", f"{memory_check.COMPILE_FACTOR}x",
                   memory_check.MEASURED, "22.0 GiB is available (MemAvailable in /proc/meminfo (faked))",
-                  "--ignore-memory-check", "streams the weights in bounded memory is not built yet"):
+                  "--ignore-memory-check", "compile a checkpoint folder with --stream, one layer at a time"):
         assert words in msg, (words, msg)
     assert not (tmp_path / "o").exists()
 
