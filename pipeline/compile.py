@@ -140,13 +140,13 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
                             base_manifest=base_manifest, quant=quant, seed=seed, tokenizer=tokenizer, layout=layout,
                             gen_tokens=gen_tokens, pass_names=family_passes_of(family, profile.passes),
                             skipped=skipped_passes_of(family, profile.passes), started=started)
-        write_build_log(out, runner, started)
+        write_build_log(out, runner, started, archive)
         return out
     with staging(out, force, archive=archive) as pkg:
         builder.build(BuildContext(model=model, profile=profile, out=out, package=pkg, runner=runner, load=load,
                                    base_manifest=base_manifest, quant=quant, seed=seed, started=started,
                                    tokenizer=tokenizer, layout=layout, gen_tokens=gen_tokens, options=options))
-    write_build_log(out, runner, started)
+    write_build_log(out, runner, started, archive)
     return out
 
 

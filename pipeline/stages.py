@@ -113,11 +113,11 @@ class StageRecord:
 _RUN_FIELDS = ("seconds", "cached", "timings")
 
 
-def write_build_log(out: Path, runner: "StageRunner", started: float) -> Path:
+def write_build_log(out: Path, runner: "StageRunner", started: float, archive: bool = True) -> Path:
     """`NAME.build.json` beside the package: when it was built, how long each stage took and which
     came from the content cache (kept out of the package so that rebuilds are byte-identical)."""
     out = Path(out)
-    log = {"package": out.name, "archive": f"{out.name}.tar.gz",
+    log = {"package": out.name, "archive": f"{out.name}.tar.gz" if archive else None,
            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
            "wall_seconds": round(time.time() - started, 3), "cache_dir": str(runner.cache_dir),
            "use_cache": runner.use_cache,
