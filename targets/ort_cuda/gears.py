@@ -91,6 +91,8 @@ class GearReport:
     cache_writes: int
     skipped: list
     matmuls_right_2d: int  # passes/matmul_broadcast.py: batch-broadcast right operands made 2-D
+    rmsnorm_div: int = 0  # passes/ort_simplify.py rmsnorm-div: RMSNorms ORT's SimplifiedLayerNormFusion then fuses
+    rotary_fused: int = 0  # passes/rotary_fusion.py: interleaved RoPEs as com.microsoft.RotaryEmbedding
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -103,19 +105,30 @@ def trace_gear(model, gear: int, batch: int = GEAR_BATCH) -> ir.Model:
     return export_static_graph(model, StaticGraphSpec(gear_name(gear), batch, 1, gear, "gather"))
 
 
-def export_gear(model, gear: int, batch: int = GEAR_BATCH) -> tuple[ir.Model, GearReport]:
+def export_gear(model, gear: int, batch: int = GEAR_BATCH, fuse: bool = True) -> tuple[ir.Model, GearReport]:
     """The fp16 decode graph of one gear (module doc)."""
-    return convert_gear(trace_gear(model, gear, batch), gear, batch)
+    return convert_gear(trace_gear(model, gear, batch), gear, batch, fuse=fuse)
 
 
-def convert_gear(m: ir.Model, gear: int, batch: int = GEAR_BATCH) -> tuple[ir.Model, GearReport]:
-    """trace_gear's graph -> the gear's fp16 graph, in place (module doc): fp16 with the router and selection fp32
-    islands, the in-place row write, 2-D right operands; check_router_fp32 on the result (the passes after the
-    conversion must not move a router or indexer node into fp16)."""
+def convert_gear(m: ir.Model, gear: int, batch: int = GEAR_BATCH, fuse: bool = True) -> tuple[ir.Model, GearReport]:
+    """trace_gear's graph -> the gear's fp16 graph, in place (module doc): (fuse) the kernel-count fusions, fp16
+    with the router and selection fp32 islands, the in-place row write, 2-D right operands; check_router_fp32 on the
+    result (the passes after the conversion must not move a router or indexer node into fp16). fuse=False: the
+    graph as before the fusions (benchmarks/cuda_gear_profile.py measures both)."""
     from passes.matmul_broadcast import MatMulBroadcastPass
+    from passes.ort_simplify import ORTSimplifyPass
+    from passes.rotary_fusion import RotaryFusionPass
     from passes.static_cache_write import StaticCacheWritePass
 
     from .graphs import check_router_fp32, to_fp16
+    rms = rope = 0
+    if fuse:
+        simp = ORTSimplifyPass()
+        simp(m)
+        rms = simp.report.get("rmsnorm-div", 0)
+        rot = RotaryFusionPass()
+        rot(m)
+        rope = rot.rewritten
     fp16 = to_fp16(m, fixed_shape=True)
     write = StaticCacheWritePass()
     write(m)
@@ -127,7 +140,7 @@ def convert_gear(m: ir.Model, gear: int, batch: int = GEAR_BATCH) -> tuple[ir.Mo
     check_router_fp32(m.graph, fixed_shape=True)
     m.doc_string = (f"mlamoe ort-cuda decode gear {gear}: batch {batch}, cache {gear} rows preallocated, "
                     "row written in place (ScatterND), static-gather MoE, fp16")
-    return m, GearReport(gear, fp16.to_dict(), write.rewritten, write.skipped, bcast.rewritten)
+    return m, GearReport(gear, fp16.to_dict(), write.rewritten, write.skipped, bcast.rewritten, rms, rope)
 
 
 def save_gears(graphs: dict[str, ir.Model], folder: Path, weights_file: str = WEIGHTS_FILE) -> list[Path]:
