@@ -14,6 +14,12 @@ addresses (the runtime binds every input and output once, runtime/cuda_runtime.p
 synchronisation inside the step.
 
 The graph is then:
+- (convert_gear fuse=True, the default) given fewer kernels, since a captured step is launch-bound (its time is about
+  kernels x a couple of microseconds; docs/ort-cuda.md "Where a captured step's time goes"): each RMSNorm spelled
+  x / Sqrt(...) (passes/ort_simplify.py rmsnorm-div) so that ORT's SimplifiedLayerNormFusion turns the 9-node fp16
+  chain, both Casts included, into one SimplifiedLayerNormalization on the CUDA EP (the saved graph stays standard
+  ONNX, and its rounding twin rounds more than the fused kernel), and each interleaved MLA RoPE as one
+  com.microsoft.RotaryEmbedding (passes/rotary_fusion.py); medium on the H200: 1414 -> 804 kernels a step;
 - converted to fp16 by to_fp16(fixed_shape=True): fp32 islands as for the dynamic graphs (softmax, RMSNorm
   statistics, TopK, DeepSeek-V3.2's indexer selection: the `topk-selection` island), the router's gate projection ->
   TopK path kept fp32 (structural: the walk back from each router TopK's scores to the Sigmoid/Softmax-scored gate
