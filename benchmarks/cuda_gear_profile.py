@@ -18,11 +18,14 @@ steps without the fusions (onnx_before/: convert_gear fuse=False, what the gears
             benchmarks/cuda_graph.py): ort_dynamic, ort_gear_graph (fusions), ort_gear_graph_before (no fusions),
             with --torch torch_graph (StaticCausalLM fp16 with torch.cuda.CUDAGraph), and the ratios;
   parity    greedy tokens from a prompt through the dynamic runtime, both gear variants, and eager fp32 on the GPU;
-  determinism  (--determinism) run-to-run bit equality: the dynamic prefill twice, the dynamic decode twice, a gear
+  determinism  (--determinism) --generations greedy generations through the gears (first variant) with the dynamic
+            prefill (GearDecoder's default) and with prefill="gears" (the prompt token by token through the gears):
+            how many distinct token sequences each gives; and run-to-run bit equality: the dynamic prefill twice, the dynamic decode twice, a gear
             step twice (captured and uncaptured, the same cache and position), and, per graph, an uncaptured copy with
             every intermediate value as an output run twice: the nodes whose outputs differ (first ones in graph
             order), to locate a non-deterministic kernel.
-Writes one JSON (saved after each section; models already in it kept).
+--sections picks among nodes, kernels, parity, decode; --variants among the two gear folders. Writes one JSON (saved
+after each section; models already in it kept).
 """
 from __future__ import annotations
 
@@ -172,25 +175,28 @@ def run_model(name: str, args, log, res: dict, save) -> None:
     cfg = model.config
     gear_list = tuple(int(x) for x in args.gears.split(","))
     work = Path(args.work) / Path(name).name
-    res["build"] = build(model, work, gear_list, log, before=True)
+    variants = {v: VARIANTS[v] for v in args.variants.split(",")}
+    sections = set(args.sections.split(","))
+    res["sections"], res["variants"] = sorted(sections), list(variants)
+    res["build"] = build(model, work, gear_list, log, before="ort_gear_graph_before" in variants)
     save()
     if args.build_only:  # a first call on the machine (medium: the build alone is ~7 min); the next call reuses it
         return
     device = "cpu" if args.cpu_smoke else "cuda"
     rt = CudaPackageRuntime(work, device=device, manifest=manifest_for(cfg, gear_list, session_config()))
     specs = {v: manifest_for(cfg, gear_list, session_config(), folder)["io"]["decode_gears"]
-             for v, folder in VARIANTS.items()}
+             for v, folder in variants.items()}
     graph = not args.cpu_smoke
 
-    def decoder(variant, cuda_graph=graph):
+    def decoder(variant, cuda_graph=graph, prefill="dynamic"):
         keep = rt.manifest["io"]["decode_gears"]
         rt.manifest["io"]["decode_gears"] = specs[variant]
         try:
-            return GearDecoder(rt, cuda_graph=cuda_graph)
+            return GearDecoder(rt, cuda_graph=cuda_graph, prefill=prefill)
         finally:
             rt.manifest["io"]["decode_gears"] = keep
     decs = {}
-    for v in VARIANTS:
+    for v in variants:
         try:
             decs[v] = decoder(v)
         except Exception:
@@ -198,7 +204,7 @@ def run_model(name: str, args, log, res: dict, save) -> None:
     G0 = gear_list[0]
     # ---- nodes (ORT profiler) -----------------------------------------------------------------------------------
     res["nodes"] = {}
-    for v, folder in VARIANTS.items():
+    for v, folder in (variants.items() if "nodes" in sections else ()):
         try:
             res["nodes"][v] = ort_nodes(work / folder / f"{gears.gear_name(G0)}.onnx", session_config(), G0, device)
             log(f"{name} {v} nodes/step {res['nodes'][v]['nodes_per_step']}")
@@ -208,7 +214,7 @@ def run_model(name: str, args, log, res: dict, save) -> None:
     # ---- kernels (CUPTI) ----------------------------------------------------------------------------------------
     tok = np.array([7])
     res["kernels"] = {}
-    if not args.cpu_smoke:
+    if not args.cpu_smoke and "kernels" in sections:
         for v, d in decs.items():
             for form, dd in ((v, d), (v.replace("graph", "nograph"), None)):
                 try:
@@ -222,7 +228,12 @@ def run_model(name: str, args, log, res: dict, save) -> None:
                     res["errors"].append(f"kernels {form}: " + traceback.format_exc())
         save()
     # ---- parity -------------------------------------------------------------------------------------------------
+    def prefix(a, b):
+        neq = (a != b).any(0)
+        return int(np.argmax(neq)) if neq.any() else int(a.shape[1])
     try:
+        if "parity" not in sections:
+            raise StopIteration
         prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, args.parity_prompt))
         toks = {"dynamic": rt.generate(prompt, args.steps)[0]}
         for v, d in decs.items():
@@ -243,14 +254,13 @@ def run_model(name: str, args, log, res: dict, save) -> None:
                 del cache
             toks["eager_fp32"] = torch.cat(out, 1).numpy()
 
-        def prefix(a, b):
-            neq = (a != b).any(0)
-            return int(np.argmax(neq)) if neq.any() else int(a.shape[1])
         keys = list(toks)
         res["parity"] = {"steps": args.steps,
                          "equal_prefix": {f"{a}|{b}": prefix(toks[a], toks[b]) for i, a in enumerate(keys)
                                           for b in keys[i + 1:]}}
         log(f"{name} parity {json.dumps(res['parity'])}")
+    except StopIteration:
+        pass
     except Exception:
         res["errors"].append("parity: " + traceback.format_exc())
     save()
@@ -258,6 +268,21 @@ def run_model(name: str, args, log, res: dict, save) -> None:
     if args.determinism:
         det: dict = {}
         res["determinism"] = det
+        try:  # repeated generations: the dynamic prefill (GearDecoder's default) vs prefill="gears"
+            prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, args.parity_prompt))
+            det["generations"] = {}
+            v0 = next(iter(variants))
+            for mode in ("dynamic", "gears"):
+                dd = decoder(v0, prefill=mode)
+                seqs = [dd.generate(prompt, args.steps)[0] for _ in range(args.generations)]
+                det["generations"][mode] = {"variant": v0, "runs": len(seqs), "steps": args.steps,
+                                            "distinct_token_sequences": len({q.tobytes() for q in seqs}),
+                                            "equal_prefix_to_first": [prefix(seqs[0], q) for q in seqs[1:]]}
+                del dd
+            log(f"{name} generations {json.dumps(det['generations'])}")
+            save()
+        except Exception:
+            res["errors"].append("generations: " + traceback.format_exc())
         try:
             prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, args.parity_prompt))
             empty = rt.empty_cache(1)
@@ -304,7 +329,7 @@ def run_model(name: str, args, log, res: dict, save) -> None:
         save()
     # ---- decode ms/token ----------------------------------------------------------------------------------------
     res["decode"] = {}
-    for G in gear_list:
+    for G in (gear_list if "decode" in sections else ()):
         row: dict = {"gear": G, "position": G - 1}
         L = G - 1
         try:
@@ -327,7 +352,7 @@ def run_model(name: str, args, log, res: dict, save) -> None:
                 res["errors"].append(f"torch {G}: " + traceback.format_exc())
         ms = {k: v["median_ms"] for k, v in row.items() if isinstance(v, dict) and "median_ms" in v}
         if "ort_dynamic" in ms:
-            for v in VARIANTS:
+            for v in variants:
                 if v in ms:
                     row[f"speedup_{v}_vs_dynamic"] = ms["ort_dynamic"] / ms[v]
         if "ort_gear_graph" in ms and "ort_gear_graph_before" in ms:
@@ -350,6 +375,10 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default="/tmp/cuda_graph_work")
     ap.add_argument("--out", required=True)
     ap.add_argument("--also-save", default=None)
+    ap.add_argument("--sections", default="nodes,kernels,parity,decode", help="which of nodes,kernels,parity,decode "
+                    "to run (--determinism adds its probes)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="gear variants: " + ",".join(VARIANTS))
+    ap.add_argument("--generations", type=int, default=4, help="--determinism: generations per prefill mode")
     ap.add_argument("--build-only", action="store_true", help="build the graphs into --work and stop")
     ap.add_argument("--cpu-smoke", action="store_true", help="the code paths on ORT CPU (numbers meaningless)")
     args = ap.parse_args(argv)

@@ -22,6 +22,10 @@
 #                                               # CUDA graph, run-to-run determinism probes (h200_cuda_gear_profile.json)
 #   bash benchmarks/gpu/cuda_graph.sh profile-medium-build   # THERE, next call: medium's graphs (~7 min)
 #   bash benchmarks/gpu/cuda_graph.sh profile-medium         # THERE, next call: medium measured (reuses the build)
+#   bash benchmarks/gpu/cuda_graph.sh determinism  # THERE, instead of profile (carries part03, SHA256SUMS): small and
+#                                               # medium, gear 1024 only: --generations greedy runs with the dynamic
+#                                               # prefill vs prefill="gears", run-to-run probes
+#                                               # (h200_cuda_gear_determinism.json)
 #
 # The machine goes back after ~30 s idle: make the calls back to back (a fresh machine needs every part again).
 # Writes under $OUT: h200_cuda_graph.json (one file, each call adds its models), gpu_tests.txt, verify_tiny.txt,
@@ -145,6 +149,18 @@ profile_medium() {  # $1: --build-only or nothing (set -u: read as ${1:-})
   echo "profile exit $?"
 }
 
+determinism() {  # repeated generations, dynamic prefill vs prefill="gears", and the run-to-run probes (one gear)
+  stage
+  OUT=${OUT:-/tmp/cuda_graph_out}
+  mkdir -p "$OUT"
+  exec > >(tee "$OUT/determinism.log") 2>&1
+  site || exit 1
+  timeout ${DET_TIMEOUT:-560} python3 -m benchmarks.cuda_gear_profile --models "${MODELS:-small,medium}" \
+    --gears "${DET_GEARS:-1024}" --sections parity --variants ort_gear_graph --determinism \
+    --generations "${GENERATIONS:-4}" --work "${WORK}_det" --out "$OUT/h200_cuda_gear_determinism.json"
+  echo "determinism exit $?"
+}
+
 summary() {
   python3 - "$1" <<'EOF'
 import json, sys
@@ -169,6 +185,7 @@ case "$cmd" in
   run) run ;;
   medium) medium ;;
   profile) profile ;;
+  determinism) determinism ;;
   profile-medium-build) profile_medium --build-only ;;
   profile-medium) profile_medium ;;
   *) echo "usage: $0 prepare|stage|run|medium|profile|profile-medium-build|profile-medium"; exit 2 ;;
