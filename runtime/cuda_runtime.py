@@ -218,9 +218,11 @@ class GearDecoder:
     gear is an error naming the gears (compile with a longer one).
 
     prefill="gears": the prompt runs token by token through the gears instead (from a zeroed gear, the same step as
-    decode; a prompt of P tokens costs P steps). Bit-reproducible on the GPU, where the dynamic prefill is not: ORT's
-    CUDA com.microsoft.MoE gives other low bits from run to run (measured on the H200, docs/ort-cuda.md), so two
-    generations through the dynamic prefill may start from different caches and, at a near tie, give other tokens."""
+    decode; a prompt of P tokens costs P steps). What it is for: on the H200 the gear step was bit-identical run to
+    run (every intermediate value, captured and not), the dynamic prefill was not (ORT's CUDA com.microsoft.MoE gives
+    other low bits from run to run; docs/ort-cuda.md), so two generations through the dynamic prefill may start from
+    different caches and, at a near tie, give other tokens. Repeated generations with prefill="gears" have not yet
+    run on a GPU (benchmarks/gpu/cuda_graph.sh determinism)."""
 
     def __init__(self, rt: "CudaPackageRuntime", cuda_graph: bool | None = None, inplace: bool = True,
                  prefill: str = "dynamic"):

@@ -25,7 +25,7 @@
 #   bash benchmarks/gpu/cuda_graph.sh determinism  # THERE, instead of profile (carries part03, SHA256SUMS): small and
 #                                               # medium, gear 1024 only: --generations greedy runs with the dynamic
 #                                               # prefill vs prefill="gears", run-to-run probes
-#                                               # (h200_cuda_gear_determinism.json)
+#                                               # (h200_cuda_gear_determinism.json; written 2026-12-04, not yet run)
 #
 # The machine goes back after ~30 s idle: make the calls back to back (a fresh machine needs every part again).
 # Writes under $OUT: h200_cuda_graph.json (one file, each call adds its models), gpu_tests.txt, verify_tiny.txt,
