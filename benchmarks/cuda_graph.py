@@ -53,8 +53,11 @@ def _median_ms(fn, repeat: int, sync=None) -> dict:
     return _timed(fn, repeat, warmup=5, sync=sync)  # 5 warm-up runs: the first replays of a capture
 
 
-def build(model, work: Path, gear_list, log) -> dict:
-    """onnx/{prefill,decode}.onnx as the ort-cuda package has them, and the gears (module doc)."""
+def build(model, work: Path, gear_list, log, before: bool = False) -> dict:
+    """onnx/{prefill,decode}.onnx as the ort-cuda package has them, and the gears (module doc). before: also the
+    gears without the kernel-count fusions (gears.convert_gear fuse=False, from the same traced step) in
+    onnx_before/ (their own weights file; the pad graphs are onnx/'s): benchmarks/cuda_gear_profile.py."""
+    import onnx_ir as ir
     import onnx
     from models.static_lm import static_cache_spec
     from passes import PASSES, graphs_for
@@ -64,13 +67,14 @@ def build(model, work: Path, gear_list, log) -> dict:
     from targets.ort_cuda import gears, to_fp16
     d = work / "onnx"
     marker = work / "build.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("gears") == list(gear_list):
+    if marker.is_file() and json.loads(marker.read_text()).get("gears") == list(gear_list) and \
+            json.loads(marker.read_text()).get("before", False) >= before:
         info = json.loads(marker.read_text())
         info["reused"] = True  # a previous call on this machine built them (a call that timed out, run again)
         log(f"reusing the graphs built in {work}")
         return info
     d.mkdir(parents=True, exist_ok=True)
-    info: dict = {"gears": list(gear_list)}
+    info: dict = {"gears": list(gear_list), "before": before}
     t = time.perf_counter()
     graphs = export_graphs(model, "latent")
     for g in graphs_for("latent-kv-fusion"):
@@ -85,13 +89,22 @@ def build(model, work: Path, gear_list, log) -> dict:
     info["dynamic_s"] = round(time.perf_counter() - t, 1)
     log(f"dynamic graphs {info['dynamic_s']} s")
     t = time.perf_counter()
-    gm = {}
+    gm, gb = {}, {}
     for G in gear_list:
-        m, rep = gears.export_gear(model, G)
+        traced = gears.trace_gear(model, G)
+        if before:
+            mb, rep = gears.convert_gear(ir.from_proto(ir.to_proto(traced)), G, fuse=False)
+            gb[gears.gear_name(G)] = mb
+            info[f"gear_{G}_before"] = rep.to_dict()
+        m, rep = gears.convert_gear(traced, G)
         gm[gears.gear_name(G)] = m
         info[f"gear_{G}"] = rep.to_dict()
     gears.save_gears(gm, d)
     del gm
+    if before:
+        (work / "onnx_before").mkdir(exist_ok=True)
+        gears.save_gears(gb, work / "onnx_before")
+    del gb
     spec = static_cache_spec(model.config)
     names = spec.input_names()
     for G in gear_list:
@@ -104,12 +117,13 @@ def build(model, work: Path, gear_list, log) -> dict:
     return info
 
 
-def manifest_for(cfg, gear_list, session) -> dict:
+def manifest_for(cfg, gear_list, session, folder: str = "onnx") -> dict:
+    """folder: where the gear graphs are (onnx, or build(before=True)'s onnx_before); the rest is onnx/."""
     from targets.ort_cuda import gears
     return {"io": {"vocab_size": cfg.vocab_size,
                    "graphs": {g: {"file": f"onnx/{g}.onnx"} for g in ("prefill", "decode")},
                    "decode_gears": {"gears": list(gear_list), "batch": gears.GEAR_BATCH,
-                                    "graphs": {str(G): {"file": f"onnx/{gears.gear_name(G)}.onnx",
+                                    "graphs": {str(G): {"file": f"{folder}/{gears.gear_name(G)}.onnx",
                                                         "pad_file": f"onnx/{gears.pad_name(G)}.onnx"}
                                                for G in gear_list}}},
             "target": {"session": session}}
@@ -168,8 +182,8 @@ def capture_probe(work: Path, rt, gear_list) -> dict:
     return out
 
 
-def torch_static(model, G: int, dev, repeat: int) -> dict:
-    """StaticCausalLM (fp16) at cache G: eager and torch.cuda.CUDAGraph (module doc)."""
+def torch_static(model, G: int, dev, repeat: int, eager: bool = True) -> dict:
+    """StaticCausalLM (fp16) at cache G: eager (unless eager=False) and torch.cuda.CUDAGraph (module doc)."""
     import copy
 
     import torch
@@ -184,6 +198,7 @@ def torch_static(model, G: int, dev, repeat: int) -> dict:
     pos = torch.full((1,), G - 1, dtype=torch.int32, device=dev)
     host_ids = torch.full((1, 1), 7, dtype=torch.int32).pin_memory()
     out: dict = {}
+    run_eager = eager
 
     def step():
         o = w(ids, pos, *past)
@@ -196,7 +211,8 @@ def torch_static(model, G: int, dev, repeat: int) -> dict:
             ids.copy_(host_ids, non_blocking=True)
             pos.fill_(G - 1)
             return step()[:, -1].float().cpu()
-        out["torch_eager"] = _median_ms(eager, repeat, sync=torch.cuda.synchronize)
+        if run_eager:
+            out["torch_eager"] = _median_ms(eager, repeat, sync=torch.cuda.synchronize)
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):

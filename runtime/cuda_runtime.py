@@ -215,9 +215,20 @@ class GearDecoder:
     The prompt runs through the dynamic prefill graph (any length); its present cache (device OrtValues) is padded
     into the smallest gear longer than the prompt by the gear's pad graph (on the device, once); when the position
     reaches the gear's length the cache is padded into the next gear the same way. A position past the largest
-    gear is an error naming the gears (compile with a longer one)."""
+    gear is an error naming the gears (compile with a longer one).
 
-    def __init__(self, rt: "CudaPackageRuntime", cuda_graph: bool | None = None, inplace: bool = True):
+    prefill="gears": the prompt runs token by token through the gears instead (from a zeroed gear, the same step as
+    decode; a prompt of P tokens costs P steps). What it is for: on the H200 the gear step was bit-identical run to
+    run (every intermediate value, captured and not), the dynamic prefill was not (ORT's CUDA com.microsoft.MoE gives
+    other low bits from run to run; docs/ort-cuda.md), so two generations through the dynamic prefill may start from
+    different caches and, at a near tie, give other tokens. Repeated generations with prefill="gears" have not yet
+    run on a GPU (benchmarks/gpu/cuda_graph.sh determinism)."""
+
+    def __init__(self, rt: "CudaPackageRuntime", cuda_graph: bool | None = None, inplace: bool = True,
+                 prefill: str = "dynamic"):
+        if prefill not in ("dynamic", "gears"):
+            raise ValueError(f"prefill {prefill!r}: 'dynamic' (the prefill graph) or 'gears' (the prompt token by token)")
+        self.prefill = prefill
         spec = rt.manifest["io"].get("decode_gears")
         if not spec:
             raise RuntimeError(f"{rt.root}: this package has no decode gears (compile with --decode-gears)")
@@ -330,13 +341,23 @@ class GearDecoder:
             raise RuntimeError(f"prompt batch {ids.shape[0]}: the decode gears are built for batch {self.batch}")
         if max_new_tokens <= 0:
             return np.zeros((ids.shape[0], 0), np.int64), np.zeros((ids.shape[0], 0, self.vocab_size), np.float32)
-        logits, present = self.rt.run("prefill", ids, self.rt.empty_cache(ids.shape[0]))
-        position = ids.shape[1]
-        last = logits[:, -1].astype(np.float32)
+        if self.prefill == "gears":  # class doc: the prompt through the gear step, from a zeroed first gear
+            gear = self.gear_for(0)
+            st = self._state(gear)
+            for n in self.past_names:
+                st["sets"][0][n].update_inplace(np.zeros((self.batch, gear, self.widths[n]), np.float16))
+            self.gear, self.parity = gear, 0
+            for t in range(ids.shape[1]):
+                last = self.step(ids[:, t], t).astype(np.float32)
+            position = ids.shape[1]
+        else:
+            logits, present = self.rt.run("prefill", ids, self.rt.empty_cache(ids.shape[0]))
+            position = ids.shape[1]
+            last = logits[:, -1].astype(np.float32)
+            if max_new_tokens > 1:
+                self.load(present, position)
+            del present
         tokens, steps = [last.argmax(-1)], [last]
-        if max_new_tokens > 1:
-            self.load(present, position)
-        del present
         for _ in range(max_new_tokens - 1):
             last = self.step(tokens[-1], position).astype(np.float32)
             tokens.append(last.argmax(-1))

@@ -15,6 +15,17 @@
 #   bash benchmarks/gpu/cuda_graph.sh medium    # THERE, call 5 (same machine, back to back): benchmark medium (~8 min;
 #                                               # if it runs out of time, call it again: it reuses the graphs built
 #                                               # in /tmp/cuda_graph_work)
+#   bash benchmarks/gpu/cuda_graph.sh profile   # THERE, instead of run: carries part03, SHA256SUMS, dist/gpu; GPU
+#                                               # tests + verify (tiny), then benchmarks/cuda_gear_profile.py on
+#                                               # trained-small and small: ORT nodes and CUPTI kernels per step, the
+#                                               # gears with and without the kernel-count fusions, dynamic, torch
+#                                               # CUDA graph, run-to-run determinism probes (h200_cuda_gear_profile.json)
+#   bash benchmarks/gpu/cuda_graph.sh profile-medium-build   # THERE, next call: medium's graphs (~7 min)
+#   bash benchmarks/gpu/cuda_graph.sh profile-medium         # THERE, next call: medium measured (reuses the build)
+#   bash benchmarks/gpu/cuda_graph.sh determinism  # THERE, instead of profile (carries part03, SHA256SUMS): small and
+#                                               # medium, gear 1024 only: --generations greedy runs with the dynamic
+#                                               # prefill vs prefill="gears", run-to-run probes
+#                                               # (h200_cuda_gear_determinism.json; written 2026-12-04, not yet run)
 #
 # The machine goes back after ~30 s idle: make the calls back to back (a fresh machine needs every part again).
 # Writes under $OUT: h200_cuda_graph.json (one file, each call adds its models), gpu_tests.txt, verify_tiny.txt,
@@ -103,6 +114,53 @@ medium() {
   summary "$OUT/h200_cuda_graph.json"
 }
 
+profile() {
+  stage
+  OUT=${OUT:-/tmp/cuda_graph_out}
+  mkdir -p "$OUT"
+  exec > >(tee "$OUT/profile.log") 2>&1
+  site || exit 1
+  nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv || true
+  P=$STAGE/gpu/$PKG.tar.gz
+  [ -f "$P" ] || { echo "missing $P (carry dist/gpu)"; exit 1; }
+  MLAMOE_ORT_CUDA_GEARS_PACKAGE=$P MLAMOE_ORT_CUDA_PACKAGE=$P timeout 150 python3 -m pytest -q -m gpu \
+    -p no:cacheprovider tests/test_ort_cuda_gears.py -rs > "$OUT/gpu_tests.txt" 2>&1
+  echo "gpu tests exit $?" >> "$OUT/gpu_tests.txt"
+  tail -8 "$OUT/gpu_tests.txt"
+  timeout 60 python3 -m pipeline verify "$P" > "$OUT/verify_tiny.txt" 2>&1
+  echo "exit $?" >> "$OUT/verify_tiny.txt"
+  cat "$OUT/verify_tiny.txt"
+  timeout ${PROFILE_TIMEOUT:-380} python3 -m benchmarks.cuda_gear_profile --models "${MODELS:-trained-small,small}" \
+    --gears "$GEARS" --repeat "$REPEAT" --torch --determinism --work "$WORK" \
+    --also-save "$WORK/h200_cuda_gear_profile.json" --out "$OUT/h200_cuda_gear_profile.json"
+  echo "profile exit $?"
+}
+
+profile_medium() {  # $1: --build-only or nothing (set -u: read as ${1:-})
+  OUT=${OUT:-/tmp/cuda_graph_out}
+  mkdir -p "$OUT"
+  exec > >(tee "$OUT/profile_medium${1:+_build}.log") 2>&1
+  stage
+  site || exit 1
+  [ -f "$OUT/h200_cuda_gear_profile.json" ] || cp "$WORK/h200_cuda_gear_profile.json" "$OUT/" 2>/dev/null || true
+  timeout 570 python3 -m benchmarks.cuda_gear_profile --models "${MODELS:-medium}" --gears "$GEARS" \
+    --repeat "$REPEAT" --torch --determinism --work "$WORK" ${1:-} \
+    --also-save "$WORK/h200_cuda_gear_profile.json" --out "$OUT/h200_cuda_gear_profile.json"
+  echo "profile exit $?"
+}
+
+determinism() {  # repeated generations, dynamic prefill vs prefill="gears", and the run-to-run probes (one gear)
+  stage
+  OUT=${OUT:-/tmp/cuda_graph_out}
+  mkdir -p "$OUT"
+  exec > >(tee "$OUT/determinism.log") 2>&1
+  site || exit 1
+  timeout ${DET_TIMEOUT:-560} python3 -m benchmarks.cuda_gear_profile --models "${MODELS:-small,medium}" \
+    --gears "${DET_GEARS:-1024}" --sections parity --variants ort_gear_graph --determinism \
+    --generations "${GENERATIONS:-4}" --work "${WORK}_det" --out "$OUT/h200_cuda_gear_determinism.json"
+  echo "determinism exit $?"
+}
+
 summary() {
   python3 - "$1" <<'EOF'
 import json, sys
@@ -126,5 +184,9 @@ case "$cmd" in
   stage) stage ;;
   run) run ;;
   medium) medium ;;
-  *) echo "usage: $0 prepare|stage|run|medium"; exit 2 ;;
+  profile) profile ;;
+  determinism) determinism ;;
+  profile-medium-build) profile_medium --build-only ;;
+  profile-medium) profile_medium ;;
+  *) echo "usage: $0 prepare|stage|run|medium|profile|profile-medium-build|profile-medium"; exit 2 ;;
 esac

@@ -533,8 +533,10 @@ def _gear_stage(runner: StageRunner, model, load: StageRecord, golden: Golden, w
             save_graph(ir.from_proto(ir.to_proto(m)), d / REFERENCE_DIR / f"{gears_mod.gear_name(g)}.onnx")
             m, rep = gears_mod.convert_gear(m, g)
             graphs[gears_mod.gear_name(g)] = m
-            rec.notes.append(f"gear {g}: {rep.cache_writes} cache writes as in-place row ScatterND; fp16 "
-                             + json.dumps(rep.fp16, sort_keys=True))
+            rec.notes.append(f"gear {g}: {rep.cache_writes} cache writes as in-place row ScatterND; "
+                             f"{rep.rmsnorm_div} RMSNorms spelled x / Sqrt (ORT fuses each into "
+                             f"SimplifiedLayerNormalization), {rep.rotary_fused} RoPEs as com.microsoft.RotaryEmbedding; "
+                             "fp16 " + json.dumps(rep.fp16, sort_keys=True))
         gears_mod.save_gears(graphs, d)
         widths = gears_mod.cache_widths(spec, names)
         import onnx

@@ -14,6 +14,12 @@ addresses (the runtime binds every input and output once, runtime/cuda_runtime.p
 synchronisation inside the step.
 
 The graph is then:
+- (convert_gear fuse=True, the default) given fewer kernels, since a captured step is launch-bound (its time is about
+  kernels x a couple of microseconds; docs/ort-cuda.md "Where a captured step's time goes"): each RMSNorm spelled
+  x / Sqrt(...) (passes/ort_simplify.py rmsnorm-div) so that ORT's SimplifiedLayerNormFusion turns the 9-node fp16
+  chain, both Casts included, into one SimplifiedLayerNormalization on the CUDA EP (the saved graph stays standard
+  ONNX, and its rounding twin rounds more than the fused kernel), and each interleaved MLA RoPE as one
+  com.microsoft.RotaryEmbedding (passes/rotary_fusion.py); medium on the H200: 1414 -> 804 kernels a step;
 - converted to fp16 by to_fp16(fixed_shape=True): fp32 islands as for the dynamic graphs (softmax, RMSNorm
   statistics, TopK, DeepSeek-V3.2's indexer selection: the `topk-selection` island), the router's gate projection ->
   TopK path kept fp32 (structural: the walk back from each router TopK's scores to the Sigmoid/Softmax-scored gate
@@ -91,6 +97,8 @@ class GearReport:
     cache_writes: int
     skipped: list
     matmuls_right_2d: int  # passes/matmul_broadcast.py: batch-broadcast right operands made 2-D
+    rmsnorm_div: int = 0  # passes/ort_simplify.py rmsnorm-div: RMSNorms ORT's SimplifiedLayerNormFusion then fuses
+    rotary_fused: int = 0  # passes/rotary_fusion.py: interleaved RoPEs as com.microsoft.RotaryEmbedding
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -103,19 +111,30 @@ def trace_gear(model, gear: int, batch: int = GEAR_BATCH) -> ir.Model:
     return export_static_graph(model, StaticGraphSpec(gear_name(gear), batch, 1, gear, "gather"))
 
 
-def export_gear(model, gear: int, batch: int = GEAR_BATCH) -> tuple[ir.Model, GearReport]:
+def export_gear(model, gear: int, batch: int = GEAR_BATCH, fuse: bool = True) -> tuple[ir.Model, GearReport]:
     """The fp16 decode graph of one gear (module doc)."""
-    return convert_gear(trace_gear(model, gear, batch), gear, batch)
+    return convert_gear(trace_gear(model, gear, batch), gear, batch, fuse=fuse)
 
 
-def convert_gear(m: ir.Model, gear: int, batch: int = GEAR_BATCH) -> tuple[ir.Model, GearReport]:
-    """trace_gear's graph -> the gear's fp16 graph, in place (module doc): fp16 with the router and selection fp32
-    islands, the in-place row write, 2-D right operands; check_router_fp32 on the result (the passes after the
-    conversion must not move a router or indexer node into fp16)."""
+def convert_gear(m: ir.Model, gear: int, batch: int = GEAR_BATCH, fuse: bool = True) -> tuple[ir.Model, GearReport]:
+    """trace_gear's graph -> the gear's fp16 graph, in place (module doc): (fuse) the kernel-count fusions, fp16
+    with the router and selection fp32 islands, the in-place row write, 2-D right operands; check_router_fp32 on the
+    result (the passes after the conversion must not move a router or indexer node into fp16). fuse=False: the
+    graph as before the fusions (benchmarks/cuda_gear_profile.py measures both)."""
     from passes.matmul_broadcast import MatMulBroadcastPass
+    from passes.ort_simplify import ORTSimplifyPass
+    from passes.rotary_fusion import RotaryFusionPass
     from passes.static_cache_write import StaticCacheWritePass
 
     from .graphs import check_router_fp32, to_fp16
+    rms = rope = 0
+    if fuse:
+        simp = ORTSimplifyPass()
+        simp(m)
+        rms = simp.report.get("rmsnorm-div", 0)
+        rot = RotaryFusionPass()
+        rot(m)
+        rope = rot.rewritten
     fp16 = to_fp16(m, fixed_shape=True)
     write = StaticCacheWritePass()
     write(m)
@@ -127,7 +146,7 @@ def convert_gear(m: ir.Model, gear: int, batch: int = GEAR_BATCH) -> tuple[ir.Mo
     check_router_fp32(m.graph, fixed_shape=True)
     m.doc_string = (f"mlamoe ort-cuda decode gear {gear}: batch {batch}, cache {gear} rows preallocated, "
                     "row written in place (ScatterND), static-gather MoE, fp16")
-    return m, GearReport(gear, fp16.to_dict(), write.rewritten, write.skipped, bcast.rewritten)
+    return m, GearReport(gear, fp16.to_dict(), write.rewritten, write.skipped, bcast.rewritten, rms, rope)
 
 
 def save_gears(graphs: dict[str, ir.Model], folder: Path, weights_file: str = WEIGHTS_FILE) -> list[Path]:
