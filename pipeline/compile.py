@@ -101,7 +101,8 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
     fp8_checkpoint = (model.is_fp8() if stream else
                       getattr(model, "checkpoint", None) is not None and bool(model.checkpoint.fp8_names))
     if fp8_checkpoint:
-        load.notes.append(f"{len(model.checkpoint.fp8_names)} FP8 e4m3 weights dequantized to fp32 for the reference")
+        load.notes.append("FP8 e4m3 weights dequantized to fp32 for the reference, layer by layer" if stream else
+                          f"{len(model.checkpoint.fp8_names)} FP8 e4m3 weights dequantized to fp32 for the reference")
     quant, quant_why = _default_quant(requested_quant, quant, fp8_checkpoint, profile)
     if family.quant_schemes is not None and quant not in family.quant_schemes:  # models.Family.quant_schemes
         allowed = ", ".join(family.quant_schemes)
@@ -111,6 +112,11 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
         quant, quant_why = family.quant_schemes[0], (
             f"no --quant: {family.describe()} compiles only with --quant {allowed} ({family.quant_note}), so the "
             f"weights are packaged as --quant {family.quant_schemes[0]}")
+    if stream:  # the scheme an FP8 checkpoint defaults to may be one --stream does not build
+        from .streaming import refusal
+        why = refusal(target, quant, family)
+        if why:
+            raise CompileError(f"{why}{' (' + quant_why + ')' if quant_why else ''}; pass --quant none or int8")
     if quant_why:
         load.notes.append(quant_why)
         runner.progress(f"[load] {quant_why}")

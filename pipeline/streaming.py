@@ -257,6 +257,9 @@ def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, work:
                 rec.notes.extend(f"layer {i} ({kind}): {n}" for n in pass_notes + quant_notes)
             # layer-wise parity: the layer's graphs on ORT against the eager layer, on the recorded inputs
             runner.live.update(f"layer {i}: parity", i + 1, stream.num_layers)
+            for gname in graphs:  # into the weights file first: the checks' sessions then read it, not a copy
+                weights.store(graphs[gname])
+            lap("store")
             sessions = {gname: session_from_model(graphs[gname], so) for gname in graphs}
             check_layer(runner, rec, i, graphs, sessions, inputs, outputs, gate_inputs, quant, so, stream, layer)
             for c, cg in CASES:
@@ -267,11 +270,8 @@ def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, work:
                 presents_ort[c].append(tuple(got[f"present.{n}"] for n in names))
             del sessions
             lap("check")
-            for gname in graphs:
-                weights.store(graphs[gname])
             parts_p.append(graphs["prefill"])
             parts_d.append(graphs["decode"])
-            lap("store")
             del layer, graphs, prefill, inputs, outputs
             release_memory()
             lap("release")

@@ -141,3 +141,18 @@ def test_stream_refuses_what_it_cannot_build(tiny_checkpoint, tmp_path, spec, ta
     with pytest.raises(CompileError, match=match):
         compile_package(spec or str(tiny_checkpoint), target, tmp_path / "pkg", stream=True, quant=quant,
                         progress=lambda m: None)
+
+
+def test_fp8_checkpoint_streams_dequantized_as_a_load_does(tmp_path):
+    """An FP8 e4m3 checkpoint: each streamed layer equals models.load's (blocks dequantized with their scales), and
+    --stream without --quant refuses the fp8 default it cannot build, saying what to pass."""
+    folder = tmp_path / "tiny-fp8"
+    models.save(models.load("tiny", seed=5), folder, fp8=True)
+    whole, stream = models.load(folder), LayerStream(folder)
+    assert stream.is_fp8()
+    for i, layer in enumerate(whole.model.layers):
+        for (name, a), (_, b) in zip(sorted(layer.state_dict().items()), sorted(stream.layer(i).state_dict().items())):
+            assert torch.equal(a, b), (i, name)
+    assert stream.fp8_names and all(n.startswith("model.layers.") for n in stream.fp8_names)
+    with pytest.raises(CompileError, match="pass --quant none or int8"):
+        compile_package(str(folder), "ort-cpu", tmp_path / "pkg", stream=True, progress=lambda m: None)
