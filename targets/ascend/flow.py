@@ -427,10 +427,11 @@ def _quantize_w8a8(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], packa
 
 
 def _failure(r) -> dict:
-    """A failed report's stage and worst logits numbers, for the fallback record."""
-    o = next((o for o in r.outputs if o.kl is not None), r.outputs[0] if r.outputs else None)
-    worst = "" if o is None else (f"{o.name} cosine {o.cosine:.4f}, KL {o.kl:.3g}, rel euclid {o.rel_euclid:.3g}"
-                                  if o.kl is not None else f"{o.name} cosine {o.cosine:.4f}")
+    """A failed report's stage and its failing outputs' reasons, for the fallback record."""
+    bad = [o for o in r.outputs if not o.passed]
+    worst = "; ".join(f"{o.name}: {', '.join(o.reasons)}" for o in bad[:2])
+    if not bad:  # a binding token comparison
+        worst = "; ".join(f"tokens {k}" for k, t in r.extra.get("tokens", {}).items() if not t["passed"])
     return {"stage": r.stage, "worst": worst}
 
 
