@@ -22,7 +22,9 @@ prefill graph, every graph is quantized (QDQ, opset 18) into onnx/, and steps 3-
 graphs: parity of the fp32 QDQ graphs vs eager under BUDGETS["quantize-w8a8"], the fp16 emulation of the
 QDQ graphs judged against the fp32 QDQ graphs by msit's thresholds (the device's golden data are those
 graphs' outputs), Q/DQ and the per-token quantization kept fp32 (keep_dtype), reports/quantization.json
-and the error profile of the first prefill bucket.
+and the error profile of the first prefill bucket. Where either judgement fails, the accuracy fallback
+(_quantize_w8a8; docs/ascend.md "Accuracy fallback") keeps linear sites unquantized one at a time in network
+order, at most quant.FALLBACK_MAX_SITES, re-quantizing and re-judging each time; the manifest records it.
 
 `build_ascend` returns an AscendBuild: the parity reports (fp32 then fp16), the manifest section,
 the README section and the ATC result. It raises on a failed check, a failed parity budget or an

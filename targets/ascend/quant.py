@@ -30,6 +30,9 @@ Two kinds of site:
   Every expert output channel (e, o) gets the same int8 row and scale in both forms, so decode and
   prefill compute with identical weights.
 
+Every int8 weight written is checked against its fp32 source (check_quantized_weights). `keep_unquantized`
+(module scopes from fallback_candidates) leaves sites fp32 for the accuracy fallback of targets/ascend/flow.py.
+
 What Ascend's own tools accept for such a graph is NOT verified here (no CANN): AMCT's documented
 route for an ONNX model that already carries QuantizeLinear/DequantizeLinear ("QAT model") is
 `amct_onnx.convert_qat_model` before ATC, and its documentation lists Conv/Gemm/ConvTranspose and
