@@ -373,8 +373,28 @@ def test_fallback_is_bounded_and_does_not_hide_a_fault(tiny, tmp_path, monkeypat
     monkeypatch.setattr(aq, "FALLBACK_MAX_SITES", 2)
     lines = []
     with pytest.raises(ParityError, match=r"(?s)quantize-w8a8/ascend-static/.*cosine 0\.\d+ < 0\.98.*after the accuracy "
-                                          r"fallback kept 2 linear site\(s\) unquantized, the most it may \(2\): "
+                                          r"fallback kept 2 linear site\(s\) unquantized, its maximum \(2 sites, \d+ candidates\): "
                                           r"model\.layers\.0\.self_attn\.q_a_proj, model\.layers\.0\.self_attn\.q_b_proj"):
         build_ascend(tiny, tmp_path, max_cache=256, buckets=(16,), atc="atc-not-installed-here", progress=lines.append,
                      quant="w8a8", gen_tokens=4)
     assert sum("accuracy fallback keeps" in x for x in lines) == 2
+
+
+def test_compile_with_a_wrong_scale_fails_naming_the_weight(tiny, tmp_path, monkeypatch):
+    """The same fault through the build: layer 0's q_a_proj (the fallback's first candidate) with scales x2 fails
+    build_ascend at quantization with the weight's name, not after a fallback that took the site out."""
+    import passes.quant_w8a8 as qw
+    from targets.ascend.flow import build_ascend
+    from targets.ascend.quant import AscendQuantError
+    real = qw.quantize_per_channel
+    q_a = tiny.model.layers[0].self_attn.q_a_proj.weight.detach().numpy()
+
+    def faulty(w_oi):
+        q, s = real(w_oi)
+        return (q, s * 2) if w_oi.shape == q_a.shape and np.array_equal(w_oi, q_a) else (q, s)
+    monkeypatch.setattr(qw, "quantize_per_channel", faulty)
+    lines = []
+    with pytest.raises(AscendQuantError, match=r"scale of output channel 0 is .*the scheme gives amax/127"):
+        build_ascend(tiny, tmp_path, max_cache=256, buckets=(16,), atc="atc-not-installed-here", progress=lines.append,
+                     quant="w8a8", gen_tokens=4)
+    assert not any("accuracy fallback keeps" in x for x in lines)

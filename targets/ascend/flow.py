@@ -143,8 +143,9 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
                     r.raise_if_failed()
                 except ParityError as e:
                     raise ParityError(f"{e} [after the accuracy fallback kept {len(fallback['sites'])} linear "
-                                      f"site(s) unquantized, the most it may ({fallback['max_sites']}): "
-                                      f"{', '.join(fallback['sites'])}]", e.report) from None
+                                      f"site(s) unquantized, its maximum ({fallback['max_sites']} sites, "
+                                      f"{fallback['n_candidates']} candidates): {', '.join(fallback['sites'])}]",
+                                      e.report) from None
             r.raise_if_failed()
         seconds["parity"] = round(time.perf_counter() - t, 3)
         progress(f"[ascend] parity at gear {shapes.gears[0]}: {len(reports)} reports passed (fp32 static graphs, "
@@ -421,7 +422,8 @@ def _quantize_w8a8(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], packa
                  f"fallback keeps {kept[-1]} unquantized ({len(kept)} of at most {FALLBACK_MAX_SITES}) and re-judges")
     fallback = {"rule": "while the quantize-w8a8 stage or the fp16 emulation of the QDQ graphs misses its budget, "
                         "keep the next linear site in network order unquantized (fp16 under ATC) and judge again",
-                "max_sites": FALLBACK_MAX_SITES, "sites": list(kept), "attempts": attempts,
+                "max_sites": FALLBACK_MAX_SITES, "n_candidates": len(candidates), "sites": list(kept),
+                "attempts": attempts,
                 "passed": not attempts[-1]["failed"]}
     for r in reps.values():
         r["accuracy_fallback"] = list(kept)
