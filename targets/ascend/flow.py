@@ -431,12 +431,9 @@ def _quantize_w8a8(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], packa
 
 
 def _failure(r) -> dict:
-    """A failed report's stage and its failing outputs' reasons, for the fallback record."""
-    bad = [o for o in r.outputs if not o.passed]
-    worst = "; ".join(f"{o.name}: {', '.join(o.reasons)}" for o in bad[:2])
-    if not bad:  # a binding token comparison
-        worst = "; ".join(f"tokens {k}" for k, t in r.extra.get("tokens", {}).items() if not t["passed"])
-    return {"stage": r.stage, "worst": worst}
+    """A failed report's stage and reasons (outputs, binding tokens, routing), for the fallback record."""
+    reasons = r.failure_reasons()
+    return {"stage": r.stage, "worst": "; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else "")}
 
 
 CALIBRATION_PROMPTS = 4
