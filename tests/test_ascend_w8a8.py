@@ -287,3 +287,114 @@ def test_quant_parity_is_routing_aware_and_fails_a_wrong_scale(pkg, tiny, tmp_pa
     assert failed
     with pytest.raises(ParityError, match=r"(?s)quantize-w8a8/ascend-static/.*output 'logits'.*cosine 0\.\d+ < 0\.98"):
         failed[0].raise_if_failed()
+
+
+def test_no_accuracy_fallback_on_tiny(pkg):
+    """tiny meets both budgets with every site quantized: the fallback record says so and keeps nothing fp16."""
+    fb = json.loads((pkg / "manifest.json").read_text())["ascend"]["quantization"]["accuracy_fallback"]
+    assert fb["sites"] == [] and fb["passed"] is True and fb["max_sites"] == 10
+    assert len(fb["attempts"]) == 1 and fb["attempts"][0]["failed"] == []
+    assert "Accuracy fallback: none needed" in (pkg / "README.md").read_text()
+
+
+def _static_graph(tiny, name="prefill_s16"):
+    from pipeline.static_export import export_static_graphs
+    spec, m = export_static_graphs(tiny)[name]
+    return m
+
+
+def test_fallback_candidates_and_keep_unquantized(tiny):
+    """Candidates are the rank-2 linear sites in network order (layer 0's q_a first; never the router, lm_head or
+    the stacked experts); a kept site stays fp32 and is recorded; an unknown site is refused by name."""
+    from targets.ascend import quant as aq
+    m = _static_graph(tiny)
+    cand = aq.fallback_candidates(m)
+    assert cand[0] == "model.layers.0.self_attn.q_a_proj" and cand[1] == "model.layers.0.self_attn.q_b_proj"
+    assert not any("gate.weight" in c or "lm_head" in c or "routers" in c or c.startswith("node_") for c in cand)
+    layers = [int(c.split(".")[2]) for c in cand]
+    assert layers == sorted(layers)
+    cal = {k: 1.0 for k in aq.static_activation_keys(m).values()}
+    rep = aq.quantize_static_graph(m, tiny.config, cal, keep_unquantized=cand[:2])
+    kept = [s for s in rep.skipped if s["reason"].startswith("accuracy fallback")]
+    assert {s["node"].split("/")[0] for s in kept} == set(cand[:2])
+    q_a = tiny.model.layers[0].self_attn.q_a_proj.weight.detach().numpy()
+    assert any(np.array_equal(v.const_value.numpy(), q_a.T) or np.array_equal(v.const_value.numpy(), q_a)
+               for v in m.graph.initializers.values() if v.const_value is not None and v.const_value.numpy().dtype == np.float32
+               and v.const_value.numpy().size == q_a.size)
+    with pytest.raises(Exception, match=r"cannot keep \['model.layers.0.nothing'\] unquantized"):
+        aq.quantize_static_graph(_static_graph(tiny), tiny.config, cal, keep_unquantized=["model.layers.0.nothing"])
+
+
+@pytest.mark.parametrize("fault", ["dq_scale_x2", "coarse_x2"])
+def test_a_wrong_scale_fails_before_any_fallback(tiny, monkeypatch, fault):
+    """A quantizer whose first weight (layer 0's q_a_proj, the first site the accuracy fallback would take out) has
+    its scales x2 fails quantize_static_graph's postcondition naming the weight, whether the int8 values are left as
+    they were (dequantizes to 2 W) or recomputed for the coarser scale (a consistent but wrong quantizer): the
+    fallback never sees it."""
+    import passes.quant_w8a8 as qw
+    from targets.ascend import quant as aq
+    real = qw.quantize_per_channel
+    calls = []
+
+    def faulty(w_oi):
+        q, s = real(w_oi)
+        calls.append(w_oi.shape)
+        if len(calls) == 1:
+            s = s * 2
+            if fault == "coarse_x2":
+                q = np.clip(np.rint(w_oi / s[:, None]), -127, 127).astype(np.int8)
+        return q, s
+    monkeypatch.setattr(qw, "quantize_per_channel", faulty)
+    m = _static_graph(tiny)
+    cal = {k: 1.0 for k in aq.static_activation_keys(m).values()}
+    with pytest.raises(aq.AscendQuantError, match=r"scale of output channel 0 is .*the scheme gives amax/127"):
+        aq.quantize_static_graph(m, tiny.config, cal)
+
+
+def test_fallback_is_bounded_and_does_not_hide_a_fault(tiny, tmp_path, monkeypatch):
+    """A fault outside the fallback's candidates (the first MoE layer's routed-expert down scales x2 in the graph,
+    past the postcondition, which is switched off for this test) still fails the build after the fallback has kept
+    its maximum of sites unquantized (2 here, for time), and the error names the stage, the numbers and the sites."""
+    import onnx_ir as ir
+
+    from pipeline.parity import ParityError
+    from targets.ascend import quant as aq
+    from targets.ascend.flow import build_ascend
+    real = aq.quantize_static_graph
+
+    def faulty(model, cfg, calibration, keep_unquantized=()):
+        rep = real(model, cfg, calibration, keep_unquantized)
+        for n in model.graph:
+            if n.op_type == "DequantizeLinear" and n.name.startswith(("moe_down_1.", "moe_down_t_1.")):
+                s = n.inputs[1]
+                s.const_value = ir.tensor(s.const_value.numpy() * 2, name=s.name)
+        return rep
+    monkeypatch.setattr(aq, "quantize_static_graph", faulty)
+    monkeypatch.setattr(aq, "FALLBACK_MAX_SITES", 2)
+    lines = []
+    with pytest.raises(ParityError, match=r"(?s)quantize-w8a8/ascend-static/.*cosine 0\.\d+ < 0\.98.*after the accuracy "
+                                          r"fallback kept 2 linear site\(s\) unquantized, its maximum \(2 sites, \d+ candidates\): "
+                                          r"model\.layers\.0\.self_attn\.q_a_proj, model\.layers\.0\.self_attn\.q_b_proj"):
+        build_ascend(tiny, tmp_path, max_cache=256, buckets=(16,), atc="atc-not-installed-here", progress=lines.append,
+                     quant="w8a8", gen_tokens=4)
+    assert sum("accuracy fallback keeps" in x for x in lines) == 2
+
+
+def test_compile_with_a_wrong_scale_fails_naming_the_weight(tiny, tmp_path, monkeypatch):
+    """The same fault through the build: layer 0's q_a_proj (the fallback's first candidate) with scales x2 fails
+    build_ascend at quantization with the weight's name, not after a fallback that took the site out."""
+    import passes.quant_w8a8 as qw
+    from targets.ascend.flow import build_ascend
+    from targets.ascend.quant import AscendQuantError
+    real = qw.quantize_per_channel
+    q_a = tiny.model.layers[0].self_attn.q_a_proj.weight.detach().numpy()
+
+    def faulty(w_oi):
+        q, s = real(w_oi)
+        return (q, s * 2) if w_oi.shape == q_a.shape and np.array_equal(w_oi, q_a) else (q, s)
+    monkeypatch.setattr(qw, "quantize_per_channel", faulty)
+    lines = []
+    with pytest.raises(AscendQuantError, match=r"scale of output channel 0 is .*the scheme gives amax/127"):
+        build_ascend(tiny, tmp_path, max_cache=256, buckets=(16,), atc="atc-not-installed-here", progress=lines.append,
+                     quant="w8a8", gen_tokens=4)
+    assert not any("accuracy fallback keeps" in x for x in lines)

@@ -22,7 +22,9 @@ prefill graph, every graph is quantized (QDQ, opset 18) into onnx/, and steps 3-
 graphs: parity of the fp32 QDQ graphs vs eager under BUDGETS["quantize-w8a8"], the fp16 emulation of the
 QDQ graphs judged against the fp32 QDQ graphs by msit's thresholds (the device's golden data are those
 graphs' outputs), Q/DQ and the per-token quantization kept fp32 (keep_dtype), reports/quantization.json
-and the error profile of the first prefill bucket.
+and the error profile of the first prefill bucket. Where either judgement fails, the accuracy fallback
+(_quantize_w8a8; docs/ascend.md "Accuracy fallback") keeps linear sites unquantized one at a time in network
+order, at most quant.FALLBACK_MAX_SITES, re-quantizing and re-judging each time; the manifest records it.
 
 `build_ascend` returns an AscendBuild: the parity reports (fp32 then fp16), the manifest section,
 the README section and the ATC result. It raises on a failed check, a failed parity budget or an
@@ -37,7 +39,7 @@ import time
 from pathlib import Path
 
 from pipeline.build import moe_routers
-from pipeline.parity import ParityReport
+from pipeline.parity import ParityError, ParityReport
 from pipeline.weights_file import WeightsFile, weights_section
 
 from . import atc as atc_mod
@@ -103,6 +105,7 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
         reports: list[ParityReport] = []
         routers = moe_routers(model)
         quant_reports: dict = {}
+        fallback: dict | None = None  # w8a8's accuracy fallback record (_quantize_w8a8)
         reference = model  # what the fp16 emulation and the device golden data are judged against
         fp32_base = {n: g for n, g in graphs.items() if n in base}
         chunked: list[ParityReport] = []
@@ -114,7 +117,8 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
             for r in reports:
                 r.raise_if_failed()
             fp32_graphs = graphs
-            graphs, keep, quant_reports, weights_info = _quantize_w8a8(model, graphs, package_dir, seed, progress)
+            graphs, keep, quant_reports, weights_info, quant_checks, fallback = _quantize_w8a8(
+                model, graphs, package_dir, seed, progress, base, gen_tokens, routers)
             seconds["quantize"] = round(time.perf_counter() - t, 3)
 
         t = time.perf_counter()
@@ -125,16 +129,23 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
 
         t = time.perf_counter()
         base_graphs = {n: g for n, g in graphs.items() if n in base}
-        if quant == "w8a8":
-            reports += emulation.quant_parity(model, fp32_graphs, base_graphs, "quantize-w8a8/ascend-static",
-                                              gen_tokens=gen_tokens, seed=seed, routers=routers)
+        if quant == "w8a8":  # judged inside _quantize_w8a8 (the accuracy fallback needs the verdicts)
+            reports += quant_checks
             reference = emulation.static_reference(base_graphs, model.config)
         else:
             reports += emulation.static_parity(model, base_graphs, gen_tokens=gen_tokens, seed=seed)
             chunked = chunked_prefill_parity(model, base_graphs, seed)
             reports += chunked
-        reports += emulation.emulate(reference, base_graphs, keep, gen_tokens=gen_tokens, seed=seed, routers=routers)
+            reports += emulation.emulate(reference, base_graphs, keep, gen_tokens=gen_tokens, seed=seed, routers=routers)
         for r in reports:
+            if quant == "w8a8" and not r.passed and fallback["sites"]:
+                try:
+                    r.raise_if_failed()
+                except ParityError as e:
+                    raise ParityError(f"{e} [after the accuracy fallback kept {len(fallback['sites'])} linear "
+                                      f"site(s) unquantized, its maximum ({fallback['max_sites']} sites, "
+                                      f"{fallback['n_candidates']} candidates): {', '.join(fallback['sites'])}]",
+                                      e.report) from None
             r.raise_if_failed()
         seconds["parity"] = round(time.perf_counter() - t, 3)
         progress(f"[ascend] parity at gear {shapes.gears[0]}: {len(reports)} reports passed (fp32 static graphs, "
@@ -240,11 +251,12 @@ def build_ascend(model, package_dir: Path, *, soc_version: str = DEFAULT_SOC, pr
                                           "AscendQuant/AscendDequant) then ATC",
                              "docs": [AMCT_QAT_DOC, AMCT_CONVERT_QAT_DOC],
                              "verified": False},
+            "accuracy_fallback": fallback,
             "weights_bytes": {g: {"before": r["weights_bytes_before"], "after": r["weights_bytes_after"],
                                   "linear_before": r["linear_bytes_before"], "linear_after": r["linear_bytes_after"]}
                               for g, r in quant_reports.items()},
         }
-        readme = _quant_readme(manifest["quantization"], quant_reports) + "\n" + readme
+        readme = _quant_readme(manifest["quantization"], quant_reports, fallback) + "\n" + readme
     return AscendBuild(profile, specs, reports, result, manifest, readme, seconds, quant, quant_reports, shapes)
 
 
@@ -351,12 +363,18 @@ def _parity_summary(reports: list[ParityReport], prefix: str) -> str:
     return "; ".join(parts) or "no reports"
 
 
-def _quantize_w8a8(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], package_dir: Path, seed: int, progress):
-    """Calibrate on the first prefill bucket (fp32), quantize every graph into package_dir/onnx;
-    -> (graphs, keep lists, {graph: QuantReport dict})."""
+def _quantize_w8a8(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], package_dir: Path, seed: int, progress,
+                   base: set[str], gen_tokens: int, routers):
+    """Calibrate on the first prefill bucket (fp32), quantize every graph into package_dir/onnx and judge the QDQ
+    graphs of the smallest gear (quantize-w8a8/ascend-static vs eager, then their fp16 emulation), with the accuracy
+    fallback: while a judgement fails, the next linear site in network order (quant.fallback_candidates) is kept
+    unquantized and everything is quantized and judged again, at most quant.FALLBACK_MAX_SITES sites. The budgets are
+    the stages' own; the last attempt's reports are returned whether they pass or not (the caller raises).
+    -> (graphs, keep lists, {graph: QuantReport dict}, weights section, reports, fallback record)."""
     import numpy as np
     import onnx_ir as ir
-    from .quant import calibrate_static, quant_node_names, quantize_static_graph
+    from . import emulation
+    from .quant import FALLBACK_MAX_SITES, calibrate_static, fallback_candidates, quant_node_names, quantize_static_graph
     from .static_export import INDEX_DTYPE, zero_inputs
     cfg = model.config
     cal_name = next(n for n, (s, _) in graphs.items() if s.kind == "prefill")
@@ -370,18 +388,52 @@ def _quantize_w8a8(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], packa
     calibration = calibrate_static(ir.load(path), feeds)
     progress(f"[ascend] w8a8: calibrated {len(calibration)} attention activations on {cal_name} "
              f"({CALIBRATION_PROMPTS} seeded prompts of {spec.seq} tokens)")
-    out, keep, reps = {}, {}, {}
-    with WeightsFile(package_dir / "onnx") as weights:  # the QDQ graphs over one weights file
-        for name, (spec, p) in graphs.items():
-            m = ir.load(p)
-            rep = quantize_static_graph(m, cfg, calibration)
-            dst = weights.save(m, f"{name}.onnx")
-            out[name] = (spec, dst)
-            keep[name] = list(dict.fromkeys([n for names in fp32_island_nodes(m).values() for n in names]
-                                            + quant_node_names(m)))
-            reps[name] = rep.to_dict()
-            progress(f"[ascend] w8a8 {name}: {rep.summary()}")
-    return out, keep, reps, weights_section(weights, "onnx")
+    candidates = fallback_candidates(ir.load(path))
+    kept: list[str] = []
+    attempts: list[dict] = []
+    while True:
+        out, keep, reps = {}, {}, {}
+        with WeightsFile(package_dir / "onnx") as weights:  # the QDQ graphs over one weights file
+            for name, (spec, p) in graphs.items():
+                m = ir.load(p)
+                rep = quantize_static_graph(m, cfg, calibration, keep_unquantized=kept)
+                dst = weights.save(m, f"{name}.onnx")
+                out[name] = (spec, dst)
+                keep[name] = list(dict.fromkeys([n for names in fp32_island_nodes(m).values() for n in names]
+                                                + quant_node_names(m)))
+                reps[name] = rep.to_dict()
+                if not attempts:
+                    progress(f"[ascend] w8a8 {name}: {rep.summary()}")
+                del m
+        weights_info = weights_section(weights, "onnx")
+        base_graphs = {n: g for n, g in out.items() if n in base}
+        checks = emulation.quant_parity(model, {n: g for n, g in graphs.items() if n in base}, base_graphs,
+                                        "quantize-w8a8/ascend-static", gen_tokens=gen_tokens, seed=seed,
+                                        routers=routers)
+        if all(r.passed for r in checks):
+            checks += emulation.emulate(emulation.static_reference(base_graphs, cfg), base_graphs, keep,
+                                        gen_tokens=gen_tokens, seed=seed, routers=routers)
+        failed = [r for r in checks if not r.passed]
+        attempts.append({"unquantized": list(kept), "failed": [_failure(r) for r in failed]})
+        if not failed or len(kept) >= min(FALLBACK_MAX_SITES, len(candidates)):
+            break
+        kept.append(candidates[len(kept)])
+        progress(f"[ascend] w8a8: {failed[0].stage} failed ({attempts[-1]['failed'][0]['worst']}); accuracy "
+                 f"fallback keeps {kept[-1]} unquantized ({len(kept)} of at most {FALLBACK_MAX_SITES}) and re-judges")
+    fallback = {"rule": "while the quantize-w8a8 stage or the fp16 emulation of the QDQ graphs misses its budget, "
+                        "keep the next linear site in network order unquantized (fp16 under ATC) and judge again",
+                "max_sites": FALLBACK_MAX_SITES, "n_candidates": len(candidates), "sites": list(kept),
+                "attempts": attempts,
+                "passed": not attempts[-1]["failed"]}
+    for r in reps.values():
+        r["accuracy_fallback"] = list(kept)
+    return out, keep, reps, weights_info, checks, fallback
+
+
+def _failure(r) -> dict:
+    """A failed report's stage and reasons (outputs, binding tokens, routing), for the fallback record."""
+    reasons = r.failure_reasons()
+    return {"stage": r.stage, "worst": "; ".join(reasons[:3]) + (f" (+{len(reasons) - 3} more)" if len(reasons) > 3 else "")}
 
 
 CALIBRATION_PROMPTS = 4
@@ -403,7 +455,19 @@ def _write_quant_reports(package_dir: Path, quant_reports: dict, graphs: dict, f
     write_error_profile(ir.load(fp32_dir / f"{name}.onnx"), ir.load(qpath), "w8a8", feeds, rdir / "error_profile.csv")
 
 
-def _quant_readme(section: dict, quant_reports: dict) -> str:
+def _fallback_readme(fallback: dict | None) -> str:
+    if not fallback or not fallback["sites"]:
+        return ("Accuracy fallback: none needed (the first quantization met the quantize-w8a8 budget and msit's "
+                "thresholds in the fp16 emulation).")
+    first = fallback["attempts"][0]["failed"]
+    why = "; ".join(f"{f['stage']}: {f['worst']}" for f in first[:3])
+    return (f"Accuracy fallback: {len(fallback['sites'])} linear site(s) kept unquantized (fp16 under ATC; at most "
+            f"{fallback['max_sites']} may be): {', '.join(f'`{x}`' for x in fallback['sites'])}. With every site "
+            f"quantized the build failed: {why}. `manifest.json` `quantization.accuracy_fallback.attempts` has every "
+            "attempt's failures.")
+
+
+def _quant_readme(section: dict, quant_reports: dict, fallback: dict | None = None) -> str:
     rows = "\n".join(f"| `{g}` | {r['linear_bytes_before']:,} | {r['linear_bytes_after']:,} | "
                      f"{r['linear_ratio']:.3f} | {r['weights_bytes_before']:,} | {r['weights_bytes_after']:,} |"
                      for g, r in quant_reports.items())
@@ -415,6 +479,8 @@ The graphs in `onnx/` are W8A8 QDQ graphs (opset 18): weights {section['weights'
 int8 as plain ONNX ops. Not quantized: {', '.join(section['not_quantized'])}. `golden/ascend/` holds
 {section['golden_reference']} (what the .om must reproduce); `reports/quantization.json` has the bytes per weight
 and `reports/error_profile.csv` (+ .png) where the error enters, per linear layer.
+
+{_fallback_readme(fallback)}
 
 | graph | linear bytes fp32 | linear bytes int8 | ratio | all weights before | after |
 |---|---|---|---|---|---|

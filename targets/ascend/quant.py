@@ -30,6 +30,9 @@ Two kinds of site:
   Every expert output channel (e, o) gets the same int8 row and scale in both forms, so decode and
   prefill compute with identical weights.
 
+Every int8 weight written is checked against its fp32 source (check_quantized_weights). `keep_unquantized`
+(module scopes from fallback_candidates) leaves sites fp32 for the accuracy fallback of targets/ascend/flow.py.
+
 What Ascend's own tools accept for such a graph is NOT verified here (no CANN): AMCT's documented
 route for an ONNX model that already carries QuantizeLinear/DequantizeLinear ("QAT model") is
 `amct_onnx.convert_qat_model` before ATC, and its documentation lists Conv/Gemm/ConvTranspose and
@@ -40,6 +43,7 @@ VERIFICATION below, which the package's manifest and README repeat.
 """
 from __future__ import annotations
 
+import fnmatch
 import re
 from collections.abc import Mapping, Sequence
 
@@ -50,7 +54,7 @@ from onnx_ir.passes import common as common_passes
 from passes.quant_w8a8 import (ACT_EPS, W8A8Pass, calibrate, dynamic_fake_quant, quantize_per_channel,
                                 static_activation_names)
 from passes.quant_weights import (DEFAULT_EXCLUDE, QuantizationError, QuantReport, add_initializer, const_bytes,
-                                  find_linear_sites, initializer_bytes, record)
+                                  find_linear_sites, initializer_bytes, record, select_sites)
 
 EXPERT_TABLE = re.compile(r"^moe_(gate|up|down|gate_up_t|down_t)_(\d+)$")
 EXPERT_EXCLUDE = ("moe_*",)  # the stacked expert tables: quantized by quantize_experts, not W8A8Pass
@@ -229,24 +233,116 @@ def quantize_experts(model: ir.Model, cfg, report: QuantReport) -> int:
     return n
 
 
-def quantize_static_graph(model: ir.Model, cfg, calibration: Mapping[str, float]) -> QuantReport:
+# Accuracy fallback (targets/ascend/flow.py): when the quantize stage or the fp16 emulation of the QDQ graphs misses
+# its budget, linear sites are kept unquantized (fp16 under ATC's precision mode) one at a time in network order,
+# at most this many, as msModelSlim's `amp_num` rolls back layers (its documented range for QAT is 0..10) and its
+# `disable_first_layer` keeps the first quantized layer in float by default. Network order, not a per-site ranking:
+# measured on the randomized x3 checkpoints (benchmarks/cpu_ascend_w8a8_x3_sensitivity.json), the error entering at
+# the first decoder layer carries the stage's failure and single-site effects do not add up (keeping one site
+# unquantized can make the logits worse), so a ranking by per-site error would not predict the sum.
+FALLBACK_MAX_SITES = 10
+
+
+def fallback_candidates(model: ir.Model) -> list[str]:
+    """The rank-2 linear sites W8A8Pass quantizes, as module scopes (the same in decode and every prefill graph), in
+    graph (network) order: the order the accuracy fallback keeps them unquantized. Routed experts are not
+    candidates (a stacked table per layer, and measured not to carry the error)."""
+    out = []
+    for group in select_sites(model.graph, DEFAULT_EXCLUDE + EXPERT_EXCLUDE + INDEXER_EXCLUDE):
+        scope = _first_scope(group[0].node)
+        if scope not in out:
+            out.append(scope)
+    return out
+
+
+def check_quantized_weights(model: ir.Model, fp32_oi: Mapping[str, np.ndarray], what: str) -> int:
+    """Postcondition, independent of quantize_per_channel: every int8 weight `{name}.w8` (scale `{name}.w8_scale`,
+    dequantized by a DequantizeLinear along its `axis`) that replaces the fp32 weight `fp32_oi[name]` ([out, in], one
+    row per output channel) has scale amax|row| / 127 (1 for a zero row, rtol 1e-6) and |q * scale - w| <= scale / 2
+    elementwise (plus fp32 rounding). A broken quantizer fails here, before the accuracy fallback could take its site
+    out of the graph. -> how many weights were checked."""
+    inits = model.graph.initializers
+    axis = {n.inputs[0].name: n.attributes.get_int("axis", 1) for n in model.graph
+            if n.op_type == "DequantizeLinear" and n.inputs[0] is not None}
+    n = 0
+    for name, w in fp32_oi.items():
+        qv, sv = inits.get(f"{name}.w8"), inits.get(f"{name}.w8_scale")
+        if qv is None or sv is None or f"{name}.w8" not in axis:
+            raise AscendQuantError(f"{what}: {name}: no int8 weight / scale / DequantizeLinear after W8A8 (expected "
+                                   f"{name}.w8, {name}.w8_scale)")
+        q = qv.const_value.numpy()
+        q = q.T if axis[f"{name}.w8"] == 1 else q
+        scale = sv.const_value.numpy().astype(np.float64)
+        if q.dtype != np.int8 or q.shape != w.shape or scale.shape != (w.shape[0],):
+            raise AscendQuantError(f"{what}: {name}: int8 weight {q.dtype} {list(q.shape)} / scale "
+                                   f"{list(scale.shape)} do not match the fp32 weight [out, in] {list(w.shape)}")
+        w64 = w.astype(np.float64)
+        amax = np.abs(w64).max(axis=1)
+        want = np.where(amax > 0, amax / 127.0, 1.0)
+        bad = np.flatnonzero(np.abs(scale - want) > 1e-6 * want)
+        if bad.size:
+            o = int(bad[0])
+            raise AscendQuantError(f"{what}: {name}: scale of output channel {o} is {scale[o]:.6g}, the scheme gives "
+                                   f"amax/127 = {want[o]:.6g} ({bad.size} of {scale.size} channels differ)")
+        err = np.abs(q.astype(np.float64) * scale[:, None] - w64)
+        lim = scale[:, None] / 2 * (1 + 1e-5) + 1e-7 * np.abs(w64)
+        if (err > lim).any():
+            o, i = (int(x[0]) for x in np.nonzero(err > lim))
+            raise AscendQuantError(f"{what}: {name}: int8 weight [{o}, {i}] dequantizes to {q[o, i] * scale[o]:.6g}, "
+                                   f"the fp32 weight is {w64[o, i]:.6g} (more than half a step, {scale[o] / 2:.3g})")
+        n += 1
+    return n
+
+
+def _expert_oi(name: str, w: np.ndarray, cfg) -> np.ndarray:
+    """A stacked routed-expert table as [E * out, in] rows per expert output channel (quantize_experts' rows)."""
+    kind = EXPERT_TABLE.match(name).group(1)
+    E, inter, h = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    if kind in ("gate", "up", "down"):
+        return w.reshape(E * (inter if kind != "down" else h), -1)
+    if kind == "gate_up_t":
+        return np.ascontiguousarray(w.T)
+    return np.ascontiguousarray(w.transpose(0, 2, 1)).reshape(E * h, inter)
+
+
+def quantize_static_graph(model: ir.Model, cfg, calibration: Mapping[str, float],
+                          keep_unquantized: Sequence[str] = ()) -> QuantReport:
     """W8A8 on one static graph, in place: rank-2 linear sites by W8A8Pass (attention activations with
-    the calibrated scale of their module scope), then the routed-expert tables. -> the QuantReport."""
+    the calibrated scale of their module scope), then the routed-expert tables. `keep_unquantized`: module scopes
+    (fallback_candidates) left fp32 (the accuracy fallback). Every int8 weight written is checked against its fp32
+    source (check_quantized_weights). -> the QuantReport."""
     before = initializer_bytes(model.graph)
     keys = static_activation_keys(model)
     missing = sorted(k for k in keys.values() if k not in calibration)
     if missing:
         raise AscendQuantError(f"no calibrated amax for {missing[:4]}{' ...' if len(missing) > 4 else ''}: "
                                "calibrate on a static graph of the same model (calibrate_static)")
-    p = W8A8Pass(calibration={a: calibration[k] for a, k in keys.items()}, exclude=DEFAULT_EXCLUDE + EXPERT_EXCLUDE + INDEXER_EXCLUDE)
+    keep = list(dict.fromkeys(keep_unquantized))
+    if keep:
+        known = fallback_candidates(model)
+        unknown = [k for k in keep if k not in known]
+        if unknown:
+            raise AscendQuantError(f"{model.graph.name}: cannot keep {unknown[:3]} unquantized: not a quantized linear "
+                                   f"site of this graph (sites: {known[:4]} ...)")
+    base_exclude = DEFAULT_EXCLUDE + EXPERT_EXCLUDE + INDEXER_EXCLUDE
+    fp32_oi = {group[0].weight.name or "weight": group[0].weight_oi
+               for group in select_sites(model.graph, base_exclude + tuple(f"{k}/*" for k in keep))}
+    fp32_oi.update({k: _expert_oi(k, v.const_value.numpy().astype(np.float32), cfg)
+                    for k, v in model.graph.initializers.items() if EXPERT_TABLE.match(k)})
+    p = W8A8Pass(calibration={a: calibration[k] for a, k in keys.items()}, exclude=base_exclude + tuple(f"{k}/*" for k in keep))
     p(model)
     rep = p.report
     rep.skipped = [s for s in rep.skipped if not EXPERT_TABLE.match(s.get("weight") or "")]
+    rep.skipped = [{**s, "reason": "accuracy fallback: kept unquantized (fp16 under ATC)"}
+                   if any(fnmatch.fnmatchcase(s.get("node") or "", f"{k}/*") for k in keep) else s for s in rep.skipped]
     n = quantize_experts(model, cfg, rep)
     rep.notes.append(f"{n} stacked routed-expert tables: per-channel int8 (per expert output channel), per-token "
                      "dynamic activations")
     rep.notes.append("not quantized: embeddings, norms, lm_head, router gate, the absorbed kv_b_proj "
                      "(W_UK / W_UV rank-3 constants of the latent attention) and DeepSeek-V3.2's lightning indexer")
+    if keep:
+        rep.notes.append(f"accuracy fallback: {len(keep)} linear site(s) kept unquantized: {', '.join(keep)}")
+    check_quantized_weights(model, fp32_oi, model.graph.name)
     rep.weights_bytes_before = before
     rep.weights_bytes_after = initializer_bytes(model.graph)
     common_passes.TopologicalSortPass()(model)
