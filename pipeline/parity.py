@@ -162,7 +162,10 @@ BUDGETS: dict[str, Budget] = {
     "stitched": _FP32,
     # --stream --quant int8: one quantized layer's own contribution (h_out - h) and cache rows against the eager
     # layer's, teacher-forced in MoE layers; the same cosine / rel euclid limits as the whole model's logits
-    "layer-int8": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.99, max_rel_euclid=0.15),
+    # The share of routing flips is judged per golden case over all layers (pipeline/streaming.py pooled_flips, as a
+    # whole-model report pools its MoE layers): one layer's 16 prompt decisions are too few for a share of 10%;
+    # each flip's margin is judged in its layer.
+    "layer-int8": Budget(atol=math.inf, rtol=math.inf, min_cosine=0.99, max_rel_euclid=0.15, max_flipped_fraction=1.0),
     "passes": _FP32,  # after every pass, vs the graph before it (fusions are exact rewrites)
     # Quantized graphs vs eager fp32, inside `compile`. The packages we build in CI have random
     # weights: one near-tie routing decision flipped by quantization moves that token's logits by

@@ -28,7 +28,9 @@ grows by appending; quantization: none and int8 (weight-only, per layer: needs n
 """
 from __future__ import annotations
 
+import gc
 import hashlib
+import json
 import time
 from pathlib import Path
 
@@ -51,7 +53,7 @@ from .io_spec import cache_spec as io_cache_spec, graph_io
 from .package import write_manifest
 from .package_readme import package_readme
 from .parity import budget_for, compare, write_reports
-from .stages import StageRecord, StageRunner, release_memory
+from .stages import StageRecord, StageRunner, _rss_bytes, release_memory
 from .weights_file import WeightsFile, weights_section
 
 STREAM_TARGETS = ("ort-cpu",)
@@ -61,6 +63,23 @@ CASES = (("prefill", "prefill"), ("prefill-chunk", "prefill"), ("decode", "decod
 # opens prefill and decode together
 SESSION_FACTOR = 2.2
 SESSION_OVERHEAD = 1.5 * 2**30
+
+
+# The checks' sessions read the weights file in place (memory-mapped): without ORT's prepacked copies of the MatMul
+# operands a whole-package session costs the pages it touches, not the weights again (the runtime's own sessions keep
+# prepacking: it is faster)
+NO_PREPACK = {"session.disable_prepacking": "1"}
+
+
+def check_options():
+    """Session options of the layer checks, fresh for every session (passes.ir_external.session_from_model adds the
+    weights file's folder to the options it is given): basic optimisation, no prepacking (NO_PREPACK)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 3
+    for key, value in NO_PREPACK.items():
+        so.add_session_config_entry(key, value)
+    return so
 
 
 class StreamingError(MlamoeError):
@@ -169,9 +188,6 @@ def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, work:
            "prefill-chunk": torch.randint(0, V, (B, chunk_len), generator=g),
            "decode": torch.randint(0, V, (B, 1), generator=g)}
     digest = _Digest()
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.log_severity_level = 3
     max_seq = cfg.max_position_embeddings
     rec = StageRecord("layerwise", {"layout": layout, "exporter": "torch.onnx.export(dynamo=True), one layer per kind",
                                     "passes": list(pass_names), "quant": quant}, dict(load.inputs))
@@ -260,8 +276,8 @@ def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, work:
             for gname in graphs:  # into the weights file first: the checks' sessions then read it, not a copy
                 weights.store(graphs[gname])
             lap("store")
-            sessions = {gname: session_from_model(graphs[gname], so) for gname in graphs}
-            check_layer(runner, rec, i, graphs, sessions, inputs, outputs, gate_inputs, quant, so, stream, layer)
+            sessions = {gname: session_from_model(graphs[gname], check_options()) for gname in graphs}
+            check_layer(runner, rec, i, graphs, sessions, inputs, outputs, gate_inputs, quant, stream, layer)
             for c, cg in CASES:
                 past_ort = (presents_ort["prefill"][i] if c == "prefill-chunk" else
                             presents_ort["prefill-chunk"][i] if c == "decode" else tuple(t.numpy() for t in empty[i]))
@@ -273,12 +289,13 @@ def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, work:
             parts_p.append(graphs["prefill"])
             parts_d.append(graphs["decode"])
             del layer, graphs, prefill, inputs, outputs
+            gc.collect()  # the layer's graphs hold reference cycles: without a collection each layer's stays
             release_memory()
             lap("release")
             rec.timings[f"layer{i}"] = {"seconds": round(time.perf_counter() - t_layer, 3), **laps}
             runner.progress(f"[layerwise] layer {i + 1}/{stream.num_layers} ({kind}) "
                             f"{time.perf_counter() - t_layer:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in laps.items())}), "
-                            f"weights file {weights.stored_bytes / 2**30:.2f} GiB")
+                            f"weights file {weights.stored_bytes / 2**30:.2f} GiB, RSS {_rss_bytes() / 2**30:.2f} GiB")
 
         # ---- head -----------------------------------------------------------------------------------
         norm, lm_head = stream.head()
@@ -288,7 +305,7 @@ def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, work:
         logits = {c: lm_head(norm(h[c])).float() for c, _ in CASES}
         head = lw.export_part(lw.Head(norm, lm_head), "head", torch.randn(2, 3, cfg.hidden_size), "h", "logits",
                               max_seq)
-        head_sess = session_from_model(head, so)
+        head_sess = session_from_model(head, check_options())
         logits_ort = {c: _run(head_sess, {"h": h_ort[c]})["logits"] for c, _ in CASES}
         del head_sess
         weights.store(head)
@@ -304,6 +321,13 @@ def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, work:
             weights.save(m, f"{gname}.onnx", check=False)
     finally:
         weights.close()
+    pooled, flip_failures = pooled_flips(runner.reports)
+    if pooled:
+        rec.notes.append("routing flips per case over all MoE layers: " + json.dumps(pooled, sort_keys=True))
+    if flip_failures:
+        from .parity import ParityError
+        raise ParityError(f"parity failed at stage 'layer-{quant}' (routing flips pooled over the layers): "
+                          + "; ".join(flip_failures))
     rec.seconds = round(time.perf_counter() - t0, 3)
     rec.timings["peak_rss_bytes"] = peak_rss_bytes()  # the layer-by-layer part's peak (build log, not manifest)
     runner.progress(f"[layerwise] done: {stream.num_layers} layers in {rec.seconds:.1f} s, peak RSS so far "
@@ -359,7 +383,8 @@ def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, work:
         from .build import run_cases
         runner.live.update("stitched graphs on ONNX Runtime")
         golden = Golden(cases, gen_prompt.numpy(), tokens, step_logits)
-        results = run_cases(paths, golden, {"graph_optimization_level": "basic"}, progress=runner.live)
+        results = run_cases(paths, golden, {"graph_optimization_level": "basic", "config_entries": NO_PREPACK},
+                            progress=runner.live)
         for case in cases:  # the stitched graphs against eager (fp32) or against their own layers chained
             stage = "stitched" if quant == "none" else f"stitched-{quant}"
             runner.add_report(e2e, compare(f"{stage}/{case.name}", case.outputs, results[case.name],
@@ -371,7 +396,7 @@ def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, work:
             manifest_io = {"io": {"vocab_size": V, "cache": io_cache_spec(cfg, layout),
                                   "graphs": {gname: {"file": f"onnx/{gname}.onnx", **graph_io(p)}
                                              for gname, p in paths.items()}},
-                           "target": {"session": session}}
+                           "target": {"session": {**session, "config_entries": NO_PREPACK}}}
             rt = ort_runtime.PackageRuntime(pkg, manifest=manifest_io)
             tokens, step_logits = rt.generate(gen_prompt.numpy(), gen_tokens)
             del rt
@@ -457,7 +482,7 @@ def _derived(outputs: dict, h: np.ndarray, quant: str) -> dict:
 
 
 def check_layer(runner: StageRunner, rec: StageRecord, i: int, graphs: dict, sessions: dict, inputs: dict,
-                outputs: dict, gate_inputs: dict, quant: str, so, stream: LayerStream, layer) -> None:
+                outputs: dict, gate_inputs: dict, quant: str, stream: LayerStream, layer) -> None:
     """Layer i's graphs on ONNX Runtime against the eager layer, each golden case on its graph. A quantized MoE
     layer is judged teacher-forced (pipeline/parity.py compare_routed): its gate logits are replaced by the eager
     layer's, so the numbers judge every token, and its own routing decisions are compared apart."""
@@ -473,7 +498,7 @@ def check_layer(runner: StageRunner, rec: StageRecord, i: int, graphs: dict, ses
             probe = copy_model(graphs[gname])
             if force_gate_logits(probe) != 1:
                 raise StreamingError(f"layer {i}: its {gname} graph should have one MoE router")
-            forced = session_from_model(probe, so)
+            forced = session_from_model(probe, check_options())
         for c, cg in CASES:
             if cg != gname:
                 continue
@@ -494,6 +519,29 @@ def check_layer(runner: StageRunner, rec: StageRecord, i: int, graphs: dict, ses
                                     forced_router_probs=[out[router_probs_name(0)]])
             runner.add_report(rec, report)
         del sess, forced
+
+
+def pooled_flips(reports) -> tuple[dict[str, dict], list[str]]:
+    """The routing flips of the layer-wise reports pooled per golden case over every MoE layer, as a whole-model report
+    pools its layers -> ({case: {"n_flips", "n_decisions", "share"}}, failures): a case fails when its share exceeds
+    MAX_FLIPPED_FRACTION (one flip always allowed, as parity's rule has it)."""
+    from .parity import MAX_FLIPPED_FRACTION
+    pooled: dict[str, dict] = {}
+    for r in reports:
+        rt = r.extra.get("routing") if hasattr(r, "extra") else r.get("extra", {}).get("routing")
+        stage = r.stage if hasattr(r, "stage") else r["stage"]
+        if not rt or "n_decisions" not in rt:
+            continue
+        p = pooled.setdefault(stage.split("/")[-1], {"n_flips": 0, "n_decisions": 0})
+        p["n_flips"] += rt["n_flips"]
+        p["n_decisions"] += rt["n_decisions"]
+    failures = []
+    for case, p in pooled.items():
+        p["share"] = p["n_flips"] / p["n_decisions"] if p["n_decisions"] else 0.0
+        if p["share"] > MAX_FLIPPED_FRACTION and p["n_flips"] > 1:
+            failures.append(f"case {case}: routing flipped at {p['n_flips']} of {p['n_decisions']} (position, MoE layer) "
+                            f"decisions over all layers ({100 * p['share']:.1f}% > {100 * MAX_FLIPPED_FRACTION:g}%)")
+    return pooled, failures
 
 
 def peak_rss_bytes() -> int:

@@ -31,6 +31,8 @@ def session_options(config: dict):
     so.inter_op_num_threads = int(config.get("inter_op_num_threads", 1))
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
+    for key, value in config.get("config_entries", {}).items():  # e.g. {"session.disable_prepacking": "1"}
+        so.add_session_config_entry(key, str(value))
     return so
 
 
