@@ -156,3 +156,18 @@ def test_fp8_checkpoint_streams_dequantized_as_a_load_does(tmp_path):
     assert stream.fp8_names and all(n.startswith("model.layers.") for n in stream.fp8_names)
     with pytest.raises(CompileError, match="pass --quant none or int8"):
         compile_package(str(folder), "ort-cpu", tmp_path / "pkg", stream=True, progress=lambda m: None)
+
+
+def test_routing_flips_are_pooled_per_case_over_the_layers():
+    """--stream judges the share of routing flips per golden case over every MoE layer (as a whole-model report pools
+    its layers): one flip in each of 3 layers of 10 decisions is 10% (allowed), two in each is 20% (fails), and a
+    case's flips do not count against another case's decisions."""
+    def rep(layer, case, flips, n=10):
+        return {"stage": f"layer-int8/{layer}/{case}", "extra": {"routing": {"n_flips": flips, "n_decisions": n}}}
+
+    pooled, failures = streaming.pooled_flips([rep(i, "prefill", 1) for i in range(3)])
+    assert pooled["prefill"]["n_flips"] == 3 and pooled["prefill"]["n_decisions"] == 30 and not failures
+    pooled, failures = streaming.pooled_flips([rep(i, "prefill", 2) for i in range(3)] + [rep(0, "decode", 0, 2)])
+    assert len(failures) == 1 and "case prefill" in failures[0] and "6 of 30" in failures[0]
+    assert pooled["decode"] == {"n_flips": 0, "n_decisions": 2, "share": 0.0}
+    assert not streaming.pooled_flips([rep(0, "decode", 1, 2)])[1]  # one flip is always allowed
