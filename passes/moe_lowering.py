@@ -372,12 +372,18 @@ def _evaluate(model: ir.Model, outputs: list[ir.Value], feeds: dict[ir.Value, np
          for v, a in feeds.items()],
         [onnx.helper.make_tensor_value_info(v.name, int(v.dtype) if v.dtype is not None else 1, None)
          for v in outputs], inits)
+    del inits  # each protobuf step below copies the experts' weights: keep one copy alive at a time
     opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
     m = onnx.helper.make_model(g, opset_imports=opsets, ir_version=10)
+    del g
+    data = m.SerializeToString()
+    del m
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.log_severity_level = 1, 3
+    so.add_session_config_entry("session.disable_prepacking", "1")  # one run: no packed copy of every weight
     try:
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        del data
         return sess.run([v.name for v in outputs], {v.name: a for v, a in feeds.items()})
     except Exception as e:  # noqa: BLE001 - any failure means "not proven"
         raise _Skip(f"could not evaluate the block on ONNX Runtime to verify it: {str(e).splitlines()[0][:200]}")
