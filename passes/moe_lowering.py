@@ -53,6 +53,8 @@ subgraphs that read anything but x (another graph input) are skipped too. Nothin
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -359,34 +361,51 @@ def _evaluate(model: ir.Model, outputs: list[ir.Value], feeds: dict[ir.Value, np
     feeds = {**feeds, **{v: _shape_feed(v, tokens) for v in shape_inputs}}
     order = {id(n): i for i, n in enumerate(model.graph)}
     nodes.sort(key=lambda n: order.get(id(n), 0))
-    inits, done = [], set()
-    for n in nodes:
-        for v in n.inputs:
-            if v is not None and v.producer() is None and v.const_value is not None and v.name not in done:
-                done.add(v.name)
-                inits.append(ir.serde.serialize_tensor(v.const_value))
-                inits[-1].name = v.name
-    g = onnx.helper.make_graph(
-        [ir.serde.serialize_node(n) for n in nodes], "moe_block",
-        [onnx.helper.make_tensor_value_info(v.name, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), None)
-         for v, a in feeds.items()],
-        [onnx.helper.make_tensor_value_info(v.name, int(v.dtype) if v.dtype is not None else 1, None)
-         for v in outputs], inits)
-    del inits  # each protobuf step below copies the experts' weights: keep one copy alive at a time
-    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
-    m = onnx.helper.make_model(g, opset_imports=opsets, ir_version=10)
-    del g
-    data = m.SerializeToString()
-    del m
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.log_severity_level = 1, 3
     so.add_session_config_entry("session.disable_prepacking", "1")  # one run: no packed copy of every weight
-    try:
-        sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
-        del data
-        return sess.run([v.name for v in outputs], {v.name: a for v, a in feeds.items()})
-    except Exception as e:  # noqa: BLE001 - any failure means "not proven"
-        raise _Skip(f"could not evaluate the block on ONNX Runtime to verify it: {str(e).splitlines()[0][:200]}")
+    opsets = [onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()]
+    # The block's weights go to an external data file, not into the protobuf: a layer's experts pass protobuf's 2 GiB
+    # limit at real sizes (DeepSeek-V2-Lite: 2.2 GB), and each protobuf copy would hold them once more.
+    with tempfile.TemporaryDirectory(prefix="moe-verify-") as folder:
+        inits, done = [], set()
+        with open(os.path.join(folder, "block.data"), "wb") as data:
+            for n in nodes:
+                for v in n.inputs:
+                    if v is not None and v.producer() is None and v.const_value is not None and v.name not in done:
+                        done.add(v.name)
+                        inits.append(_external_tensor(v, data))
+        g = onnx.helper.make_graph(
+            [ir.serde.serialize_node(n) for n in nodes], "moe_block",
+            [onnx.helper.make_tensor_value_info(v.name, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), None)
+             for v, a in feeds.items()],
+            [onnx.helper.make_tensor_value_info(v.name, int(v.dtype) if v.dtype is not None else 1, None)
+             for v in outputs], inits)
+        path = os.path.join(folder, "block.onnx")
+        onnx.save_model(onnx.helper.make_model(g, opset_imports=opsets, ir_version=10), path)
+        try:
+            sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+            return sess.run([v.name for v in outputs], {v.name: a for v, a in feeds.items()})
+        except Exception as e:  # noqa: BLE001 - any failure means "not proven"
+            raise _Skip(f"could not evaluate the block on ONNX Runtime to verify it: {str(e).splitlines()[0][:200]}")
+
+
+def _external_tensor(v: ir.Value, data) -> "onnx.TensorProto":
+    """v's tensor as a TensorProto: inline when small, else its bytes appended to the open file `data` (block.data)
+    and referenced from the proto."""
+    t = v.const_value
+    if t.nbytes <= 1024:
+        proto = ir.serde.serialize_tensor(t)
+        proto.name = v.name
+        return proto
+    proto = onnx.TensorProto(name=v.name, data_type=int(t.dtype), dims=[int(d) for d in t.shape])
+    offset = data.tell()
+    t.tofile(data)
+    proto.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "block.data"), ("offset", str(offset)), ("length", str(data.tell() - offset))):
+        entry = proto.external_data.add()
+        entry.key, entry.value = key, value
+    return proto
 
 
 def reference_router(x: np.ndarray, gate_w: np.ndarray, r: _Router) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
