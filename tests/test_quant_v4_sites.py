@@ -82,3 +82,17 @@ def test_sqrtsoftplus_router_choice_matches_torch():
     assert np.array_equal(ids, want)
     c = np.sort((scores + torch.as_tensor(bias)).numpy(), -1)
     assert np.allclose(margin, c[:, -2] - c[:, -3])
+
+
+def test_a_v4_gate_not_kept_fp32_fails_the_router_site_check():
+    import pytest
+    import models
+    from passes.quant_weights import QuantizationError, QuantReport
+    from pipeline.build import check_router_sites
+    model = models.load("tiny-v4")  # 5 layers, every one MoE (2 hash_moe)
+    ok = QuantReport("int8", skipped=[{"weight": f"g{i}", "role": "router", "node": "", "reason": ""} for i in range(5)])
+    check_router_sites(ok, model, "prefill")
+    missed = QuantReport("int8", skipped=ok.skipped[:4], quantized=[{"weight": "g4", "role": "attention"}])
+    with pytest.raises(QuantizationError, match=r"graph 'prefill' has 4 router gates kept fp32 and 0 quantized, for 5 MoE"):
+        check_router_sites(missed, model, "prefill")
+    check_router_sites(QuantReport("int8"), models.load("tiny"), "prefill")  # other families: not this check's business
