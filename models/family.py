@@ -62,6 +62,7 @@ class Family:
     target_notes: Mapping[str, str] = dataclasses.field(default_factory=dict)  # target -> why it is refused
     quant_schemes: tuple[str, ...] | None = None  # the --quant schemes built for it (None: every one)
     quant_note: str = ""  # why the others are not
+    quant_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)  # scheme -> its options
 
     def applies(self, pass_name: str) -> bool:
         return self.passes is None or pass_name in self.passes

@@ -7,7 +7,7 @@ Built so far: config, reference module with the explicit-state step, checkpoint 
 v4_checkpoint's reader), a transformers-format writer, presets, cache spec. The exported graphs run on ORT CPU
 as exported plus ort-simplify's exact rewrites; PASS_NOTES says why the MLA passes do not apply. Not yet: a
 fixed-shape step (`static_step` None), so no Ascend target; ort-cuda's fp16 graphs (ORT_CUDA_NOTE);
-quantization (quant_note).
+quantization other than int8 (INT8_NOTE).
 """
 from __future__ import annotations
 
@@ -41,6 +41,14 @@ ORT_CUDA_NOTE = (
     "a near tie the fp16 judgement does not recognise (it excuses logit near ties only). Not established further. "
     "Use --target ort-cpu")
 
+INT8_NOTE = (
+    "int8 (ort-cpu) is built: MatMulNBits 8-bit weight-only on the attention projections, the compressors' "
+    "kv / gate projections, the shared and the routed experts (each expert sliced from its [E, out, in] table, "
+    "passes/quant_weights.py split_expert_tables); fp32: every router gate, the CSA indexer's projections, the mHC "
+    "mixing projections, lm_head, embeddings, norms, sinks, position biases. The quantize stage is judged "
+    "routing-aware (teacher-forced gate logits for the learned routers, forced indexer scores for the CSA top-k); "
+    "int4, w8a8 and fp8 are not built or checked for V4")
+
 V4_FAMILY = Family(
     name="v4",
     model_types=V4_MODEL_TYPES,
@@ -57,11 +65,9 @@ V4_FAMILY = Family(
     static_step=None,
     pass_notes=PASS_NOTES,
     target_notes={"ort-cuda": ORT_CUDA_NOTE},
-    quant_schemes=("none",),
-    quant_note=("no quantization is built for V4 yet: the quantize stage's routing-aware checks "
-                "(pipeline/build.py moe_routers, pipeline/parity.py Router) model V3's router (noaux_tc groups, "
-                "gate.e_score_correction_bias), not V4's sqrtsoftplus and hash_moe routing, and no V4 "
-                "quantization rule has been checked"),
+    quant_schemes=("none", "int8"),
+    quant_options={"int8": {"expert_tables": True}},
+    quant_note=INT8_NOTE,
     no_static_step=("no fixed-shape V4 step exists yet: its cache tensors follow window / pending / compressed "
                     "length rules of the tokens seen (v4_cache.py), which a fixed-length cache with a write "
                     "position (Family.static_step, the form ATC's gears need) does not express"),

@@ -13,6 +13,10 @@ MatMulNBits layout, checked against numpy on ORT 1.32 (tests/test_quant_int8.py)
 [N, K/bs, bs] (row n, block j holds W[n, j*bs:(j+1)*bs]), scales fp32 [N * K/bs] (row-major
 [N, K/bs]), zero_points uint8 [N * K/bs]; Y = A @ dequant(B)^T.
 
+Routed experts exported one MatMul per expert over an [E, out, in] table (DeepSeek-V4, which moe-ort-fused
+does not lower): with expert_tables=True each expert's slice becomes its own initializer first
+(quant_weights.split_expert_tables), so its MatMul is a linear site quantized like any other.
+
 Routed experts fused into `com.microsoft.MoE` (the ort-cpu target's moe-ort-fused pass) are not
 MatMuls; they become `com.microsoft.QMoE` int8 (passes/quant_qmoe.py): per output channel (weight-only
 numerics) by default, per block with accuracy_level=4 (activations quantized per block inside the
@@ -40,7 +44,8 @@ import numpy as np
 import onnx_ir as ir
 
 from .quant_weights import (DEFAULT_EXCLUDE, QuantizationError, QuantReport, add_initializer, const_bytes,
-                            initializer_bytes, record, remove_if_unused, round_scale, select_sites, set_opset)
+                            initializer_bytes, record, remove_if_unused, round_scale, select_sites, set_opset,
+                            split_expert_tables)
 
 
 def block_size_for(in_features: int, block_size: int, zero_points: bool = False) -> int:
@@ -95,9 +100,10 @@ class Int8WeightOnlyPass(ir.passes.InPlacePass):
 
     def __init__(self, block_size: int = 128, symmetric: bool = True, exclude: Iterable[str] = DEFAULT_EXCLUDE,
                  logits_outputs=("logits",), accuracy_level: int | None = None, experts: str = "auto",
-                 scale_dtype: str = "float32"):
+                 scale_dtype: str = "float32", expert_tables: bool = False):
         super().__init__()
         block_size_for(64, block_size)  # validates
+        self.expert_tables = expert_tables
         if scale_dtype not in SCALE_DTYPES:
             raise QuantizationError(f"int8 scale_dtype {scale_dtype!r}: choose one of {', '.join(SCALE_DTYPES)}")
         self.scale_dtype = scale_dtype
@@ -117,6 +123,9 @@ class Int8WeightOnlyPass(ir.passes.InPlacePass):
         graph = model.graph
         rep = self.report = QuantReport("int8")
         rep.weights_bytes_before = initializer_bytes(graph)
+        if self.expert_tables:  # DeepSeek-V4's per-expert MatMuls over [E, out, in] tables
+            rep.notes.append(f"{split_expert_tables(graph)} expert weights sliced from their [E, out, in] tables "
+                             "into per-expert linears (quant_weights.split_expert_tables)")
         groups = select_sites(graph, self.exclude, self.logits_outputs, rep)
         if groups:
             set_opset(model, "com.microsoft", 1)

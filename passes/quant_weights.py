@@ -25,12 +25,20 @@ Roles (each site gets one):
              weights_proj; models/indexer.py), whose top-k picks the keys each query attends to. Kept fp32 by
              default ("quantization as for V3, the indexer stays in higher precision"): its selection is a
              discrete choice like expert routing (docs/v32.md)
+             DeepSeek-V4's sqrtsoftplus gate: its output reaches Softplus then Sqrt, whose scores reach TopK (the
+             "moe" layers' choice, e_score_correction_bias added) or GatherElements (the routing weights; a
+             "hash_moe" layer's experts come from tid2eid[input_ids], so its gate reaches no TopK).
+  "hc"       DeepSeek-V4's mHC mixing projections (hc_attn_fn / hc_ffn_fn / hc_head_fn; models/v4_hc.py): a
+             linear whose input is the unweighted RMS norm (Div or Mul by a computed, non-constant factor) of a
+             Reshape folding a rank-4 [.., hc_mult, hidden] stream tensor into rank 3. Kept fp32 by default: its
+             outputs become the Sigmoid pre/post weights and the Sinkhorn-normalised comb matrix that mix every
+             residual stream of every later layer (a residual-path scale, not a feature projection)
   "mlp"      part of a SwiGLU block: gate/up (feeding Mul(x*Sigmoid(x), up)) or down (its input
              is that product) -- dense MLP, routed and shared experts
   "attention" every other linear (the MLA projections q_a/q_b/q, kv_a, kv_b, o_proj)
 Embedding tables (Gather) and norm weights (Mul) are never linear sites, so never quantized.
 `exclude` takes roles and/or fnmatch patterns matched against the node name or the initializer
-name (a user's override; matching never depends on names otherwise). Default: lm_head, router, indexer.
+name (a user's override; matching never depends on names otherwise). Default: lm_head, router, indexer, hc.
 
 Weights used by anything other than linear sites (e.g. an lm_head tied to the embedding table)
 are left as they are.
@@ -48,8 +56,8 @@ import onnx_ir as ir
 from models.errors import MlamoeError
 from passes.ir_external import session_from_model
 
-ROLES = ("attention", "mlp", "router", "lm_head", "indexer")
-DEFAULT_EXCLUDE = ("lm_head", "router", "indexer")
+ROLES = ("attention", "mlp", "router", "lm_head", "indexer", "hc")
+DEFAULT_EXCLUDE = ("lm_head", "router", "indexer", "hc")
 SCHEMES = ("none", "int8", "int4", "w8a8", "fp8")
 METADATA_KEY = "mlamoe.quantization"
 
@@ -202,6 +210,41 @@ def _reaches_topk(start: ir.Value) -> bool:
     return False
 
 
+def _reached(start: ir.Value, ops: set[str], depth: int = _ROUTER_SEARCH_DEPTH) -> list[ir.Node]:
+    """The nodes of type `ops` reachable downstream of `start` within `depth` nodes, never through a MatMul/Gemm."""
+    frontier, seen, out = [(start, 0)], set(), []
+    while frontier:
+        v, d = frontier.pop()
+        for user, _ in v.uses():
+            if id(user) in seen or user.op_type in ("MatMul", "Gemm"):
+                continue
+            seen.add(id(user))
+            if user.op_type in ops:
+                out.append(user)
+            if d + 1 < depth:
+                frontier.extend((o, d + 1) for o in user.outputs)
+    return out
+
+
+def _is_sqrtsoftplus_router(out: ir.Value) -> bool:
+    """DeepSeek-V4's gate (models/v4_moe.py Router, scoring_func sqrtsoftplus): out -> Softplus (the exporter's form
+    scales and thresholds around it) -> Sqrt -> TopK (choice) or GatherElements (the chosen experts' weights)."""
+    return any(_reached(q.outputs[0], {"TopK", "GatherElements"}, 3)
+               for sp in _reached(out, {"Softplus"}, 3) for q in _reached(sp.outputs[0], {"Sqrt"}, 4))
+
+
+def _is_hc_mix(site: LinearSite) -> bool:
+    """DeepSeek-V4's mHC mixing projection (module docstring, role "hc")."""
+    p = site.activation.producer() if site.activation is not None else None
+    if p is None or p.op_type not in ("Div", "Mul") or len(p.inputs) != 2 or any(_const(i) for i in p.inputs):
+        return False
+    r = p.inputs[0].producer() if p.inputs[0] is not None else None
+    if r is None or r.op_type != "Reshape" or r.inputs[0] is None:
+        return False
+    src, dst = r.inputs[0].shape, r.outputs[0].shape
+    return src is not None and dst is not None and len(src) == 4 and len(dst) == 3
+
+
 def _topk_feeding_sites(graph: ir.Graph, sites: Sequence[LinearSite]) -> dict[int, list[int]]:
     """{id(TopK node): [id(site node) of every linear site feeding its scores]}: walking back from each TopK's
     scores input through every non-constant input, stopping at linear sites (and not into Shape/Size)."""
@@ -263,10 +306,14 @@ def find_linear_sites(graph: ir.Graph, logits_outputs: Sequence[str] = ("logits"
                 swiglu_in[id(a)] = "gate"
                 swiglu_in[id(other)] = "up"
                 swiglu_in[id(n.outputs[0])] = "product"
+                for v, part in ((a, "gate"), (other, "up")):  # DeepSeek-V4's swiglu_limit: Clip before the SwiGLU
+                    c = v.producer()
+                    if c is not None and c.op_type == "Clip" and c.inputs and c.inputs[0] is not None:
+                        swiglu_in[id(c.inputs[0])] = part
     def is_router(s: LinearSite) -> bool:
         out = s.node.outputs[0]
         return (any(u.op_type in ("Sigmoid", "Softmax") and _reaches_topk(u.outputs[0]) for u, _ in out.uses())
-                or any(_is_fused_router_input(u, i) for u, i in out.uses()))
+                or any(_is_fused_router_input(u, i) for u, i in out.uses()) or _is_sqrtsoftplus_router(out))
 
     routers = {id(s.node) for s in sites if id(s.node) not in heads and is_router(s)}
     indexer = {n for fed in _topk_feeding_sites(graph, sites).values() if not routers.intersection(fed) for n in fed}
@@ -276,9 +323,13 @@ def find_linear_sites(graph: ir.Graph, logits_outputs: Sequence[str] = ("logits"
             s.role = "lm_head"
         elif id(s.node) in routers:
             s.role = "router"
+        elif _is_hc_mix(s):
+            s.role = "hc"
         elif id(s.node) in indexer:
             s.role = "indexer"
-        elif id(out) in swiglu_in or swiglu_in.get(id(s.activation)) == "product":
+        elif (id(out) in swiglu_in or swiglu_in.get(id(s.activation)) == "product"
+              or any(u.op_type == "Split" and any(id(o) in swiglu_in for o in u.outputs) for u, _ in out.uses())):
+            # (the last: a packed gate_up projection split into the SwiGLU's gate and up, DeepSeek-V4's experts)
             s.role = "mlp"
         else:
             s.role = "attention"
@@ -438,3 +489,32 @@ def pack_nibbles(codes: np.ndarray, pad: int = 0) -> np.ndarray:
     if codes.shape[-1] % 2:
         codes = np.concatenate([codes, np.full(codes.shape[:-1] + (1,), pad, np.uint8)], -1)
     return (codes[..., 0::2] & 0xF) | ((codes[..., 1::2] & 0xF) << 4)
+
+
+# ---- routed experts exported one MatMul per expert (DeepSeek-V4: models/v4_moe.py Experts) -------------------------
+def split_expert_tables(graph: ir.Graph) -> int:
+    """Make each expert's weight its own 2-D initializer, so its MatMul is a linear site (in place; -> number of
+    slices). DeepSeek-V4's routed experts are exported as `MatMul(x, Transpose(Gather(table [E, out, in], e)))` with a
+    constant scalar e (every expert on every token, models/v4_moe.py; moe-ort-fused does not run for V4): each such
+    Gather along axis 0 of an fp32 rank-3 initializer at a constant scalar index becomes the initializer
+    `{table}.{e}` [out, in], and the table is dropped once nothing reads it. The numbers are unchanged (a slice)."""
+    n, tables = 0, []
+    for node in list(graph):
+        if node.op_type != "Gather" or node.domain != "" or len(node.inputs) != 2 or _attr(node, "axis", 0) != 0:
+            continue
+        table, index = node.inputs
+        if (not _const(table) or table.dtype != ir.DataType.FLOAT or table.shape is None or len(table.shape) != 3
+                or index is None):
+            continue
+        idx = ir.convenience.get_const_tensor(index)
+        if idx is None or idx.numpy().ndim != 0:
+            continue
+        e = int(idx.numpy())
+        w = add_initializer(graph, f"{table.name}.{e}", np.ascontiguousarray(table.const_value.numpy()[e]))
+        ir.convenience.replace_all_uses_with(node.outputs[0], w)
+        graph.remove(node, safe=True)
+        tables.append(table)
+        n += 1
+    for t in {id(t): t for t in tables}.values():
+        remove_if_unused(graph, t)
+    return n

@@ -15,7 +15,9 @@ top-k, or the exported TopK subgraph). Two edits on a copy of a graph, found by 
   from, given the forced logits: an fp32 router reproduces the reference's choice exactly).
 
 The fixed-shape form (models/static_lm.py StaticRouter, the ort-cuda decode gears) has no MoE node: its routers are
-found as TopKs over a Sigmoid/Softmax-scored gate projection (:func:`static_routers`), and the expert TopK's scores
+found as TopKs over a Sigmoid/Softmax-scored gate projection (:func:`static_routers`; the same finds DeepSeek-V4's
+exported routers, a TopK over sqrt(softplus(gate)) + e_score_correction_bias; its hash_moe layers make no TopK
+choice and are not routers here), and the expert TopK's scores
 (the choice scores, dropped groups at -inf) are its ``routing.{i}.router_probs``.
 
 The same for the other top-k choices a graph makes (DeepSeek-V3.2's lightning indexer, which picks the keys each query
@@ -72,6 +74,7 @@ def static_routers(model: ir.Model) -> list[tuple[ir.Value, ir.Node]]:
     projection's output read by Sigmoid/Softmax that a TopK's scores reach (walking back, stopping at projections);
     of the TopKs reaching one gate, the last in graph order is the expert choice (the group choices feed it)."""
     from passes.graph_utils import is_projection
+    from passes.quant_weights import _is_sqrtsoftplus_router
     order = {id(n): i for i, n in enumerate(model.graph)}
     by_gate: dict[int, tuple[ir.Value, list[ir.Node]]] = {}
     for t in model.graph:
@@ -87,7 +90,8 @@ def static_routers(model: ir.Model) -> list[tuple[ir.Value, ir.Node]]:
             if p is None or p.op_type in ("Shape", "Size"):
                 continue
             if is_projection(p):
-                if any(u.op_type in ("Sigmoid", "Softmax") for u, _ in v.uses()):
+                if (any(u.op_type in ("Sigmoid", "Softmax") for u, _ in v.uses())
+                        or _is_sqrtsoftplus_router(v)):  # DeepSeek-V4's sqrt(softplus) scores (exported form)
                     by_gate.setdefault(id(v), (v, []))[1].append(t)
                 continue
             stack.extend(i for i in p.inputs if i is not None and i.const_value is None and not i.is_initializer())

@@ -133,11 +133,37 @@ def write_tokenizer(pkg: Path, files: dict[str, bytes]) -> None:
 
 
 def moe_routers(model) -> list[Router]:
-    """Each MoE layer's router (in layer order, the order of the graphs' MoE nodes), for routing checks."""
+    """Each MoE layer's router (in layer order, the order of the graphs' MoE nodes), for routing checks.
+
+    DeepSeek-V4 (models/v4_moe.py Router): only its learned routers, greedy top-k of scoring_func's scores plus
+    e_score_correction_bias (no groups); a hash_moe layer's experts are tid2eid[input_ids], a table lookup of the
+    token id that no numerical error can change, so it has no routing decision to check (its gate's scores still
+    weigh the chosen experts: that error reaches the outputs, which are judged)."""
     cfg = model.config
+    if models.family_of(model).name == "v4":
+        return [Router(cfg.num_experts_per_tok, cfg.scoring_func, "greedy", 1, 1,
+                       layer.mlp.gate.e_score_correction_bias.detach().double().numpy())
+                for layer in model.model.layers if not layer.mlp.gate.hashed]
     return [Router.of(cfg, None if layer.mlp.gate.e_score_correction_bias is None
                       else layer.mlp.gate.e_score_correction_bias.detach().double().numpy())
             for i, layer in enumerate(model.model.layers) if cfg.is_moe_layer(i)]
+
+
+def check_router_sites(report, model, graph: str) -> None:
+    """DeepSeek-V4, whose routers stay exported linears (moe-ort-fused does not run for it): every layer's gate,
+    hash_moe layers' included (their gate reaches no TopK), must have been found as a router and kept fp32. Raises
+    passes.quant_weights.QuantizationError naming the graph and the counts; nothing for other families."""
+    from passes.quant_weights import QuantizationError
+    if models.family_of(model).name != "v4" or report.scheme == "none":
+        return
+    kept = {s["weight"] for s in report.skipped if s["role"] == "router"}
+    quantized = [q["weight"] for q in report.quantized if q["role"] == "router"]
+    n = model.config.num_hidden_layers  # every V4 layer is a MoE layer
+    if len(kept) != n or quantized:
+        raise QuantizationError(
+            f"--quant {report.scheme}: graph {graph!r} has {len(kept)} router gates kept fp32 and {len(quantized)} "
+            f"quantized, for {n} MoE layers (hash_moe and moe): every V4 gate must be found (passes/quant_weights.py "
+            "role 'router') and kept fp32")
 
 
 class RoutingProbe:

@@ -40,7 +40,7 @@ def error_profile(fp32_ir: ir.Model, quant_ir: ir.Model, scheme: str, feeds: dic
                   **options) -> list[dict]:
     """Per linear site (graph order): weight relative error and the site output's error vs fp32, with
     the quantized graph's own upstream error included (so a reader sees where error enters and grows)."""
-    from passes.quant_weights import find_linear_sites, session_with_outputs
+    from passes.quant_weights import DEFAULT_EXCLUDE, find_linear_sites, session_with_outputs
     sites = find_linear_sites(fp32_ir.graph)
     names = [s.node.outputs[0].name for s in sites]
     ref = dict(zip(names + ["logits"], session_with_outputs(fp32_ir, names, threads).run(names + ["logits"], feeds)))
@@ -50,7 +50,7 @@ def error_profile(fp32_ir: ir.Model, quant_ir: ir.Model, scheme: str, feeds: dic
     rows = []
     for i, s in enumerate(sites):
         row = {"index": i, "node": s.node.name, "weight": s.weight.name, "role": s.role,
-               "out_features": s.out_features, "in_features": s.in_features, "weight_rel_error": _weight_error(s.weight_oi, scheme, options) if s.role not in ("lm_head", "router") else 0.0}
+               "out_features": s.out_features, "in_features": s.in_features, "weight_rel_error": _weight_error(s.weight_oi, scheme, options) if s.role not in DEFAULT_EXCLUDE else 0.0}
         r, a = ref[names[i]], act.get(names[i])
         if a is not None and a.shape != r.shape:  # a routed expert: routing sent it other tokens
             row["note"] = f"token count differs ({r.shape[0]} fp32 vs {a.shape[0]}): routing changed"

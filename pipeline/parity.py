@@ -1018,7 +1018,7 @@ class Router:
     """One MoE layer's routing rule (models/moe.py Router), for computing ids and margins in numpy."""
 
     k: int  # num_experts_per_tok
-    scoring_func: str = "sigmoid"  # or "softmax"
+    scoring_func: str = "sigmoid"  # or "softmax", or "sqrtsoftplus" (DeepSeek-V4: sqrt(softplus(x)))
     topk_method: str = "noaux_tc"  # or "group_limited_greedy", "greedy"
     n_group: int = 1
     topk_group: int = 1
@@ -1033,6 +1033,10 @@ class Router:
         x = np.asarray(gate_logits, np.float64).reshape(-1, np.shape(gate_logits)[-1])
         if self.scoring_func == "sigmoid":
             s = 1.0 / (1.0 + np.exp(-x))
+        elif self.scoring_func == "sqrtsoftplus":
+            s = np.sqrt(np.logaddexp(0.0, x))
+        elif self.scoring_func != "softmax":
+            raise ValueError(f"Router scoring_func {self.scoring_func!r}: sigmoid, softmax or sqrtsoftplus")
         else:
             e = np.exp(x - x.max(-1, keepdims=True))
             s = e / e.sum(-1, keepdims=True)

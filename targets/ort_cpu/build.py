@@ -13,7 +13,10 @@ from pathlib import Path
 import onnx_ir as ir
 import onnxruntime as ort
 
+import models
+
 from pipeline.build import (GRAPHS, BuildContext, assemble_package, calibrate_w8a8, check_cases, check_quant_cases,
+                            check_router_sites,
                             family_passes, load_graphs, quantize_graph, reference_from_graphs, run_graph_stages,
                             skipped_passes, skipped_stage, write_tokenizer)
 from pipeline.error_profile import write_error_profile
@@ -40,6 +43,8 @@ def build_ort_cpu(ctx: BuildContext) -> None:
     else:
         quant_options = ({} if ctx.options["int8_accuracy_level"] is None
                          else {"accuracy_level": ctx.options["int8_accuracy_level"]})
+    family = models.family_of(model)
+    quant_options.update(family.quant_options.get(quant, {}))  # a family's own (V4: expert_tables)
     golden = make_golden(model, layout, gen_tokens=gen_tokens, seed=seed)
 
     with work_dir(out) as work_s:
@@ -66,6 +71,7 @@ def build_ort_cpu(ctx: BuildContext) -> None:
                 summary = {}
                 for g, m in graphs.items():
                     report = quantize_graph(m, quant, model=model, calibration=calibration, **quant_options)
+                    check_router_sites(report, model, g)
                     save_graph(m, d / f"{g}.onnx")
                     summary[g] = report.to_dict()
                     rec.notes.append(f"{g}: " + report.summary())
