@@ -173,10 +173,10 @@ def stream_logits(stream: LayerStream, ids: torch.Tensor, layout: str, progress=
 
 def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, work: Path, runner: StageRunner,
                     load: StageRecord, base_manifest: dict, quant: str, seed: int, tokenizer: dict, layout: str,
-                    gen_tokens: int, pass_names, skipped: dict[str, str], started: float) -> None:
-    """The streaming build (module doc) into the staged package folder `pkg`; `work`: scratch space."""
+                    gen_tokens: int, pass_names, skipped: dict[str, str], started: float, session: dict) -> None:
+    """The streaming build (module doc) into the staged package folder `pkg`; `work`: scratch space; session: the
+    target's session settings (the manifest's target.session, read by runtime/ort_runtime.py)."""
     from runtime import ort_runtime
-    from targets.ort_cpu import session as ort_cpu
 
     cfg = stream.config
     spec = stream.cache_spec(layout)
@@ -371,7 +371,6 @@ def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, work:
     # what the package must reproduce: eager fp32, or (quantized) its own graphs' outputs, chained
     cases = eager_cases if quant == "none" else chain_cases  # (the chain's cache inputs are its own rows)
     paths = {gname: pkg / "onnx" / f"{gname}.onnx" for gname in ("prefill", "decode")}
-    session = ort_cpu.session_config()
     fits, fit_note = fits_in_memory(weights.stored_bytes)
     verified, not_verified = [], []
     e2e = StageRecord("stitched", {"graphs": "prefill, decode"}, {})

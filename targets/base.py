@@ -79,6 +79,11 @@ class Target:
         passes, quantization, target stage, package files, reports, README and manifest."""
         raise NotImplementedError
 
+    def build_streaming(self, **kw) -> None:
+        """`compile --stream` (pipeline/streaming.py build_streaming, given this target's session settings); a
+        target without it is refused before any work (pipeline.streaming.refusal)."""
+        raise TargetError(f"--stream does not build for --target {self.name}")
+
     def verify(self, root: Path, manifest: dict, lines: list[str]) -> tuple[bool, list[str]]:
         """`mlamoe verify` after the hashes: re-run the golden data where this target's runtime exists here."""
         lines.append(f"skip golden re-run: the {self.name} runtime is not available here (hashes only)")

@@ -36,12 +36,13 @@ ENTRY_POINTS = ("pipeline.cli", "pipeline.__main__", "benchmarks")
 # helpers (pipeline.build), the package IO spec (pipeline.io_spec), the package README writer
 # (pipeline.package_readme), the fp16 reference (pipeline.fp16_reference, ort-cuda's fp16 judgement) and the
 # fixed-shape export (pipeline.static_export: the family's static form as ONNX, used by ascend and ort-cuda's gears),
-# and the package's one weights file (pipeline.weights_file: every graph of a package over one external-data file).
+# and the package's one weights file (pipeline.weights_file: every graph of a package over one external-data file),
+# and the layer-by-layer build (pipeline.streaming: `compile --stream`, given the target's session settings).
 # None of them imports a target, so a target builder can call them without a circle.
 CORE_PUBLIC_API = frozenset({"pipeline", "pipeline.export", "pipeline.parity", "pipeline.golden",
                              "pipeline.package", "pipeline.stages", "pipeline.error_profile", "pipeline.build",
                              "pipeline.io_spec", "pipeline.package_readme", "pipeline.fp16_reference",
-                             "pipeline.static_export", "pipeline.weights_file"})
+                             "pipeline.static_export", "pipeline.weights_file", "pipeline.streaming"})
 # how the core reaches targets: the registry (targets.get / find / option_problems) and the interface types
 REGISTRY = frozenset({"targets", "targets.base"})
 

@@ -262,11 +262,11 @@ def test_budgets_table():
     assert set(BUDGETS) == {
         "export", "passes", "quantize-int8", "quantize-int4", "quantize-w8a8", "quantize-fp8", "target-ort-cpu",
         "target-ort-cuda-fp16", "target-ort-cuda-int8", "target-ort-cuda-int4", "target-ort-cuda-fp8",
-        "ascend-fp16-emulation", "partition",
+        "ascend-fp16-emulation", "partition", "layer", "chained", "stitched", "layer-int8",
     }
     msit = BUDGETS["ascend-fp16-emulation"]
     assert (msit.min_cosine, msit.max_kl, msit.max_rel_euclid) == (0.99, 0.005, 0.05)
-    for stage in ("export", "passes", "target-ort-cpu", "partition"):
+    for stage in ("export", "passes", "target-ort-cpu", "partition", "layer", "chained", "stitched"):
         b = BUDGETS[stage]
         assert (b.atol, b.rtol, b.min_cosine, b.min_top1) == (1e-4, 1e-3, 0.99999, 1.0)
     for b in BUDGETS.values():

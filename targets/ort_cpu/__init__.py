@@ -42,6 +42,10 @@ class OrtCpuTarget(Target):
         from .build import build_ort_cpu
         build_ort_cpu(ctx)
 
+    def build_streaming(self, **kw) -> None:
+        from pipeline.streaming import build_streaming
+        build_streaming(session=session_config(), **kw)
+
     def verify(self, root: Path, manifest: dict, lines: list[str]) -> tuple[bool, list[str]]:
         from .verify import verify_golden
         return verify_golden(root, manifest, lines)
