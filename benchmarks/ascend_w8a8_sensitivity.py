@@ -119,11 +119,11 @@ def run_checkpoint(name: str, variants: list[str], work: Path, emulate: bool = F
     from pipeline.build import moe_routers
     from pipeline.weights_file import WeightsFile
     from targets.ascend import emulation
-    from targets.ascend.flow import CALIBRATION_PROMPTS
-    from targets.ascend.quant import calibrate_static, quant_node_names
+    from targets.ascend.flow import calibrate_on_first_prefill
+    from targets.ascend.quant import quant_node_names
     from targets.ascend.static_export import fp32_island_nodes
     from targets.ascend.shapes import resolve_shapes
-    from targets.ascend.static_export import INDEX_DTYPE, export_static_graph, zero_inputs
+    from targets.ascend.static_export import export_static_graph
 
     model = randomized_checkpoint(name, work / f"ckpt-{name}")
     cfg = model.config
@@ -134,15 +134,8 @@ def run_checkpoint(name: str, variants: list[str], work: Path, emulate: bool = F
     with WeightsFile(fp32_dir) as w:
         for spec in specs:
             graphs[spec.name] = (spec, w.save(export_static_graph(model, spec), f"{spec.name}.onnx"))
-    cal_name = next(n for n, (s, _) in graphs.items() if s.kind == "prefill")
+    cal_name, calibration = calibrate_on_first_prefill(cfg, graphs, 0)
     spec, path = graphs[cal_name]
-    rng = np.random.default_rng(0 + 1)
-    feeds = []
-    for _ in range(CALIBRATION_PROMPTS):
-        f = zero_inputs(cfg, spec)
-        f["input_ids"] = rng.integers(0, cfg.vocab_size, (spec.batch, spec.seq)).astype(INDEX_DTYPE)
-        feeds.append(f)
-    calibration = calibrate_static(ir.load(path), feeds)
     groups = _layer_sites(cfg)
     routers = moe_routers(model)
     res = {"calibration_amax": {k: round(v, 4) for k, v in calibration.items()}, "variants": {}}

@@ -204,6 +204,17 @@ def empty_model(cfg: DeepseekConfig, attention: str = "naive",
     return model
 
 
+def checkpoint_folder(path: str | os.PathLike) -> Path:
+    """`path` as a Path, after checking it is a folder with a config.json (a CheckpointError naming it otherwise)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint folder (expected config.json + *.safetensors)")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint folder needs config.json "
+                              "beside its safetensors files")
+    return path
+
+
 def checked_weight_map(path: Path, cfg: DeepseekConfig, expected: dict[str, torch.Tensor]) -> dict[str, str]:
     """The checkpoint folder's tensor name -> shard file, for the tensors the model uses (`expected`: its
     state_dict on the meta device: names and shapes only), after checking every shard's header, that no tensor is
@@ -242,12 +253,7 @@ def load_checkpoint(path: str | os.PathLike, attention: str = "naive", *,
                     model_cls: type[DeepseekForCausalLM] = DeepseekForCausalLM) -> DeepseekForCausalLM:
     """config.json + safetensors -> eval-mode model_cls. config_cls / model_cls: the family's config and module
     (DeepSeek-V3.2 passes its subclasses; the checkpoint names are the module's state_dict names)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint folder (expected config.json + *.safetensors)")
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint folder needs config.json "
-                              "beside its safetensors files")
+    path = checkpoint_folder(path)
     cfg = config_cls.from_json(path / "config.json")
     with torch.device("meta"):  # names and shapes the config implies, without allocating anything
         expected = model_cls(cfg, attention).state_dict()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import _open, checked_weight_map, read_weight
+from .checkpoint import _open, checked_weight_map, checkpoint_folder, read_weight
 from .decoder import DeepseekForCausalLM, step_rope_mask
 from .errors import CheckpointError
 from .rope import attention_factor, inv_freq, softmax_scale
@@ -32,11 +32,7 @@ class LayerStream:
         """config: config.json -> the family's config (default DeepseekConfig.from_json); module: (config, attention)
         -> the family's reference module (default DeepseekForCausalLM), built here on the meta device only."""
         from .config import DeepseekConfig
-        path = Path(path)
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint folder needs config.json "
-                                  "beside its safetensors files")
-        self.path = path
+        self.path = path = checkpoint_folder(path)
         self.config = cfg = (config or DeepseekConfig.from_json)(path / "config.json")
         with torch.device("meta"):
             self._meta = (module or DeepseekForCausalLM)(cfg, attention)
@@ -64,9 +60,9 @@ class LayerStream:
     def empty_cache(self, batch: int, layout: str = "latent", dtype=torch.float32):
         return self.cache_spec(layout).empty(batch, dtype)
 
-    def _materialize(self, meta_module: nn.Module, make, prefix: str) -> nn.Module:
-        """A fresh module like `meta_module` (make() builds it on the meta device), its tensors read from the
-        checkpoint under `prefix`."""
+    def _materialize(self, make, prefix: str) -> nn.Module:
+        """A fresh module (make() builds it on the meta device), its tensors read from the checkpoint under
+        `prefix`."""
         with torch.device("meta"):
             module = make()
         module = module.to_empty(device="cpu").requires_grad_(False)
@@ -93,26 +89,22 @@ class LayerStream:
 
     def embed(self) -> nn.Embedding:
         cfg = self.config
-        return self._materialize(self._meta.model.embed_tokens,
-                                 lambda: nn.Embedding(cfg.vocab_size, cfg.hidden_size), "model.embed_tokens.")
+        return self._materialize(lambda: nn.Embedding(cfg.vocab_size, cfg.hidden_size), "model.embed_tokens.")
 
     def layer(self, i: int) -> nn.Module:
         if not 0 <= i < self.num_layers:
             raise IndexError(f"layer {i}: the model has {self.num_layers}")
         cls = type(self._meta.model.layers[i])
-        return self._materialize(self._meta.model.layers[i], lambda: cls(self.config, i), f"model.layers.{i}.")
+        return self._materialize(lambda: cls(self.config, i), f"model.layers.{i}.")
 
     def head(self) -> tuple[nn.Module, nn.Linear]:
         cfg = self.config
-        norm = self._materialize(self._meta.model.norm, lambda: type(self._meta.model.norm)(cfg.hidden_size,
-                                                                                           cfg.rms_norm_eps),
-                                 "model.norm.")
+        norm = self._materialize(lambda: type(self._meta.model.norm)(cfg.hidden_size, cfg.rms_norm_eps), "model.norm.")
         if cfg.tie_word_embeddings:  # lm_head.weight is the embedding's
             lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False).requires_grad_(False)
             lm_head.weight = self.embed().weight
         else:
-            lm_head = self._materialize(self._meta.lm_head, lambda: nn.Linear(cfg.hidden_size, cfg.vocab_size,
-                                                                              bias=False), "lm_head.")
+            lm_head = self._materialize(lambda: nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False), "lm_head.")
         return norm, lm_head
 
     @torch.no_grad()

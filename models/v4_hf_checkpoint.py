@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import write_folder
+from .checkpoint import checkpoint_folder, write_folder
 from .errors import CheckpointError
 from .v4 import DeepseekV4ForCausalLM
 from .v4_checkpoint import load_v4_state_dict
@@ -39,12 +39,7 @@ def empty_model(cfg: DeepseekV4Config, attention: str = "naive") -> DeepseekV4Fo
 
 
 def load_checkpoint(path: str | os.PathLike, attention: str = "naive") -> DeepseekV4ForCausalLM:
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint folder (expected config.json + *.safetensors)")
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint folder needs config.json "
-                              "beside its safetensors files")
+    path = checkpoint_folder(path)
     cfg = DeepseekV4Config.from_json(path / "config.json")
     with torch.device("meta"):  # the module's names and shapes, without allocating anything
         shapes = {k: tuple(v.shape) for k, v in DeepseekV4ForCausalLM(cfg, attention).state_dict().items()}

@@ -138,10 +138,9 @@ def _compile_package(model_spec: str, target: str, out: str | Path, *, force: bo
                                                      f"the target's default ({quant})")},
     }
     if stream:
-        from .package import work_dir
         from .build import family_passes_of, skipped_passes_of
-        with staging(out, force, archive=archive) as pkg, work_dir(out) as work:
-            builder.build_streaming(stream=model, profile=profile, out=out, pkg=pkg, work=Path(work), runner=runner, load=load,
+        with staging(out, force, archive=archive) as pkg:
+            builder.build_streaming(stream=model, profile=profile, out=out, pkg=pkg, runner=runner, load=load,
                             base_manifest=base_manifest, quant=quant, seed=seed, tokenizer=tokenizer, layout=layout,
                             gen_tokens=gen_tokens, pass_names=family_passes_of(family, profile.passes),
                             skipped=skipped_passes_of(family, profile.passes), started=started)

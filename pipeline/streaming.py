@@ -171,10 +171,10 @@ def stream_logits(stream: LayerStream, ids: torch.Tensor, layout: str, progress=
     return lm_head(norm(h)).float()
 
 
-def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, work: Path, runner: StageRunner,
+def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, runner: StageRunner,
                     load: StageRecord, base_manifest: dict, quant: str, seed: int, tokenizer: dict, layout: str,
                     gen_tokens: int, pass_names, skipped: dict[str, str], started: float, session: dict) -> None:
-    """The streaming build (module doc) into the staged package folder `pkg`; `work`: scratch space; session: the
+    """The streaming build (module doc) into the staged package folder `pkg`; session: the
     target's session settings (the manifest's target.session, read by runtime/ort_runtime.py)."""
     from runtime import ort_runtime
 
@@ -340,25 +340,19 @@ def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, work:
     release_memory()
 
     # ---- golden data ------------------------------------------------------------------------------------
-    def flat(cache_list, prefix):
-        return {f"{prefix}.{i}.{n}": t.numpy() for i, layer in enumerate(cache_list) for n, t in zip(names, layer)}
-
-    def make_cases(logits_of, presents_of, cache_of):
-        return [GoldenCase("prefill", "prefill", {"input_ids": ids["prefill"].numpy(), **flat(empty, "past")},
-                           {"logits": np.asarray(logits_of["prefill"]), **cache_of(presents_of["prefill"], "present")}),
+    def make_cases(logits_of, presents_of):
+        return [GoldenCase("prefill", "prefill", {"input_ids": ids["prefill"].numpy(), **spec.flatten(empty, "past")},
+                           {"logits": np.asarray(logits_of["prefill"]), **spec.flatten(presents_of["prefill"], "present")}),
                 GoldenCase("prefill-chunk", "prefill", {"input_ids": ids["prefill-chunk"].numpy(),
-                                                        **cache_of(presents_of["prefill"], "past")},
+                                                        **spec.flatten(presents_of["prefill"], "past")},
                            {"logits": np.asarray(logits_of["prefill-chunk"]),
-                            **cache_of(presents_of["prefill-chunk"], "present")}),
+                            **spec.flatten(presents_of["prefill-chunk"], "present")}),
                 GoldenCase("decode", "decode", {"input_ids": ids["decode"].numpy(),
-                                                **cache_of(presents_of["prefill-chunk"], "past")},
-                           {"logits": np.asarray(logits_of["decode"]), **cache_of(presents_of["decode"], "present")})]
+                                                **spec.flatten(presents_of["prefill-chunk"], "past")},
+                           {"logits": np.asarray(logits_of["decode"]), **spec.flatten(presents_of["decode"], "present")})]
 
-    def flat_np(cache_list, prefix):
-        return {f"{prefix}.{i}.{n}": t for i, layer in enumerate(cache_list) for n, t in zip(names, layer)}
-
-    eager_cases = make_cases({c: v.numpy() for c, v in logits.items()}, presents, flat)
-    chain_cases = make_cases(logits_ort, presents_ort, flat_np)
+    eager_cases = make_cases({c: v.numpy() for c, v in logits.items()}, presents)
+    chain_cases = make_cases(logits_ort, presents_ort)
     chained = StageRecord("chained", {"graphs": "each layer's, in turn"}, {})
     for e, o in zip(eager_cases, chain_cases):  # the package's computation layer by layer against eager, end to end
         if quant == "none":
@@ -371,6 +365,9 @@ def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, work:
     # what the package must reproduce: eager fp32, or (quantized) its own graphs' outputs, chained
     cases = eager_cases if quant == "none" else chain_cases  # (the chain's cache inputs are its own rows)
     paths = {gname: pkg / "onnx" / f"{gname}.onnx" for gname in ("prefill", "decode")}
+    io = {"vocab_size": V, "cache": io_cache_spec(cfg, layout),
+          "graphs": {gname: {"file": f"onnx/{gname}.onnx", **graph_io(p)} for gname, p in paths.items()},
+          "weights": weights_section(weights, "onnx")}
     fits, fit_note = fits_in_memory(weights.stored_bytes)
     verified, not_verified = [], []
     e2e = StageRecord("stitched", {"graphs": "prefill, decode"}, {})
@@ -392,11 +389,8 @@ def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, work:
         release_memory()
         if gen_tokens:
             runner.live.update(f"greedy generation through the package ({gen_tokens} tokens)")
-            manifest_io = {"io": {"vocab_size": V, "cache": io_cache_spec(cfg, layout),
-                                  "graphs": {gname: {"file": f"onnx/{gname}.onnx", **graph_io(p)}
-                                             for gname, p in paths.items()}},
-                           "target": {"session": {**session, "config_entries": NO_PREPACK}}}
-            rt = ort_runtime.PackageRuntime(pkg, manifest=manifest_io)
+            rt = ort_runtime.PackageRuntime(pkg, manifest={"io": io, "target": {
+                "session": {**session, "config_entries": NO_PREPACK}}})
             tokens, step_logits = rt.generate(gen_prompt.numpy(), gen_tokens)
             del rt
             release_memory()
@@ -434,9 +428,6 @@ def build_streaming(stream: LayerStream, *, profile, out: Path, pkg: Path, work:
     golden_section = save_golden(golden, pkg / "golden", pkg)
     tol = budget_for(profile.parity_stage)
     golden_section["tolerance"] = {"atol": tol.atol, "rtol": tol.rtol, "stage": profile.parity_stage}
-    io = {"vocab_size": V, "cache": io_cache_spec(cfg, layout),
-          "graphs": {gname: {"file": f"onnx/{gname}.onnx", **graph_io(p)} for gname, p in paths.items()},
-          "weights": weights_section(weights, "onnx")}
     layers_judged = sum(1 for r in runner.reports if r.stage.startswith("layer"))
     verified.insert(0, f"every decoder layer's prefill and decode graphs against the eager layer on recorded inputs "
                        f"({layers_judged} layer-wise reports, {stream.num_layers} layers)")

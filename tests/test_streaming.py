@@ -54,13 +54,11 @@ def test_streamed_package_matches_the_whole_eager_model(fp32_package, tiny_check
     assert np.array_equal(tokens, ref_tokens.numpy())
     np.testing.assert_allclose(step_logits, ref_logits.numpy(), atol=1e-4, rtol=1e-3)
     # the golden data the package ships were computed layer by layer: check them against the whole model too
-    spec = model.cache_spec("latent")
     case = next(c for c in manifest["golden"]["cases"] if c["name"] == "prefill")
     ids = np.load(fp32_package / case["inputs"]["input_ids"])
     logits, _ = model.step(torch.as_tensor(ids), model.empty_cache(ids.shape[0]))
     shipped = np.load(fp32_package / case["outputs"]["logits"])
     np.testing.assert_allclose(shipped, logits.detach().numpy(), atol=1e-5, rtol=1e-4)
-    assert spec.num_layers == 3
 
 
 def test_streamed_package_verifies_and_has_one_weights_copy(fp32_package):

@@ -363,20 +363,14 @@ def _parity_summary(reports: list[ParityReport], prefix: str) -> str:
     return "; ".join(parts) or "no reports"
 
 
-def _quantize_w8a8(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], package_dir: Path, seed: int, progress,
-                   base: set[str], gen_tokens: int, routers):
-    """Calibrate on the first prefill bucket (fp32), quantize every graph into package_dir/onnx and judge the QDQ
-    graphs of the smallest gear (quantize-w8a8/ascend-static vs eager, then their fp16 emulation), with the accuracy
-    fallback: while a judgement fails, the next linear site in network order (quant.fallback_candidates) is kept
-    unquantized and everything is quantized and judged again, at most quant.FALLBACK_MAX_SITES sites. The budgets are
-    the stages' own; the last attempt's reports are returned whether they pass or not (the caller raises).
-    -> (graphs, keep lists, {graph: QuantReport dict}, weights section, reports, fallback record)."""
+def calibrate_on_first_prefill(cfg, graphs: dict[str, tuple[StaticGraphSpec, Path]], seed: int
+                               ) -> tuple[str, dict[str, float]]:
+    """w8a8's static activation ranges: the first prefill bucket (fp32) on CALIBRATION_PROMPTS seeded prompts (token ids
+    uniform over the vocabulary) -> (that graph's name, {activation: amax})."""
     import numpy as np
     import onnx_ir as ir
-    from . import emulation
-    from .quant import FALLBACK_MAX_SITES, calibrate_static, fallback_candidates, quant_node_names, quantize_static_graph
+    from .quant import calibrate_static
     from .static_export import INDEX_DTYPE, zero_inputs
-    cfg = model.config
     cal_name = next(n for n, (s, _) in graphs.items() if s.kind == "prefill")
     spec, path = graphs[cal_name]
     rng = np.random.default_rng(seed + 1)
@@ -385,7 +379,23 @@ def _quantize_w8a8(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], packa
         f = zero_inputs(cfg, spec)
         f["input_ids"] = rng.integers(0, cfg.vocab_size, (spec.batch, spec.seq)).astype(INDEX_DTYPE)
         feeds.append(f)
-    calibration = calibrate_static(ir.load(path), feeds)
+    return cal_name, calibrate_static(ir.load(path), feeds)
+
+
+def _quantize_w8a8(model, graphs: dict[str, tuple[StaticGraphSpec, Path]], package_dir: Path, seed: int, progress,
+                   base: set[str], gen_tokens: int, routers):
+    """Calibrate on the first prefill bucket (fp32), quantize every graph into package_dir/onnx and judge the QDQ
+    graphs of the smallest gear (quantize-w8a8/ascend-static vs eager, then their fp16 emulation), with the accuracy
+    fallback: while a judgement fails, the next linear site in network order (quant.fallback_candidates) is kept
+    unquantized and everything is quantized and judged again, at most quant.FALLBACK_MAX_SITES sites. The budgets are
+    the stages' own; the last attempt's reports are returned whether they pass or not (the caller raises).
+    -> (graphs, keep lists, {graph: QuantReport dict}, weights section, reports, fallback record)."""
+    import onnx_ir as ir
+    from . import emulation
+    from .quant import FALLBACK_MAX_SITES, fallback_candidates, quant_node_names, quantize_static_graph
+    cfg = model.config
+    cal_name, calibration = calibrate_on_first_prefill(cfg, graphs, seed)
+    spec, path = graphs[cal_name]
     progress(f"[ascend] w8a8: calibrated {len(calibration)} attention activations on {cal_name} "
              f"({CALIBRATION_PROMPTS} seeded prompts of {spec.seq} tokens)")
     candidates = fallback_candidates(ir.load(path))
